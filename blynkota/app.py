@@ -1,0 +1,39 @@
+"""The Flask application factory (flaskr style)."""
+
+from collections.abc import Mapping
+
+from flask import Flask
+
+from .config import load_settings
+from .ota import AdminDirectory, FirmwareStore, FleetRegistry, OnlineDevices, OtaService
+from .store import Database
+
+__all__ = ["create_app"]
+
+# multipart boundaries and headers around the file; the file itself is checked
+# against ota.max.size exactly.
+_FORM_OVERHEAD = 64 * 1024
+
+
+def create_app(config: Mapping[str, object] | None = None) -> Flask:
+    """Defaults, then config/ files and BLYNKOTA_CONFIG, then environment, then `config`."""
+    settings = load_settings(config)
+    app = Flask("blynkota", static_folder=None)
+    app.config["SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.ota_max_size + _FORM_OVERHEAD
+    db = Database(settings.db_url)
+    app.extensions["blynkota.db"] = db
+    app.extensions["blynkota"] = OtaService(
+        db,
+        FirmwareStore(settings.firmware_folder),
+        OnlineDevices(),
+        validate_image=settings.ota_validate_image,
+    )
+    app.extensions["blynkota.fleet"] = FleetRegistry(db)
+    app.extensions["blynkota.admins"] = AdminDirectory(db)
+
+    from . import cli, web
+
+    web.init_app(app)
+    cli.init_app(app)
+    return app

@@ -1,0 +1,185 @@
+"""Settings: defaults, then properties files, then environment, then overrides.
+
+The keys are the Blynk server's `server.properties` keys where Blynk has one,
+so an operator's existing file keeps working. Every key can also be set from
+the environment as BLYNKOTA_<KEY> with dots and dashes as underscores
+(`db.url` -> BLYNKOTA_DB_URL). BLYNKOTA_CONFIG names the properties file for
+every entry point: the server, the `flask` CLI and `alembic`.
+"""
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "DEFAULTS",
+    "ConfigError",
+    "Settings",
+    "load_settings",
+    "parse_properties",
+    "PROJECT_ROOT",
+]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULTS: dict[str, str] = {
+    "http.port": "8080",
+    "https.port": "9443",
+    "listen.address": "0.0.0.0",
+    "server.host": "",
+    "admin.email": "admin@blynk.cc",
+    "admin.pass": "admin",
+    "allowed.administrator.ips": "0.0.0.0/0,::/0",
+    "hard.socket.idle.timeout": "10",
+    "data.folder": "./data",
+    "db.url": "",
+    "server.ssl.cert": "",
+    "server.ssl.key": "",
+    "ota.max.size": str(16 * 1024 * 1024),
+    "ota.validate.image": "true",
+    "hardware.max.connections": "15000",
+    "shutdown.grace.seconds": "5",
+    "log.level": "INFO",
+}
+
+DEFAULT_ADMIN_PASS = DEFAULTS["admin.pass"]
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the key."""
+
+
+def parse_properties(text: str) -> dict[str, str]:
+    """Java properties as the Blynk server writes them: key=value, # and ! comments."""
+    values: dict[str, str] = {}
+    pending = ""
+    for raw in text.splitlines():
+        line = pending + raw.strip()
+        pending = ""
+        if not line or line[0] in "#!":
+            continue
+        if line.endswith("\\") and not line.endswith("\\\\"):
+            pending = line[:-1]
+            continue
+        cut = min((i for i in (line.find("="), line.find(":")) if i >= 0), default=-1)
+        if cut < 0:
+            key, value = line, ""
+        else:
+            key, value = line[:cut], line[cut + 1 :]
+        values[key.strip()] = value.strip()
+    return values
+
+
+def _env_name(key: str) -> str:
+    return "BLYNKOTA_" + key.upper().replace(".", "_").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Settings:
+    http_port: int
+    https_port: int
+    listen_address: str
+    server_host: str
+    admin_email: str
+    admin_pass: str
+    allowed_admin_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    login_timeout: float
+    data_folder: Path
+    db_url: str
+    ssl_cert: Path
+    ssl_key: Path
+    ota_max_size: int
+    ota_validate_image: bool
+    max_connections: int
+    shutdown_grace: float
+    log_level: str
+    source: str  # which properties file was read, for the start-up log
+
+    @property
+    def firmware_folder(self) -> Path:
+        return self.data_folder / "ota"
+
+    @property
+    def uses_default_password(self) -> bool:
+        return self.admin_pass == DEFAULT_ADMIN_PASS
+
+
+def _integer(values: Mapping[str, str], key: str, low: int, high: int) -> int:
+    try:
+        number = int(values[key])
+    except ValueError:
+        raise ConfigError(f"{key}: {values[key]!r} is not a whole number") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{key}: {number} is not between {low} and {high}")
+    return number
+
+
+def _boolean(values: Mapping[str, str], key: str) -> bool:
+    text = values[key].strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ConfigError(f"{key}: {values[key]!r} is not true or false")
+
+
+def _networks(values: Mapping[str, str], key: str):
+    networks = []
+    for item in values[key].split(","):
+        if item.strip():
+            try:
+                networks.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise ConfigError(f"{key}: {item.strip()!r} is not a CIDR range") from None
+    return tuple(networks)
+
+
+def load_settings(
+    overrides: Mapping[str, object] | None = None,
+    *,
+    properties_file: str | os.PathLike | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    environ = os.environ if environ is None else environ
+    values = dict(DEFAULTS)
+    sources = []
+    template = PROJECT_ROOT / "config" / "server.properties"
+    chosen = properties_file or environ.get("BLYNKOTA_CONFIG")
+    for path in (template, Path(chosen) if chosen else None):
+        if path is None:
+            continue
+        if not path.is_file():
+            raise ConfigError(f"properties file {path} does not exist")
+        values.update(parse_properties(path.read_text(encoding="utf-8")))
+        sources.append(str(path))
+    for key in DEFAULTS:
+        if _env_name(key) in environ:
+            values[key] = environ[_env_name(key)]
+    for key, value in (overrides or {}).items():
+        values[key] = str(value)
+
+    data_folder = Path(values["data.folder"]).expanduser().absolute()
+    db_url = values["db.url"] or f"sqlite:///{data_folder / 'blynkota.db'}"
+    tls_folder = data_folder / "tls"
+    return Settings(
+        http_port=_integer(values, "http.port", 0, 65535),
+        https_port=_integer(values, "https.port", 0, 65535),
+        listen_address=values["listen.address"],
+        server_host=values["server.host"],
+        admin_email=values["admin.email"],
+        admin_pass=values["admin.pass"],
+        allowed_admin_networks=_networks(values, "allowed.administrator.ips"),
+        login_timeout=_integer(values, "hard.socket.idle.timeout", 1, 3600),
+        data_folder=data_folder,
+        db_url=db_url,
+        ssl_cert=Path(values["server.ssl.cert"] or tls_folder / "cert.pem"),
+        ssl_key=Path(values["server.ssl.key"] or tls_folder / "key.pem"),
+        ota_max_size=_integer(values, "ota.max.size", 1, 1 << 31),
+        ota_validate_image=_boolean(values, "ota.validate.image"),
+        max_connections=_integer(values, "hardware.max.connections", 1, 1_000_000),
+        shutdown_grace=_integer(values, "shutdown.grace.seconds", 0, 3600),
+        log_level=values["log.level"].upper(),
+        source=", ".join(sources) or "built-in defaults",
+    )

@@ -1,0 +1,15 @@
+"""The device side: the shared port 8080 listener and one session per device."""
+
+from .server import SharedPortServer, looks_like_http
+from .session import DeviceSession, heartbeat_timeout
+from .states import IllegalTransition, SessionState, SessionStateMachine
+
+__all__ = [
+    "SharedPortServer",
+    "looks_like_http",
+    "DeviceSession",
+    "heartbeat_timeout",
+    "IllegalTransition",
+    "SessionState",
+    "SessionStateMachine",
+]

@@ -1,0 +1,77 @@
+"""Port 8080: devices and plain HTTP on one listener, as on the Blynk server.
+
+Each connection is sniffed with MSG_PEEK (nothing is consumed): an HTTP method
+word hands it to the WSGI handler untouched, anything else is a device. The
+server is a gevent WSGIServer (itself a StreamServer) whose connections are
+spawned from a bounded pool.
+"""
+
+import logging
+import socket
+import time
+
+import gevent
+from gevent.pool import Pool
+from gevent.pywsgi import WSGIServer
+
+__all__ = ["SharedPortServer", "looks_like_http"]
+
+log = logging.getLogger(__name__)
+
+HTTP_METHODS = (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"PATC")
+_SNIFF_BYTES = 4
+_SNIFF_RETRY = 0.02
+HTTP_IDLE_TIMEOUT = 60.0  # an HTTP client silent this long (slowloris) is dropped
+
+
+def looks_like_http(first_bytes: bytes) -> bool | None:
+    """True for HTTP, False for a device, None while the bytes could still be either."""
+    for method in HTTP_METHODS:
+        if first_bytes[:_SNIFF_BYTES] == method[: len(first_bytes)]:
+            return True if len(first_bytes) >= _SNIFF_BYTES else None
+    return False
+
+
+class SharedPortServer(WSGIServer):
+    def __init__(self, listener, application, device_handler, *, sniff_timeout, max_connections):
+        super().__init__(
+            listener,
+            application,
+            spawn=Pool(max_connections),
+            log=logging.getLogger("blynkota.http"),
+            error_log=logging.getLogger("blynkota.http"),
+            environ={"SERVER_NAME": "blynkota"},
+        )
+        self.device_handler = device_handler
+        self.sniff_timeout = sniff_timeout
+
+    def handle(self, sock, address):
+        try:
+            kind = self._sniff(sock)
+            if kind is True:
+                super().handle(sock, address)
+            elif kind is False:
+                self.device_handler(sock, address)
+        except OSError as error:
+            log.info("connection %s:%s lost before it said anything (%s)", *address[:2], error)
+        finally:
+            sock.close()
+
+    def _sniff(self, sock) -> bool | None:
+        deadline = time.monotonic() + self.sniff_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            sock.settimeout(remaining)
+            try:
+                first = sock.recv(_SNIFF_BYTES, socket.MSG_PEEK)
+            except TimeoutError:
+                return None
+            if not first:
+                return None
+            kind = looks_like_http(first)
+            if kind is not None:
+                sock.settimeout(HTTP_IDLE_TIMEOUT if kind else None)
+                return kind
+            gevent.sleep(_SNIFF_RETRY)  # a prefix of a method word: wait for the rest

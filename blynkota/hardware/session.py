@@ -1,0 +1,248 @@
+"""One logged-in device: a greenlet reads its frames; others may write `ota` to it.
+
+Reads are bounded by a deadline per phase: `hard.socket.idle.timeout` to log
+in, then ceil(h-beat x 2.3) between frames, so a device that sends half a
+frame, or one byte at a time, is closed like a silent one. Writes hold a lock
+(the admin API writes from its own greenlet) and a timeout, so a client that
+never reads cannot hold a greenlet forever. Pings are answered from memory:
+the database is touched on login, info message and disconnect only.
+"""
+
+import contextlib
+import logging
+import math
+import socket
+import time
+
+import gevent
+from gevent.lock import Semaphore
+
+from ..ota import OfferFailed, OnlineDevices, OtaService
+from ..protocol import (
+    NEED_DATA,
+    FrameReader,
+    Ignored,
+    Internal,
+    LocalProtocolError,
+    Login,
+    Ping,
+    RemoteProtocolError,
+    Response,
+    Status,
+    Unknown,
+    encode_ota,
+    encode_response,
+)
+from .states import SessionState, SessionStateMachine
+
+__all__ = ["DeviceSession", "heartbeat_timeout"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT = 10  # seconds, the C++ library's default h-beat
+DEFAULT_BUFF_IN = 256  # bytes, an ESP's receive buffer in library v0.6.1
+WRITE_TIMEOUT = 10.0
+MAX_EXTRA_LOGINS = 3  # ALREADY_REGISTERED answers before a login flood is closed
+
+
+def heartbeat_timeout(heartbeat: int) -> float:
+    return math.ceil(heartbeat * 2.3)
+
+
+class SessionClosed(Exception):
+    """Ends the session quietly; the message is the one log line."""
+
+
+class DeviceSession:
+    def __init__(
+        self,
+        sock: socket.socket,
+        address: tuple,
+        service: OtaService,
+        online: OnlineDevices,
+        *,
+        login_timeout: float,
+        server_host: str = "",
+        public_port: int | None = None,
+    ) -> None:
+        self.sock = sock
+        self.peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        self.service = service
+        self.online = online
+        self.login_timeout = login_timeout
+        self.server_host = server_host
+        self.public_port = public_port
+        self.machine = SessionStateMachine()
+        self.reader = FrameReader()
+        self.token = ""
+        self.device_id: int | None = None
+        self.buff_in = DEFAULT_BUFF_IN
+        self.read_timeout = heartbeat_timeout(DEFAULT_HEARTBEAT)
+        self._write_lock = Semaphore()
+        self._held_offer: str | None = None  # an admin's offer made before the info message
+        self._extra_logins = 0
+
+    # --- the greenlet --------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._log_in()
+            while True:
+                self._handle(self._next_event(self.read_timeout))
+        except SessionClosed as reason:
+            log.info("device %s %s: %s", self.token or "-", self.peer, reason)
+        except RemoteProtocolError as error:
+            if error.status is not None:
+                self._try_reply(error.msg_id, error.status)
+            log.info("device %s %s: closed, %s", self.token or "-", self.peer, error)
+        except TimeoutError as error:
+            reason = error.args[0] if error.args else "silent too long"
+            log.info("device %s %s: closed, %s", self.token or "-", self.peer, reason)
+        except OSError as error:
+            log.info("device %s %s: connection lost (%s)", self.token or "-", self.peer, error)
+        except Exception:
+            log.exception("device %s %s: closed after an internal error", self.token, self.peer)
+        finally:
+            self._close()
+
+    def _log_in(self) -> None:
+        event = self._next_event(self.login_timeout)
+        if not isinstance(event, Login):
+            raise SessionClosed(f"closed, {type(event).__name__.lower()} before login")
+        identity = self.service.authenticate(event.token)
+        if identity is None:
+            self._reply(event.msg_id, Status.INVALID_TOKEN)
+            raise SessionClosed(f"closed, invalid token {event.token[:64]!r}")
+        self.token, self.device_id = identity.token, identity.id
+        self.machine.advance("login accepted")
+        replaced = self.online.register(self)
+        if replaced is not None:
+            replaced.close("replaced by a new connection")
+        self.service.device_online(identity.id, self.peer.rsplit(":", 1)[0])
+        self._reply(event.msg_id, Status.OK)
+        log.info("device %s %s: logged in", self.token, self.peer)
+
+    def _handle(self, event) -> None:
+        if isinstance(event, Ping):
+            self._reply(event.msg_id, Status.OK)
+        elif isinstance(event, Internal) and event.is_info:
+            self._on_info(event)
+        elif isinstance(event, Login):
+            self._extra_logins += 1
+            if self._extra_logins > MAX_EXTRA_LOGINS:
+                raise SessionClosed("closed, login flood")
+            self._reply(event.msg_id, Status.ALREADY_REGISTERED)
+        elif isinstance(event, Unknown):
+            self._reply(event.msg_id, Status.ILLEGAL_COMMAND)
+            raise SessionClosed(f"closed, unknown command {event.command}")
+        elif isinstance(event, (Internal, Ignored, Response)):
+            pass  # known, not needed for OTA: the Blynk server ignores them too
+
+    def _on_info(self, event: Internal) -> None:
+        info = event.info()
+        if info.get("h-beat", "").isdigit() and int(info["h-beat"]) > 0:
+            self.read_timeout = heartbeat_timeout(int(info["h-beat"]))
+        if info.get("buff-in", "").isdigit():
+            self.buff_in = int(info["buff-in"])
+        # The answer goes out before any `ota`: the PyPI client reads the reply
+        # to its info message as the first frame it receives.
+        self._reply(event.msg_id, Status.OK)
+        self.machine.advance("info answered")
+        offer = self.service.device_reported(self.device_id, info)
+        held, self._held_offer = self._held_offer, None
+        if offer is not None:
+            try:
+                url = self.send_ota(offer.path)
+            except OfferFailed as error:
+                log.warning("device %s: update not offered: %s", self.token, error)
+                return
+            self.service.offer_sent(self.device_id, offer, url)
+        elif held is not None:
+            try:
+                self.send_ota(held)
+            except OfferFailed as error:
+                log.warning("device %s: update not offered: %s", self.token, error)
+
+    # --- DeviceLink, called from other greenlets too ---------------------------
+
+    def send_ota(self, path: str) -> str:
+        if self.machine.state is SessionState.LOGGED_IN:
+            self._held_offer = path  # written right after the info message is answered
+            return self._url(path)
+        if self.machine.state is not SessionState.READY:
+            raise OfferFailed("the device disconnected")
+        url = self._url(path)
+        try:
+            frame = encode_ota(url, buff_in=self.buff_in)
+        except LocalProtocolError as error:
+            raise OfferFailed(str(error)) from None
+        try:
+            self._write(frame)
+        except OSError as error:
+            self.close(f"write failed ({error})")
+            raise OfferFailed("the device disconnected") from None
+        log.info("device %s: sent ota %s", self.token, url)
+        return url
+
+    def close(self, reason: str) -> None:
+        log.info("device %s %s: %s", self.token or "-", self.peer, reason)
+        self.machine.advance("close")
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    # --- plumbing ------------------------------------------------------------------
+
+    def _url(self, path: str) -> str:
+        host, port = self.sock.getsockname()[:2]
+        if self.server_host:
+            host = self.server_host
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.public_port or port}{path}"
+
+    def _next_event(self, timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.reader.next_event()
+            if event is not NEED_DATA:
+                return event
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                raise TimeoutError from None
+            if not data:
+                if self.reader.buffered:
+                    raise SessionClosed("closed mid-frame by the device")
+                raise SessionClosed("disconnected")
+            self.reader.feed(data)
+
+    def _write(self, frame: bytes) -> None:
+        with (
+            self._write_lock,
+            gevent.Timeout(WRITE_TIMEOUT, TimeoutError("the device does not read")),
+        ):
+            self.sock.sendall(frame)
+
+    def _reply(self, msg_id: int, status: int) -> None:
+        # A v0.6.1 device drops frames with message id 0: such a request goes unanswered.
+        if msg_id:
+            self._write(encode_response(msg_id, status))
+
+    def _try_reply(self, msg_id: int, status: int) -> None:
+        with contextlib.suppress(OSError, TimeoutError):
+            self._reply(msg_id, status)
+
+    def _close(self) -> None:
+        if self.device_id is not None and self.online.unregister(self):
+            try:
+                self.service.device_offline(self.device_id)
+            except Exception:
+                log.exception("device %s: could not record the disconnect", self.token)
+        if self.machine.state is not SessionState.CLOSED:
+            self.machine.advance("close")
+        self.sock.close()

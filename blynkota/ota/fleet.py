@@ -1,0 +1,150 @@
+"""Users, projects and devices: provisioning, the Blynk import, and listings."""
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from ..store import Database, Device, Project, User
+from .blynk_data import BlynkUser
+
+__all__ = ["DeviceRow", "FleetRegistry", "ImportCounts", "ProvisioningError", "new_token"]
+
+
+class ProvisioningError(ValueError):
+    """A device cannot be added as asked; the message says why."""
+
+
+def new_token() -> str:
+    # 32 characters of hex, as the Blynk server generates them (128 random bits).
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    token: str
+    name: str
+    user: str
+    project: str
+    dash_id: int
+    build: str | None
+    fw_version: str | None
+    lib_version: str | None
+    hardware: str | None
+    last_seen_at: datetime | None
+    last_address: str | None
+    online: bool
+
+
+@dataclass
+class ImportCounts:
+    users: int = 0
+    projects: int = 0
+    devices: int = 0
+    updated: int = 0
+
+
+def _user(session: Session, email: str) -> User:
+    user = session.scalar(select(User).where(User.email == email))
+    if user is None:
+        user = User(email=email)
+        session.add(user)
+        session.flush()
+    return user
+
+
+class FleetRegistry:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def add_device(
+        self, email: str, project_name: str, *, name: str = "", token: str | None = None
+    ) -> str:
+        token = token or new_token()
+        if not token.isalnum() or len(token) > 64:
+            raise ProvisioningError("A token is 1 to 64 letters and digits.")
+        with self._db.begin() as session:
+            if session.scalar(select(Device.id).where(Device.token == token)) is not None:
+                raise ProvisioningError(f"Token {token} already belongs to a device.")
+            user = _user(session, email)
+            project = session.scalar(
+                select(Project).where(
+                    Project.user_id == user.id,
+                    func.lower(Project.name) == project_name.lower(),
+                )
+            )
+            if project is None:
+                next_id = session.scalar(
+                    select(func.coalesce(func.max(Project.dash_id), 0) + 1).where(
+                        Project.user_id == user.id
+                    )
+                )
+                project = Project(user_id=user.id, dash_id=next_id, name=project_name)
+                session.add(project)
+                session.flush()
+            session.add(Device(project_id=project.id, name=name, token=token))
+        return token
+
+    def import_blynk(self, users: list[BlynkUser]) -> ImportCounts:
+        """Insert or update every user, project and device; tokens are kept as they are."""
+        counts = ImportCounts()
+        with self._db.begin() as session:
+            for blynk_user in users:
+                known = session.scalar(select(User).where(User.email == blynk_user.email))
+                user = known or _user(session, blynk_user.email)
+                counts.users += known is None
+                for blynk_project in blynk_user.projects:
+                    project = session.scalar(
+                        select(Project).where(
+                            Project.user_id == user.id, Project.dash_id == blynk_project.dash_id
+                        )
+                    )
+                    if project is None:
+                        project = Project(user_id=user.id, dash_id=blynk_project.dash_id)
+                        session.add(project)
+                        counts.projects += 1
+                    project.name = blynk_project.name
+                    session.flush()
+                    for blynk_device in blynk_project.devices:
+                        device = session.scalar(
+                            select(Device).where(Device.token == blynk_device.token)
+                        )
+                        if device is None:
+                            device = Device(token=blynk_device.token)
+                            session.add(device)
+                            counts.devices += 1
+                        else:
+                            counts.updated += 1
+                        device.project_id = project.id
+                        device.blynk_id = blynk_device.blynk_id
+                        device.board_type = blynk_device.board_type
+                        device.name = blynk_device.name
+        return counts
+
+    def list_devices(self) -> list[DeviceRow]:
+        with self._db.begin() as session:
+            rows = session.execute(
+                select(Device, Project, User)
+                .join(Project, Device.project_id == Project.id)
+                .join(User, Project.user_id == User.id)
+                .order_by(User.email, Project.dash_id, Device.id)
+            ).all()
+            return [
+                DeviceRow(
+                    token=device.token,
+                    name=device.name,
+                    user=user.email,
+                    project=project.name,
+                    dash_id=project.dash_id,
+                    build=device.build,
+                    fw_version=device.fw_version,
+                    lib_version=device.lib_version,
+                    hardware=device.hardware,
+                    last_seen_at=device.last_seen_at,
+                    last_address=device.last_address,
+                    online=device.online_since is not None,
+                )
+                for device, project, user in rows
+            ]

@@ -1,0 +1,47 @@
+"""The devices connected right now, by token.
+
+The hardware server registers one link per logged-in connection; the admin API
+reaches a device through it without knowing about sockets. A second connection
+with the same token replaces the first, as on the Blynk server.
+"""
+
+from typing import Protocol
+
+__all__ = ["DeviceLink", "OfferFailed", "OnlineDevices"]
+
+
+class OfferFailed(Exception):
+    """The `ota` command could not be written to the device; the message says why."""
+
+
+class DeviceLink(Protocol):
+    token: str
+
+    def send_ota(self, path: str) -> str:
+        """Write an `ota` command for `path`; return the full URL sent. Raises OfferFailed."""
+
+    def close(self, reason: str) -> None: ...
+
+
+class OnlineDevices:
+    def __init__(self) -> None:
+        self._links: dict[str, DeviceLink] = {}
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+    def get(self, token: str) -> DeviceLink | None:
+        return self._links.get(token)
+
+    def register(self, link: DeviceLink) -> DeviceLink | None:
+        """Make `link` the device's connection; return the one it replaces, if any."""
+        previous = self._links.get(link.token)
+        self._links[link.token] = link
+        return previous if previous is not link else None
+
+    def unregister(self, link: DeviceLink) -> bool:
+        """Forget `link` if it is still the device's connection; True if it was."""
+        if self._links.get(link.token) is link:
+            del self._links[link.token]
+            return True
+        return False

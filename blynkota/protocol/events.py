@@ -1,0 +1,72 @@
+"""What a frame means, as frozen values: the codec's output and input."""
+
+from dataclasses import dataclass
+
+__all__ = [
+    "Event",
+    "Login",
+    "Ping",
+    "Response",
+    "Internal",
+    "Ignored",
+    "Unknown",
+    "INFO_KEYS",
+]
+
+# Keys of the info message the C++ library sends right after login.
+INFO_KEYS = frozenset({"ver", "h-beat", "buff-in", "dev", "cpu", "con", "fw", "build", "tmpl"})
+
+
+@dataclass(frozen=True)
+class Login:
+    msg_id: int
+    token: str
+    legacy: bool  # LOGIN (2) from old clients rather than HW_LOGIN (29)
+
+
+@dataclass(frozen=True)
+class Ping:
+    msg_id: int
+
+
+@dataclass(frozen=True)
+class Response:
+    msg_id: int
+    status: int
+
+
+@dataclass(frozen=True)
+class Internal:
+    """An INTERNAL frame: NUL-separated words (info message, `ota`, `rtc`, ...)."""
+
+    msg_id: int
+    words: tuple[str, ...]
+
+    @property
+    def is_info(self) -> bool:
+        return bool(self.words) and self.words[0] in INFO_KEYS
+
+    def info(self) -> dict[str, str]:
+        """Key/value pairs of an info message; a key without value is dropped."""
+        pairs = zip(self.words[0::2], self.words[1::2], strict=False)
+        return {key: value for key, value in pairs if key}
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A known command the OTA server has no use for (HARDWARE, PROPERTY, ...)."""
+
+    msg_id: int
+    command: int
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """A command type below 100 that no Blynk peer sends."""
+
+    msg_id: int
+    command: int
+
+
+Event = Login | Ping | Response | Internal | Ignored | Unknown

@@ -1,0 +1,348 @@
+"""A simulated Blynk v0.6.1 device: `python -m blynkota.simulator --token T --build "..."`.
+
+It speaks through the project's own codec, logs in, reports its info, pings
+after `h-beat` seconds of silence, and on an `ota` command downloads the URL
+the way the ESP8266 updater does (HTTP/1.0, `x-ESP8266-*` headers), checks the
+length, `x-MD5` and the 0xE9 magic, then "reboots": it reconnects reporting the
+build read from the downloaded image. Failure modes make it misbehave the way
+real boards do: `refuse` never downloads, `half` drops the download halfway,
+`old-build` flashes but comes back with its old build.
+"""
+
+import argparse
+import hashlib
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import gevent
+from gevent import socket
+from gevent.event import Event
+from gevent.pool import Pool
+
+from .ota.firmware import IMAGE_MAGIC, read_build
+from .protocol import (
+    NEED_DATA,
+    FrameReader,
+    Internal,
+    Response,
+    Status,
+    encode_info,
+    encode_login,
+    encode_ping,
+)
+
+__all__ = ["Download", "SimulatedDevice", "FAIL_MODES", "main"]
+
+log = logging.getLogger("blynkota.simulator")
+
+FAIL_MODES = ("none", "refuse", "half", "old-build")
+LOGIN_ANSWER_TIMEOUT = 3.0  # what the C++ library waits for its login answer
+LOGIN_RETRY = 5.0
+
+
+@dataclass
+class Download:
+    url: str
+    status: int = 0
+    size: int = 0
+    expected_size: int = 0
+    md5_ok: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    build: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class SimulatedDevice:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str,
+        build: str | None,
+        *,
+        heartbeat: int = 10,
+        buff_in: int = 256,
+        fw: str | None = None,
+        hardware: str = "ESP8266",
+        fail: str = "none",
+        legacy_login: bool = False,
+    ) -> None:
+        if fail not in FAIL_MODES:
+            raise ValueError(f"fail mode {fail!r} is not one of {', '.join(FAIL_MODES)}")
+        self.host, self.port, self.token = host, port, token
+        self.build = build
+        self.heartbeat, self.buff_in, self.fw, self.hardware = heartbeat, buff_in, fw, hardware
+        self.fail = fail
+        self.legacy_login = legacy_login
+        self.logins = 0
+        self.login_status: int | None = None
+        self.ota_urls: list[str] = []
+        self.downloads: list[Download] = []
+        self.frames: list[object] = []  # every event received, in order
+        self.ready = Event()  # logged in and info answered
+        self.offered = Event()  # an `ota` command arrived
+        self._msg_id = 0
+        self._stop = Event()
+        self._sock: socket.socket | None = None
+
+    # --- control ---------------------------------------------------------------
+
+    def start(self) -> gevent.Greenlet:
+        return gevent.spawn(self.run)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()
+
+    def run(self, *, max_sessions: int = 1000) -> None:
+        """Connect, serve, reboot after updates; bounded by `max_sessions` and stop()."""
+        for _ in range(max_sessions):
+            if self._stop.is_set():
+                return
+            try:
+                keep_going = self._session()
+            except OSError as error:
+                if self._stop.is_set():
+                    return
+                log.info("%s: connection failed (%s)", self.token, error)
+                keep_going = True
+                self._stop.wait(LOGIN_RETRY / 10)
+            if not keep_going:
+                return
+
+    # --- one connection ----------------------------------------------------------
+
+    def _next_id(self) -> int:
+        self._msg_id = self._msg_id % 0xFFFF + 1  # never 0
+        return self._msg_id
+
+    def _info(self) -> dict[str, str]:
+        fields = {
+            "ver": "0.6.1",
+            "h-beat": str(self.heartbeat),
+            "buff-in": str(self.buff_in),
+            "dev": self.hardware,
+        }
+        if self.fw:
+            fields["fw"] = self.fw
+        if self.build:
+            fields["build"] = self.build
+        return fields
+
+    def _session(self) -> bool:
+        """One connection; True to reconnect (after an update), False to stop."""
+        self.ready.clear()
+        self._msg_id = 0
+        sock = socket.create_connection((self.host, self.port), timeout=LOGIN_ANSWER_TIMEOUT)
+        self._sock = sock
+        reader = FrameReader()
+        try:
+            sock.sendall(encode_login(self.token, self._next_id(), legacy=self.legacy_login))
+            answer = self._read_event(sock, reader, LOGIN_ANSWER_TIMEOUT)
+            self.login_status = answer.status if isinstance(answer, Response) else None
+            if self.login_status != Status.OK:
+                log.warning("%s: login refused (%s)", self.token, answer)
+                return False
+            self.logins += 1
+            info_id = self._next_id()
+            sock.sendall(encode_info(self._info(), info_id))
+            while not self._stop.is_set():
+                try:
+                    event = self._read_event(sock, reader, self.heartbeat)
+                except socket.timeout:
+                    sock.sendall(encode_ping(self._next_id()))
+                    continue
+                if event is None:
+                    return not self._stop.is_set()  # the server closed: reconnect
+                self.frames.append(event)
+                if isinstance(event, Response) and event.msg_id == info_id:
+                    self.ready.set()
+                if isinstance(event, Internal) and event.words[:1] == ("ota",):
+                    url = event.words[1] if len(event.words) > 1 else ""
+                    self.ota_urls.append(url)
+                    self.offered.set()
+                    if self.fail == "refuse":
+                        continue
+                    self._update(url)
+                    return True  # reboot
+            return False
+        finally:
+            sock.close()
+            self._sock = None
+
+    @staticmethod
+    def _read_event(sock, reader: FrameReader, timeout: float):
+        sock.settimeout(timeout)
+        while True:
+            event = reader.next_event()
+            if event is not NEED_DATA:
+                return event
+            data = sock.recv(4096)
+            if not data:
+                return None
+            reader.feed(data)
+
+    # --- the updater ----------------------------------------------------------------
+
+    def _update(self, url: str) -> None:
+        download = self.download(url)
+        self.downloads.append(download)
+        if download.ok and self.fail == "none":
+            self.build = download.build
+        log.info("%s: download %s: %s", self.token, url, download.error or "flashed")
+
+    def download(self, url: str) -> Download:
+        """GET the image as ESP8266httpUpdate does and check it as the updater would."""
+        result = Download(url)
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port or 80
+        request = (
+            f"GET {parts.path} HTTP/1.0\r\n"
+            f"Host: {parts.netloc}\r\n"
+            "User-Agent: ESP8266-http-Update\r\n"
+            "x-ESP8266-STA-MAC: 5C:CF:7F:00:00:01\r\n"
+            "x-ESP8266-AP-MAC: 5E:CF:7F:00:00:01\r\n"
+            "x-ESP8266-free-space: 2781184\r\n"
+            "x-ESP8266-sketch-size: 301792\r\n"
+            "x-ESP8266-sketch-md5: 00000000000000000000000000000000\r\n"
+            "x-ESP8266-chip-size: 4194304\r\n"
+            "x-ESP8266-sdk-version: 2.2.1(cfd48f3)\r\n"
+            "x-ESP8266-mode: sketch\r\n"
+            f"x-ESP8266-version: {self.build or ''}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        try:
+            sock = socket.create_connection((host, port), timeout=10)
+        except OSError as error:
+            result.error = f"cannot connect: {error}"
+            return result
+        try:
+            sock.sendall(request.encode("latin-1"))
+            head, body = _read_head(sock)
+            status_line, *header_lines = head.decode("latin-1").split("\r\n")
+            result.status = int(status_line.split()[1])
+            result.headers = {
+                name.strip().lower(): value.strip()
+                for name, _, value in (line.partition(":") for line in header_lines)
+            }
+            if result.status != 200:
+                result.error = f"HTTP {result.status}"
+                return result
+            result.expected_size = int(result.headers.get("content-length", "0"))
+            if result.expected_size <= 0:
+                result.error = "no Content-Length"
+                return result
+            limit = result.expected_size // 2 if self.fail == "half" else result.expected_size
+            body = body[:limit]
+            while len(body) < limit:
+                chunk = sock.recv(min(65536, limit - len(body)))
+                if not chunk:
+                    break
+                body += chunk
+            result.size = len(body)
+            if self.fail == "half":
+                result.error = f"download dropped at {result.size} of {result.expected_size}"
+            elif result.size != result.expected_size:
+                result.error = f"short download: {result.size} of {result.expected_size}"
+            elif hashlib.md5(body).hexdigest() != result.headers.get("x-md5"):
+                result.error = "x-MD5 does not match the image"
+            elif body[0] != IMAGE_MAGIC:
+                result.error = f"bad image magic 0x{body[0]:02X}"
+            else:
+                result.md5_ok = True
+                result.build = read_build(body)
+            return result
+        except (OSError, ValueError, IndexError) as error:
+            result.error = f"download failed: {error}"
+            return result
+        finally:
+            sock.close()
+
+
+def _read_head(sock) -> tuple[bytes, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ValueError("connection closed before the response headers ended")
+        data += chunk
+        if len(data) > 65536:
+            raise ValueError("response headers too long")
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+def _tokens(arguments) -> list[str]:
+    tokens = [token for item in arguments.token or [] for token in item.split(",") if token]
+    if arguments.tokens_file:
+        with open(arguments.tokens_file, encoding="utf-8") as handle:
+            tokens += [line.split()[0] for line in handle if line.strip()]
+    return tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--server", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--token", action="append", help="device token (repeat or comma-separate)")
+    parser.add_argument("--tokens-file", help="file with one token per line (first column)")
+    parser.add_argument("--devices", type=int, default=None, help="run this many devices")
+    parser.add_argument("--build", default=None, help='reported build, e.g. "Nov 29 2018 12:00:00"')
+    parser.add_argument("--fw", default=None, help="reported firmware version")
+    parser.add_argument("--heartbeat", type=int, default=10)
+    parser.add_argument("--buff-in", type=int, default=256)
+    parser.add_argument("--fail", choices=FAIL_MODES, default="none")
+    parser.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    parser.add_argument("--updates", type=int, default=None, help="stop after N updates each")
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    tokens = _tokens(arguments)
+    count = arguments.devices or len(tokens)
+    if not tokens or count > len(tokens):
+        parser.error(f"{count or 1} device(s) need as many tokens; {len(tokens)} given")
+    devices = [
+        SimulatedDevice(
+            arguments.server,
+            arguments.port,
+            token,
+            arguments.build,
+            heartbeat=arguments.heartbeat,
+            buff_in=arguments.buff_in,
+            fw=arguments.fw,
+            fail=arguments.fail,
+        )
+        for token in tokens[:count]
+    ]
+    pool = Pool(len(devices))
+    for device in devices:
+        pool.spawn(device.run)
+    started = time.monotonic()
+    while len(pool):
+        if arguments.duration and time.monotonic() - started >= arguments.duration:
+            break
+        if arguments.updates and all(
+            sum(d.ok for d in device.downloads) >= arguments.updates for device in devices
+        ):
+            break
+        gevent.sleep(0.2)
+    for device in devices:
+        device.stop()
+    pool.join(timeout=5)
+    updated = sum(any(d.ok for d in device.downloads) for device in devices)
+    print(f"{len(devices)} device(s), {updated} updated")
+    for device in devices:
+        print(f"{device.token} build={device.build!r} logins={device.logins}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

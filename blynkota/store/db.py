@@ -1,0 +1,39 @@
+"""Engine and session scope: one sessionmaker per engine, one transaction per unit of work."""
+
+from contextlib import AbstractContextManager
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+__all__ = ["Database", "make_engine"]
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):
+            cursor = dbapi_connection.cursor()
+            # WAL lets the `flask` CLI read while the server writes.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    # MySQL closes idle connections after wait_timeout: check before use.
+    return create_engine(url, pool_pre_ping=True, pool_recycle=3600)
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def begin(self) -> AbstractContextManager[Session]:
+        """A session inside one transaction: committed on success, rolled back on error."""
+        return self._sessions.begin()
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,173 @@
+"""Tables, named for the operators who read them with plain SQL.
+
+All timestamps are UTC, stored without a zone (MySQL DATETIME has none).
+Rows that tell history (firmware, rollouts, ota_commands) are never deleted:
+a replaced or stopped rollout changes state and keeps its row.
+"""
+
+from datetime import datetime, timezone
+from typing import Optional
+
+from sqlalchemy import ForeignKey, Index, MetaData, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "Base",
+    "utcnow",
+    "User",
+    "Project",
+    "Device",
+    "Admin",
+    "Firmware",
+    "Rollout",
+    "OtaCommand",
+    "RolloutScope",
+    "RolloutState",
+]
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(255), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    projects: Mapped[list["Project"]] = relationship(back_populates="user")
+
+
+class Project(Base):
+    """A Blynk dashboard: `dash_id` is the id the Blynk app gave it."""
+
+    __tablename__ = "projects"
+    __table_args__ = (UniqueConstraint("user_id", "dash_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    dash_id: Mapped[int]
+    name: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    user: Mapped[User] = relationship(back_populates="projects")
+    devices: Mapped[list["Device"]] = relationship(back_populates="project")
+
+
+class Device(Base):
+    """A board and what it last reported in its info message."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    blynk_id: Mapped[Optional[int]]  # the device id inside its Blynk dashboard
+    name: Mapped[str] = mapped_column(String(255), default="")
+    token: Mapped[str] = mapped_column(String(64), unique=True)
+    board_type: Mapped[Optional[str]] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # From the info message (SPEC §2): ver, fw, build, dev, h-beat, buff-in, tmpl.
+    lib_version: Mapped[Optional[str]] = mapped_column(String(32))
+    fw_version: Mapped[Optional[str]] = mapped_column(String(64))
+    build: Mapped[Optional[str]] = mapped_column(String(64))
+    hardware: Mapped[Optional[str]] = mapped_column(String(64))
+    heartbeat: Mapped[Optional[int]]
+    buff_in: Mapped[Optional[int]]
+    template_id: Mapped[Optional[str]] = mapped_column(String(64))
+    last_seen_at: Mapped[Optional[datetime]]
+    last_address: Mapped[Optional[str]] = mapped_column(String(64))
+    # Set while a connection is logged in; cleared on disconnect and at start-up.
+    online_since: Mapped[Optional[datetime]]
+
+    project: Mapped[Project] = relationship(back_populates="devices")
+
+
+class Admin(Base):
+    __tablename__ = "admins"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(255), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Firmware(Base):
+    """An uploaded file, served as /static/ota/<name>.bin."""
+
+    __tablename__ = "firmware"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    original_name: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int]
+    md5: Mapped[str] = mapped_column(String(32))
+    sha256: Mapped[str] = mapped_column(String(64))
+    build: Mapped[Optional[str]] = mapped_column(String(64))
+    chip: Mapped[Optional[str]] = mapped_column(String(32))
+    uploaded_by: Mapped[str] = mapped_column(String(255))
+    uploaded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RolloutScope:
+    DEVICE = "device"
+    PROJECT = "project"
+    USER = "user"
+    ALL = "all"
+    # Most specific first: a device takes the first scope that has an active rollout.
+    BY_PRECEDENCE = (DEVICE, PROJECT, USER, ALL)
+
+
+class RolloutState:
+    ACTIVE = "active"
+    SUPERSEDED = "superseded"
+    STOPPED = "stopped"
+    FINISHED = "finished"
+
+
+class Rollout(Base):
+    """One `ota/start`: a firmware aimed at a device, a project, a user or everyone."""
+
+    __tablename__ = "rollouts"
+    __table_args__ = (Index("ix_rollouts_state_scope", "state", "scope"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+    project_id: Mapped[Optional[int]] = mapped_column(ForeignKey("projects.id"))
+    device_id: Mapped[Optional[int]] = mapped_column(ForeignKey("devices.id"))
+    firmware_id: Mapped[int] = mapped_column(ForeignKey("firmware.id"))
+    state: Mapped[str] = mapped_column(String(16), default=RolloutState.ACTIVE)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_by: Mapped[str] = mapped_column(String(255))
+    stopped_at: Mapped[Optional[datetime]]
+    stopped_by: Mapped[Optional[str]] = mapped_column(String(255))
+    superseded_by_id: Mapped[Optional[int]] = mapped_column(ForeignKey("rollouts.id"))
+
+    firmware: Mapped[Firmware] = relationship()
+
+
+class OtaCommand(Base):
+    """The journal: one row per `ota` command written to a device."""
+
+    __tablename__ = "ota_commands"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), index=True)
+    firmware_id: Mapped[int] = mapped_column(ForeignKey("firmware.id"))
+    rollout_id: Mapped[Optional[int]] = mapped_column(ForeignKey("rollouts.id"))
+    url: Mapped[str] = mapped_column(String(255))
+    sent_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,57 @@
+"""Who may use /admin: HTTPS only, allowed addresses only, basic auth against the admins table."""
+
+import ipaddress
+
+from flask import Response, current_app, request
+from flask_httpauth import HTTPBasicAuth
+
+__all__ = ["auth", "guard_admin_request"]
+
+auth = HTTPBasicAuth(realm="blynkota admin")
+
+
+@auth.verify_password
+def _verify(email: str, password: str) -> str | None:
+    if not email:
+        return None
+    directory = current_app.extensions["blynkota.admins"]
+    return email if directory.check(email, password) else None
+
+
+@auth.error_handler
+def _auth_error(status: int) -> Response:
+    # Blynk's answer to wrong credentials is 403; with none at all, 401 asks for them.
+    if request.authorization is not None:
+        return Response("Authentication failed.\n", 403, mimetype="text/plain")
+    return Response(
+        "Authentication required: send basic auth credentials (curl -u email:password).\n",
+        401,
+        mimetype="text/plain",
+    )
+
+
+def guard_admin_request() -> Response | None:
+    """Refuse plain HTTP before any password travels, and addresses not allowed."""
+    settings = current_app.config["SETTINGS"]
+    if not request.is_secure:
+        return Response(
+            f"Admin routes are served over HTTPS only: use https://<host>:"
+            f"{settings.https_port}{request.path}\n",
+            403,
+            mimetype="text/plain",
+        )
+    try:
+        address = ipaddress.ip_address((request.remote_addr or "").split("%")[0])
+    except ValueError:
+        address = None
+    if address is not None and address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    if address is None or not any(
+        address in network for network in settings.allowed_admin_networks
+    ):
+        return Response(
+            f"Address {request.remote_addr} is not in allowed.administrator.ips.\n",
+            403,
+            mimetype="text/plain",
+        )
+    return None
