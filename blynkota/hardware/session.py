@@ -43,6 +43,10 @@ DEFAULT_HEARTBEAT = 10  # seconds, the C++ library's default h-beat
 DEFAULT_BUFF_IN = 256  # bytes, an ESP's receive buffer in library v0.6.1
 WRITE_TIMEOUT = 10.0
 MAX_EXTRA_LOGINS = 3  # ALREADY_REGISTERED answers before a login flood is closed
+# Devices exchange frames of a few bytes: a small kernel send buffer keeps
+# memory low with thousands of connections, and a peer that never reads
+# fills it, and is dropped, quickly.
+SEND_BUFFER_BYTES = 16 * 1024
 
 
 def heartbeat_timeout(heartbeat: int) -> float:
@@ -66,6 +70,8 @@ class DeviceSession:
         public_port: int | None = None,
     ) -> None:
         self.sock = sock
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self.peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         self.service = service
         self.online = online

@@ -1,0 +1,98 @@
+"""Fixtures: databases (SQLite always, MariaDB/MySQL when reachable), servers, fleets.
+
+MySQL tests use BLYNKOTA_TEST_MYSQL_URL (default: root without password on
+127.0.0.1:3306) and get a database of their own, dropped afterwards. Where no
+server answers they skip with the reason; BLYNKOTA_REQUIRE_MYSQL=1 (set by CI)
+turns that skip into a failure so CI can never silently lose them.
+"""
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+
+from blynkota import create_app
+from blynkota.store import upgrade
+
+from .servers import ServerProcess
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+MYSQL_SERVER_URL = os.environ.get(
+    "BLYNKOTA_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/"
+)
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not (SHARED / "fixtures").is_dir():
+        pytest.skip(f"{SHARED}/fixtures is not here (only beside the project checkout)")
+    return SHARED
+
+
+def _mysql_database():
+    server = sqlalchemy.create_engine(MYSQL_SERVER_URL)
+    try:
+        with server.connect() as connection:
+            name = f"blynkota_test_{uuid.uuid4().hex[:10]}"
+            connection.execute(sqlalchemy.text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+    except sqlalchemy.exc.OperationalError as error:
+        server.dispose()
+        reason = f"no MySQL/MariaDB at {MYSQL_SERVER_URL}: {error.orig}"
+        if os.environ.get("BLYNKOTA_REQUIRE_MYSQL") == "1":
+            pytest.fail(reason + " (BLYNKOTA_REQUIRE_MYSQL=1)")
+        pytest.skip(reason)
+    url = sqlalchemy.engine.make_url(MYSQL_SERVER_URL).set(
+        database=name, query={"charset": "utf8mb4"}
+    )
+    return server, name, url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def db_url(request, tmp_path):
+    """An empty database: a SQLite file, or a fresh database on MariaDB."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'blynkota.db'}"
+        return
+    server, name, url = _mysql_database()
+    try:
+        yield url
+    finally:
+        with server.connect() as connection:
+            connection.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name}"))
+        server.dispose()
+
+
+@pytest.fixture
+def app(db_url, tmp_path):
+    """The Flask app on a migrated database, as the CLI and the tests' provisioning use it."""
+    upgrade(db_url)
+    application = create_app({"db.url": db_url, "data.folder": tmp_path / "data"})
+    yield application
+    application.extensions["blynkota.db"].dispose()
+
+
+@pytest.fixture
+def fleet(app):
+    return app.extensions["blynkota.fleet"]
+
+
+@pytest.fixture
+def server_factory(db_url, tmp_path):
+    started: list[ServerProcess] = []
+
+    def start(**extra) -> ServerProcess:
+        server = ServerProcess(tmp_path, db_url, **extra).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(server_factory, app):
+    """A running server on the same database as `app` (whose fleet tests provision)."""
+    return server_factory()

@@ -1,0 +1,189 @@
+"""A real blynkota server in a child process, and clients that talk to it.
+
+The server is started exactly as an operator starts it (`python wsgi.py
+-serverConfig FILE`), on ports chosen by the kernel; the ports are read back
+from its "listening" log lines.
+"""
+
+import base64
+import http.client
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import gevent
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_EMAIL = "admin@blynk.cc"
+ADMIN_PASS = "s3cret-test-pass"
+_LISTENING = re.compile(r"listening for (devices|the admin API).* on [^:]+:(\d+)")
+
+
+@dataclass
+class HttpAnswer:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def write_properties(path: Path, values: dict[str, object]) -> Path:
+    path.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
+    return path
+
+
+class ServerProcess:
+    def __init__(self, folder: Path, db_url: str, **extra: object) -> None:
+        self.folder = folder
+        self.data_folder = folder / "data"
+        self.properties = {
+            "http.port": 0,
+            "https.port": 0,
+            "listen.address": "127.0.0.1",
+            "data.folder": self.data_folder,
+            "db.url": db_url,
+            "admin.email": ADMIN_EMAIL,
+            "admin.pass": ADMIN_PASS,
+            "hard.socket.idle.timeout": 3,
+            "shutdown.grace.seconds": 1,
+            **extra,
+        }
+        self.config_file = folder / f"server-{uuid.uuid4().hex[:6]}.properties"
+        self.log_file = folder / "server.log"
+        self.process: subprocess.Popen | None = None
+        self.http_port = self.https_port = 0
+
+    # --- life cycle ---------------------------------------------------------------
+
+    def start(self, timeout: float = 30) -> "ServerProcess":
+        write_properties(self.config_file, self.properties)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BLYNKOTA_")}
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        log = open(self.log_file, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "wsgi.py", "-serverConfig", str(self.config_file)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ports = dict(_LISTENING.findall(self.log_file.read_text()[offset:]))
+            if len(ports) == 2:
+                self.http_port = int(ports["devices"])
+                self.https_port = int(ports["the admin API"])
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log()}")
+            gevent.sleep(0.05)
+        raise RuntimeError(f"server did not start in {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log(self) -> str:
+        return self.log_file.read_text() if self.log_file.exists() else ""
+
+    # --- clients --------------------------------------------------------------------
+
+    def admin(
+        self,
+        method: str,
+        path: str,
+        *,
+        files: dict[str, tuple[str, bytes]] | None = None,
+        auth: tuple[str, str] | None = (ADMIN_EMAIL, ADMIN_PASS),
+        secure: bool = True,
+    ) -> HttpAnswer:
+        """One request on the admin port (HTTPS, certificate not checked: it is self-signed)."""
+        headers = {}
+        body = None
+        if auth is not None:
+            headers["Authorization"] = "Basic " + base64.b64encode(
+                f"{auth[0]}:{auth[1]}".encode()
+            ).decode("ascii")
+        if files:
+            boundary = uuid.uuid4().hex
+            parts = []
+            for field, (filename, data) in files.items():
+                parts.append(
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+                    f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+                    .encode()
+                    + data
+                    + b"\r\n"
+                )
+            body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+            headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
+        if secure:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            connection = http.client.HTTPSConnection(
+                "127.0.0.1", self.https_port, context=context, timeout=30
+            )
+        else:
+            connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            return HttpAnswer(
+                response.status, response.read(), {k.lower(): v for k, v in response.getheaders()}
+            )
+        finally:
+            connection.close()
+
+    def upload(self, path: str, image: bytes, filename: str = "fw.bin") -> HttpAnswer:
+        return self.admin("POST", path, files={"file": (filename, image)})
+
+    def curl(self, *arguments: str) -> subprocess.CompletedProcess:
+        """The real curl binary, as the Blynk docs use it."""
+        return subprocess.run(
+            ["curl", "-sS", *arguments], capture_output=True, text=True, timeout=60
+        )
+
+    @property
+    def admin_url(self) -> str:
+        return f"https://localhost:{self.https_port}"
+
+    @property
+    def credentials(self) -> str:
+        return f"{ADMIN_EMAIL}:{ADMIN_PASS}"
+
+
+def wait_until(predicate, timeout: float = 15, message: str = "condition") -> None:
+    """Poll `predicate` cooperatively (simulated devices keep running) until true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        gevent.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")

@@ -1,0 +1,265 @@
+"""The device port against a real server: SPEC §2 on the wire, bad input, timeouts."""
+
+import socket
+import threading
+import time
+
+import pytest
+import sqlalchemy
+
+from blynkota.protocol import (
+    Command,
+    Response,
+    Status,
+    encode_frame,
+    encode_info,
+    encode_login,
+    encode_ping,
+)
+
+from .devices import BUILD_OLD, TOKEN, RawDevice
+
+
+@pytest.fixture
+def device_server(server, fleet):
+    fleet.add_device("owner@example.com", "Farm", name="pump", token=TOKEN)
+    return server
+
+
+def device_row(app, token=TOKEN):
+    with app.extensions["blynkota.db"].engine.connect() as connection:
+        return (
+            connection.execute(
+                sqlalchemy.text("SELECT * FROM devices WHERE token = :token"), {"token": token}
+            )
+            .mappings()
+            .one()
+        )
+
+
+def assert_still_serving(server):
+    device = RawDevice(server.http_port)
+    try:
+        assert device.log_in() == (Response(1, Status.OK), Response(2, Status.OK))
+    finally:
+        device.close()
+
+
+def test_login_info_and_ping_are_answered_and_the_report_is_recorded(device_server, app):
+    device = RawDevice(device_server.http_port)
+    device.send(encode_login(TOKEN, 1))
+    assert device.event() == Response(1, Status.OK)
+    info = {
+        "ver": "0.6.1",
+        "h-beat": "10",
+        "buff-in": "1024",
+        "dev": "ESP32",
+        "cpu": "240",
+        "fw": "1.0.1",
+        "build": BUILD_OLD,
+        "tmpl": "TMPL1234",
+    }
+    device.send(encode_info(info, 2))
+    assert device.event() == Response(2, Status.OK)
+    device.send(encode_ping(3))
+    assert device.event() == Response(3, Status.OK)
+
+    row = device_row(app)
+    assert (row["lib_version"], row["fw_version"], row["build"], row["hardware"]) == (
+        "0.6.1",
+        "1.0.1",
+        BUILD_OLD,
+        "ESP32",
+    )
+    assert (row["heartbeat"], row["buff_in"], row["template_id"]) == (10, 1024, "TMPL1234")
+    assert row["last_address"] == "127.0.0.1"
+    assert row["last_seen_at"] is not None and row["online_since"] is not None
+    device.close()
+    # Disconnect is recorded too.
+    deadline = time.monotonic() + 10
+    while device_row(app)["online_since"] is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert device_row(app)["online_since"] is None
+
+
+def test_old_clients_login_command_is_accepted(device_server):
+    device = RawDevice(device_server.http_port)
+    device.send(encode_login(TOKEN, 1, legacy=True))
+    assert device.event() == Response(1, Status.OK)
+
+
+@pytest.mark.parametrize(
+    "login",
+    [
+        encode_login("ffffffffffffffffffffffffffffffff", 1),  # unknown
+        encode_frame(Command.HW_LOGIN, 1, b"not a token!"),  # malformed
+    ],
+)
+def test_bad_token_gets_invalid_token_then_close(device_server, login):
+    device = RawDevice(device_server.http_port)
+    device.send(login)
+    assert device.event() == Response(1, Status.INVALID_TOKEN)
+    assert device.event() is None
+
+
+def test_anything_before_login_closes_the_connection(device_server):
+    device = RawDevice(device_server.http_port)
+    device.send(encode_ping(1))
+    assert device.event() is None
+    garbage = RawDevice(device_server.http_port)
+    garbage.send(b"\x01\x02\x03\x04\x05\x06garbage")
+    assert garbage.closed_within(5)
+    assert_still_serving(device_server)
+
+
+def test_second_login_gets_already_registered_and_a_flood_is_closed(device_server):
+    device = RawDevice(device_server.http_port)
+    device.log_in()
+    device.send(encode_login(TOKEN, 3))
+    assert device.event() == Response(3, Status.ALREADY_REGISTERED)
+    for msg_id in range(4, 10):
+        device.send(encode_login(TOKEN, msg_id))
+    assert device.closed_within(5)
+    assert_still_serving(device_server)
+
+
+def test_oversized_length_field_closes_only_that_connection(device_server):
+    device = RawDevice(device_server.http_port)
+    device.log_in()
+    device.send(bytes([Command.HARDWARE, 0, 3, 0xFF, 0xFF]) + b"x" * 100)
+    assert device.closed_within(5)
+    assert_still_serving(device_server)
+
+
+def test_unknown_command_gets_illegal_command_then_close(device_server):
+    device = RawDevice(device_server.http_port)
+    device.log_in()
+    device.send(encode_frame(50, 3))
+    assert device.event() == Response(3, Status.ILLEGAL_COMMAND)
+    assert device.event() is None
+
+
+def test_command_type_100_or_more_closes(device_server):
+    device = RawDevice(device_server.http_port)
+    device.log_in()
+    device.send(encode_frame(120, 3, b"x"))
+    assert device.closed_within(5)
+
+
+def test_known_unhandled_commands_are_ignored(device_server):
+    device = RawDevice(device_server.http_port)
+    device.log_in()
+    device.send(encode_frame(Command.HARDWARE, 3, b"vw\x001\x0042"))
+    device.send(encode_frame(Command.PROPERTY, 4, b"1\x00color\x00#FF0000"))
+    device.send(encode_ping(5))
+    assert device.event() == Response(5, Status.OK)  # nothing answered to 3 and 4
+
+
+def test_half_sent_frame_is_closed_after_the_heartbeat_timeout(device_server):
+    device = RawDevice(device_server.http_port)
+    device.log_in(**{"h-beat": "1"})  # closed after ceil(1 x 2.3) = 3 s of silence
+    device.send(encode_ping(3)[:2])
+    assert not device.closed_within(1.5)
+    assert device.closed_within(10)
+
+
+def test_silent_device_is_closed_and_a_pinging_one_is_not(device_server, fleet):
+    fleet.add_device("owner@example.com", "Farm", token="a" * 32)
+    silent, pinging = RawDevice(device_server.http_port), RawDevice(device_server.http_port)
+    silent.log_in(**{"h-beat": "1"})
+    pinging.log_in(token="a" * 32, **{"h-beat": "1"})
+    started = time.monotonic()
+    for msg_id in range(3, 100):
+        pinging.send(encode_ping(msg_id))
+        assert pinging.event() == Response(msg_id, Status.OK)
+        if silent.closed_within(0.5):
+            break
+    assert 2 <= time.monotonic() - started < 10
+    pinging.send(encode_ping(200))
+    assert pinging.event() == Response(200, Status.OK)
+
+
+def test_connection_that_never_logs_in_is_closed(device_server):
+    device = RawDevice(device_server.http_port)  # hard.socket.idle.timeout=3 in tests
+    assert device.closed_within(10)
+
+
+def test_a_second_connection_with_the_same_token_replaces_the_first(device_server, app):
+    first = RawDevice(device_server.http_port)
+    first.log_in()
+    second = RawDevice(device_server.http_port)
+    assert second.log_in() == (Response(1, Status.OK), Response(2, Status.OK))
+    assert first.closed_within(5)
+    second.send(encode_ping(3))
+    assert second.event() == Response(3, Status.OK)
+    time.sleep(0.3)
+    assert device_row(app)["online_since"] is not None  # the old close did not mark it offline
+
+
+def test_a_device_that_never_reads_is_disconnected(device_server):
+    device = RawDevice(device_server.http_port)
+    device.log_in()
+    device.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    device.sock.setblocking(False)
+    pings = b"".join(encode_ping(i % 60000 + 1) for i in range(20000))
+    deadline = time.monotonic() + 40
+    closed = False
+    while time.monotonic() < deadline and not closed:
+        try:
+            device.sock.send(pings)
+        except BlockingIOError:
+            time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+    assert closed, "the server kept a connection that never reads"
+    assert "does not read" in device_server.log()
+    assert_still_serving(device_server)
+
+
+def test_pings_do_not_touch_the_database(device_server, app, db_url):
+    device = RawDevice(device_server.http_port)
+    device.log_in()
+    # The info message is recorded after its answer: let that write land first.
+    deadline = time.monotonic() + 10
+    while device_row(app)["build"] != BUILD_OLD and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine = app.extensions["blynkota.db"].engine
+    with engine.connect() as connection:
+        if db_url.startswith("mysql"):
+            # Nobody else can read or write these tables until the lock is released.
+            connection.execute(sqlalchemy.text("LOCK TABLES devices WRITE, users WRITE"))
+        else:
+            # SQLite in WAL mode lets readers through, but nobody else can write.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        for msg_id in range(3, 23):
+            device.send(encode_ping(msg_id))
+            assert device.event(timeout=3) == Response(msg_id, Status.OK)
+        assert time.monotonic() - started < 10
+        if db_url.startswith("mysql"):
+            connection.execute(sqlalchemy.text("UNLOCK TABLES"))
+        else:
+            connection.exec_driver_sql("ROLLBACK")
+
+
+def test_many_bad_clients_at_once_leave_the_server_serving(device_server):
+    def bad_client(kind: int) -> None:
+        device = RawDevice(device_server.http_port)
+        try:
+            if kind == 0:
+                device.send(b"\xff" * 64)
+            elif kind == 1:
+                device.send(encode_login("f" * 32, 1))
+            else:
+                device.send(bytes([Command.HW_LOGIN, 0, 1]))  # half a header
+            device.closed_within(6)
+        finally:
+            device.close()
+
+    threads = [threading.Thread(target=bad_client, args=(i % 3,)) for i in range(60)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert_still_serving(device_server)
+    assert "Traceback" not in device_server.log()

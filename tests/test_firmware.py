@@ -1,0 +1,97 @@
+"""Firmware parsing: the build tag as the Blynk server reads it, image checks by esptool."""
+
+import hashlib
+
+import pytest
+
+from blynkota.ota import (
+    FirmwareRejected,
+    FirmwareStore,
+    ImageReport,
+    inspect_firmware,
+    read_build,
+)
+
+from .images import esp8266_image, esp32_image
+
+
+def test_build_is_the_text_after_the_first_build_tag():
+    data = b"xx\0build\0Nov 29 2018 12:00:00\0\0more\0build\0Jan  1 2000 00:00:00\0"
+    assert read_build(data) == "Nov 29 2018 12:00:00"
+
+
+def test_no_build_tag_means_no_build():
+    assert read_build(b"\xe9\x01 nothing here") is None
+    assert read_build(b"\0build\0\0") is None
+
+
+def test_own_esp8266_and_esp32_images_pass_and_report_chip_and_build():
+    report = inspect_firmware(esp8266_image("Nov 29 2018 12:00:00"), validate_image=True)
+    assert report == _report("esp8266", "Nov 29 2018 12:00:00")
+    report = inspect_firmware(esp32_image("May  8 2018 19:30:18"), validate_image=True)
+    assert (report.chip, report.build) == ("esp32", "May  8 2018 19:30:18")
+
+
+def _report(chip, build):
+    return ImageReport(chip=chip, build=build)
+
+
+@pytest.mark.parametrize(
+    ("name", "chip", "build"),
+    [
+        ("esp8266-nodemcu-blynk-0.4.8.bin", "esp8266", "Aug 14 2017 20:31:49"),
+        ("esp32-blynk-0.5.2.bin", "esp32", "May  8 2018 19:30:18"),
+    ],
+)
+def test_real_firmware_files(shared_dir, name, chip, build):
+    data = (shared_dir / "fixtures" / "firmware" / name).read_bytes()
+    assert inspect_firmware(data, validate_image=True) == _report(chip, build)
+
+
+def test_wrong_magic_is_refused_with_the_reason():
+    with pytest.raises(FirmwareRejected, match="starts with byte 0x50, not 0xE9"):
+        inspect_firmware(b"PK\x03\x04 a zip file", validate_image=True)
+
+
+def test_a_flipped_byte_fails_the_checksum():
+    image = bytearray(esp8266_image("Nov 29 2018 12:00:00"))
+    image[200] ^= 0x01
+    with pytest.raises(FirmwareRejected, match="checksum"):
+        inspect_firmware(bytes(image), validate_image=True)
+
+
+def test_a_flipped_esp32_digest_byte_fails_the_sha256_check():
+    image = bytearray(esp32_image("Nov 29 2018 12:00:00"))
+    image[-1] ^= 0x01
+    with pytest.raises(FirmwareRejected, match="SHA-256"):
+        inspect_firmware(bytes(image), validate_image=True)
+
+
+def test_a_truncated_image_is_refused():
+    with pytest.raises(FirmwareRejected, match="damaged"):
+        inspect_firmware(esp8266_image("Nov 29 2018 12:00:00")[:100], validate_image=True)
+
+
+def test_empty_file_is_refused_even_without_validation():
+    with pytest.raises(FirmwareRejected, match="empty"):
+        inspect_firmware(b"", validate_image=False)
+
+
+def test_raw_files_pass_when_validation_is_off():
+    report = inspect_firmware(b"raw\0build\0Nov 29 2018 12:00:00\0", validate_image=False)
+    assert (report.chip, report.build) == (None, "Nov 29 2018 12:00:00")
+
+
+def test_store_writes_under_unguessable_names_and_leaves_no_temporary_file(tmp_path):
+    store = FirmwareStore(tmp_path / "ota")
+    first, second = store.save(b"\xe9abc"), store.save(b"\xe9abc")
+    assert first.name != second.name
+    assert len(first.name) * 4 >= 64  # hex digits of randomness
+    assert store.path(first.name).read_bytes() == b"\xe9abc"
+    assert first.md5 == hashlib.md5(b"\xe9abc").hexdigest()
+    assert first.sha256 == hashlib.sha256(b"\xe9abc").hexdigest()
+    assert sorted(p.name for p in (tmp_path / "ota").iterdir()) == sorted(
+        [f"{first.name}.bin", f"{second.name}.bin"]
+    )
+    with pytest.raises(ValueError):
+        store.path("../../etc/passwd")
