@@ -10,6 +10,7 @@ import os
 import uuid
 from pathlib import Path
 
+import gevent
 import pytest
 import sqlalchemy
 
@@ -19,9 +20,7 @@ from blynkota.store import upgrade
 from .servers import ServerProcess
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
-MYSQL_SERVER_URL = os.environ.get(
-    "BLYNKOTA_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/"
-)
+MYSQL_SERVER_URL = os.environ.get("BLYNKOTA_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/")
 
 
 @pytest.fixture
@@ -96,3 +95,21 @@ def server_factory(db_url, tmp_path):
 def server(server_factory, app):
     """A running server on the same database as `app` (whose fleet tests provision)."""
     return server_factory()
+
+
+@pytest.fixture
+def simulated(server):
+    """Start simulated devices against `server`; all are stopped in teardown."""
+    from blynkota.simulator import SimulatedDevice
+
+    running = []
+
+    def start(token: str, build: str | None, **options) -> SimulatedDevice:
+        device = SimulatedDevice("127.0.0.1", server.http_port, token, build, **options)
+        running.append((device, device.start()))
+        return device
+
+    yield start
+    for device, _ in running:
+        device.stop()
+    gevent.joinall([greenlet for _, greenlet in running], timeout=10)

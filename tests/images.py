@@ -7,7 +7,7 @@ server can read its build, and is a valid ESP8266 or ESP32 application image.
 import tempfile
 from pathlib import Path
 
-from esptool.bin_image import ESP8266ROMFirmwareImage, ESP32FirmwareImage, ImageSegment
+from esptool.bin_image import ESP32FirmwareImage, ESP8266ROMFirmwareImage, ImageSegment
 
 __all__ = ["blynk_info_block", "esp8266_image", "esp32_image"]
 

@@ -73,15 +73,14 @@ class ServerProcess:
         write_properties(self.config_file, self.properties)
         env = {k: v for k, v in os.environ.items() if not k.startswith("BLYNKOTA_")}
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
-        log = open(self.log_file, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "wsgi.py", "-serverConfig", str(self.config_file)],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        log.close()
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "wsgi.py", "-serverConfig", str(self.config_file)],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ports = dict(_LISTENING.findall(self.log_file.read_text()[offset:]))
@@ -134,13 +133,11 @@ class ServerProcess:
             boundary = uuid.uuid4().hex
             parts = []
             for field, (filename, data) in files.items():
-                parts.append(
+                head = (
                     f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
                     f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
-                    .encode()
-                    + data
-                    + b"\r\n"
                 )
+                parts.append(head.encode() + data + b"\r\n")
             body = b"".join(parts) + f"--{boundary}--\r\n".encode()
             headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
         if secure:

@@ -12,7 +12,7 @@ from blynkota.ota import (
     read_build,
 )
 
-from .images import esp8266_image, esp32_image
+from .images import esp32_image, esp8266_image
 
 
 def test_build_is_the_text_after_the_first_build_tag():

@@ -57,7 +57,10 @@ def test_ping_round_trip_matches_the_spec():
 
 
 def test_info_message_words_and_fields():
-    body = b"ver\x000.6.1\x00h-beat\x0010\x00buff-in\x00256\x00dev\x00ESP8266\x00build\x00Nov 29 2018 12:00:00\x00"
+    body = (
+        b"ver\x000.6.1\x00h-beat\x0010\x00buff-in\x00256\x00dev\x00ESP8266\x00"
+        b"build\x00Nov 29 2018 12:00:00\x00"
+    )
     frame = bytes([Command.INTERNAL, 0, 2, 0, len(body)]) + body
     (event,) = events(frame)
     assert isinstance(event, Internal) and event.is_info

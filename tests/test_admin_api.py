@@ -1,0 +1,324 @@
+"""The admin API over real HTTPS: the Blynk docs' curl commands, answers, access rules."""
+
+import hashlib
+import json
+import ssl
+
+import gevent
+import pytest
+import sqlalchemy
+
+from blynkota.protocol import Internal
+from blynkota.tls import ensure_certificate
+
+from .devices import BUILD_NEW, BUILD_OLD, TOKEN
+from .images import esp32_image, esp8266_image
+from .servers import ADMIN_EMAIL, ServerProcess, wait_until
+
+
+def rows(app, sql: str, **params):
+    with app.extensions["blynkota.db"].engine.connect() as connection:
+        return connection.execute(sqlalchemy.text(sql), params).mappings().all()
+
+
+@pytest.fixture
+def pump(fleet):
+    fleet.add_device("owner@example.com", "Farm", name="pump", token=TOKEN)
+    return TOKEN
+
+
+def test_documented_curl_updates_an_online_device_at_once(server, simulated, pump, tmp_path, app):
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(esp8266_image(BUILD_NEW))
+    device = simulated(pump, BUILD_OLD)
+    wait_until(device.ready.is_set, message="the device to log in")
+
+    answer = server.curl(
+        "-v",
+        "-F",
+        f"file=@{firmware}",
+        "--insecure",
+        "-u",
+        server.credentials,
+        f"{server.admin_url}/admin/ota/start?token={pump}",
+    )
+    assert answer.returncode == 0, answer.stderr
+    assert "< HTTP/1.1 200" in answer.stderr
+    path = answer.stdout
+    assert path.startswith("/static/ota/") and path.endswith(".bin")
+
+    wait_until(lambda: device.downloads, message="the download")
+    assert device.ota_urls == [f"http://127.0.0.1:{server.http_port}{path}"]
+    assert device.downloads[0].ok, device.downloads[0].error
+    wait_until(lambda: device.logins == 2 and device.ready.is_set(), message="the reboot")
+    assert device.build == BUILD_NEW
+    (command,) = rows(app, "SELECT * FROM ota_commands")
+    assert command["url"] == device.ota_urls[0]
+    # The ota frame came only after the info message was answered.
+    first_ota = next(i for i, f in enumerate(device.frames) if isinstance(f, Internal))
+    assert first_ota > 0
+
+
+def test_single_device_answers_for_offline_and_unknown_tokens(server, pump, tmp_path):
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(esp8266_image(BUILD_NEW))
+    for token, expected in [(pump, "No device in session."), ("f" * 32, "Invalid token.")]:
+        answer = server.curl(
+            "-w",
+            "\n%{http_code}",
+            "-F",
+            f"file=@{firmware}",
+            "--insecure",
+            "-u",
+            server.credentials,
+            f"{server.admin_url}/admin/ota/start?token={token}",
+        )
+        assert answer.stdout.splitlines() == [expected, "400"]
+
+
+def test_campaign_reaches_devices_at_their_next_login_only_where_the_build_differs(
+    server, simulated, fleet, tmp_path
+):
+    tokens = {name: fleet.add_device("owner@example.com", "Farm", name=name) for name in "abcd"}
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(esp8266_image(BUILD_NEW))
+    answer = server.curl(
+        "-F", f"file=@{firmware}", "--insecure", "-u", server.credentials,
+        f"{server.admin_url}/admin/ota/start",
+    )  # fmt: skip
+    assert answer.stdout.startswith("/static/ota/")
+
+    old = simulated(tokens["a"], BUILD_OLD)
+    current = simulated(tokens["b"], BUILD_NEW)
+    no_build = simulated(tokens["c"], None)
+    wait_until(lambda: old.build == BUILD_NEW, message="the old device to update")
+    wait_until(lambda: current.ready.is_set() and no_build.ready.is_set())
+    gevent_pause()
+    assert current.ota_urls == [] and no_build.ota_urls == []
+    assert len(old.ota_urls) == 1  # after its update it is left alone
+
+
+def gevent_pause(seconds: float = 0.5) -> None:
+    """Let simulated devices run for a moment, to see that nothing more arrives."""
+    gevent.sleep(seconds)
+
+
+def test_online_devices_are_not_interrupted_by_a_campaign(server, simulated, pump, tmp_path):
+    device = simulated(pump, BUILD_OLD)
+    wait_until(device.ready.is_set)
+    assert server.upload("/admin/ota/start", esp8266_image(BUILD_NEW)).status == 200
+    gevent_pause()
+    assert device.ota_urls == []  # Blynk semantics: offered at the next login
+
+
+def test_user_and_project_campaigns_target_only_their_devices(server, simulated, fleet):
+    mine_farm = fleet.add_device("me@example.com", "Farm")
+    mine_home = fleet.add_device("me@example.com", "Home")
+    theirs = fleet.add_device("them@example.com", "Farm")
+    image = esp8266_image(BUILD_NEW)
+
+    assert server.upload("/admin/ota/start?user=nobody@example.com", image).text == (
+        "Requested user not found."
+    )
+    assert server.upload("/admin/ota/start?user=me@example.com&project=Nope", image).status == 400
+    # Project by name, case-insensitive.
+    answer = server.upload("/admin/ota/start?user=me@example.com&project=fARM", image)
+    assert answer.status == 200, answer.text
+
+    devices = {t: simulated(t, BUILD_OLD) for t in (mine_farm, mine_home, theirs)}
+    wait_until(lambda: all(d.ready.is_set() for d in devices.values()))
+    wait_until(lambda: devices[mine_farm].build == BUILD_NEW, message="the farm device")
+    gevent_pause()
+    assert devices[mine_home].ota_urls == [] and devices[theirs].ota_urls == []
+
+
+def test_project_by_dashboard_id_and_user_campaign(server, simulated, fleet, app):
+    farm = fleet.add_device("me@example.com", "Farm")
+    home = fleet.add_device("me@example.com", "Home")
+    other = fleet.add_device("them@example.com", "Farm")
+    (home_project,) = rows(app, "SELECT dash_id FROM projects WHERE name = 'Home'")
+    image = esp8266_image(BUILD_NEW)
+    path = f"/admin/ota/start?user=me@example.com&project={home_project['dash_id']}"
+    assert server.upload(path, image).status == 200
+    assert (
+        server.upload("/admin/ota/start?user=ME@example.com", esp32_image(BUILD_NEW)).status == 200
+    )
+    scopes = rows(app, "SELECT scope, state FROM rollouts ORDER BY id")
+    assert [tuple(r.values()) for r in scopes] == [("project", "active"), ("user", "active")]
+    devices = {t: simulated(t, BUILD_OLD) for t in (farm, home, other)}
+    wait_until(lambda: devices[home].downloads and devices[farm].downloads)
+    gevent_pause()
+    assert devices[other].ota_urls == []
+    # The project rollout is more specific than the user one.
+    names = {r["name"]: r["chip"] for r in rows(app, "SELECT name, chip FROM firmware")}
+    home_name = devices[home].ota_urls[0].rsplit("/", 1)[1].removesuffix(".bin")
+    farm_name = devices[farm].ota_urls[0].rsplit("/", 1)[1].removesuffix(".bin")
+    assert (names[home_name], names[farm_name]) == ("esp8266", "esp32")
+
+
+def test_resend_an_uploaded_file_with_get(server, simulated, pump, app):
+    other = simulated(pump, BUILD_OLD, fail="refuse")
+    wait_until(other.ready.is_set)
+    path = server.upload("/admin/ota/start", esp8266_image(BUILD_NEW)).text
+    name = path.rsplit("/", 1)[1]
+    answer = server.admin("GET", f"/admin/ota/start?fileName={name}&token={pump}")
+    assert (answer.status, answer.text) == (200, path)
+    wait_until(lambda: other.ota_urls, message="the re-sent ota")
+    assert other.ota_urls[0].endswith(path)
+    missing = server.admin("GET", f"/admin/ota/start?fileName=nothere.bin&token={pump}")
+    assert (missing.status, missing.text) == (400, "Requested file not found.")
+    assert server.admin("GET", "/admin/ota/start").status == 400
+
+
+def test_stop_ends_every_pending_rollout_and_records_who(server, simulated, pump, app):
+    assert server.upload("/admin/ota/start", esp8266_image(BUILD_NEW)).status == 200
+    assert server.upload("/admin/ota/start?user=owner@example.com", esp8266_image(BUILD_NEW))
+    answer = server.admin("GET", "/admin/ota/stop")
+    assert (answer.status, answer.text) == (200, "Stopped 2 rollout(s).")
+    assert server.admin("POST", "/admin/ota/stop").text == "Stopped 0 rollout(s)."
+    stopped = rows(app, "SELECT state, stopped_by, stopped_at FROM rollouts")
+    assert {(r["state"], r["stopped_by"]) for r in stopped} == {("stopped", ADMIN_EMAIL)}
+    assert all(r["stopped_at"] is not None for r in stopped)
+    device = simulated(pump, BUILD_OLD)
+    wait_until(device.ready.is_set)
+    gevent_pause()
+    assert device.ota_urls == []
+
+
+def test_campaign_without_build_tag_is_refused_but_a_single_device_upload_is_not(
+    server, simulated, pump
+):
+    image = esp8266_image(None)
+    answer = server.upload("/admin/ota/start", image)
+    assert answer.status == 400 and "no build date" in answer.text
+    device = simulated(pump, BUILD_OLD)
+    wait_until(device.ready.is_set)
+    answer = server.upload(f"/admin/ota/start?token={pump}", image)
+    assert answer.status == 200
+    wait_until(lambda: device.downloads)
+    assert device.downloads[0].ok
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"PK\x03\x04 not firmware", "not 0xE9"),
+        (esp8266_image(BUILD_NEW)[:200], "damaged"),
+        (b"", "empty"),
+    ],
+)
+def test_bad_images_are_refused_with_the_problem_named(server, data, reason):
+    answer = server.upload("/admin/ota/start", data)
+    assert answer.status == 400 and reason in answer.text
+    assert "\n" not in answer.text.strip()
+
+
+def test_no_file_in_the_request(server):
+    answer = server.admin("POST", "/admin/ota/start")
+    assert answer.status == 400 and "curl -F file=@" in answer.text
+
+
+def test_any_form_field_name_carries_the_file(server):
+    answer = server.admin(
+        "POST", "/admin/ota/start", files={"upfile": ("x.bin", esp8266_image(BUILD_NEW))}
+    )
+    assert answer.status == 200
+
+
+def test_raw_files_are_accepted_when_validation_is_off(server_factory, app):
+    server = server_factory(**{"ota.validate.image": "false"})
+    answer = server.upload("/admin/ota/start", b"raw\0build\0" + BUILD_NEW.encode() + b"\0")
+    assert answer.status == 200, answer.text
+
+
+def test_uploads_above_the_size_limit_get_413(server_factory, app):
+    server = server_factory(**{"ota.max.size": 10000})
+    answer = server.upload("/admin/ota/start", esp8266_image(BUILD_NEW, size=20000))
+    assert answer.status == 413
+    huge = server.upload("/admin/ota/start", esp8266_image(BUILD_NEW, size=200_000))
+    assert huge.status == 413
+    assert server.upload("/admin/ota/start", esp8266_image(BUILD_NEW, size=4000)).status == 200
+
+
+def test_stored_file_and_its_record(server, app):
+    image = esp8266_image(BUILD_NEW)
+    path = server.upload("/admin/ota/start", image, filename="my-sketch.ino.bin").text
+    name = path.rsplit("/", 1)[1].removesuffix(".bin")
+    assert len(name) >= 16 and int(name, 16) >= 0  # >= 64 random bits, hex
+    (record,) = rows(app, "SELECT * FROM firmware")
+    assert record["name"] == name
+    assert (record["original_name"], record["size"], record["build"], record["chip"]) == (
+        "my-sketch.ino.bin",
+        len(image),
+        BUILD_NEW,
+        "esp8266",
+    )
+    assert record["md5"] == hashlib.md5(image).hexdigest()
+    assert record["sha256"] == hashlib.sha256(image).hexdigest()
+    assert record["uploaded_by"] == ADMIN_EMAIL and record["uploaded_at"] is not None
+    stored = server.data_folder / "ota" / f"{name}.bin"
+    assert stored.read_bytes() == image
+    assert [p.name for p in stored.parent.iterdir()] == [stored.name]  # no temporary left
+
+
+def test_admin_routes_are_https_only_and_never_ask_for_a_password_in_clear(server):
+    answer = server.admin("GET", "/admin/ota/stop", secure=False)
+    assert answer.status == 403 and "https" in answer.text
+    assert "www-authenticate" not in answer.headers
+
+
+def test_missing_and_wrong_credentials(server):
+    missing = server.admin("GET", "/admin/devices", auth=None)
+    assert missing.status == 401 and missing.headers["www-authenticate"].startswith("Basic")
+    wrong = server.admin("GET", "/admin/devices", auth=(ADMIN_EMAIL, "nope"))
+    assert (wrong.status, wrong.text) == (403, "Authentication failed.\n")
+    stranger = server.admin("GET", "/admin/devices", auth=("x@example.com", "y"))
+    assert stranger.status == 403
+
+
+def test_allowed_administrator_ips_is_honoured(server_factory, app):
+    server = server_factory(**{"allowed.administrator.ips": "10.0.0.0/8"})
+    answer = server.admin("GET", "/admin/devices")
+    assert answer.status == 403 and "allowed.administrator.ips" in answer.text
+    server.stop()
+    allowed = server_factory(**{"allowed.administrator.ips": "10.0.0.0/8,127.0.0.0/8"})
+    assert allowed.admin("GET", "/admin/devices").status == 200
+
+
+def test_devices_and_firmware_json(server, simulated, pump):
+    device = simulated(pump, BUILD_OLD, fw="1.0.0")
+    wait_until(device.ready.is_set)
+    server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
+    (listed,) = server.admin("GET", "/admin/devices").json()
+    assert {key: listed[key] for key in ("token", "user", "project", "build", "online")} == {
+        "token": pump,
+        "user": "owner@example.com",
+        "project": "Farm",
+        "build": BUILD_OLD,
+        "online": True,
+    }
+    (firmware,) = server.admin("GET", "/admin/firmware").json()
+    assert firmware["build"] == BUILD_NEW and firmware["path"].startswith("/static/ota/")
+    json.dumps(firmware)  # plain JSON types only
+
+
+def test_configured_tls_certificate_is_served(server_factory, tmp_path, app):
+    cert, key = tmp_path / "mine" / "cert.pem", tmp_path / "mine" / "key.pem"
+    ensure_certificate(cert, key)
+    server = server_factory(**{"server.ssl.cert": cert, "server.ssl.key": key})
+    served = ssl.get_server_certificate(("127.0.0.1", server.https_port))
+    assert ssl.PEM_cert_to_DER_cert(served) == ssl.PEM_cert_to_DER_cert(cert.read_text())
+    assert not (server.data_folder / "tls").exists()
+
+
+def test_default_password_warning_only_while_it_is_in_use(tmp_path, db_url, app):
+    default = ServerProcess(tmp_path / "a", db_url, **{"admin.pass": "admin"})
+    (tmp_path / "a").mkdir()
+    default.start()
+    default.stop()
+    assert "default password" in default.log()
+    custom = ServerProcess(tmp_path / "b", db_url)
+    (tmp_path / "b").mkdir()
+    custom.start()
+    custom.stop()
+    assert "default password" not in custom.log()
