@@ -4,6 +4,7 @@ from pathlib import Path
 
 import click
 from flask import Flask, current_app
+from flask.cli import AppGroup, with_appcontext
 
 from .ota import BlynkDataError, ProvisioningError, read_blynk_folder
 from .store import upgrade
@@ -17,7 +18,7 @@ def _fleet():
     return current_app.extensions["blynkota.fleet"]
 
 
-@click.group("devices", help="Provision and list devices.")
+@click.group("devices", cls=AppGroup, help="Provision and list devices.")
 def devices() -> None:
     pass
 
@@ -51,6 +52,7 @@ def list_devices() -> None:
 
 @click.command("import-blynk")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@with_appcontext
 def import_blynk(data_dir: Path) -> None:
     """Import users, projects and device tokens from a Blynk server's data folder."""
     try:

@@ -1,0 +1,113 @@
+"""Firmware downloads on the plain HTTP port, as tiny device updaters fetch them (SPEC §4)."""
+
+import hashlib
+import re
+import socket
+
+import pytest
+
+from .devices import BUILD_NEW
+from .images import esp8266_image
+
+ESP8266_HEADERS = (
+    "User-Agent: ESP8266-http-Update\r\n"
+    "x-ESP8266-STA-MAC: 5C:CF:7F:00:00:01\r\n"
+    "x-ESP8266-free-space: 2781184\r\n"
+    "x-ESP8266-sketch-size: 301792\r\n"
+    "x-ESP8266-sketch-md5: 00000000000000000000000000000000\r\n"
+    "x-ESP8266-chip-size: 4194304\r\n"
+    "x-ESP8266-sdk-version: 2.2.1\r\n"
+    "x-ESP8266-mode: sketch\r\n"
+    "x-ESP8266-version: 1\r\n"
+)
+ESP32_HEADERS = (
+    "User-Agent: ESP32-http-Update\r\n"
+    "x-ESP32-STA-MAC: 24:0A:C4:00:00:01\r\n"
+    "x-ESP32-free-space: 1310720\r\n"
+    "x-ESP32-sketch-size: 767808\r\n"
+    "x-ESP32-chip-size: 4194304\r\n"
+    "x-ESP32-mode: sketch\r\n"
+)
+
+
+def raw_get(port: int, request: str) -> tuple[bytes, bytes, bytes]:
+    """Send `request`; return (the first chunk received, head, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request.encode("latin-1"))
+        first = sock.recv(65536)
+        data = first
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return first, head, body
+
+
+def headers_of(head: bytes) -> dict[str, str]:
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    return {
+        name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)
+    }
+
+
+@pytest.fixture
+def uploaded(server):
+    image = esp8266_image(BUILD_NEW, size=50_000)
+    path = server.upload("/admin/ota/start", image).text
+    return path, image
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.0", "HTTP/1.1"])
+@pytest.mark.parametrize("updater", [ESP8266_HEADERS, ESP32_HEADERS, ""])
+def test_download_gives_exactly_what_updaters_need(server, uploaded, version, updater):
+    path, image = uploaded
+    connection = "Connection: close\r\n" if version == "HTTP/1.1" else ""
+    first, head, body = raw_get(
+        server.http_port, f"GET {path} {version}\r\nHost: x\r\n{updater}{connection}\r\n"
+    )
+    assert head.startswith(b"HTTP/1.1 200 ")
+    headers = headers_of(head)
+    assert headers["content-type"] == "application/octet-stream"
+    assert int(headers["content-length"]) == len(image) > 0
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["x-md5"])
+    assert headers["x-md5"] == hashlib.md5(image).hexdigest()
+    assert "transfer-encoding" not in headers and "content-encoding" not in headers
+    assert body == image
+    # The status line and every header came together, ahead of the body.
+    assert b"\r\n\r\n" in first
+
+
+def test_range_requests_resume_a_download(server, uploaded):
+    path, image = uploaded
+    _, head, body = raw_get(
+        server.http_port,
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=1000-\r\nConnection: close\r\n\r\n",
+    )
+    assert head.startswith(b"HTTP/1.1 206 ")
+    assert headers_of(head)["content-range"] == f"bytes 1000-{len(image) - 1}/{len(image)}"
+    assert body == image[1000:]
+
+
+def test_head_answers_the_headers_only(server, uploaded):
+    path, image = uploaded
+    _, head, body = raw_get(server.http_port, f"HEAD {path} HTTP/1.0\r\n\r\n")
+    assert int(headers_of(head)["content-length"]) == len(image)
+    assert body == b""
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/ota/0123456789abcdef01234567.bin",
+        "/static/ota/..%2f..%2fetc.bin",
+        "/static/ota/x.bin",
+    ],
+)
+def test_unknown_files_are_404(server, path):
+    _, head, _ = raw_get(server.http_port, f"GET {path} HTTP/1.0\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ")
+
+
+def test_firmware_is_also_served_on_the_https_port(server, uploaded):
+    path, image = uploaded
+    answer = server.admin("GET", path, auth=None)
+    assert answer.status == 200 and answer.body == image

@@ -1,0 +1,110 @@
+"""Rollout rules beyond the Blynk server: precedence, supersede, restarts, URLs."""
+
+import gevent
+import sqlalchemy
+
+from .devices import BUILD_NEW, BUILD_OLD, RawDevice
+from .images import esp8266_image
+from .servers import wait_until
+
+BUILD_USER = "Dec 24 2018 18:00:00"
+
+
+def rows(app, sql: str):
+    with app.extensions["blynkota.db"].engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(sqlalchemy.text(sql))]
+
+
+def test_the_most_specific_rollout_wins_and_nothing_ping_pongs(server, simulated, fleet):
+    mine = fleet.add_device("me@example.com", "Farm")
+    theirs = fleet.add_device("them@example.com", "Farm")
+    # All devices first, then the user: Blynk would bounce `mine` between both builds.
+    assert server.upload("/admin/ota/start", esp8266_image(BUILD_NEW)).status == 200
+    user_rollout = server.upload("/admin/ota/start?user=me@example.com", esp8266_image(BUILD_USER))
+    assert user_rollout.status == 200
+
+    my_device, their_device = simulated(mine, BUILD_OLD), simulated(theirs, BUILD_OLD)
+    wait_until(lambda: my_device.build == BUILD_USER and their_device.build == BUILD_NEW)
+    wait_until(lambda: my_device.logins == 2 and their_device.logins == 2)
+    gevent.sleep(0.5)
+    assert len(my_device.ota_urls) == 1 and len(their_device.ota_urls) == 1
+
+
+def test_a_device_rollout_beats_the_campaigns(server, simulated, fleet):
+    token = fleet.add_device("me@example.com", "Farm")
+    device = simulated(token, BUILD_OLD, fail="refuse")
+    wait_until(device.ready.is_set)
+    single = server.upload(f"/admin/ota/start?token={token}", esp8266_image(BUILD_USER)).text
+    server.upload("/admin/ota/start?user=me@example.com", esp8266_image(BUILD_NEW))
+    wait_until(lambda: device.ota_urls)
+    device.stop()
+    again = simulated(token, BUILD_OLD, fail="refuse")
+    wait_until(lambda: again.ota_urls, message="the offer at the next login")
+    assert again.ota_urls[0].endswith(single)
+
+
+def test_a_new_rollout_for_the_same_scope_supersedes_the_old_one(server, app):
+    server.upload("/admin/ota/start", esp8266_image(BUILD_OLD))
+    server.upload("/admin/ota/start?user=nobody@example.com", esp8266_image(BUILD_OLD))
+    server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
+    # The unknown user's upload was refused before anything was stored.
+    (old, new) = rows(app, "SELECT id, scope, state, superseded_by_id FROM rollouts ORDER BY id")
+    assert old[1:] == ("all", "superseded", new[0])
+    assert new[1:] == ("all", "active", None)
+    assert rows(app, "SELECT count(*) FROM firmware") == [(2,)]
+
+
+def test_rollouts_survive_kill_9(server, server_factory, simulated, fleet, app):
+    token = fleet.add_device("me@example.com", "Farm")
+    path = server.upload("/admin/ota/start", esp8266_image(BUILD_NEW)).text
+    server.kill()
+    restarted = server_factory()
+    from blynkota.simulator import SimulatedDevice
+
+    device = SimulatedDevice("127.0.0.1", restarted.http_port, token, BUILD_OLD)
+    greenlet = device.start()
+    try:
+        wait_until(lambda: device.build == BUILD_NEW, message="the update after the restart")
+        assert device.ota_urls[0].endswith(path)
+    finally:
+        device.stop()
+        greenlet.join(5)
+    assert rows(app, "SELECT state FROM rollouts") == [("active",)]
+
+
+def test_devices_are_marked_offline_when_the_server_restarts(server, server_factory, fleet, app):
+    token = fleet.add_device("me@example.com", "Farm")
+    device = RawDevice(server.http_port)
+    device.log_in(token=token)
+    wait_until(lambda: rows(app, "SELECT online_since IS NOT NULL FROM devices")[0][0])
+    server.kill()
+    server_factory()
+    assert rows(app, "SELECT online_since FROM devices") == [(None,)]
+
+
+def test_url_uses_server_host_and_the_http_port(server_factory, simulated, fleet, app):
+    server = server_factory(**{"server.host": "ota.example.com"})
+    token = fleet.add_device("me@example.com", "Farm")
+    from blynkota.simulator import SimulatedDevice
+
+    device = SimulatedDevice("127.0.0.1", server.http_port, token, BUILD_OLD, fail="refuse")
+    greenlet = device.start()
+    try:
+        wait_until(device.ready.is_set)
+        path = server.upload(f"/admin/ota/start?token={token}", esp8266_image(BUILD_NEW)).text
+        wait_until(lambda: device.ota_urls)
+        assert device.ota_urls == [f"http://ota.example.com:{server.http_port}{path}"]
+    finally:
+        device.stop()
+        greenlet.join(5)
+
+
+def test_an_ota_frame_that_does_not_fit_buff_in_is_not_sent(server, simulated, fleet, app):
+    token = fleet.add_device("me@example.com", "Farm")
+    device = simulated(token, BUILD_OLD, buff_in=40)
+    wait_until(device.ready.is_set)
+    answer = server.upload(f"/admin/ota/start?token={token}", esp8266_image(BUILD_NEW))
+    assert answer.status == 400 and "receive buffer" in answer.text
+    gevent.sleep(0.3)
+    assert device.ota_urls == []
+    assert rows(app, "SELECT count(*) FROM ota_commands") == [(0,)]

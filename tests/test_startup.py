@@ -1,0 +1,137 @@
+"""Starting the server as operators do: a fresh folder, Blynk's flags, the CLI, alembic, honcho."""
+
+import os
+import re
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .servers import ROOT, ServerProcess, write_properties
+
+LISTENING = re.compile(r"listening for (devices|the admin API).* on [^:]+:(\d+)")
+
+
+def clean_env(**values) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLYNKOTA_")}
+    env.update({k: str(v) for k, v in values.items()})
+    return env
+
+
+def wait_for_ports(process: subprocess.Popen, log_path, timeout: float = 30) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = dict(LISTENING.findall(log_path.read_text()))
+        if len(found) == 2:
+            return {kind: int(port) for kind, port in found.items()}
+        assert process.poll() is None, log_path.read_text()
+        time.sleep(0.05)
+    raise AssertionError(f"no listening lines:\n{log_path.read_text()}")
+
+
+def test_fresh_start_with_nothing_configured(tmp_path):
+    data = tmp_path / "data"
+    log_path = tmp_path / "server.log"
+    # Only the ports and address differ from a bare `python wsgi.py`, so tests can run in parallel.
+    env = clean_env(
+        BLYNKOTA_HTTP_PORT=0, BLYNKOTA_HTTPS_PORT=0, BLYNKOTA_LISTEN_ADDRESS="127.0.0.1"
+    )
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "wsgi.py", "-dataFolder", str(data)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for_ports(process, log_path)
+        text = log_path.read_text()
+        assert len(LISTENING.findall(text)) == 2  # one line per listener
+        assert "default password" in text
+        with sqlite3.connect(data / "blynkota.db") as database:
+            (version,) = database.execute("SELECT version_num FROM alembic_version").fetchone()
+            tables = {row[0] for row in database.execute("SELECT name FROM sqlite_master")}
+        assert version == "0001" and {"devices", "rollouts", "ota_commands"} <= tables
+        assert (data / "tls" / "cert.pem").is_file()
+        assert stat.S_IMODE((data / "tls" / "key.pem").stat().st_mode) == 0o600
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    assert "stopped" in log_path.read_text()
+    assert "Traceback" not in log_path.read_text()
+
+
+def test_a_restart_keeps_the_certificate_and_the_database(tmp_path):
+    server = ServerProcess(tmp_path, f"sqlite:///{tmp_path / 'data' / 'blynkota.db'}").start()
+    certificate = (server.data_folder / "tls" / "cert.pem").read_bytes()
+    server.stop()
+    server.start()
+    assert (server.data_folder / "tls" / "cert.pem").read_bytes() == certificate
+    assert server.admin("GET", "/admin/devices").status == 200
+    assert server.stop() == 0
+
+
+def test_bad_configuration_is_one_clear_line(tmp_path):
+    config = write_properties(tmp_path / "bad.properties", {"http.port": "eighty"})
+    result = subprocess.run(
+        [sys.executable, "wsgi.py", "-serverConfig", str(config)],
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == "blynkota: http.port: 'eighty' is not a whole number\n"
+
+
+def test_blynkota_config_reaches_the_flask_cli_and_alembic(tmp_path):
+    database = tmp_path / "shared.db"
+    config = write_properties(
+        tmp_path / "server.properties",
+        {"db.url": f"sqlite:///{database}", "data.folder": tmp_path / "data"},
+    )
+    env = clean_env(BLYNKOTA_CONFIG=config)
+    migrated = subprocess.run(
+        ["alembic", "upgrade", "head"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert migrated.returncode == 0, migrated.stderr
+    added = subprocess.run(
+        ["flask", "--app", "wsgi", "devices", "add", "--user", "a@b.c", "--project", "P"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip()
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("SELECT token FROM devices").fetchall() == [(token,)]
+    current = subprocess.run(
+        ["alembic", "current"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert "0001 (head)" in current.stdout
+
+
+@pytest.mark.skipif(
+    subprocess.run(["which", "honcho"], capture_output=True).returncode != 0,
+    reason="honcho is not installed (pip install -r requirements.txt)",
+)
+def test_honcho_start_runs_the_procfile(tmp_path):
+    config = write_properties(
+        tmp_path / "server.properties",
+        {
+            "http.port": 0,
+            "https.port": 0,
+            "listen.address": "127.0.0.1",
+            "data.folder": tmp_path / "data",
+        },
+    )
+    log_path = tmp_path / "honcho.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            ["honcho", "start"], cwd=ROOT, env=clean_env(BLYNKOTA_CONFIG=config),
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for_ports(process, log_path)
+        assert (tmp_path / "data" / "blynkota.db").is_file()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+    assert "Traceback" not in log_path.read_text()
