@@ -17,7 +17,7 @@ import time
 import gevent
 from gevent.lock import Semaphore
 
-from ..ota import OfferFailed, OnlineDevices, OtaService
+from ..ota import DeviceIdentity, OfferFailed, OnlineDevices, OtaService
 from ..protocol import (
     NEED_DATA,
     FrameReader,
@@ -81,6 +81,7 @@ class DeviceSession:
         self.machine = SessionStateMachine()
         self.reader = FrameReader()
         self.token = ""
+        self.identity: DeviceIdentity | None = None
         self.device_id: int | None = None
         self.buff_in = DEFAULT_BUFF_IN
         self.read_timeout = heartbeat_timeout(DEFAULT_HEARTBEAT)
@@ -96,7 +97,9 @@ class DeviceSession:
             while True:
                 self._handle(self._next_event(self.read_timeout))
         except SessionClosed as reason:
-            log.info("device %s %s: %s", self.token or "-", self.peer, reason)
+            # A plain disconnect is routine; everything else is worth a line.
+            level = logging.DEBUG if str(reason) == "disconnected" else logging.INFO
+            log.log(level, "device %s %s: %s", self.token or "-", self.peer, reason)
         except RemoteProtocolError as error:
             if error.status is not None:
                 self._try_reply(error.msg_id, error.status)
@@ -115,18 +118,21 @@ class DeviceSession:
         event = self._next_event(self.login_timeout)
         if not isinstance(event, Login):
             raise SessionClosed(f"closed, {type(event).__name__.lower()} before login")
-        identity = self.service.authenticate(event.token)
+        identity = self.service.find_device(event.token)
         if identity is None:
             self._reply(event.msg_id, Status.INVALID_TOKEN)
             raise SessionClosed(f"closed, invalid token {event.token[:64]!r}")
+        self.identity = identity
         self.token, self.device_id = identity.token, identity.id
         self.machine.advance("login accepted")
+        # Registered before the database hears of it: the connection this one
+        # replaces then finds itself unregistered and leaves the device online.
         replaced = self.online.register(self)
         if replaced is not None:
             replaced.close("replaced by a new connection")
         self.service.device_online(identity.id, self.peer.rsplit(":", 1)[0])
         self._reply(event.msg_id, Status.OK)
-        log.info("device %s %s: logged in", self.token, self.peer)
+        log.debug("device %s %s: logged in", self.token, self.peer)
 
     def _handle(self, event) -> None:
         if isinstance(event, Ping):
@@ -154,7 +160,7 @@ class DeviceSession:
         # to its info message as the first frame it receives.
         self._reply(event.msg_id, Status.OK)
         self.machine.advance("info answered")
-        offer = self.service.device_reported(self.device_id, info)
+        offer = self.service.device_reported(self.identity, info)
         held, self._held_offer = self._held_offer, None
         if offer is not None:
             try:

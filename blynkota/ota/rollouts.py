@@ -6,12 +6,14 @@ all-devices update ping-pong a board between two builds; here a device only
 ever looks at the one rollout that targets it most closely.
 """
 
-from sqlalchemy import and_, or_, select, update
+from dataclasses import dataclass
+
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
-from ..store import Device, Firmware, Project, Rollout, RolloutScope, RolloutState, utcnow
+from ..store import Firmware, Rollout, RolloutScope, RolloutState, utcnow
 
-__all__ = ["RolloutPlanner"]
+__all__ = ["Candidate", "RolloutPlanner"]
 
 _TARGET_COLUMN = {
     RolloutScope.DEVICE: Rollout.device_id,
@@ -19,39 +21,56 @@ _TARGET_COLUMN = {
     RolloutScope.USER: Rollout.user_id,
 }
 
+# Built once: this runs at every device login, and building the expression
+# costs more than running it.
+_ACTIVE_FOR_DEVICE = (
+    select(Rollout.id, Rollout.scope, Rollout.firmware_id, Firmware.name, Firmware.build)
+    .join(Firmware, Firmware.id == Rollout.firmware_id)
+    .where(
+        Rollout.state == RolloutState.ACTIVE,
+        or_(
+            and_(Rollout.scope == RolloutScope.DEVICE, Rollout.device_id == bindparam("device")),
+            and_(Rollout.scope == RolloutScope.PROJECT, Rollout.project_id == bindparam("project")),
+            and_(Rollout.scope == RolloutScope.USER, Rollout.user_id == bindparam("user")),
+            Rollout.scope == RolloutScope.ALL,
+        ),
+    )
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The rollout that applies to a device, with what deciding an offer needs."""
+
+    rollout_id: int
+    scope: str
+    firmware_id: int
+    firmware_name: str
+    build: str | None
+
 
 class RolloutPlanner:
-    def rollout_for(self, session: Session, device: Device) -> Rollout | None:
-        project = session.get(Project, device.project_id)
-        candidates = session.scalars(
-            select(Rollout).where(
-                Rollout.state == RolloutState.ACTIVE,
-                or_(
-                    and_(Rollout.scope == RolloutScope.DEVICE, Rollout.device_id == device.id),
-                    and_(
-                        Rollout.scope == RolloutScope.PROJECT,
-                        Rollout.project_id == device.project_id,
-                    ),
-                    and_(Rollout.scope == RolloutScope.USER, Rollout.user_id == project.user_id),
-                    Rollout.scope == RolloutScope.ALL,
-                ),
-            )
+    def rollout_for(
+        self, session: Session, *, device_id: int, project_id: int, user_id: int
+    ) -> Candidate | None:
+        rows = session.execute(
+            _ACTIVE_FOR_DEVICE, {"device": device_id, "project": project_id, "user": user_id}
         ).all()
-        return min(
-            candidates,
-            key=lambda rollout: (RolloutScope.BY_PRECEDENCE.index(rollout.scope), -rollout.id),
+        best = min(
+            rows,
+            key=lambda row: (RolloutScope.BY_PRECEDENCE.index(row.scope), -row.id),
             default=None,
         )
+        return None if best is None else Candidate(*best)
 
     @staticmethod
-    def should_offer(rollout: Rollout, device: Device) -> bool:
-        target = rollout.firmware.build
-        if rollout.scope == RolloutScope.DEVICE:
+    def should_offer(candidate: Candidate, reported_build: str | None) -> bool:
+        if candidate.scope == RolloutScope.DEVICE:
             # Asked for by name: offered unless the device already runs that build.
-            return target is None or device.build != target
+            return candidate.build is None or reported_build != candidate.build
         # A campaign can only judge devices that report a build: one that
         # reports none could never be seen as updated, and would loop.
-        return bool(device.build) and device.build != target
+        return bool(reported_build) and reported_build != candidate.build
 
     def start(
         self,

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from ..store import (
@@ -27,7 +27,7 @@ from ..store import (
 from .firmware import FirmwareRejected, inspect_firmware
 from .firmware_store import SERVED_NAME, FirmwareStore
 from .online import OfferFailed, OnlineDevices
-from .rollouts import RolloutPlanner
+from .rollouts import Candidate, RolloutPlanner
 
 __all__ = [
     "DeviceIdentity",
@@ -52,6 +52,22 @@ _INFO_COLUMNS = {
 _INFO_NUMBERS = {"h-beat": "heartbeat", "buff-in": "buff_in"}
 
 
+_DEVICE_BY_TOKEN = (
+    select(Device.id, Device.token, Device.project_id, Project.user_id)
+    .join(Project, Project.id == Device.project_id)
+    .where(Device.token == bindparam("token"))
+)
+_MARK_ONLINE = (
+    update(Device)
+    .where(Device.id == bindparam("device"))
+    .values(
+        online_since=bindparam("now"),
+        last_seen_at=bindparam("now"),
+        last_address=bindparam("address"),
+    )
+)
+
+
 class OtaRequestError(Exception):
     """An admin request that cannot be carried out; the message is the answer."""
 
@@ -70,6 +86,8 @@ class Upload:
 class DeviceIdentity:
     id: int
     token: str
+    project_id: int
+    user_id: int
 
 
 @dataclass(frozen=True)
@@ -108,18 +126,15 @@ class OtaService:
 
     # --- devices -------------------------------------------------------------
 
-    def authenticate(self, token: str) -> DeviceIdentity | None:
+    def find_device(self, token: str) -> DeviceIdentity | None:
         with self.db.begin() as session:
-            device_id = session.scalar(select(Device.id).where(Device.token == token))
-        return None if device_id is None else DeviceIdentity(device_id, token)
+            row = session.execute(_DEVICE_BY_TOKEN, {"token": token}).first()
+        return None if row is None else DeviceIdentity(*row)
 
     def device_online(self, device_id: int, address: str) -> None:
-        now = utcnow()
         with self.db.begin() as session:
             session.execute(
-                update(Device)
-                .where(Device.id == device_id)
-                .values(online_since=now, last_seen_at=now, last_address=address[:64])
+                _MARK_ONLINE, {"device": device_id, "now": utcnow(), "address": address[:64]}
             )
 
     def device_offline(self, device_id: int) -> None:
@@ -137,21 +152,26 @@ class OtaService:
                 update(Device).where(Device.online_since.is_not(None)).values(online_since=None)
             )
 
-    def device_reported(self, device_id: int, info: dict[str, str]) -> Offer | None:
-        """Record an info message; return the firmware to offer, if any."""
+    def device_reported(self, device: DeviceIdentity, info: dict[str, str]) -> Offer | None:
+        """Record an info message (a full report: missing keys are stored as NULL).
+
+        Returns the firmware to offer, if any.
+        """
+        report = {column: (info.get(key) or None) for key, column in _INFO_COLUMNS.items()}
+        report = {column: value and value[:64] for column, value in report.items()}
+        for key, column in _INFO_NUMBERS.items():
+            value = info.get(key, "")
+            report[column] = int(value) if value.isdigit() and len(value) < 10 else None
         with self.db.begin() as session:
-            device = session.get(Device, device_id)
-            for key, column in _INFO_COLUMNS.items():
-                if key in info:
-                    setattr(device, column, info[key][:64] or None)
-            for key, column in _INFO_NUMBERS.items():
-                if info.get(key, "").isdigit():
-                    setattr(device, column, int(info[key]))
-            device.last_seen_at = utcnow()
-            rollout = self.planner.rollout_for(session, device)
-            if rollout is None or not self.planner.should_offer(rollout, device):
-                return None
-            return _offer(rollout)
+            session.execute(
+                update(Device).where(Device.id == device.id).values(last_seen_at=utcnow(), **report)
+            )
+            candidate = self.planner.rollout_for(
+                session, device_id=device.id, project_id=device.project_id, user_id=device.user_id
+            )
+        if candidate is None or not self.planner.should_offer(candidate, report["build"]):
+            return None
+        return _offer(candidate)
 
     def offer_sent(self, device_id: int, offer: Offer, url: str) -> None:
         with self.db.begin() as session:
@@ -185,7 +205,7 @@ class OtaService:
                 started_by=admin,
                 target_id=device_id,
             )
-            offer = _offer(rollout)
+            offer = _offer(_candidate(rollout))
         self._send_now(device_id, token, offer)
         return offer.path
 
@@ -206,7 +226,7 @@ class OtaService:
                 started_by=admin,
                 target_id=device_id,
             )
-            offer = _offer(rollout)
+            offer = _offer(_candidate(rollout))
         self._send_now(device_id, token, offer)
         return offer.path
 
@@ -274,7 +294,7 @@ class OtaService:
     # --- helpers ---------------------------------------------------------------
 
     def _online_device_id(self, token: str) -> int:
-        identity = self.authenticate(token)
+        identity = self.find_device(token)
         if identity is None:
             raise OtaRequestError("Invalid token.")
         if self.online.get(token) is None:
@@ -363,13 +383,18 @@ class OtaService:
         self.offer_sent(device_id, offer, url)
 
 
-def _offer(rollout: Rollout) -> Offer:
+def _offer(candidate: Candidate) -> Offer:
     return Offer(
-        rollout_id=rollout.id,
-        firmware_id=rollout.firmware_id,
-        path=served_path(rollout.firmware.name),
-        finishes_rollout=rollout.scope == RolloutScope.DEVICE and rollout.firmware.build is None,
+        rollout_id=candidate.rollout_id,
+        firmware_id=candidate.firmware_id,
+        path=served_path(candidate.firmware_name),
+        finishes_rollout=candidate.scope == RolloutScope.DEVICE and candidate.build is None,
     )
+
+
+def _candidate(rollout: Rollout) -> Candidate:
+    firmware = rollout.firmware
+    return Candidate(rollout.id, rollout.scope, firmware.id, firmware.name, firmware.build)
 
 
 def _iso(moment: datetime | None) -> str | None:

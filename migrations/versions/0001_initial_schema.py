@@ -156,7 +156,6 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_ota_commands_device_id"), ["device_id"], unique=False)
 
 
-
 def downgrade() -> None:
     """Downgrade schema."""
     # Dropping a table drops its indexes; MySQL refuses to drop an index a

@@ -1,0 +1,135 @@
+"""Login storm: N devices log in and report at once; how does that compare to bare TCP?
+
+Run by hand: `python bench/login_storm.py [--devices 2000] [--db-url URL]`.
+Prints, for the same server in the same run:
+- the time for N plain TCP connect/close to port 8080 (the reference),
+- the time for N full logins (HW_LOGIN + info message, both answered),
+  and the ratio of the two,
+- pings answered per second across all connected devices,
+- the server's resident memory per connected device.
+Every loop is bounded by the device count and a deadline.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import gevent
+from gevent import socket
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from blynkota import create_app  # noqa: E402
+from blynkota.protocol import (  # noqa: E402
+    NEED_DATA,
+    FrameReader,
+    Response,
+    encode_info,
+    encode_login,
+    encode_ping,
+)
+from blynkota.store import upgrade  # noqa: E402
+from tests.servers import ServerProcess  # noqa: E402
+
+DEADLINE = 120.0
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def read_response(sock, reader) -> Response:
+    while (event := reader.next_event()) is NEED_DATA:
+        data = sock.recv(4096)
+        if not data:
+            raise ConnectionError("closed")
+        reader.feed(data)
+    return event
+
+
+def bare_connect(port: int) -> None:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.close()
+
+
+def log_in(port: int, token: str, sockets: list) -> None:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    reader = FrameReader()
+    sock.sendall(encode_login(token, 1))
+    assert read_response(sock, reader).status == 200
+    sock.sendall(encode_info({"ver": "0.6.1", "h-beat": "60", "build": "Jan  1 2018"}, 2))
+    assert read_response(sock, reader).status == 200
+    sockets.append((sock, reader))
+
+
+def ping_all(sockets: list, rounds: int) -> None:
+    def one(sock, reader):
+        for msg_id in range(3, 3 + rounds):
+            sock.sendall(encode_ping(msg_id))
+            read_response(sock, reader)
+
+    gevent.joinall([gevent.spawn(one, s, r) for s, r in sockets], timeout=DEADLINE)
+
+
+def timed_storm(function, arguments: list[tuple], concurrency: int) -> float:
+    from gevent.pool import Pool
+
+    pool = Pool(concurrency)
+    started = time.perf_counter()
+    for args in arguments:
+        pool.spawn(function, *args)
+    pool.join(timeout=DEADLINE, raise_error=True)
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--db-url", default=None)
+    arguments = parser.parse_args()
+    count = arguments.devices
+
+    with tempfile.TemporaryDirectory() as folder:
+        db_url = arguments.db_url or f"sqlite:///{folder}/bench.db"
+        upgrade(db_url)
+        app = create_app({"db.url": db_url, "data.folder": folder})
+        fleet = app.extensions["blynkota.fleet"]
+        tokens = [fleet.add_device("bench@example.com", "Bench") for _ in range(count)]
+        server = ServerProcess(Path(folder), db_url).start()
+        try:
+            port = server.http_port
+            baseline_rss = rss_kib(server.process.pid)
+            reference = timed_storm(bare_connect, [(port,)] * count, arguments.concurrency)
+            sockets: list = []
+            logins = timed_storm(
+                log_in, [(port, token, sockets) for token in tokens], arguments.concurrency
+            )
+            connected_rss = rss_kib(server.process.pid)
+            rounds = 5
+            started = time.perf_counter()
+            ping_all(sockets, rounds)
+            ping_time = time.perf_counter() - started
+            print(f"devices                     {count}")
+            print(f"bare TCP connect+close      {reference:.3f} s (reference)")
+            print(f"login + info, answered      {logins:.3f} s")
+            print(f"ratio login / bare connect  {logins / reference:.1f}x")
+            print(f"logins per second           {count / logins:.0f}")
+            print(f"pings answered per second   {count * rounds / ping_time:.0f}")
+            per_device = (connected_rss - baseline_rss) / count
+            print(f"server memory per device    {per_device:.1f} KiB (RSS delta)")
+            for sock, _ in sockets:
+                sock.close()
+        finally:
+            server.stop()
+            app.extensions["blynkota.db"].dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

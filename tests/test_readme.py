@@ -1,0 +1,45 @@
+"""README's SQL and CI's command: what the README tells operators must keep working."""
+
+import re
+import subprocess
+
+import sqlalchemy
+
+from .devices import BUILD_NEW, TOKEN
+from .images import esp8266_image
+from .servers import ROOT, wait_until
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_the_history_queries_run_and_find_the_rollout(server, simulated, fleet, app):
+    fleet.add_device("me@example.com", "Farm", token=TOKEN)
+    device = simulated(TOKEN, "Jan  1 2018 00:00:00", fail="refuse")
+    wait_until(device.ready.is_set)
+    server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
+    server.upload(f"/admin/ota/start?token={TOKEN}", esp8266_image(BUILD_NEW))
+    wait_until(lambda: device.ota_urls)
+
+    (block,) = re.findall(r"```sql\n(.*?)```", README, re.S)
+    statements = [s.strip() for s in block.split(";") if s.strip()]
+    assert len(statements) == 3
+    with app.extensions["blynkota.db"].engine.connect() as connection:
+        results = [connection.execute(sqlalchemy.text(s)).all() for s in statements]
+    rollouts, behind, commands = results
+    assert [row[1] for row in rollouts] == ["device", "all"]
+    assert [row[0] for row in behind] == [TOKEN]
+    assert [row[1] for row in commands] == [BUILD_NEW]
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run's own extraction line, run here, finds the README's test command."""
+    (line,) = [
+        line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.startswith("command=")
+    ]  # fmt: skip
+    found = subprocess.run(
+        ["bash", "-c", f'{line}; printf "%s" "$command"'],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert found.stdout == "pip install -r requirements.txt && python -m pytest -q"
+    assert found.stdout in README
