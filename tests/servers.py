@@ -167,6 +167,15 @@ class ServerProcess:
             ["curl", "-sS", *arguments], capture_output=True, text=True, timeout=60
         )
 
+    def curl_upload(self, query: str, firmware: Path) -> tuple[int, str]:
+        """The Blynk docs' upload command, verbatim but for host, port and credentials."""
+        answer = self.curl(
+            "-w", "\n%{http_code}", "-F", f"file=@{firmware}", "--insecure",
+            "-u", self.credentials, f"{self.admin_url}/admin/ota/start{query}",
+        )  # fmt: skip
+        body, _, status = answer.stdout.rpartition("\n")
+        return int(status), body
+
     @property
     def admin_url(self) -> str:
         return f"https://localhost:{self.https_port}"

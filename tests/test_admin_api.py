@@ -111,19 +111,24 @@ def test_online_devices_are_not_interrupted_by_a_campaign(server, simulated, pum
     assert device.ota_urls == []  # Blynk semantics: offered at the next login
 
 
-def test_user_and_project_campaigns_target_only_their_devices(server, simulated, fleet):
+def test_user_and_project_campaigns_target_only_their_devices(server, simulated, fleet, tmp_path):
     mine_farm = fleet.add_device("me@example.com", "Farm")
     mine_home = fleet.add_device("me@example.com", "Home")
     theirs = fleet.add_device("them@example.com", "Farm")
-    image = esp8266_image(BUILD_NEW)
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(esp8266_image(BUILD_NEW))
 
-    assert server.upload("/admin/ota/start?user=nobody@example.com", image).text == (
-        "Requested user not found."
+    assert server.curl_upload("?user=nobody@example.com", firmware) == (
+        400,
+        "Requested user not found.",
     )
-    assert server.upload("/admin/ota/start?user=me@example.com&project=Nope", image).status == 400
+    assert server.curl_upload("?user=me@example.com&project=Nope", firmware) == (
+        400,
+        "Requested project not found.",
+    )
     # Project by name, case-insensitive.
-    answer = server.upload("/admin/ota/start?user=me@example.com&project=fARM", image)
-    assert answer.status == 200, answer.text
+    status, path = server.curl_upload("?user=me@example.com&project=fARM", firmware)
+    assert status == 200 and path.startswith("/static/ota/")
 
     devices = {t: simulated(t, BUILD_OLD) for t in (mine_farm, mine_home, theirs)}
     wait_until(lambda: all(d.ready.is_set() for d in devices.values()))
@@ -132,17 +137,17 @@ def test_user_and_project_campaigns_target_only_their_devices(server, simulated,
     assert devices[mine_home].ota_urls == [] and devices[theirs].ota_urls == []
 
 
-def test_project_by_dashboard_id_and_user_campaign(server, simulated, fleet, app):
+def test_project_by_dashboard_id_and_user_campaign(server, simulated, fleet, app, tmp_path):
     farm = fleet.add_device("me@example.com", "Farm")
     home = fleet.add_device("me@example.com", "Home")
     other = fleet.add_device("them@example.com", "Farm")
     (home_project,) = rows(app, "SELECT dash_id FROM projects WHERE name = 'Home'")
-    image = esp8266_image(BUILD_NEW)
-    path = f"/admin/ota/start?user=me@example.com&project={home_project['dash_id']}"
-    assert server.upload(path, image).status == 200
-    assert (
-        server.upload("/admin/ota/start?user=ME@example.com", esp32_image(BUILD_NEW)).status == 200
-    )
+    esp8266, esp32 = tmp_path / "esp8266.bin", tmp_path / "esp32.bin"
+    esp8266.write_bytes(esp8266_image(BUILD_NEW))
+    esp32.write_bytes(esp32_image(BUILD_NEW))
+    query = f"?user=me@example.com&project={home_project['dash_id']}"
+    assert server.curl_upload(query, esp8266)[0] == 200
+    assert server.curl_upload("?user=ME@example.com", esp32)[0] == 200
     scopes = rows(app, "SELECT scope, state FROM rollouts ORDER BY id")
     assert [tuple(r.values()) for r in scopes] == [("project", "active"), ("user", "active")]
     devices = {t: simulated(t, BUILD_OLD) for t in (farm, home, other)}
@@ -320,5 +325,12 @@ def test_default_password_warning_only_while_it_is_in_use(tmp_path, db_url, app)
     custom = ServerProcess(tmp_path / "b", db_url)
     (tmp_path / "b").mkdir()
     custom.start()
+    assert custom.admin("GET", "/admin/devices").status == 200
+    assert custom.admin("GET", "/admin/devices", auth=(ADMIN_EMAIL, "admin")).status == 403
     custom.stop()
     assert "default password" not in custom.log()
+    # One admin row, its password stored as a hash, never in clear.
+    (admin,) = rows(app, "SELECT email, password_hash FROM admins")
+    assert admin["email"] == ADMIN_EMAIL
+    assert "s3cret" not in admin["password_hash"]
+    assert admin["password_hash"].startswith("scrypt:")

@@ -1,11 +1,14 @@
 """Rollout rules beyond the Blynk server: precedence, supersede, restarts, URLs."""
 
+import subprocess
+import sys
+
 import gevent
 import sqlalchemy
 
 from .devices import BUILD_NEW, BUILD_OLD, RawDevice
 from .images import esp8266_image
-from .servers import wait_until
+from .servers import ROOT, wait_until
 
 BUILD_USER = "Dec 24 2018 18:00:00"
 
@@ -108,3 +111,19 @@ def test_an_ota_frame_that_does_not_fit_buff_in_is_not_sent(server, simulated, f
     gevent.sleep(0.3)
     assert device.ota_urls == []
     assert rows(app, "SELECT count(*) FROM ota_commands") == [(0,)]
+
+
+def test_the_simulator_command_runs_a_fleet_through_an_update(server, fleet, tmp_path):
+    tokens = [fleet.add_device("me@example.com", "Farm") for _ in range(3)]
+    (tmp_path / "tokens.txt").write_text("".join(f"{token}\n" for token in tokens))
+    assert server.upload("/admin/ota/start", esp8266_image(BUILD_NEW)).status == 200
+    result = subprocess.run(
+        [sys.executable, "-m", "blynkota.simulator", "--server", "127.0.0.1",
+         "--port", str(server.http_port), "--tokens-file", str(tmp_path / "tokens.txt"),
+         "--devices", "3", "--build", BUILD_OLD, "--updates", "1", "--duration", "60"],
+        cwd=ROOT, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "3 device(s), 3 updated"
+    assert sorted(lines[1:]) == sorted(f"{token} build={BUILD_NEW!r} logins=2" for token in tokens)
