@@ -6,6 +6,7 @@ Everything that must survive a restart goes to the database before it counts.
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -196,39 +197,24 @@ class OtaService:
         """Upload and send to one online device now (Blynk's ?token=)."""
         device_id = self._online_device_id(token)
         report = self._inspect(upload)
-        with self.db.begin() as session:
-            firmware = self._store(session, upload, report, admin)
-            rollout = self.planner.start(
-                session,
-                scope=RolloutScope.DEVICE,
-                firmware=firmware,
-                started_by=admin,
-                target_id=device_id,
-            )
-            offer = _offer(_candidate(rollout))
-        self._send_now(device_id, token, offer)
-        return offer.path
+        return self._send_firmware(
+            device_id, token, admin, lambda session: self._store(session, upload, report, admin)
+        )
 
     def resend(self, file_name: str, token: str, admin: str) -> str:
         """Send an already uploaded file to one online device (GET ?fileName=&token=)."""
         name = file_name.rsplit("/", 1)[-1].removesuffix(".bin")
         device_id = self._online_device_id(token)
-        with self.db.begin() as session:
+
+        def uploaded(session: Session) -> Firmware:
             firmware = SERVED_NAME.fullmatch(name) and session.scalar(
                 select(Firmware).where(Firmware.name == name)
             )
             if not firmware:
                 raise OtaRequestError("Requested file not found.")
-            rollout = self.planner.start(
-                session,
-                scope=RolloutScope.DEVICE,
-                firmware=firmware,
-                started_by=admin,
-                target_id=device_id,
-            )
-            offer = _offer(_candidate(rollout))
-        self._send_now(device_id, token, offer)
-        return offer.path
+            return firmware
+
+        return self._send_firmware(device_id, token, admin, uploaded)
 
     def start_campaign(
         self, upload: Upload, admin: str, *, user: str | None = None, project: str | None = None
@@ -359,6 +345,22 @@ class OtaService:
                 f"Project name {project_ref!r} matches projects {ids}: give the project id."
             )
         return RolloutScope.PROJECT, matches[0].id
+
+    def _send_firmware(
+        self, device_id: int, token: str, admin: str, firmware_of: Callable[[Session], Firmware]
+    ) -> str:
+        """A device rollout for the firmware `firmware_of` gives, sent at once."""
+        with self.db.begin() as session:
+            rollout = self.planner.start(
+                session,
+                scope=RolloutScope.DEVICE,
+                firmware=firmware_of(session),
+                started_by=admin,
+                target_id=device_id,
+            )
+            offer = _offer(_candidate(rollout))
+        self._send_now(device_id, token, offer)
+        return offer.path
 
     def _send_now(self, device_id: int, token: str, offer: Offer) -> None:
         link = self.online.get(token)
