@@ -5,7 +5,15 @@ from collections.abc import Mapping
 from flask import Flask
 
 from .config import load_settings
-from .ota import AdminDirectory, FirmwareStore, FleetRegistry, OnlineDevices, OtaService
+from .ota import (
+    AdminDirectory,
+    FirmwareCatalog,
+    FirmwareStore,
+    FleetRegistry,
+    OnlineDevices,
+    OtaService,
+    RetryPolicy,
+)
 from .store import Database
 
 __all__ = ["create_app"]
@@ -23,12 +31,15 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.ota_max_size + _FORM_OVERHEAD
     db = Database(settings.db_url)
     app.extensions["blynkota.db"] = db
-    app.extensions["blynkota"] = OtaService(
-        db,
-        FirmwareStore(settings.firmware_folder),
-        OnlineDevices(),
-        validate_image=settings.ota_validate_image,
+    catalog = FirmwareCatalog(
+        db, FirmwareStore(settings.firmware_folder), validate_image=settings.ota_validate_image
     )
+    policy = RetryPolicy(
+        max_attempts=settings.ota_max_attempts,
+        backoff=settings.ota_retry_backoff,
+        attempt_timeout=settings.ota_attempt_timeout,
+    )
+    app.extensions["blynkota"] = OtaService(db, catalog, OnlineDevices(), policy=policy)
     app.extensions["blynkota.fleet"] = FleetRegistry(db)
     app.extensions["blynkota.admins"] = AdminDirectory(db)
 

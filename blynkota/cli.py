@@ -1,4 +1,4 @@
-"""Operator commands: `flask --app wsgi devices add|list`, `flask --app wsgi import-blynk`."""
+"""Operator commands: `flask --app wsgi devices add|list`, `import-blynk`, `ota status`."""
 
 from pathlib import Path
 
@@ -6,8 +6,8 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
-from .ota import BlynkDataError, ProvisioningError, read_blynk_folder
-from .store import upgrade
+from .ota import BlynkDataError, OtaRequestError, ProvisioningError, read_blynk_folder
+from .store import DeviceState, upgrade
 
 __all__ = ["init_app"]
 
@@ -40,14 +40,13 @@ def add_device(email: str, project: str, name: str, token: str | None) -> None:
 def list_devices() -> None:
     """Print token, user, project, last build and whether it is online."""
     rows = _fleet().list_devices()
-    table = [("TOKEN", "USER", "PROJECT", "BUILD", "ONLINE")] + [
-        (row.token, row.user, row.project, row.build or "-", "yes" if row.online else "no")
-        for row in rows
-    ]
-    widths = [max(len(line[column]) for line in table) for column in range(5)]
-    for line in table:
-        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
-        click.echo("  ".join(cells).rstrip())
+    _table(
+        [("TOKEN", "USER", "PROJECT", "BUILD", "ONLINE")]
+        + [
+            (row.token, row.user, row.project, row.build or "-", "yes" if row.online else "no")
+            for row in rows
+        ]
+    )
 
 
 @click.command("import-blynk")
@@ -67,6 +66,58 @@ def import_blynk(data_dir: Path) -> None:
     )
 
 
+@click.group("ota", cls=AppGroup, help="Look at rollouts.")
+def ota() -> None:
+    pass
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo("  ".join(cells).rstrip())
+
+
+@ota.command("status")
+@click.argument("rollout", type=int, required=False)
+def ota_status(rollout: int | None) -> None:
+    """Every rollout with its counts; with ROLLOUT, that one's devices."""
+    upgrade(current_app.config["SETTINGS"].db_url)
+    service = current_app.extensions["blynkota"]
+    try:
+        summaries = [service.detail(rollout)] if rollout is not None else service.status()
+    except OtaRequestError as error:
+        raise click.ClickException(str(error)) from None
+    states = DeviceState.ALL
+    rows = [("ID", "SCOPE", "TARGET", "BUILD", "STATE", *(s.upper() for s in states))]
+    for summary in summaries:
+        rows.append(
+            (
+                str(summary["id"]),
+                summary["scope"],
+                summary["target"],
+                summary["firmware"]["build"] or "-",
+                summary["state"],
+                *(str(summary["counts"][state]) for state in states),
+            )
+        )
+    _table(rows)
+    if rollout is not None:
+        click.echo("")
+        device_rows = [("TOKEN", "STATE", "ATTEMPTS", "LAST ERROR")]
+        for device in summaries[0]["devices"]:
+            device_rows.append(
+                (
+                    device["token"],
+                    device["state"],
+                    str(device["attempts"]),
+                    device["last_error"] or "-",
+                )
+            )
+        _table(device_rows)
+
+
 def init_app(app: Flask) -> None:
     app.cli.add_command(devices)
     app.cli.add_command(import_blynk)
+    app.cli.add_command(ota)

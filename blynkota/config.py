@@ -39,6 +39,10 @@ DEFAULTS: dict[str, str] = {
     "server.ssl.key": "",
     "ota.max.size": str(16 * 1024 * 1024),
     "ota.validate.image": "true",
+    "ota.max.attempts": "3",
+    "ota.retry.backoff": "60",
+    "ota.attempt.timeout": "900",
+    "ota.sweep.interval": "5",
     "hardware.max.connections": "15000",
     "shutdown.grace.seconds": "5",
     "log.level": "INFO",
@@ -92,6 +96,10 @@ class Settings:
     ssl_key: Path
     ota_max_size: int
     ota_validate_image: bool
+    ota_max_attempts: int
+    ota_retry_backoff: float
+    ota_attempt_timeout: float
+    ota_sweep_interval: float
     max_connections: int
     shutdown_grace: float
     log_level: str
@@ -113,6 +121,16 @@ def _integer(values: Mapping[str, str], key: str, low: int, high: int) -> int:
         raise ConfigError(f"{key}: {values[key]!r} is not a whole number") from None
     if not low <= number <= high:
         raise ConfigError(f"{key}: {number} is not between {low} and {high}")
+    return number
+
+
+def _seconds(values: Mapping[str, str], key: str, low: float, high: float) -> float:
+    try:
+        number = float(values[key])
+    except ValueError:
+        raise ConfigError(f"{key}: {values[key]!r} is not a number of seconds") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{key}: {number:g} is not between {low:g} and {high:g}")
     return number
 
 
@@ -178,6 +196,10 @@ def load_settings(
         ssl_key=Path(values["server.ssl.key"] or tls_folder / "key.pem"),
         ota_max_size=_integer(values, "ota.max.size", 1, 1 << 31),
         ota_validate_image=_boolean(values, "ota.validate.image"),
+        ota_max_attempts=_integer(values, "ota.max.attempts", 1, 100),
+        ota_retry_backoff=_seconds(values, "ota.retry.backoff", 0, 7 * 86400),
+        ota_attempt_timeout=_seconds(values, "ota.attempt.timeout", 0.1, 7 * 86400),
+        ota_sweep_interval=_seconds(values, "ota.sweep.interval", 0.05, 3600),
         max_connections=_integer(values, "hardware.max.connections", 1, 1_000_000),
         shutdown_grace=_integer(values, "shutdown.grace.seconds", 0, 3600),
         log_level=values["log.level"].upper(),

@@ -33,6 +33,7 @@ class BlynkotaServer:
         self.device_port: SharedPortServer | None = None
         self.admin_port: WSGIServer | None = None
         self._stopped = Event()
+        self._sweeper: gevent.Greenlet | None = None
 
     def start(self) -> None:
         settings = self.settings
@@ -72,11 +73,25 @@ class BlynkotaServer:
             environ={"SERVER_NAME": "blynkota"},
         )
         self.admin_port.start()
+        self._sweeper = gevent.spawn(self._sweep_forever)
         log.info(
             "listening for the admin API (HTTPS) on %s:%d",
             settings.listen_address,
             self.admin_port.server_port,
         )
+
+    def _sweep_forever(self) -> None:
+        """Attempt timeouts and retries after a backoff, from the times stored in the database."""
+        while not self._stopped.wait(self.settings.ota_sweep_interval):
+            try:
+                timed_out, offered = self.service.sweep()
+            except Exception:  # the database may be away for a moment: try again later
+                log.exception("rollout sweep failed")
+                continue
+            if timed_out or offered:
+                log.info(
+                    "sweep: %d attempt(s) timed out, %d retry offer(s) sent", timed_out, offered
+                )
 
     def _serve_device(self, sock, address) -> None:
         DeviceSession(
@@ -92,6 +107,8 @@ class BlynkotaServer:
     def stop(self) -> None:
         grace = self.settings.shutdown_grace
         log.info("stopping: no new connections, %ss for open ones to finish", grace)
+        if self._sweeper is not None:
+            self._sweeper.kill()
         servers = [server for server in (self.device_port, self.admin_port) if server]
         gevent.joinall([gevent.spawn(server.stop, timeout=grace) for server in servers])
         self.app.extensions["blynkota.db"].dispose()

@@ -220,7 +220,12 @@ class SimulatedDevice:
             "Connection: close\r\n\r\n"
         )
         try:
-            sock = socket.create_connection((host, port), timeout=10)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            # An ESP's TCP window is a few KiB: a small receive buffer makes the
+            # server feel a slow or dropped download as a real board makes it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.settimeout(10)
+            sock.connect((host, port))
         except OSError as error:
             result.error = f"cannot connect: {error}"
             return result

@@ -54,3 +54,10 @@ class RawDevice:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def without_key(url: str) -> str:
+    """An `ota` URL without its per-offer key (`?o=...`): the served path."""
+    base, _, query = url.partition("?")
+    assert query == "" or (query.startswith("o=") and 0 < len(query) - 2 <= 16), url
+    return base

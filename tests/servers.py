@@ -60,6 +60,7 @@ class ServerProcess:
             "admin.pass": ADMIN_PASS,
             "hard.socket.idle.timeout": 3,
             "shutdown.grace.seconds": 1,
+            "ota.sweep.interval": 0.2,
             **extra,
         }
         self.config_file = folder / f"server-{uuid.uuid4().hex[:6]}.properties"
@@ -107,6 +108,13 @@ class ServerProcess:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+    def restart(self, sig: int = signal.SIGKILL) -> "ServerProcess":
+        """Stop (kill -9 by default) and start again on the same ports, as devices expect."""
+        self.stop(sig)
+        self.properties["http.port"] = self.http_port
+        self.properties["https.port"] = self.https_port
+        return self.start()
 
     def log(self) -> str:
         return self.log_file.read_text() if self.log_file.exists() else ""

@@ -86,7 +86,6 @@ class DeviceSession:
         self.buff_in = DEFAULT_BUFF_IN
         self.read_timeout = heartbeat_timeout(DEFAULT_HEARTBEAT)
         self._write_lock = Semaphore()
-        self._held_offer: str | None = None  # an admin's offer made before the info message
         self._extra_logins = 0
 
     # --- the greenlet --------------------------------------------------------
@@ -161,28 +160,21 @@ class DeviceSession:
         self._reply(event.msg_id, Status.OK)
         self.machine.advance("info answered")
         offer = self.service.device_reported(self.identity, info)
-        held, self._held_offer = self._held_offer, None
         if offer is not None:
             try:
-                url = self.send_ota(offer.path)
-            except OfferFailed as error:
-                log.warning("device %s: update not offered: %s", self.token, error)
-                return
-            self.service.offer_sent(self.device_id, offer, url)
-        elif held is not None:
-            try:
-                self.send_ota(held)
+                self.service.send_offer(offer)
             except OfferFailed as error:
                 log.warning("device %s: update not offered: %s", self.token, error)
 
     # --- DeviceLink, called from other greenlets too ---------------------------
 
+    @property
+    def ready(self) -> bool:
+        return self.machine.state is SessionState.READY
+
     def send_ota(self, path: str) -> str:
-        if self.machine.state is SessionState.LOGGED_IN:
-            self._held_offer = path  # written right after the info message is answered
-            return self._url(path)
-        if self.machine.state is not SessionState.READY:
-            raise OfferFailed("the device disconnected")
+        if not self.ready:
+            raise OfferFailed("the device is not in session")
         url = self._url(path)
         try:
             frame = encode_ota(url, buff_in=self.buff_in)

@@ -2,25 +2,26 @@
 
 from .admins import AdminDirectory
 from .blynk_data import BlynkDataError, read_blynk_folder
+from .catalog import FirmwareCatalog, FirmwareFile, Upload, served_path
+from .device_states import TRANSITIONS, IllegalDeviceTransition
 from .firmware import FirmwareRejected, ImageReport, inspect_firmware, read_build
 from .firmware_store import FirmwareStore
 from .fleet import DeviceRow, FleetRegistry, ImportCounts, ProvisioningError, new_token
+from .lifecycle import RetryPolicy, UpdateLifecycle
 from .online import DeviceLink, OfferFailed, OnlineDevices
-from .rollouts import RolloutPlanner
-from .service import (
-    DeviceIdentity,
-    FirmwareFile,
-    Offer,
-    OtaRequestError,
-    OtaService,
-    Upload,
-    served_path,
-)
+from .rollouts import Candidate, RolloutPlanner
+from .service import DeviceIdentity, DownloadTicket, Offer, OtaRequestError, OtaService
 
 __all__ = [
     "AdminDirectory",
     "BlynkDataError",
     "read_blynk_folder",
+    "FirmwareCatalog",
+    "FirmwareFile",
+    "Upload",
+    "served_path",
+    "TRANSITIONS",
+    "IllegalDeviceTransition",
     "FirmwareRejected",
     "ImageReport",
     "inspect_firmware",
@@ -31,15 +32,16 @@ __all__ = [
     "ImportCounts",
     "ProvisioningError",
     "new_token",
+    "RetryPolicy",
+    "UpdateLifecycle",
     "DeviceLink",
     "OfferFailed",
     "OnlineDevices",
+    "Candidate",
     "RolloutPlanner",
     "DeviceIdentity",
-    "FirmwareFile",
+    "DownloadTicket",
     "Offer",
     "OtaRequestError",
     "OtaService",
-    "Upload",
-    "served_path",
 ]

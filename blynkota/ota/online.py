@@ -17,6 +17,10 @@ class OfferFailed(Exception):
 class DeviceLink(Protocol):
     token: str
 
+    @property
+    def ready(self) -> bool:
+        """True once the device's info message is answered: `ota` may be written."""
+
     def send_ota(self, path: str) -> str:
         """Write an `ota` command for `path`; return the full URL sent. Raises OfferFailed."""
 
@@ -32,6 +36,10 @@ class OnlineDevices:
 
     def get(self, token: str) -> DeviceLink | None:
         return self._links.get(token)
+
+    def get_ready(self, token: str) -> DeviceLink | None:
+        link = self._links.get(token)
+        return link if link is not None and link.ready else None
 
     def register(self, link: DeviceLink) -> DeviceLink | None:
         """Make `link` the device's connection; return the one it replaces, if any."""

@@ -8,10 +8,11 @@ ever looks at the one rollout that targets it most closely.
 
 from dataclasses import dataclass
 
-from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select
 from sqlalchemy.orm import Session
 
-from ..store import Firmware, Rollout, RolloutScope, RolloutState, utcnow
+from ..store import DeviceState, Firmware, Rollout, RolloutEvent, RolloutScope, RolloutState, utcnow
+from .lifecycle import UpdateLifecycle
 
 __all__ = ["Candidate", "RolloutPlanner"]
 
@@ -48,6 +49,15 @@ class Candidate:
     firmware_name: str
     build: str | None
 
+    def may_offer(self, reported_build: str | None) -> bool:
+        """Whether a device reporting this build may be offered this rollout at all."""
+        if self.scope == RolloutScope.DEVICE:
+            # Asked for by name: offered unless the device already runs that build.
+            return self.build is None or reported_build != self.build
+        # A campaign can only judge devices that report a build: one that
+        # reports none could never be seen as updated, and would loop.
+        return bool(reported_build) and reported_build != self.build
+
 
 class RolloutPlanner:
     def rollout_for(
@@ -63,15 +73,6 @@ class RolloutPlanner:
         )
         return None if best is None else Candidate(*best)
 
-    @staticmethod
-    def should_offer(candidate: Candidate, reported_build: str | None) -> bool:
-        if candidate.scope == RolloutScope.DEVICE:
-            # Asked for by name: offered unless the device already runs that build.
-            return candidate.build is None or reported_build != candidate.build
-        # A campaign can only judge devices that report a build: one that
-        # reports none could never be seen as updated, and would loop.
-        return bool(reported_build) and reported_build != candidate.build
-
     def start(
         self,
         session: Session,
@@ -82,31 +83,60 @@ class RolloutPlanner:
         target_id: int | None = None,
     ) -> Rollout:
         """Create a rollout; the active one for the same scope and target is superseded."""
-        rollout = Rollout(scope=scope, firmware_id=firmware.id, started_by=started_by)
+        now = utcnow()
+        rollout = Rollout(
+            scope=scope, firmware_id=firmware.id, started_by=started_by, started_at=now
+        )
         if scope in _TARGET_COLUMN:
             setattr(rollout, _TARGET_COLUMN[scope].key, target_id)
         rollout.firmware = firmware
         session.add(rollout)
         session.flush()
-        same_target = [Rollout.scope == scope, Rollout.state == RolloutState.ACTIVE]
+        _log(session, rollout, None, f"started by {started_by}", now)
+        same_target = [
+            Rollout.scope == scope,
+            Rollout.state.in_(RolloutState.RUNNING),
+            Rollout.id != rollout.id,
+        ]
         if scope in _TARGET_COLUMN:
             same_target.append(_TARGET_COLUMN[scope] == target_id)
-        session.execute(
-            update(Rollout)
-            .where(*same_target, Rollout.id != rollout.id)
-            .values(
-                state=RolloutState.SUPERSEDED,
-                superseded_by_id=rollout.id,
-                stopped_at=utcnow(),
-                stopped_by=started_by,
-            )
-        )
+        for old in session.scalars(select(Rollout).where(*same_target)).all():
+            old.superseded_by_id = rollout.id
+            self._end(session, old, RolloutState.SUPERSEDED, started_by, now)
         return rollout
 
-    def stop_all(self, session: Session, stopped_by: str) -> int:
-        result = session.execute(
-            update(Rollout)
-            .where(Rollout.state == RolloutState.ACTIVE)
-            .values(state=RolloutState.STOPPED, stopped_at=utcnow(), stopped_by=stopped_by)
+    def stop(self, session: Session, stopped_by: str, rollout_id: int | None = None) -> int:
+        """Stop one rollout, or every running one; returns how many were stopped."""
+        query = select(Rollout).where(Rollout.state.in_(RolloutState.RUNNING))
+        if rollout_id is not None:
+            query = query.where(Rollout.id == rollout_id)
+        rollouts = session.scalars(query).all()
+        now = utcnow()
+        for rollout in rollouts:
+            self._end(session, rollout, RolloutState.STOPPED, stopped_by, now)
+        return len(rollouts)
+
+    @staticmethod
+    def _end(session: Session, rollout: Rollout, state: str, by: str, now) -> None:
+        before = rollout.state
+        rollout.state, rollout.stopped_at, rollout.stopped_by = state, now, by[:255]
+        detail = f"{state} by {by}"
+        _log(session, rollout, before, detail, now)
+        device_state = (
+            DeviceState.SUPERSEDED if state == RolloutState.SUPERSEDED else DeviceState.CANCELLED
         )
-        return result.rowcount
+        UpdateLifecycle.end_rollout(session, rollout.id, device_state, now, detail)
+
+
+def _log(session: Session, rollout: Rollout, before: str | None, detail: str, now) -> None:
+    """A rollout-level entry in the event log (no device)."""
+    session.add(
+        RolloutEvent(
+            rollout_id=rollout.id,
+            device_id=None,
+            from_state=before,
+            to_state=rollout.state,
+            at=now,
+            detail=detail[:255],
+        )
+    )

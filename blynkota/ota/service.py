@@ -1,14 +1,15 @@
 """The OTA domain as the hardware server and the admin API see it.
 
-Devices: who a token is, what it reported, which firmware to offer it.
-Admins: upload firmware, aim it at a device / project / user / everyone, stop.
-Everything that must survive a restart goes to the database before it counts.
+Devices: who a token is, what it reported, which firmware to offer it, what
+its downloads did. Admins: upload firmware, aim it at a device / project /
+user / everyone, stop, look at progress. Everything that must survive a
+restart is in the database before it counts.
 """
 
 import logging
+import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
 
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
@@ -16,29 +17,26 @@ from sqlalchemy.orm import Session
 from ..store import (
     Database,
     Device,
+    DeviceState,
     Firmware,
     OtaCommand,
     Project,
     Rollout,
+    RolloutDevice,
     RolloutScope,
     RolloutState,
     User,
     utcnow,
 )
-from .firmware import FirmwareRejected, inspect_firmware
-from .firmware_store import SERVED_NAME, FirmwareStore
+from .catalog import FirmwareCatalog, FirmwareFile, Upload, served_path
+from .device_states import move, start_tracking
+from .firmware import FirmwareRejected
+from .lifecycle import RetryPolicy, UpdateLifecycle
 from .online import OfferFailed, OnlineDevices
 from .rollouts import Candidate, RolloutPlanner
+from .status import rollout_detail, rollout_summaries
 
-__all__ = [
-    "DeviceIdentity",
-    "FirmwareFile",
-    "Offer",
-    "OtaRequestError",
-    "OtaService",
-    "Upload",
-    "served_path",
-]
+__all__ = ["DeviceIdentity", "DownloadTicket", "Offer", "OtaRequestError", "OtaService"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +50,7 @@ _INFO_COLUMNS = {
 }
 _INFO_NUMBERS = {"h-beat": "heartbeat", "buff-in": "buff_in"}
 
-
+# Built once: these run at every device login.
 _DEVICE_BY_TOKEN = (
     select(Device.id, Device.token, Device.project_id, Project.user_id)
     .join(Project, Project.id == Device.project_id)
@@ -78,12 +76,6 @@ class OtaRequestError(Exception):
 
 
 @dataclass(frozen=True)
-class Upload:
-    data: bytes
-    filename: str
-
-
-@dataclass(frozen=True)
 class DeviceIdentity:
     id: int
     token: str
@@ -94,36 +86,59 @@ class DeviceIdentity:
 @dataclass(frozen=True)
 class Offer:
     rollout_id: int
+    device_id: int
+    token: str
     firmware_id: int
-    path: str
-    finishes_rollout: bool  # a device-only rollout of a file without build: sent once
+    path: str  # /static/ota/<name>.bin, what the admin API answers
+    key: str  # ties the download to this offer
+
+    @property
+    def url_path(self) -> str:
+        return f"{self.path}?o={self.key}"
 
 
-@dataclass(frozen=True)
-class FirmwareFile:
-    name: str
+@dataclass
+class DownloadTicket:
+    """One tracked download: which rollout row it moves, and how far it got."""
+
+    row_id: int
     size: int
-    md5: str
+    start: int
+    written_until: int = field(default=0)
 
 
-def served_path(name: str) -> str:
-    return f"/static/ota/{name}.bin"
+def _new_offer(candidate: Candidate, device: DeviceIdentity) -> Offer:
+    # 48 random bits, URL-safe: short enough for a 256-byte device buffer.
+    return Offer(
+        rollout_id=candidate.rollout_id,
+        device_id=device.id,
+        token=device.token,
+        firmware_id=candidate.firmware_id,
+        path=served_path(candidate.firmware_name),
+        key=secrets.token_urlsafe(6),
+    )
+
+
+def _candidate(rollout: Rollout) -> Candidate:
+    firmware = rollout.firmware
+    return Candidate(rollout.id, rollout.scope, firmware.id, firmware.name, firmware.build)
 
 
 class OtaService:
     def __init__(
         self,
         db: Database,
-        store: FirmwareStore,
+        catalog: FirmwareCatalog,
         online: OnlineDevices,
         *,
-        validate_image: bool = True,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self.db = db
-        self.store = store
+        self.catalog = catalog
         self.online = online
-        self.validate_image = validate_image
         self.planner = RolloutPlanner()
+        self.lifecycle = UpdateLifecycle(policy or RetryPolicy())
+        self._downloads: dict[int, DownloadTicket] = {}  # tracked downloads in progress
 
     # --- devices -------------------------------------------------------------
 
@@ -156,65 +171,171 @@ class OtaService:
     def device_reported(self, device: DeviceIdentity, info: dict[str, str]) -> Offer | None:
         """Record an info message (a full report: missing keys are stored as NULL).
 
-        Returns the firmware to offer, if any.
+        Ends the device's open attempts (updated, or failed with the reason) and
+        returns the offer now due, if any.
         """
         report = {column: (info.get(key) or None) for key, column in _INFO_COLUMNS.items()}
         report = {column: value and value[:64] for column, value in report.items()}
         for key, column in _INFO_NUMBERS.items():
             value = info.get(key, "")
             report[column] = int(value) if value.isdigit() and len(value) < 10 else None
+        build = report["build"]
+        now = utcnow()
         with self.db.begin() as session:
             session.execute(
-                update(Device).where(Device.id == device.id).values(last_seen_at=utcnow(), **report)
+                update(Device).where(Device.id == device.id).values(last_seen_at=now, **report)
             )
+            self.lifecycle.resolve_in_flight(session, device.id, build, now, self._bytes_written())
             candidate = self.planner.rollout_for(
                 session, device_id=device.id, project_id=device.project_id, user_id=device.user_id
             )
-        if candidate is None or not self.planner.should_offer(candidate, report["build"]):
-            return None
-        return _offer(candidate)
+            if candidate is None:
+                return None
+            row = self.lifecycle.row_to_offer(session, device.id, build, candidate, now)
+            return None if row is None else _new_offer(candidate, device)
 
-    def offer_sent(self, device_id: int, offer: Offer, url: str) -> None:
+    def offer_sent(self, offer: Offer, url: str) -> None:
+        """The `ota` frame is on the wire: journal it and count the attempt."""
+        now = utcnow()
         with self.db.begin() as session:
             session.add(
                 OtaCommand(
-                    device_id=device_id,
+                    device_id=offer.device_id,
                     firmware_id=offer.firmware_id,
                     rollout_id=offer.rollout_id,
-                    url=url,
+                    url=url[:255],
+                    sent_at=now,
+                    offer_key=offer.key,
                 )
             )
-            if offer.finishes_rollout:
-                session.execute(
-                    update(Rollout)
-                    .where(Rollout.id == offer.rollout_id, Rollout.state == RolloutState.ACTIVE)
-                    .values(state=RolloutState.FINISHED, stopped_at=utcnow())
+            row = self._row(session, offer.rollout_id, offer.device_id)
+            if row is not None and row.state == DeviceState.PENDING:
+                self.lifecycle.offer_made(session, row, now, url)
+
+    def send_offer(self, offer: Offer) -> str:
+        """Write `offer` to the device's connection and record it; the URL sent.
+
+        Raises OfferFailed (the device stays pending, nothing is counted).
+        """
+        link = self.online.get_ready(offer.token)
+        if link is None:
+            raise OfferFailed("the device is not in session")
+        url = link.send_ota(offer.url_path)
+        self.offer_sent(offer, url)
+        return url
+
+    # --- downloads -------------------------------------------------------------
+
+    def download_started(
+        self, firmware: FirmwareFile, key: str | None, start: int
+    ) -> DownloadTicket | None:
+        """A device asks for a file: if the URL carries a live offer key, track it."""
+        if not key:
+            return None
+        now = utcnow()
+        with self.db.begin() as session:
+            command = session.scalar(select(OtaCommand).where(OtaCommand.offer_key == key[:16]))
+            if command is None or command.firmware_id != firmware.id:
+                return None
+            row = self._row(session, command.rollout_id, command.device_id)
+            if row is None or row.state not in DeviceState.IN_FLIGHT:
+                return None
+            row.bytes_sent = start
+            detail = f"downloading from byte {start}" if start else None
+            move(session, row, DeviceState.DOWNLOADING, now, detail)
+            ticket = DownloadTicket(row.id, firmware.size, start, start)
+        self._downloads[ticket.row_id] = ticket
+        return ticket
+
+    def download_finished(self, ticket: DownloadTicket, complete: bool) -> None:
+        """The response ended: every byte written, or cut short at `written_until`."""
+        self._downloads.pop(ticket.row_id, None)
+        now = utcnow()
+        with self.db.begin() as session:
+            row = session.get(RolloutDevice, ticket.row_id)
+            if row is None or row.state != DeviceState.DOWNLOADING:
+                return  # the device came back already, and its login settled the attempt
+            row.bytes_sent = ticket.written_until
+            if complete and ticket.written_until >= ticket.size:
+                move(session, row, DeviceState.DOWNLOADED, now)
+            else:
+                detail = f"download interrupted at {ticket.written_until} of {ticket.size} bytes"
+                move(session, row, DeviceState.DOWNLOADING, now, detail)
+
+    def _bytes_written(self) -> dict[int, int]:
+        return {row_id: ticket.written_until for row_id, ticket in self._downloads.items()}
+
+    # --- timers ----------------------------------------------------------------
+
+    def sweep(self) -> tuple[int, int]:
+        """Time out stale attempts; offer retries whose backoff ended to online devices.
+
+        Returns (attempts timed out, offers sent).
+        """
+        now = utcnow()
+        with self.db.begin() as session:
+            timed_out = self.lifecycle.time_out_attempts(session, now)
+            due = session.execute(
+                select(RolloutDevice.rollout_id, Device.token)
+                .join(Device, Device.id == RolloutDevice.device_id)
+                .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
+                .where(
+                    RolloutDevice.state == DeviceState.PENDING,
+                    RolloutDevice.next_attempt_at <= now,
+                    Rollout.state == RolloutState.ACTIVE,
                 )
+            ).all()
+        sent = 0
+        for rollout_id, token in due:
+            if self.online.get_ready(token) is None:
+                continue  # offered at its next login
+            offer = self._due_offer(token, rollout_id)
+            if offer is None:
+                continue
+            try:
+                self.send_offer(offer)
+                sent += 1
+            except OfferFailed as error:
+                log.warning("device %s: retry not offered: %s", token, error)
+        return timed_out, sent
+
+    def _due_offer(self, token: str, rollout_id: int) -> Offer | None:
+        device = self.find_device(token)
+        if device is None:
+            return None
+        now = utcnow()
+        with self.db.begin() as session:
+            candidate = self.planner.rollout_for(
+                session, device_id=device.id, project_id=device.project_id, user_id=device.user_id
+            )
+            if candidate is None or candidate.rollout_id != rollout_id:
+                return None  # a more specific rollout took over
+            build = session.scalar(select(Device.build).where(Device.id == device.id))
+            row = self.lifecycle.row_to_offer(session, device.id, build, candidate, now)
+            return None if row is None else _new_offer(candidate, device)
 
     # --- admin -----------------------------------------------------------------
 
-    def start_for_device(self, token: str, upload: Upload, admin: str) -> str:
-        """Upload and send to one online device now (Blynk's ?token=)."""
-        device_id = self._online_device_id(token)
+    def start_for_device(self, token: str, upload: Upload, admin: str, *, queue: bool) -> str:
+        """Upload and send to one device now (Blynk's ?token=), or at its next login."""
+        device = self._device_for_admin(token, queue=queue)
         report = self._inspect(upload)
-        return self._send_firmware(
-            device_id, token, admin, lambda session: self._store(session, upload, report, admin)
+        return self._device_rollout(
+            device, admin, lambda session: self.catalog.add(session, upload, report, admin)
         )
 
-    def resend(self, file_name: str, token: str, admin: str) -> str:
-        """Send an already uploaded file to one online device (GET ?fileName=&token=)."""
+    def resend(self, file_name: str, token: str, admin: str, *, queue: bool) -> str:
+        """Send an already uploaded file to one device (GET ?fileName=&token=)."""
         name = file_name.rsplit("/", 1)[-1].removesuffix(".bin")
-        device_id = self._online_device_id(token)
+        device = self._device_for_admin(token, queue=queue)
 
         def uploaded(session: Session) -> Firmware:
-            firmware = SERVED_NAME.fullmatch(name) and session.scalar(
-                select(Firmware).where(Firmware.name == name)
-            )
-            if not firmware:
+            firmware = self.catalog.by_name(session, name)
+            if firmware is None:
                 raise OtaRequestError("Requested file not found.")
             return firmware
 
-        return self._send_firmware(device_id, token, admin, uploaded)
+        return self._device_rollout(device, admin, uploaded)
 
     def start_campaign(
         self, upload: Upload, admin: str, *, user: str | None = None, project: str | None = None
@@ -230,12 +351,13 @@ class OtaService:
                 "campaign needs it. Send it to one device with ?token= instead."
             )
         with self.db.begin() as session:
-            firmware = self._store(session, upload, report, admin)
-            self.planner.start(
+            firmware = self.catalog.add(session, upload, report, admin)
+            rollout = self.planner.start(
                 session, scope=scope, firmware=firmware, started_by=admin, target_id=target_id
             )
         log.info(
-            "rollout of %s (build %s) to %s started by %s",
+            "rollout %d of %s (build %s) to %s started by %s",
+            rollout.id,
             firmware.name,
             report.build,
             scope,
@@ -243,80 +365,83 @@ class OtaService:
         )
         return served_path(firmware.name)
 
-    def stop_all(self, admin: str) -> int:
+    def stop(self, admin: str, rollout_id: int | None = None) -> int:
         with self.db.begin() as session:
-            stopped = self.planner.stop_all(session, admin)
+            if rollout_id is not None and session.get(Rollout, rollout_id) is None:
+                raise OtaRequestError(f"No rollout {rollout_id}.", 404)
+            stopped = self.planner.stop(session, admin, rollout_id)
         log.info("%d rollout(s) stopped by %s", stopped, admin)
         return stopped
 
-    def firmware_file(self, name: str) -> FirmwareFile | None:
-        if not SERVED_NAME.fullmatch(name):
-            return None
+    def status(self, rollout_id: int | None = None) -> list[dict]:
         with self.db.begin() as session:
-            firmware = session.scalar(select(Firmware).where(Firmware.name == name))
-            if firmware is None:
-                return None
-            return FirmwareFile(firmware.name, firmware.size, firmware.md5)
+            return rollout_summaries(session, rollout_id)
 
-    def list_firmware(self) -> list[dict]:
+    def detail(self, rollout_id: int) -> dict:
         with self.db.begin() as session:
-            rows = session.scalars(select(Firmware).order_by(Firmware.id)).all()
-            return [
-                {
-                    "name": firmware.name,
-                    "path": served_path(firmware.name),
-                    "original_name": firmware.original_name,
-                    "size": firmware.size,
-                    "md5": firmware.md5,
-                    "sha256": firmware.sha256,
-                    "build": firmware.build,
-                    "chip": firmware.chip,
-                    "uploaded_by": firmware.uploaded_by,
-                    "uploaded_at": _iso(firmware.uploaded_at),
-                }
-                for firmware in rows
-            ]
+            found = rollout_detail(session, rollout_id)
+        if found is None:
+            raise OtaRequestError(f"No rollout {rollout_id}.", 404)
+        return found
 
     # --- helpers ---------------------------------------------------------------
 
-    def _online_device_id(self, token: str) -> int:
-        identity = self.find_device(token)
-        if identity is None:
+    @staticmethod
+    def _row(session: Session, rollout_id: int | None, device_id: int) -> RolloutDevice | None:
+        if rollout_id is None:
+            return None
+        return session.scalar(
+            select(RolloutDevice).where(
+                RolloutDevice.rollout_id == rollout_id, RolloutDevice.device_id == device_id
+            )
+        )
+
+    def _device_for_admin(self, token: str, *, queue: bool) -> DeviceIdentity:
+        device = self.find_device(token)
+        if device is None:
             raise OtaRequestError("Invalid token.")
-        if self.online.get(token) is None:
+        if not queue and self.online.get(token) is None:
             raise OtaRequestError("No device in session.")
-        return identity.id
+        return device
 
     def _inspect(self, upload: Upload):
         try:
-            return inspect_firmware(upload.data, validate_image=self.validate_image)
+            return self.catalog.inspect(upload)
         except FirmwareRejected as error:
             raise OtaRequestError(str(error)) from None
 
-    def _store(self, session: Session, upload: Upload, report, admin: str) -> Firmware:
-        stored = self.store.save(upload.data)
-        firmware = Firmware(
-            name=stored.name,
-            original_name=(upload.filename or "firmware.bin")[:255],
-            size=stored.size,
-            md5=stored.md5,
-            sha256=stored.sha256,
-            build=report.build,
-            chip=report.chip,
-            uploaded_by=admin,
-        )
-        session.add(firmware)
-        session.flush()
-        log.info(
-            "stored firmware %s (%s, %d bytes, build %s, chip %s) from %s",
-            stored.name,
-            firmware.original_name,
-            stored.size,
-            report.build,
-            report.chip,
-            admin,
-        )
-        return firmware
+    def _device_rollout(
+        self, device: DeviceIdentity, admin: str, firmware_of: Callable[[Session], Firmware]
+    ) -> str:
+        """A device rollout for the firmware `firmware_of` gives, offered now if online."""
+        now = utcnow()
+        with self.db.begin() as session:
+            rollout = self.planner.start(
+                session,
+                scope=RolloutScope.DEVICE,
+                firmware=firmware_of(session),
+                started_by=admin,
+                target_id=device.id,
+            )
+            # Asked for by name: sent whatever build the device reports.
+            start_tracking(
+                session,
+                rollout_id=rollout.id,
+                device_id=device.id,
+                state=DeviceState.PENDING,
+                at=now,
+                detail=f"targeted by {admin}",
+            )
+            offer = _new_offer(_candidate(rollout), device)
+        if self.online.get_ready(device.token) is not None:
+            try:
+                self.send_offer(offer)
+            except OfferFailed as error:
+                raise OtaRequestError(
+                    f"The update could not be sent: {error}. It stays pending for the next login."
+                ) from None
+        # Not yet reported (or queued while offline): offered after its next info message.
+        return offer.path
 
     def _campaign_target(
         self, session: Session, email: str | None, project_ref: str | None
@@ -345,59 +470,3 @@ class OtaService:
                 f"Project name {project_ref!r} matches projects {ids}: give the project id."
             )
         return RolloutScope.PROJECT, matches[0].id
-
-    def _send_firmware(
-        self, device_id: int, token: str, admin: str, firmware_of: Callable[[Session], Firmware]
-    ) -> str:
-        """A device rollout for the firmware `firmware_of` gives, sent at once."""
-        with self.db.begin() as session:
-            rollout = self.planner.start(
-                session,
-                scope=RolloutScope.DEVICE,
-                firmware=firmware_of(session),
-                started_by=admin,
-                target_id=device_id,
-            )
-            offer = _offer(_candidate(rollout))
-        self._send_now(device_id, token, offer)
-        return offer.path
-
-    def _send_now(self, device_id: int, token: str, offer: Offer) -> None:
-        link = self.online.get(token)
-        try:
-            if link is None:
-                raise OfferFailed("the device disconnected")
-            url = link.send_ota(offer.path)
-        except OfferFailed as error:
-            with self.db.begin() as session:
-                session.execute(
-                    update(Rollout)
-                    .where(Rollout.id == offer.rollout_id)
-                    .values(
-                        state=RolloutState.STOPPED,
-                        stopped_at=utcnow(),
-                        stopped_by=f"server: {error}"[:255],
-                    )
-                )
-            if link is None:
-                raise OtaRequestError("No device in session.") from None
-            raise OtaRequestError(f"Could not send the update: {error}.") from None
-        self.offer_sent(device_id, offer, url)
-
-
-def _offer(candidate: Candidate) -> Offer:
-    return Offer(
-        rollout_id=candidate.rollout_id,
-        firmware_id=candidate.firmware_id,
-        path=served_path(candidate.firmware_name),
-        finishes_rollout=candidate.scope == RolloutScope.DEVICE and candidate.build is None,
-    )
-
-
-def _candidate(rollout: Rollout) -> Candidate:
-    firmware = rollout.firmware
-    return Candidate(rollout.id, rollout.scope, firmware.id, firmware.name, firmware.build)
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat() + "Z"

@@ -23,6 +23,9 @@ __all__ = [
     "OtaCommand",
     "RolloutScope",
     "RolloutState",
+    "DeviceState",
+    "RolloutDevice",
+    "RolloutEvent",
 ]
 
 NAMING_CONVENTION = {
@@ -135,7 +138,8 @@ class RolloutState:
     ACTIVE = "active"
     SUPERSEDED = "superseded"
     STOPPED = "stopped"
-    FINISHED = "finished"
+    # States in which a rollout still has a say over its devices.
+    RUNNING = (ACTIVE,)
 
 
 class Rollout(Base):
@@ -171,3 +175,73 @@ class OtaCommand(Base):
     rollout_id: Mapped[Optional[int]] = mapped_column(ForeignKey("rollouts.id"))
     url: Mapped[str] = mapped_column(String(255))
     sent_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The short key in the URL that ties a download to this offer (the token
+    # never travels in the clear). NULL for commands sent before keys existed.
+    offer_key: Mapped[Optional[str]] = mapped_column(String(16), unique=True)
+
+
+class DeviceState:
+    """Where one device stands in one rollout (the rules: ota/device_states.py)."""
+
+    PENDING = "pending"  # targeted, no `ota` sent yet (or waiting out a backoff)
+    OFFERED = "offered"  # the `ota` frame was written to its socket
+    DOWNLOADING = "downloading"  # its HTTP request for that offer arrived
+    DOWNLOADED = "downloaded"  # the whole file was written to it
+    UPDATED = "updated"  # it logged in again reporting the rollout's build
+    FAILED = "failed"  # attempts exhausted: never offered this rollout again
+    CANCELLED = "cancelled"  # the rollout was stopped
+    SUPERSEDED = "superseded"  # the rollout was replaced
+    ALL = (
+        PENDING,
+        OFFERED,
+        DOWNLOADING,
+        DOWNLOADED,
+        UPDATED,
+        FAILED,
+        CANCELLED,
+        SUPERSEDED,
+    )
+    IN_FLIGHT = (OFFERED, DOWNLOADING, DOWNLOADED)
+    OPEN = (PENDING, OFFERED, DOWNLOADING, DOWNLOADED)
+
+
+class RolloutDevice(Base):
+    """One device in one rollout: its state, attempts and when each step happened."""
+
+    __tablename__ = "rollout_devices"
+    __table_args__ = (
+        UniqueConstraint("rollout_id", "device_id"),
+        Index("ix_rollout_devices_state_next_attempt_at", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"))
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(default=0)
+    already_current: Mapped[bool] = mapped_column(default=False)
+    last_error: Mapped[Optional[str]] = mapped_column(String(255))
+    bytes_sent: Mapped[Optional[int]]  # of the latest download
+    pending_at: Mapped[datetime] = mapped_column(default=utcnow)
+    first_offered_at: Mapped[Optional[datetime]]
+    offered_at: Mapped[Optional[datetime]]
+    downloading_at: Mapped[Optional[datetime]]
+    downloaded_at: Mapped[Optional[datetime]]
+    updated_at: Mapped[Optional[datetime]]  # when it reported the rollout's build
+    failed_at: Mapped[Optional[datetime]]
+    ended_at: Mapped[Optional[datetime]]  # cancelled or superseded
+    next_attempt_at: Mapped[Optional[datetime]]  # backoff: no offer before this
+
+
+class RolloutEvent(Base):
+    """Append-only: every state change of a rollout or of a device in it."""
+
+    __tablename__ = "rollout_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), index=True)
+    device_id: Mapped[Optional[int]] = mapped_column(ForeignKey("devices.id"), index=True)
+    from_state: Mapped[Optional[str]] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    detail: Mapped[Optional[str]] = mapped_column(String(255))

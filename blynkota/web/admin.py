@@ -46,11 +46,19 @@ def _uploaded_file() -> Upload:
     return Upload(data=data, filename=storage.filename or "")
 
 
+def _flag(name: str) -> bool:
+    value = request.args.get(name, "false").lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise OtaRequestError(f"{name} must be true or false, not {value!r}.")
+    return value in ("true", "1", "yes")
+
+
 @admin.route("/ota/start", methods=["GET", "POST"])
 @auth.login_required
 def start_ota() -> Response:
     service, who = _service(), auth.current_user()
     token = request.args.get("token")
+    queue = _flag("queue")  # offline device: keep the update pending for its next login
     if request.method == "GET":
         file_name = request.args.get("fileName")
         if not file_name or not token:
@@ -58,19 +66,41 @@ def start_ota() -> Response:
                 "GET /admin/ota/start re-sends an uploaded file: give fileName and token "
                 "(upload a new file with POST)."
             )
-        return _text(service.resend(file_name, token, who))
+        return _text(service.resend(file_name, token, who, queue=queue))
     if token is not None:
         # Checked before the upload is read, as the Blynk server does.
-        return _text(service.start_for_device(token, _uploaded_file(), who))
+        return _text(service.start_for_device(token, _uploaded_file(), who, queue=queue))
     user, project = request.args.get("user"), request.args.get("project")
     return _text(service.start_campaign(_uploaded_file(), who, user=user, project=project))
+
+
+def _rollout_id() -> int | None:
+    value = request.args.get("rollout")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise OtaRequestError(f"rollout must be a rollout id, not {value!r}.")
+    return int(value)
 
 
 @admin.route("/ota/stop", methods=["GET", "POST"])
 @auth.login_required
 def stop_ota() -> Response:
-    stopped = _service().stop_all(auth.current_user())
+    """Stop every running rollout, or only ?rollout=<id>."""
+    stopped = _service().stop(auth.current_user(), _rollout_id())
     return _text(f"Stopped {stopped} rollout(s).")
+
+
+@admin.get("/ota/status")
+@auth.login_required
+def ota_status() -> Response:
+    return jsonify(_service().status())
+
+
+@admin.get("/ota/rollouts/<int:rollout_id>")
+@auth.login_required
+def rollout_detail(rollout_id: int) -> Response:
+    return jsonify(_service().detail(rollout_id))
 
 
 def _jsonable(row: dict) -> dict:
@@ -90,4 +120,4 @@ def list_devices() -> Response:
 @admin.get("/firmware")
 @auth.login_required
 def list_firmware() -> Response:
-    return jsonify(_service().list_firmware())
+    return jsonify(_service().catalog.listing())

@@ -3,27 +3,61 @@
 What the tiny updaters need (SPEC §4): a Content-Length, octet-stream, an
 `x-MD5` in lowercase hex, no chunking, no redirect. Range requests are
 answered too, so an interrupted download can resume.
+
+A URL from an `ota` command carries the offer's key (`?o=`): the body is then
+counted as it is written, so the rollout learns that the device is
+downloading, whether every byte went out, or where the download broke off.
 """
 
-from flask import Blueprint, Response, current_app, send_file
+from collections.abc import Iterable, Iterator
+
+from flask import Blueprint, Response, current_app, request, send_file
+
+from ..ota import DownloadTicket, OtaService
 
 __all__ = ["downloads"]
 
 downloads = Blueprint("downloads", __name__)
 
 
+class _CountedBody:
+    """The response body, reporting how far it got when the server closes it."""
+
+    def __init__(self, body: Iterable[bytes], ticket: DownloadTicket, service: OtaService):
+        self._body, self._ticket, self._service = body, ticket, service
+        self._finished = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._body:
+            yield chunk
+            # Asked for the next chunk: the server wrote this one.
+            self._ticket.written_until += len(chunk)
+        self._finished = True
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
+        self._service.download_finished(self._ticket, complete=self._finished)
+
+
 @downloads.route("/static/ota/<name>.bin", methods=["GET", "HEAD"])
 def firmware_file(name: str) -> Response:
-    service = current_app.extensions["blynkota"]
-    firmware = service.firmware_file(name)
+    service: OtaService = current_app.extensions["blynkota"]
+    firmware = service.catalog.file(name)
     if firmware is None:
         return Response("No such firmware.\n", 404, mimetype="text/plain")
     response = send_file(
-        service.store.path(firmware.name),
+        service.catalog.store.path(firmware.name),
         mimetype="application/octet-stream",
         conditional=True,
         etag=firmware.md5,
         max_age=0,
     )
     response.headers["x-MD5"] = firmware.md5
+    if request.method == "GET" and response.status_code in (200, 206):
+        start = response.content_range.start if response.status_code == 206 else 0
+        ticket = service.download_started(firmware, request.args.get("o"), start)
+        if ticket is not None:
+            response.response = _CountedBody(response.response, ticket, service)
     return response

@@ -1,0 +1,101 @@
+"""What rollouts look like from outside: the JSON of /admin/ota/status and the CLI table.
+
+Counts come from the `rollout_progress` view, the same numbers an operator
+gets with `SELECT * FROM rollout_progress`.
+"""
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from ..store import Device, DeviceState, Project, Rollout, RolloutDevice, RolloutScope, User
+from .catalog import iso, served_path
+
+__all__ = ["rollout_detail", "rollout_summaries"]
+
+_TIMESTAMPS = (
+    "pending_at",
+    "first_offered_at",
+    "offered_at",
+    "downloading_at",
+    "downloaded_at",
+    "updated_at",
+    "failed_at",
+    "ended_at",
+    "next_attempt_at",
+)
+
+
+def _target(session: Session, rollout: Rollout) -> str:
+    if rollout.scope == RolloutScope.DEVICE:
+        return session.get(Device, rollout.device_id).token
+    if rollout.scope == RolloutScope.PROJECT:
+        project = session.get(Project, rollout.project_id)
+        email = session.get(User, project.user_id).email
+        return f"{email} / {project.name} (project {project.dash_id})"
+    if rollout.scope == RolloutScope.USER:
+        return session.get(User, rollout.user_id).email
+    return "all devices"
+
+
+def rollout_summaries(session: Session, rollout_id: int | None = None) -> list[dict]:
+    query = select(Rollout).order_by(Rollout.id.desc())
+    if rollout_id is not None:
+        query = query.where(Rollout.id == rollout_id)
+    rollouts = session.scalars(query).all()
+    progress = {
+        row["rollout_id"]: row
+        for row in session.execute(text("SELECT * FROM rollout_progress")).mappings()
+    }
+    summaries = []
+    for rollout in rollouts:
+        counts = progress.get(rollout.id, {})
+        summaries.append(
+            {
+                "id": rollout.id,
+                "scope": rollout.scope,
+                "target": _target(session, rollout),
+                "firmware": {
+                    "name": rollout.firmware.name,
+                    "path": served_path(rollout.firmware.name),
+                    "build": rollout.firmware.build,
+                    "original_name": rollout.firmware.original_name,
+                },
+                "state": rollout.state,
+                "started_by": rollout.started_by,
+                "started_at": iso(rollout.started_at),
+                "stopped_by": rollout.stopped_by,
+                "stopped_at": iso(rollout.stopped_at),
+                "superseded_by": rollout.superseded_by_id,
+                "device_count": int(counts.get("devices") or 0),
+                "counts": {state: int(counts.get(state) or 0) for state in DeviceState.ALL},
+                "already_up_to_date": int(counts.get("already_up_to_date") or 0),
+            }
+        )
+    return summaries
+
+
+def rollout_detail(session: Session, rollout_id: int) -> dict | None:
+    summaries = rollout_summaries(session, rollout_id)
+    if not summaries:
+        return None
+    rows = session.execute(
+        select(RolloutDevice, Device.token, Device.name)
+        .join(Device, Device.id == RolloutDevice.device_id)
+        .where(RolloutDevice.rollout_id == rollout_id)
+        .order_by(RolloutDevice.id)
+    ).all()
+    detail = summaries[0]
+    detail["devices"] = [
+        {
+            "token": token,
+            "name": name,
+            "state": row.state,
+            "attempts": row.attempts,
+            "last_error": row.last_error,
+            "bytes_sent": row.bytes_sent,
+            "already_up_to_date": row.already_current,
+            **{stamp: iso(getattr(row, stamp)) for stamp in _TIMESTAMPS},
+        }
+        for row, token, name in rows
+    ]
+    return detail
