@@ -175,6 +175,7 @@ class SimulatedDevice:
                     return True  # reboot
             return False
         finally:
+            self.ready.clear()
             sock.close()
             self._sock = None
 
@@ -204,8 +205,9 @@ class SimulatedDevice:
         result = Download(url)
         parts = urlsplit(url)
         host, port = parts.hostname or "", parts.port or 80
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
         request = (
-            f"GET {parts.path} HTTP/1.0\r\n"
+            f"GET {target} HTTP/1.0\r\n"
             f"Host: {parts.netloc}\r\n"
             "User-Agent: ESP8266-http-Update\r\n"
             "x-ESP8266-STA-MAC: 5C:CF:7F:00:00:01\r\n"

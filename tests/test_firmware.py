@@ -14,6 +14,8 @@ from blynkota.ota import (
 
 from .images import esp32_image, esp8266_image
 
+BUILD = "Nov 29 2018 12:00:00"
+
 
 def test_build_is_the_text_after_the_first_build_tag():
     data = b"xx\0build\0Nov 29 2018 12:00:00\0\0more\0build\0Jan  1 2000 00:00:00\0"
@@ -95,3 +97,9 @@ def test_store_writes_under_unguessable_names_and_leaves_no_temporary_file(tmp_p
     )
     with pytest.raises(ValueError):
         store.path("../../etc/passwd")
+
+
+def test_a_large_esp8266_image_is_not_mistaken_for_an_esp32_one():
+    # Its first segment header (size 0x00C00000) reads like an ESP32 chip id of 0.
+    report = inspect_firmware(esp8266_image(BUILD, size=12 * 1024 * 1024), validate_image=True)
+    assert (report.chip, report.build) == ("esp8266", BUILD)

@@ -172,21 +172,21 @@ class DeviceSession:
     def ready(self) -> bool:
         return self.machine.state is SessionState.READY
 
-    def send_ota(self, path: str) -> str:
+    def ota_frame(self, path: str) -> tuple[str, bytes]:
         if not self.ready:
             raise OfferFailed("the device is not in session")
         url = self._url(path)
         try:
-            frame = encode_ota(url, buff_in=self.buff_in)
+            return url, encode_ota(url, buff_in=self.buff_in)
         except LocalProtocolError as error:
             raise OfferFailed(str(error)) from None
+
+    def write_frame(self, frame: bytes) -> None:
         try:
             self._write(frame)
-        except OSError as error:
+        except (OSError, TimeoutError) as error:
             self.close(f"write failed ({error})")
-            raise OfferFailed("the device disconnected") from None
-        log.info("device %s: sent ota %s", self.token, url)
-        return url
+            raise OfferFailed(f"the device did not take the frame ({error})") from None
 
     def close(self, reason: str) -> None:
         log.info("device %s %s: %s", self.token or "-", self.peer, reason)

@@ -42,7 +42,12 @@ def read_build(data: bytes) -> str | None:
 
 
 def _detect_chip(data: bytes) -> str:
-    """ESP32-family images carry a chip id in a 16-byte extended header; ESP8266 ones don't."""
+    """ESP32-family images carry a chip id in a 16-byte extended header; ESP8266 ones don't.
+
+    The guess is esptool's: an ESP8266 image can look like an ESP32 one (its
+    first segment header takes the extended header's place), so callers try
+    ESP8266 too when the guessed chip does not parse.
+    """
     from esptool.targets import ROM_LIST
 
     extended = data[8:24]
@@ -54,17 +59,10 @@ def _detect_chip(data: bytes) -> str:
     return "esp8266"
 
 
-def _check_image(data: bytes) -> str:
-    if not data:
-        raise FirmwareRejected("The file is empty.")
-    if data[0] != IMAGE_MAGIC:
-        raise FirmwareRejected(
-            f"Not an ESP8266/ESP32 application image: it starts with byte "
-            f"0x{data[0]:02X}, not 0xE9 (set ota.validate.image=false to send raw files)."
-        )
+def _check_as(chip: str, data: bytes) -> None:
+    """Raises FirmwareRejected unless `data` is a sound `chip` application image."""
     from esptool.bin_image import LoadFirmwareImage
 
-    chip = _detect_chip(data)
     # esptool logs through its own logger; keep its warnings out of ours.
     logging.getLogger("esptool").setLevel(logging.ERROR)
     try:
@@ -83,7 +81,30 @@ def _check_image(data: bytes) -> str:
             f"The SHA-256 appended to the {chip.upper()} image does not match its "
             "content: the file is damaged."
         )
-    return chip
+
+
+def _check_image(data: bytes) -> str:
+    if not data:
+        raise FirmwareRejected("The file is empty.")
+    if data[0] != IMAGE_MAGIC:
+        raise FirmwareRejected(
+            f"Not an ESP8266/ESP32 application image: it starts with byte "
+            f"0x{data[0]:02X}, not 0xE9 (set ota.validate.image=false to send raw files)."
+        )
+    guessed = _detect_chip(data)
+    try:
+        _check_as(guessed, data)
+        return guessed
+    except FirmwareRejected:
+        if guessed == "esp8266":
+            raise
+        try:
+            _check_as("esp8266", data)
+        except FirmwareRejected:
+            pass
+        else:
+            return "esp8266"
+        raise
 
 
 def inspect_firmware(data: bytes, *, validate_image: bool) -> ImageReport:

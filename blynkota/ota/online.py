@@ -21,8 +21,11 @@ class DeviceLink(Protocol):
     def ready(self) -> bool:
         """True once the device's info message is answered: `ota` may be written."""
 
-    def send_ota(self, path: str) -> str:
-        """Write an `ota` command for `path`; return the full URL sent. Raises OfferFailed."""
+    def ota_frame(self, path: str) -> tuple[str, bytes]:
+        """The full URL and the `ota` frame for `path`. Raises OfferFailed if it cannot fit."""
+
+    def write_frame(self, frame: bytes) -> None:
+        """Write a frame to the device. Raises OfferFailed when the connection fails."""
 
     def close(self, reason: str) -> None: ...
 

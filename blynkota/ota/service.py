@@ -213,16 +213,34 @@ class OtaService:
                 self.lifecycle.offer_made(session, row, now, url)
 
     def send_offer(self, offer: Offer) -> str:
-        """Write `offer` to the device's connection and record it; the URL sent.
+        """Record `offer`, then write it to the device's connection; the URL sent.
 
-        Raises OfferFailed (the device stays pending, nothing is counted).
+        Recorded first: the device may ask for the file before this greenlet
+        runs again. Raises OfferFailed: when the frame cannot be built nothing
+        is counted; when the write fails the attempt fails with that reason.
         """
         link = self.online.get_ready(offer.token)
         if link is None:
             raise OfferFailed("the device is not in session")
-        url = link.send_ota(offer.url_path)
+        url, frame = link.ota_frame(offer.url_path)
         self.offer_sent(offer, url)
+        try:
+            link.write_frame(frame)
+        except OfferFailed as error:
+            self._offer_undelivered(offer, str(error))
+            raise
+        log.info("device %s: sent ota %s", offer.token, url)
         return url
+
+    def _offer_undelivered(self, offer: Offer, reason: str) -> None:
+        now = utcnow()
+        with self.db.begin() as session:
+            row = self._row(session, offer.rollout_id, offer.device_id)
+            if row is not None and row.state == DeviceState.OFFERED:
+                rollout_state = session.get(Rollout, offer.rollout_id).state
+                self.lifecycle.fail_attempt(
+                    session, row, rollout_state, f"ota command not delivered: {reason}", now
+                )
 
     # --- downloads -------------------------------------------------------------
 

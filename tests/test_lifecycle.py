@@ -1,0 +1,324 @@
+"""Rollouts that finish: every row of the per-device state table, each failure reason,
+the loop breaker, the history, and restarts in the middle (issue: per-device lifecycle)."""
+
+import re
+
+import gevent
+import pytest
+import sqlalchemy
+
+from blynkota.ota import TRANSITIONS, IllegalDeviceTransition
+from blynkota.ota.device_states import move, start_tracking
+from blynkota.simulator import SimulatedDevice
+from blynkota.store import DeviceState, Firmware, Rollout, utcnow
+
+from .devices import BUILD_NEW, BUILD_OLD
+from .images import esp8266_image
+from .servers import wait_until
+
+FAST = {"ota.retry.backoff": 0.3, "ota.attempt.timeout": 60, "ota.max.attempts": 3}
+
+
+def query(app, sql: str, **params) -> list[dict]:
+    with app.extensions["blynkota.db"].engine.connect() as connection:
+        return [dict(row) for row in connection.execute(sqlalchemy.text(sql), params).mappings()]
+
+
+def device_state(app, token: str) -> dict:
+    rows = query(
+        app,
+        "SELECT rd.* FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id "
+        "WHERE d.token = :token ORDER BY rd.id",
+        token=token,
+    )
+    return rows[-1] if rows else {}
+
+
+def story(app, token: str) -> list[tuple]:
+    """The device's whole story, one SQL query on the event table."""
+    rows = query(
+        app,
+        "SELECT e.from_state, e.to_state, e.detail FROM rollout_events e "
+        "JOIN devices d ON d.id = e.device_id WHERE d.token = :token ORDER BY e.id",
+        token=token,
+    )
+    return [(row["from_state"], row["to_state"], row["detail"]) for row in rows]
+
+
+def start_device(server, token, build, **options) -> SimulatedDevice:
+    device = SimulatedDevice("127.0.0.1", server.http_port, token, build, **options)
+    device.start()
+    return device
+
+
+@pytest.fixture
+def fast_server(server_factory, app):
+    return server_factory(**FAST)
+
+
+def test_a_normal_update_walks_every_state_with_its_timestamp(fast_server, fleet, app):
+    token = fleet.add_device("me@example.com", "Farm")
+    fast_server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
+    device = start_device(fast_server, token, BUILD_OLD)
+    try:
+        wait_until(lambda: device_state(app, token).get("state") == DeviceState.UPDATED)
+    finally:
+        device.stop()
+    row = device_state(app, token)
+    assert row["attempts"] == 1 and row["last_error"] is None
+    for stamp in ("pending_at", "first_offered_at", "offered_at", "downloading_at",
+                  "downloaded_at", "updated_at"):  # fmt: skip
+        assert row[stamp] is not None, stamp
+    assert row["pending_at"] <= row["offered_at"] <= row["downloading_at"]
+    assert row["downloading_at"] <= row["downloaded_at"] <= row["updated_at"]
+    assert row["bytes_sent"] == len(esp8266_image(BUILD_NEW))
+    assert [(a, b) for a, b, _ in story(app, token)] == [
+        (None, "pending"),
+        ("pending", "offered"),
+        ("offered", "downloading"),
+        ("downloading", "downloaded"),
+        ("downloaded", "updated"),
+    ]
+
+
+def test_already_up_to_date_devices_count_as_updated(fast_server, fleet, app):
+    token = fleet.add_device("me@example.com", "Farm")
+    fast_server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
+    device = start_device(fast_server, token, BUILD_NEW)
+    try:
+        wait_until(lambda: device_state(app, token).get("state") == DeviceState.UPDATED)
+    finally:
+        device.stop()
+    assert device.ota_urls == []
+    (rollout,) = fast_server.admin("GET", "/admin/ota/status").json()
+    assert rollout["counts"]["updated"] == 1 and rollout["already_up_to_date"] == 1
+
+
+def test_a_board_that_always_comes_back_old_gets_exactly_max_attempts_offers(
+    fast_server, fleet, app
+):
+    token = fleet.add_device("me@example.com", "Farm")
+    fast_server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
+    device = start_device(fast_server, token, BUILD_OLD, fail="old-build")
+    try:
+        wait_until(lambda: len(device.ota_urls) == 2, message="the second offer")
+        fast_server.restart()  # kill -9 in the middle of the rollout
+        wait_until(lambda: device_state(app, token).get("state") == DeviceState.FAILED,
+                   timeout=30, message="the device to fail")  # fmt: skip
+        logins = device.logins
+        # More reconnects, and another restart: never offered again.
+        fast_server.restart()
+        wait_until(lambda: device.logins >= logins + 1 and device.ready.is_set(), timeout=30)
+        device.stop()
+        again = start_device(fast_server, token, BUILD_OLD, fail="old-build")
+        wait_until(again.ready.is_set)
+        gevent.sleep(1.5)  # several sweeps
+        again.stop()
+    finally:
+        device.stop()
+    assert len(device.ota_urls) == 3 and again.ota_urls == []
+    row = device_state(app, token)
+    assert (row["state"], row["attempts"]) == ("failed", 3)
+    assert row["last_error"] == f"came back with build {BUILD_OLD}"
+    offers = query(app, "SELECT count(*) AS n FROM ota_commands")[0]["n"]
+    assert offers == 3
+    failed = [detail for _, to, detail in story(app, token) if to == "failed"]
+    assert failed == [f"came back with build {BUILD_OLD}; all 3 attempt(s) used"]
+
+
+def test_a_board_that_never_downloads_times_out_and_is_retried_while_online(
+    server_factory, fleet, app
+):
+    server = server_factory(**{**FAST, "ota.attempt.timeout": 0.5, "ota.max.attempts": 2})
+    token = fleet.add_device("me@example.com", "Farm")
+    server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
+    device = start_device(server, token, BUILD_OLD, fail="refuse")
+    try:
+        wait_until(lambda: device_state(app, token).get("state") == DeviceState.FAILED,
+                   timeout=30)  # fmt: skip
+        assert device.logins == 1  # the retry reached it without a reconnect
+    finally:
+        device.stop()
+    assert len(device.ota_urls) == 2
+    reasons = [detail for _, to, detail in story(app, token) if to in ("pending", "failed")]
+    assert reasons[1].startswith("timed out; next attempt after ")
+    assert reasons[2] == "timed out; all 2 attempt(s) used"
+
+
+def test_a_download_cut_short_is_recorded_with_its_byte_count(server_factory, fleet, app):
+    server = server_factory(**{**FAST, "ota.max.attempts": 1})
+    token = fleet.add_device("me@example.com", "Farm")
+    size = 12 * 1024 * 1024
+    image = esp8266_image(BUILD_NEW, size=size)
+    assert server.upload("/admin/ota/start", image).status == 200
+    device = start_device(server, token, BUILD_OLD, fail="half")
+    try:
+        wait_until(lambda: device_state(app, token).get("state") == DeviceState.FAILED,
+                   timeout=60)  # fmt: skip
+    finally:
+        device.stop()
+    row = device_state(app, token)
+    found = re.fullmatch(r"download interrupted at (\d+) of (\d+) bytes", row["last_error"])
+    assert found, row["last_error"]
+    assert int(found[2]) == len(image) and len(image) // 2 <= int(found[1]) < len(image)
+    assert device.downloads[0].size == len(image) // 2
+
+
+def test_stop_cancels_pending_devices_and_in_flight_ones_still_finish(server_factory, fleet, app):
+    fast_server = server_factory(**{**FAST, "ota.retry.backoff": 60})
+    waiting = fleet.add_device("me@example.com", "Farm")
+    busy = fleet.add_device("me@example.com", "Farm")
+    fast_server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
+    refusing = start_device(fast_server, busy, BUILD_OLD, fail="refuse")
+    old_board = start_device(fast_server, waiting, BUILD_OLD, fail="refuse")
+    try:
+        wait_until(lambda: refusing.ota_urls and old_board.ota_urls)
+        old_board.stop()  # back with its old build: pending, backing off for 60 s
+        again = start_device(fast_server, waiting, BUILD_OLD, fail="refuse")
+        wait_until(lambda: device_state(app, waiting).get("state") == DeviceState.PENDING)
+        again.stop()
+        assert fast_server.admin("GET", "/admin/ota/stop").text == "Stopped 1 rollout(s)."
+        assert device_state(app, waiting)["state"] == DeviceState.CANCELLED
+        # The offered one comes back updated: still counted.
+        refusing.stop()
+        updated = start_device(fast_server, busy, BUILD_NEW)
+        wait_until(lambda: device_state(app, busy).get("state") == DeviceState.UPDATED)
+        updated.stop()
+    finally:
+        refusing.stop()
+        old_board.stop()
+    (rollout,) = fast_server.admin("GET", "/admin/ota/status").json()
+    assert rollout["state"] == "stopped"
+    assert rollout["counts"]["cancelled"] == 1 and rollout["counts"]["updated"] == 1
+
+
+def test_a_replaced_rollout_marks_its_pending_devices_superseded(server_factory, fleet, app):
+    fast_server = server_factory(**{**FAST, "ota.retry.backoff": 60})
+    token = fleet.add_device("me@example.com", "Farm")
+    fast_server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
+    device = start_device(fast_server, token, BUILD_OLD, fail="refuse")
+    try:
+        wait_until(lambda: device.ota_urls)
+        device.stop()
+        again = start_device(fast_server, token, BUILD_OLD, fail="refuse")
+        wait_until(lambda: device_state(app, token).get("state") == DeviceState.PENDING)
+        again.stop()
+    finally:
+        device.stop()
+    fast_server.upload("/admin/ota/start", esp8266_image("Dec 31 2018 23:59:59"))
+    first, second = fast_server.admin("GET", "/admin/ota/status").json()[::-1]
+    assert first["state"] == "superseded" and first["superseded_by"] == second["id"]
+    assert first["counts"]["superseded"] == 1
+
+
+def test_queue_true_keeps_a_single_device_update_for_an_offline_device(fast_server, fleet, app):
+    token = fleet.add_device("me@example.com", "Farm")
+    image = esp8266_image(BUILD_NEW)
+    refused = fast_server.upload(f"/admin/ota/start?token={token}", image)
+    assert (refused.status, refused.text) == (400, "No device in session.")
+    queued = fast_server.upload(f"/admin/ota/start?token={token}&queue=true", image)
+    assert queued.status == 200 and queued.text.startswith("/static/ota/")
+    assert device_state(app, token)["state"] == DeviceState.PENDING
+    device = start_device(fast_server, token, BUILD_OLD)
+    try:
+        wait_until(lambda: device_state(app, token).get("state") == DeviceState.UPDATED)
+    finally:
+        device.stop()
+    assert device.build == BUILD_NEW
+
+
+def test_status_detail_stop_one_and_the_cli(fast_server, fleet, app):
+    token = fleet.add_device("me@example.com", "Farm")
+    fast_server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
+    fast_server.upload("/admin/ota/start?user=me@example.com", esp8266_image(BUILD_NEW))
+    device = start_device(fast_server, token, BUILD_OLD)
+    try:
+        wait_until(lambda: device_state(app, token).get("state") == DeviceState.UPDATED)
+    finally:
+        device.stop()
+    user_rollout, all_rollout = fast_server.admin("GET", "/admin/ota/status").json()
+    assert (user_rollout["scope"], user_rollout["target"]) == ("user", "me@example.com")
+    assert (all_rollout["scope"], all_rollout["target"]) == ("all", "all devices")
+    assert set(user_rollout["counts"]) == set(DeviceState.ALL)
+    assert user_rollout["counts"]["updated"] == 1 and user_rollout["device_count"] == 1
+    assert user_rollout["firmware"]["build"] == BUILD_NEW
+    assert user_rollout["started_by"] == "admin@blynk.cc" and user_rollout["started_at"]
+
+    detail = fast_server.admin("GET", f"/admin/ota/rollouts/{user_rollout['id']}").json()
+    (row,) = detail["devices"]
+    assert (row["token"], row["state"], row["attempts"]) == (token, "updated", 1)
+    assert row["updated_at"] and row["offered_at"]
+    assert fast_server.admin("GET", "/admin/ota/rollouts/999").status == 404
+
+    stopped = fast_server.admin("GET", f"/admin/ota/stop?rollout={all_rollout['id']}")
+    assert stopped.text == "Stopped 1 rollout(s)."
+    states = {r["id"]: r["state"] for r in fast_server.admin("GET", "/admin/ota/status").json()}
+    assert states == {user_rollout["id"]: "active", all_rollout["id"]: "stopped"}
+    assert fast_server.admin("GET", "/admin/ota/stop?rollout=abc").status == 400
+
+    table = app.test_cli_runner().invoke(args=["ota", "status"]).output.splitlines()
+    assert table[0].split()[:5] == ["ID", "SCOPE", "TARGET", "BUILD", "STATE"]
+    assert "UPDATED" in table[0].split()
+    one = app.test_cli_runner().invoke(args=["ota", "status", str(user_rollout["id"])])
+    assert one.exit_code == 0 and f"{token}  updated  1" in one.output
+
+
+def test_counts_and_backoff_survive_kill_9(fast_server, server_factory, fleet, app):
+    tokens = [fleet.add_device("me@example.com", "Farm") for _ in range(3)]
+    fast_server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
+    good = start_device(fast_server, tokens[0], BUILD_OLD)
+    bad = start_device(fast_server, tokens[1], BUILD_OLD, fail="old-build")
+    try:
+        wait_until(lambda: device_state(app, tokens[0]).get("state") == DeviceState.UPDATED)
+        wait_until(lambda: device_state(app, tokens[1]).get("next_attempt_at") is not None)
+        bad.stop()
+        before = fast_server.admin("GET", "/admin/ota/status").json()
+        backoff_until = device_state(app, tokens[1])["next_attempt_at"]
+        fast_server.restart()
+        after = fast_server.admin("GET", "/admin/ota/status").json()
+        assert after == before
+        assert device_state(app, tokens[1])["next_attempt_at"] == backoff_until
+        # Devices keep moving to updated after the restart.
+        late = start_device(fast_server, tokens[2], BUILD_OLD)
+        wait_until(lambda: device_state(app, tokens[2]).get("state") == DeviceState.UPDATED)
+        late.stop()
+    finally:
+        good.stop()
+        bad.stop()
+
+
+def test_the_progress_view_matches_the_rows(fast_server, fleet, app):
+    token = fleet.add_device("me@example.com", "Farm")
+    fast_server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
+    device = start_device(fast_server, token, BUILD_OLD)
+    try:
+        wait_until(lambda: device_state(app, token).get("state") == DeviceState.UPDATED)
+    finally:
+        device.stop()
+    (progress,) = query(app, "SELECT * FROM rollout_progress")
+    assert (progress["devices"], progress["updated"], progress["pending"]) == (1, 1, 0)
+    assert progress["build"] == BUILD_NEW and progress["state"] == "active"
+
+
+def test_a_transition_not_in_the_table_raises(app, fleet):
+    fleet.add_device("me@example.com", "Farm", token="t" * 32)
+    db = app.extensions["blynkota.db"]
+    with db.begin() as session:
+        (device_id,) = session.execute(sqlalchemy.text("SELECT id FROM devices")).one()
+        firmware = Firmware(name="f", original_name="f.bin", size=1, md5="x", sha256="y",
+                            uploaded_by="a")  # fmt: skip
+        session.add(firmware)
+        session.flush()
+        rollout = Rollout(scope="all", firmware_id=firmware.id, started_by="a")
+        session.add(rollout)
+        session.flush()
+        rollout_id = rollout.id
+        row = start_tracking(session, rollout_id=rollout_id, device_id=device_id,
+                             state=DeviceState.PENDING, at=utcnow())  # fmt: skip
+        with pytest.raises(IllegalDeviceTransition):
+            move(session, row, DeviceState.DOWNLOADED, utcnow())
+        with pytest.raises(IllegalDeviceTransition):
+            start_tracking(session, rollout_id=rollout_id, device_id=device_id,
+                           state=DeviceState.OFFERED, at=utcnow())  # fmt: skip
+    assert (DeviceState.FAILED, DeviceState.PENDING) not in TRANSITIONS
+    assert (DeviceState.UPDATED, DeviceState.OFFERED) not in TRANSITIONS
