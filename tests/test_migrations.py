@@ -36,3 +36,45 @@ def test_downgrade_then_upgrade(db_url):
         tables
     )
     engine.dispose()
+
+
+def _insert(connection, table: str, **values) -> int:
+    columns = ", ".join(values)
+    marks = ", ".join(f":{key}" for key in values)
+    connection.execute(sqlalchemy.text(f"INSERT INTO {table} ({columns}) VALUES ({marks})"), values)
+    return connection.execute(sqlalchemy.text(f"SELECT max(id) FROM {table}")).scalar_one()
+
+
+def test_upgrading_a_database_that_holds_data_keeps_every_row(db_url):
+    config = alembic_config(db_url)
+    command.upgrade(config, "0001")
+    engine = make_engine(db_url)
+    now = "2026-01-02 03:04:05"
+    with engine.begin() as connection:
+        user = _insert(connection, "users", email="old@example.com", created_at=now)
+        project = _insert(connection, "projects", user_id=user, dash_id=7, name="Farm",
+                          created_at=now)  # fmt: skip
+        device = _insert(connection, "devices", project_id=project, name="pump", token="a" * 32,
+                         build="Jan  1 2018 00:00:00", created_at=now)  # fmt: skip
+        firmware = _insert(connection, "firmware", name="0" * 24, original_name="fw.bin", size=10,
+                           md5="m", sha256="s", build="Nov 29 2018 12:00:00", uploaded_by="a",
+                           uploaded_at=now)  # fmt: skip
+        rollout = _insert(connection, "rollouts", scope="all", firmware_id=firmware,
+                          state="active", started_at=now, started_by="a")  # fmt: skip
+        _insert(connection, "ota_commands", device_id=device, firmware_id=firmware,
+                rollout_id=rollout, url="http://x/static/ota/0.bin", sent_at=now)  # fmt: skip
+    command.upgrade(config, "head")
+    with engine.connect() as connection:
+
+        def rows(sql):
+            return [tuple(row) for row in connection.execute(sqlalchemy.text(sql))]
+
+        assert rows("SELECT email FROM users") == [("old@example.com",)]
+        assert rows("SELECT token, build FROM devices") == [("a" * 32, "Jan  1 2018 00:00:00")]
+        assert rows("SELECT scope, state FROM rollouts") == [("all", "active")]
+        assert rows("SELECT url, offer_key FROM ota_commands") == [
+            ("http://x/static/ota/0.bin", None)
+        ]
+        # The old rollout shows in the progress view, with no device tracked yet.
+        assert rows("SELECT rollout_id, devices FROM rollout_progress") == [(rollout, 0)]
+    engine.dispose()

@@ -22,12 +22,15 @@ def test_the_history_queries_run_and_find_the_rollout(server, simulated, fleet, 
 
     (block,) = re.findall(r"```sql\n(.*?)```", README, re.S)
     statements = [s.strip() for s in block.split(";") if s.strip()]
-    assert len(statements) == 3
+    assert len(statements) == 7
     with app.extensions["blynkota.db"].engine.connect() as connection:
         results = [connection.execute(sqlalchemy.text(s)).all() for s in statements]
-    rollouts, behind, commands = results
+    progress, rollouts, behind, failures, times, story, commands = results
+    assert [row[0] for row in progress] == [row[0] for row in rollouts]
     assert [row[1] for row in rollouts] == ["device", "all"]
-    assert [row[0] for row in behind] == [TOKEN]
+    assert [(row[0], row[3]) for row in behind] == [(TOKEN, "offered")]
+    assert failures == [] and times == []
+    assert [(row[2], row[3]) for row in story] == [(None, "pending"), ("pending", "offered")]
     assert [row[1] for row in commands] == [BUILD_NEW]
 
 
