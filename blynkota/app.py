@@ -9,6 +9,7 @@ from .ota import (
     AdminDirectory,
     FirmwareCatalog,
     FirmwareStore,
+    FleetPolicy,
     FleetRegistry,
     OnlineDevices,
     OtaService,
@@ -39,7 +40,16 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
         backoff=settings.ota_retry_backoff,
         attempt_timeout=settings.ota_attempt_timeout,
     )
-    app.extensions["blynkota"] = OtaService(db, catalog, OnlineDevices(), policy=policy)
+    fleet_policy = FleetPolicy(
+        max_concurrent=settings.ota_max_concurrent,
+        push_online=settings.ota_push_online,
+        wave_min_devices=settings.ota_wave_min_devices,
+        abort_failure_ratio=settings.ota_abort_failure_ratio,
+        abort_min_devices=settings.ota_abort_min_devices,
+    )
+    app.extensions["blynkota"] = OtaService(
+        db, catalog, OnlineDevices(), policy=policy, fleet_policy=fleet_policy
+    )
     app.extensions["blynkota.fleet"] = FleetRegistry(db)
     app.extensions["blynkota.admins"] = AdminDirectory(db)
 

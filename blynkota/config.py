@@ -43,6 +43,11 @@ DEFAULTS: dict[str, str] = {
     "ota.retry.backoff": "60",
     "ota.attempt.timeout": "900",
     "ota.sweep.interval": "5",
+    "ota.push.online": "false",
+    "ota.max.concurrent": "50",
+    "ota.wave.min.devices": "10",
+    "ota.abort.failure.ratio": "0.2",
+    "ota.abort.min.devices": "10",
     "hardware.max.connections": "15000",
     "shutdown.grace.seconds": "5",
     "log.level": "INFO",
@@ -100,6 +105,11 @@ class Settings:
     ota_retry_backoff: float
     ota_attempt_timeout: float
     ota_sweep_interval: float
+    ota_push_online: bool
+    ota_max_concurrent: int
+    ota_wave_min_devices: int
+    ota_abort_failure_ratio: float
+    ota_abort_min_devices: int
     max_connections: int
     shutdown_grace: float
     log_level: str
@@ -124,11 +134,11 @@ def _integer(values: Mapping[str, str], key: str, low: int, high: int) -> int:
     return number
 
 
-def _seconds(values: Mapping[str, str], key: str, low: float, high: float) -> float:
+def _number(values: Mapping[str, str], key: str, low: float, high: float) -> float:
     try:
         number = float(values[key])
     except ValueError:
-        raise ConfigError(f"{key}: {values[key]!r} is not a number of seconds") from None
+        raise ConfigError(f"{key}: {values[key]!r} is not a number") from None
     if not low <= number <= high:
         raise ConfigError(f"{key}: {number:g} is not between {low:g} and {high:g}")
     return number
@@ -197,9 +207,14 @@ def load_settings(
         ota_max_size=_integer(values, "ota.max.size", 1, 1 << 31),
         ota_validate_image=_boolean(values, "ota.validate.image"),
         ota_max_attempts=_integer(values, "ota.max.attempts", 1, 100),
-        ota_retry_backoff=_seconds(values, "ota.retry.backoff", 0, 7 * 86400),
-        ota_attempt_timeout=_seconds(values, "ota.attempt.timeout", 0.1, 7 * 86400),
-        ota_sweep_interval=_seconds(values, "ota.sweep.interval", 0.05, 3600),
+        ota_retry_backoff=_number(values, "ota.retry.backoff", 0, 7 * 86400),
+        ota_attempt_timeout=_number(values, "ota.attempt.timeout", 0.1, 7 * 86400),
+        ota_sweep_interval=_number(values, "ota.sweep.interval", 0.05, 3600),
+        ota_push_online=_boolean(values, "ota.push.online"),
+        ota_max_concurrent=_integer(values, "ota.max.concurrent", 1, 1_000_000),
+        ota_wave_min_devices=_integer(values, "ota.wave.min.devices", 1, 1_000_000),
+        ota_abort_failure_ratio=_number(values, "ota.abort.failure.ratio", 0, 1),
+        ota_abort_min_devices=_integer(values, "ota.abort.min.devices", 1, 1_000_000),
         max_connections=_integer(values, "hardware.max.connections", 1, 1_000_000),
         shutdown_grace=_integer(values, "shutdown.grace.seconds", 0, 3600),
         log_level=values["log.level"].upper(),

@@ -33,6 +33,8 @@ class BlynkotaServer:
         self.device_port: SharedPortServer | None = None
         self.admin_port: WSGIServer | None = None
         self._stopped = Event()
+        self._wake = Event()
+        self.service.on_slot_freed = self._wake.set
         self._sweeper: gevent.Greenlet | None = None
 
     def start(self) -> None:
@@ -82,7 +84,10 @@ class BlynkotaServer:
 
     def _sweep_forever(self) -> None:
         """Attempt timeouts and retries after a backoff, from the times stored in the database."""
-        while not self._stopped.wait(self.settings.ota_sweep_interval):
+        while not self._stopped.is_set():
+            # Every interval, or at once when a download slot frees up.
+            self._wake.wait(self.settings.ota_sweep_interval)
+            self._wake.clear()
             try:
                 timed_out, offered = self.service.sweep()
             except Exception:  # the database may be away for a moment: try again later

@@ -17,7 +17,7 @@ import time
 import gevent
 from gevent.lock import Semaphore
 
-from ..ota import DeviceIdentity, OfferFailed, OnlineDevices, OtaService
+from ..ota import DeviceIdentity, OfferDeferred, OfferFailed, OnlineDevices, OtaService
 from ..protocol import (
     NEED_DATA,
     FrameReader,
@@ -163,6 +163,8 @@ class DeviceSession:
         if offer is not None:
             try:
                 self.service.send_offer(offer)
+            except OfferDeferred as reason:
+                log.debug("device %s: update waits: %s", self.token, reason)
             except OfferFailed as error:
                 log.warning("device %s: update not offered: %s", self.token, error)
 

@@ -3,12 +3,14 @@
 from .admins import AdminDirectory
 from .blynk_data import BlynkDataError, read_blynk_folder
 from .catalog import FirmwareCatalog, FirmwareFile, Upload, served_path
+from .cohorts import Controls, ControlsError
 from .device_states import TRANSITIONS, IllegalDeviceTransition
 from .firmware import FirmwareRejected, ImageReport, inspect_firmware, read_build
 from .firmware_store import FirmwareStore
 from .fleet import DeviceRow, FleetRegistry, ImportCounts, ProvisioningError, new_token
+from .guards import FleetPolicy, RolloutGuards
 from .lifecycle import RetryPolicy, UpdateLifecycle
-from .online import DeviceLink, OfferFailed, OnlineDevices
+from .online import DeviceLink, OfferDeferred, OfferFailed, OnlineDevices
 from .rollouts import Candidate, RolloutPlanner
 from .service import DeviceIdentity, DownloadTicket, Offer, OtaRequestError, OtaService
 
@@ -20,6 +22,11 @@ __all__ = [
     "FirmwareFile",
     "Upload",
     "served_path",
+    "Controls",
+    "ControlsError",
+    "FleetPolicy",
+    "RolloutGuards",
+    "OfferDeferred",
     "TRANSITIONS",
     "IllegalDeviceTransition",
     "FirmwareRejected",

@@ -63,8 +63,8 @@ class UpdateLifecycle:
         reported_build: str | None,
         now: datetime,
         bytes_written: dict[int, int],
-    ) -> None:
-        """A login ends every open attempt of the device, in any rollout."""
+    ) -> bool:
+        """A login ends every open attempt of the device, in any rollout; True if any."""
         rows = session.execute(
             select(RolloutDevice, Rollout.state, Firmware.build, Firmware.size)
             .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
@@ -95,6 +95,7 @@ class UpdateLifecycle:
                 else:
                     reason = "came back reporting no build"
                 self.fail_attempt(session, row, rollout_state, reason, now)
+        return bool(rows)
 
     def fail_attempt(
         self, session: Session, row: RolloutDevice, rollout_state: str, reason: str, now: datetime
@@ -124,11 +125,17 @@ class UpdateLifecycle:
         self,
         session: Session,
         device_id: int,
+        token: str,
         reported_build: str | None,
         candidate: "Candidate",
         now: datetime,
     ) -> RolloutDevice | None:
-        """The device's row in its rollout, if an offer is due now."""
+        """The device's row in its rollout, if an offer is due now.
+
+        A device enters the rollout (gets its row) the first time it is seen
+        taking part: inside the rollout's percentage, and either on the target
+        already or judged by its build.
+        """
         row = session.scalar(
             select(RolloutDevice).where(
                 RolloutDevice.rollout_id == candidate.rollout_id,
@@ -137,24 +144,20 @@ class UpdateLifecycle:
         )
         on_target = candidate.build is not None and reported_build == candidate.build
         if row is None:
-            if on_target:
-                start_tracking(
-                    session,
-                    rollout_id=candidate.rollout_id,
-                    device_id=device_id,
-                    state=DeviceState.UPDATED,
-                    at=now,
-                )
-                return None
-            if not candidate.may_offer(reported_build):
+            taking_part, device_bucket, wave = candidate.takes_part(token)
+            if not taking_part or not (on_target or candidate.may_offer(reported_build)):
                 return None
             row = start_tracking(
                 session,
                 rollout_id=candidate.rollout_id,
                 device_id=device_id,
-                state=DeviceState.PENDING,
+                state=DeviceState.UPDATED if on_target else DeviceState.PENDING,
                 at=now,
+                detail=None if wave is None else f"wave {wave} (bucket {device_bucket})",
             )
+            row.cohort_bucket, row.wave = device_bucket, wave
+            if on_target:
+                return None
         if row.state != DeviceState.PENDING:
             return None
         if on_target:
@@ -162,6 +165,8 @@ class UpdateLifecycle:
             return None
         if row.next_attempt_at is not None and row.next_attempt_at > now:
             return None  # backing off
+        if candidate.state != RolloutState.ACTIVE:
+            return None  # paused: it waits, pending
         return row
 
     @staticmethod

@@ -7,11 +7,15 @@ with the same token replaces the first, as on the Blynk server.
 
 from typing import Protocol
 
-__all__ = ["DeviceLink", "OfferFailed", "OnlineDevices"]
+__all__ = ["DeviceLink", "OfferDeferred", "OfferFailed", "OnlineDevices"]
 
 
 class OfferFailed(Exception):
     """The `ota` command could not be written to the device; the message says why."""
+
+
+class OfferDeferred(OfferFailed):
+    """Not now (rollout paused, no download slot): the device stays pending."""
 
 
 class DeviceLink(Protocol):
@@ -39,6 +43,9 @@ class OnlineDevices:
 
     def get(self, token: str) -> DeviceLink | None:
         return self._links.get(token)
+
+    def tokens(self) -> list[str]:
+        return list(self._links)
 
     def get_ready(self, token: str) -> DeviceLink | None:
         link = self._links.get(token)

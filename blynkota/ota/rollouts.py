@@ -12,6 +12,7 @@ from sqlalchemy import and_, bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from ..store import DeviceState, Firmware, Rollout, RolloutEvent, RolloutScope, RolloutState, utcnow
+from .cohorts import Controls, bucket, parse_waves, wave_of
 from .lifecycle import UpdateLifecycle
 
 __all__ = ["Candidate", "RolloutPlanner"]
@@ -24,11 +25,23 @@ _TARGET_COLUMN = {
 
 # Built once: this runs at every device login, and building the expression
 # costs more than running it.
-_ACTIVE_FOR_DEVICE = (
-    select(Rollout.id, Rollout.scope, Rollout.firmware_id, Firmware.name, Firmware.build)
+_RUNNING_FOR_DEVICE = (
+    select(
+        Rollout.id,
+        Rollout.scope,
+        Rollout.firmware_id,
+        Firmware.name,
+        Firmware.build,
+        Rollout.state,
+        Rollout.percent,
+        Rollout.cohort_seed,
+        Rollout.waves,
+    )
     .join(Firmware, Firmware.id == Rollout.firmware_id)
     .where(
-        Rollout.state == RolloutState.ACTIVE,
+        # A paused rollout still owns its devices: they must not fall back to
+        # a less specific rollout while it is paused.
+        Rollout.state.in_(RolloutState.RUNNING),
         or_(
             and_(Rollout.scope == RolloutScope.DEVICE, Rollout.device_id == bindparam("device")),
             and_(Rollout.scope == RolloutScope.PROJECT, Rollout.project_id == bindparam("project")),
@@ -48,6 +61,16 @@ class Candidate:
     firmware_id: int
     firmware_name: str
     build: str | None
+    state: str = RolloutState.ACTIVE
+    percent: int = 100
+    cohort_seed: str = ""
+    waves: str | None = None
+
+    def takes_part(self, token: str) -> tuple[bool, int, int | None]:
+        """(in the rollout now, the device's bucket, its wave) for a partial rollout."""
+        device_bucket = bucket(self.cohort_seed, token)
+        wave = wave_of(parse_waves(self.waves), device_bucket) if self.waves else None
+        return device_bucket < self.percent, device_bucket, wave
 
     def may_offer(self, reported_build: str | None) -> bool:
         """Whether a device reporting this build may be offered this rollout at all."""
@@ -64,7 +87,7 @@ class RolloutPlanner:
         self, session: Session, *, device_id: int, project_id: int, user_id: int
     ) -> Candidate | None:
         rows = session.execute(
-            _ACTIVE_FOR_DEVICE, {"device": device_id, "project": project_id, "user": user_id}
+            _RUNNING_FOR_DEVICE, {"device": device_id, "project": project_id, "user": user_id}
         ).all()
         best = min(
             rows,
@@ -81,18 +104,28 @@ class RolloutPlanner:
         firmware: Firmware,
         started_by: str,
         target_id: int | None = None,
+        controls: Controls | None = None,
     ) -> Rollout:
-        """Create a rollout; the active one for the same scope and target is superseded."""
+        """Create a rollout; the running one for the same scope and target is superseded."""
         now = utcnow()
+        controls = controls or Controls()
         rollout = Rollout(
-            scope=scope, firmware_id=firmware.id, started_by=started_by, started_at=now
+            scope=scope,
+            firmware_id=firmware.id,
+            started_by=started_by,
+            started_at=now,
+            push_online=controls.push_online,
+            percent=controls.start_percent,
+            waves=",".join(map(str, controls.waves)) or None,
+            success_percent=controls.success_percent,
+            cohort_seed=firmware.sha256[:16],
         )
         if scope in _TARGET_COLUMN:
             setattr(rollout, _TARGET_COLUMN[scope].key, target_id)
         rollout.firmware = firmware
         session.add(rollout)
         session.flush()
-        _log(session, rollout, None, f"started by {started_by}", now)
+        _log(session, rollout, None, f"started by {started_by}{_describe(controls)}", now)
         same_target = [
             Rollout.scope == scope,
             Rollout.state.in_(RolloutState.RUNNING),
@@ -117,6 +150,31 @@ class RolloutPlanner:
         return len(rollouts)
 
     @staticmethod
+    def pause(session: Session, rollout: Rollout, reason: str) -> bool:
+        if rollout.state != RolloutState.ACTIVE:
+            return False
+        rollout.state, rollout.pause_reason = RolloutState.PAUSED, reason[:255]
+        _log(session, rollout, RolloutState.ACTIVE, f"paused: {reason}", utcnow())
+        return True
+
+    @staticmethod
+    def resume(session: Session, rollout: Rollout, by: str) -> bool:
+        if rollout.state != RolloutState.PAUSED:
+            return False
+        now = utcnow()
+        rollout.state, rollout.pause_reason, rollout.resumed_at = RolloutState.ACTIVE, None, now
+        _log(session, rollout, RolloutState.PAUSED, f"resumed by {by}", now)
+        return True
+
+    @staticmethod
+    def widen(session: Session, rollout: Rollout, percent: int, why: str) -> None:
+        before = rollout.percent
+        rollout.percent = percent
+        _log(
+            session, rollout, rollout.state, f"{why}: {before}% -> {percent}% of devices", utcnow()
+        )
+
+    @staticmethod
     def _end(session: Session, rollout: Rollout, state: str, by: str, now) -> None:
         before = rollout.state
         rollout.state, rollout.stopped_at, rollout.stopped_by = state, now, by[:255]
@@ -126,6 +184,19 @@ class RolloutPlanner:
             DeviceState.SUPERSEDED if state == RolloutState.SUPERSEDED else DeviceState.CANCELLED
         )
         UpdateLifecycle.end_rollout(session, rollout.id, device_state, now, detail)
+
+
+def _describe(controls: Controls) -> str:
+    parts = []
+    if controls.push_online:
+        parts.append("now=true")
+    if controls.waves:
+        parts.append(f"waves={','.join(map(str, controls.waves))}")
+        if controls.success_percent is not None:
+            parts.append(f"success={controls.success_percent}")
+    elif controls.percent is not None:
+        parts.append(f"percent={controls.percent}")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _log(session: Session, rollout: Rollout, before: str | None, detail: str, now) -> None:

@@ -6,10 +6,12 @@ user / everyone, stop, look at progress. Everything that must survive a
 restart is in the database before it counts.
 """
 
+import hashlib
 import logging
 import secrets
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
@@ -29,10 +31,12 @@ from ..store import (
     utcnow,
 )
 from .catalog import FirmwareCatalog, FirmwareFile, Upload, served_path
+from .cohorts import Controls
 from .device_states import move, start_tracking
-from .firmware import FirmwareRejected
+from .firmware import FirmwareRejected, ImageReport
+from .guards import FleetPolicy, RolloutGuards
 from .lifecycle import RetryPolicy, UpdateLifecycle
-from .online import OfferFailed, OnlineDevices
+from .online import OfferDeferred, OfferFailed, OnlineDevices
 from .rollouts import Candidate, RolloutPlanner
 from .status import rollout_detail, rollout_summaries
 
@@ -132,13 +136,19 @@ class OtaService:
         online: OnlineDevices,
         *,
         policy: RetryPolicy | None = None,
+        fleet_policy: FleetPolicy | None = None,
     ) -> None:
         self.db = db
         self.catalog = catalog
         self.online = online
         self.planner = RolloutPlanner()
         self.lifecycle = UpdateLifecycle(policy or RetryPolicy())
+        self.guards = RolloutGuards(fleet_policy or FleetPolicy(), self.planner)
         self._downloads: dict[int, DownloadTicket] = {}  # tracked downloads in progress
+        # Under gevent's monkey patching this lock makes greenlets take turns.
+        self._offer_lock = threading.Lock()
+        # Called when a download slot may have freed up; the server wakes its sweeper.
+        self.on_slot_freed: Callable[[], None] = lambda: None
 
     # --- devices -------------------------------------------------------------
 
@@ -185,19 +195,38 @@ class OtaService:
             session.execute(
                 update(Device).where(Device.id == device.id).values(last_seen_at=now, **report)
             )
-            self.lifecycle.resolve_in_flight(session, device.id, build, now, self._bytes_written())
+            if self.lifecycle.resolve_in_flight(
+                session, device.id, build, now, self._bytes_written()
+            ):
+                self.on_slot_freed()
             candidate = self.planner.rollout_for(
                 session, device_id=device.id, project_id=device.project_id, user_id=device.user_id
             )
             if candidate is None:
                 return None
-            row = self.lifecycle.row_to_offer(session, device.id, build, candidate, now)
+            row = self.lifecycle.row_to_offer(
+                session, device.id, device.token, build, candidate, now
+            )
             return None if row is None else _new_offer(candidate, device)
 
-    def offer_sent(self, offer: Offer, url: str) -> None:
-        """The `ota` frame is on the wire: journal it and count the attempt."""
+    def _claim_offer(self, offer: Offer, url: str) -> str | None:
+        """Journal the offer and count the attempt, if the rollout may offer now.
+
+        Returns why not (paused, no download slot, already offered), or None.
+        Callers hold the offer lock, so two greenlets never both take the
+        last download slot.
+        """
         now = utcnow()
         with self.db.begin() as session:
+            rollout = session.get(Rollout, offer.rollout_id)
+            self.guards.check_health(session, rollout)
+            if rollout.state != RolloutState.ACTIVE:
+                return f"rollout {rollout.id} is {rollout.state}"
+            row = self._row(session, offer.rollout_id, offer.device_id)
+            if row is None or row.state != DeviceState.PENDING:
+                return "already offered"
+            if self.guards.free_slots(session, rollout.id) <= 0:
+                return "no download slot free (ota.max.concurrent)"
             session.add(
                 OtaCommand(
                     device_id=offer.device_id,
@@ -208,22 +237,26 @@ class OtaService:
                     offer_key=offer.key,
                 )
             )
-            row = self._row(session, offer.rollout_id, offer.device_id)
-            if row is not None and row.state == DeviceState.PENDING:
-                self.lifecycle.offer_made(session, row, now, url)
+            self.lifecycle.offer_made(session, row, now, url)
+        return None
 
     def send_offer(self, offer: Offer) -> str:
         """Record `offer`, then write it to the device's connection; the URL sent.
 
         Recorded first: the device may ask for the file before this greenlet
-        runs again. Raises OfferFailed: when the frame cannot be built nothing
-        is counted; when the write fails the attempt fails with that reason.
+        runs again. Raises OfferDeferred when the rollout may not offer now
+        (paused, every download slot taken): the device stays pending. Raises
+        OfferFailed when the frame cannot be built (nothing is counted) or the
+        write fails (the attempt fails with that reason).
         """
         link = self.online.get_ready(offer.token)
         if link is None:
             raise OfferFailed("the device is not in session")
         url, frame = link.ota_frame(offer.url_path)
-        self.offer_sent(offer, url)
+        with self._offer_lock:
+            refused = self._claim_offer(offer, url)
+        if refused is not None:
+            raise OfferDeferred(refused)
         try:
             link.write_frame(frame)
         except OfferFailed as error:
@@ -276,6 +309,7 @@ class OtaService:
             row.bytes_sent = ticket.written_until
             if complete and ticket.written_until >= ticket.size:
                 move(session, row, DeviceState.DOWNLOADED, now)
+                self.on_slot_freed()
             else:
                 detail = f"download interrupted at {ticket.written_until} of {ticket.size} bytes"
                 move(session, row, DeviceState.DOWNLOADING, now, detail)
@@ -286,25 +320,42 @@ class OtaService:
     # --- timers ----------------------------------------------------------------
 
     def sweep(self) -> tuple[int, int]:
-        """Time out stale attempts; offer retries whose backoff ended to online devices.
+        """The rollouts' clock, run every few seconds and whenever a slot frees up.
 
-        Returns (attempts timed out, offers sent).
+        Times out stale attempts, pauses rollouts past the failure threshold,
+        grows waves, and offers pending devices that are connected (retries
+        whose backoff ended, devices that waited for a download slot) while
+        slots are free. Returns (attempts timed out, offers sent).
         """
         now = utcnow()
+        grown = []
         with self.db.begin() as session:
             timed_out = self.lifecycle.time_out_attempts(session, now)
+            for rollout in session.scalars(
+                select(Rollout).where(Rollout.state == RolloutState.ACTIVE)
+            ).all():
+                self.guards.check_health(session, rollout)
+                if self.guards.advance_wave(session, rollout) and rollout.push_online:
+                    grown.append(rollout.id)
             due = session.execute(
                 select(RolloutDevice.rollout_id, Device.token)
                 .join(Device, Device.id == RolloutDevice.device_id)
                 .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
                 .where(
                     RolloutDevice.state == DeviceState.PENDING,
-                    RolloutDevice.next_attempt_at <= now,
+                    (RolloutDevice.next_attempt_at.is_(None))
+                    | (RolloutDevice.next_attempt_at <= now),
                     Rollout.state == RolloutState.ACTIVE,
                 )
+                .order_by(RolloutDevice.pending_at, RolloutDevice.id)
             ).all()
+            budget = self.guards.free_slots(session)
+        for rollout_id in grown:
+            self._enrol_online(rollout_id)
         sent = 0
         for rollout_id, token in due:
+            if budget <= 0:
+                break
             if self.online.get_ready(token) is None:
                 continue  # offered at its next login
             offer = self._due_offer(token, rollout_id)
@@ -312,10 +363,24 @@ class OtaService:
                 continue
             try:
                 self.send_offer(offer)
-                sent += 1
+            except OfferDeferred:
+                continue
             except OfferFailed as error:
-                log.warning("device %s: retry not offered: %s", token, error)
+                log.warning("device %s: not offered: %s", token, error)
+                continue
+            sent += 1
+            budget -= 1
         return timed_out, sent
+
+    def _enrol_online(self, rollout_id: int) -> int:
+        """now=true: the connected devices this rollout targets join it without a login."""
+        enrolled = 0
+        for token in self.online.tokens():
+            if self.online.get_ready(token) is not None and self._due_offer(token, rollout_id):
+                enrolled += 1
+        if enrolled:
+            self.on_slot_freed()  # the sweeper offers them as slots allow
+        return enrolled
 
     def _due_offer(self, token: str, rollout_id: int) -> Offer | None:
         device = self.find_device(token)
@@ -329,7 +394,9 @@ class OtaService:
             if candidate is None or candidate.rollout_id != rollout_id:
                 return None  # a more specific rollout took over
             build = session.scalar(select(Device.build).where(Device.id == device.id))
-            row = self.lifecycle.row_to_offer(session, device.id, build, candidate, now)
+            row = self.lifecycle.row_to_offer(
+                session, device.id, device.token, build, candidate, now
+            )
             return None if row is None else _new_offer(candidate, device)
 
     # --- admin -----------------------------------------------------------------
@@ -356,22 +423,34 @@ class OtaService:
         return self._device_rollout(device, admin, uploaded)
 
     def start_campaign(
-        self, upload: Upload, admin: str, *, user: str | None = None, project: str | None = None
+        self,
+        upload: Upload,
+        admin: str,
+        *,
+        user: str | None = None,
+        project: str | None = None,
+        controls: Controls | None = None,
     ) -> str:
-        """Upload for every device (of a user, of a project) whose build differs, at next login."""
+        """Upload for every device (of a user, of a project) whose build differs.
+
+        Offered at each device's next login, or at once to connected devices
+        with now=true; to a share of them with percent= or waves=.
+        """
+        controls = controls or Controls()
         with self.db.begin() as session:
             scope, target_id = self._campaign_target(session, user, project)
-        report = self._inspect(upload)
-        if report.build is None:
-            raise OtaRequestError(
-                "The firmware has no build date (no \\0build\\0 tag from the Blynk "
-                "library), so updated devices could never be told from old ones: a "
-                "campaign needs it. Send it to one device with ?token= instead."
-            )
+        report = self._campaign_report(upload)
+        if controls.push_online is None:
+            controls = replace(controls, push_online=self.guards.policy.push_online)
         with self.db.begin() as session:
             firmware = self.catalog.add(session, upload, report, admin)
             rollout = self.planner.start(
-                session, scope=scope, firmware=firmware, started_by=admin, target_id=target_id
+                session,
+                scope=scope,
+                firmware=firmware,
+                started_by=admin,
+                target_id=target_id,
+                controls=controls,
             )
         log.info(
             "rollout %d of %s (build %s) to %s started by %s",
@@ -381,7 +460,111 @@ class OtaService:
             scope,
             admin,
         )
+        if rollout.push_online:
+            self._enrol_online(rollout.id)
         return served_path(firmware.name)
+
+    def _campaign_report(self, upload: Upload) -> ImageReport:
+        report = self._inspect(upload)
+        if report.build is None:
+            raise OtaRequestError(
+                "The firmware has no build date (no \\0build\\0 tag from the Blynk "
+                "library), so updated devices could never be told from old ones: a "
+                "campaign needs it. Send it to one device with ?token= instead."
+            )
+        return report
+
+    def dry_run(
+        self, upload: Upload, *, user: str | None, project: str | None, controls: Controls
+    ) -> dict:
+        """The devices a campaign would take in now; nothing is stored or started."""
+        with self.db.begin() as session:
+            scope, target_id = self._campaign_target(session, user, project)
+        report = self._campaign_report(upload)
+        candidate = Candidate(
+            rollout_id=0,
+            scope=scope,
+            firmware_id=0,
+            firmware_name="",
+            build=report.build,
+            percent=controls.start_percent,
+            cohort_seed=hashlib.sha256(upload.data).hexdigest()[:16],
+            waves=",".join(map(str, controls.waves)) or None,
+        )
+        precedence = RolloutScope.BY_PRECEDENCE.index(scope)
+        query = (
+            select(Device, Project, User)
+            .join(Project, Project.id == Device.project_id)
+            .join(User, User.id == Project.user_id)
+            .order_by(Device.id)
+        )
+        if scope == RolloutScope.USER:
+            query = query.where(User.id == target_id)
+        elif scope == RolloutScope.PROJECT:
+            query = query.where(Project.id == target_id)
+        devices = []
+        with self.db.begin() as session:
+            for device, project_row, user_row in session.execute(query).all():
+                owner = self.planner.rollout_for(
+                    session, device_id=device.id, project_id=project_row.id, user_id=user_row.id
+                )
+                if owner is not None and (
+                    RolloutScope.BY_PRECEDENCE.index(owner.scope) < precedence
+                ):
+                    continue  # a more specific rollout keeps this device
+                taking_part, _, wave = candidate.takes_part(device.token)
+                if taking_part and candidate.may_offer(device.build):
+                    devices.append(
+                        {
+                            "token": device.token,
+                            "user": user_row.email,
+                            "project": project_row.name,
+                            "build": device.build,
+                            "online": self.online.get(device.token) is not None,
+                            "wave": wave,
+                        }
+                    )
+        return {
+            "dry_run": True,
+            "scope": scope,
+            "build": report.build,
+            "chip": report.chip,
+            "percent": candidate.percent,
+            "devices": devices,
+        }
+
+    def pause(self, rollout_id: int, admin: str) -> dict:
+        return self._change(rollout_id, lambda s, r: self.planner.pause(s, r, f"by {admin}"))
+
+    def resume(self, rollout_id: int, admin: str) -> dict:
+        summary = self._change(rollout_id, lambda s, r: self.planner.resume(s, r, admin))
+        self.on_slot_freed()  # pending devices may be offered again
+        return summary
+
+    def expand(self, rollout_id: int, percent: int, admin: str) -> dict:
+        def widen(session: Session, rollout: Rollout) -> bool:
+            if not rollout.percent < percent <= 100:
+                raise OtaRequestError(
+                    f"percent must be above the rollout's {rollout.percent} and at most 100."
+                )
+            self.planner.widen(session, rollout, percent, f"expanded by {admin}")
+            return True
+
+        summary = self._change(rollout_id, widen)
+        if summary["push_online"]:
+            self._enrol_online(rollout_id)
+        return summary
+
+    def _change(self, rollout_id: int, change: Callable[[Session, Rollout], bool]) -> dict:
+        with self.db.begin() as session:
+            rollout = session.get(Rollout, rollout_id)
+            if rollout is None:
+                raise OtaRequestError(f"No rollout {rollout_id}.", 404)
+            if rollout.state not in RolloutState.RUNNING:
+                raise OtaRequestError(f"Rollout {rollout_id} is {rollout.state}.", 409)
+            if not change(session, rollout):
+                raise OtaRequestError(f"Rollout {rollout_id} is already {rollout.state}.", 409)
+        return self.status(rollout_id)[0]
 
     def stop(self, admin: str, rollout_id: int | None = None) -> int:
         with self.db.begin() as session:

@@ -66,6 +66,13 @@ def rollout_summaries(session: Session, rollout_id: int | None = None) -> list[d
                 "stopped_by": rollout.stopped_by,
                 "stopped_at": iso(rollout.stopped_at),
                 "superseded_by": rollout.superseded_by_id,
+                "pause_reason": rollout.pause_reason,
+                "push_online": rollout.push_online,
+                "percent": rollout.percent,
+                "waves": [int(share) for share in rollout.waves.split(",")]
+                if rollout.waves
+                else None,
+                "success_percent": rollout.success_percent,
                 "device_count": int(counts.get("devices") or 0),
                 "counts": {state: int(counts.get(state) or 0) for state in DeviceState.ALL},
                 "already_up_to_date": int(counts.get("already_up_to_date") or 0),
@@ -94,6 +101,8 @@ def rollout_detail(session: Session, rollout_id: int) -> dict | None:
             "last_error": row.last_error,
             "bytes_sent": row.bytes_sent,
             "already_up_to_date": row.already_current,
+            "bucket": row.cohort_bucket,
+            "wave": row.wave,
             **{stamp: iso(getattr(row, stamp)) for stamp in _TIMESTAMPS},
         }
         for row, token, name in rows

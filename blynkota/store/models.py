@@ -8,7 +8,7 @@ a replaced or stopped rollout changes state and keeps its row.
 from datetime import datetime, timezone
 from typing import Optional
 
-from sqlalchemy import ForeignKey, Index, MetaData, String, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, MetaData, String, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
@@ -136,10 +136,11 @@ class RolloutScope:
 
 class RolloutState:
     ACTIVE = "active"
+    PAUSED = "paused"  # by hand or by the failure threshold: no offers until resumed
     SUPERSEDED = "superseded"
     STOPPED = "stopped"
     # States in which a rollout still has a say over its devices.
-    RUNNING = (ACTIVE,)
+    RUNNING = (ACTIVE, PAUSED)
 
 
 class Rollout(Base):
@@ -160,6 +161,18 @@ class Rollout(Base):
     stopped_at: Mapped[Optional[datetime]]
     stopped_by: Mapped[Optional[str]] = mapped_column(String(255))
     superseded_by_id: Mapped[Optional[int]] = mapped_column(ForeignKey("rollouts.id"))
+    # Fleet controls (a plain Blynk-style rollout has none): offer connected
+    # devices at once; the share of targeted devices taking part; the waves it
+    # grows through and the success share each needs; the seed hashed with each
+    # token to choose who takes part; why it paused.
+    push_online: Mapped[bool] = mapped_column(default=False, server_default=false())
+    percent: Mapped[int] = mapped_column(default=100, server_default="100")
+    waves: Mapped[Optional[str]] = mapped_column(String(64))  # e.g. "10,50,100"
+    success_percent: Mapped[Optional[int]]  # to grow to the next wave
+    cohort_seed: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    pause_reason: Mapped[Optional[str]] = mapped_column(String(255))
+    # The failure threshold judges only devices that finished after this.
+    resumed_at: Mapped[Optional[datetime]]
 
     firmware: Mapped[Firmware] = relationship()
 
@@ -231,6 +244,8 @@ class RolloutDevice(Base):
     failed_at: Mapped[Optional[datetime]]
     ended_at: Mapped[Optional[datetime]]  # cancelled or superseded
     next_attempt_at: Mapped[Optional[datetime]]  # backoff: no offer before this
+    cohort_bucket: Mapped[Optional[int]]  # 0-99 from the hash of token and rollout
+    wave: Mapped[Optional[int]]  # the wave (1, 2, ...) in which the device joined
 
 
 class RolloutEvent(Base):

@@ -5,7 +5,8 @@ from datetime import datetime
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from ..ota import OtaRequestError, Upload
+from ..ota import Controls, ControlsError, OtaRequestError, Upload
+from ..ota.cohorts import parse_waves
 from .auth import auth, guard_admin_request
 
 __all__ = ["admin"]
@@ -71,7 +72,38 @@ def start_ota() -> Response:
         # Checked before the upload is read, as the Blynk server does.
         return _text(service.start_for_device(token, _uploaded_file(), who, queue=queue))
     user, project = request.args.get("user"), request.args.get("project")
-    return _text(service.start_campaign(_uploaded_file(), who, user=user, project=project))
+    controls = _controls()
+    if controls.dry_run:
+        return jsonify(
+            service.dry_run(_uploaded_file(), user=user, project=project, controls=controls)
+        )
+    return _text(
+        service.start_campaign(_uploaded_file(), who, user=user, project=project, controls=controls)
+    )
+
+
+def _number(name: str) -> int | None:
+    value = request.args.get(name)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise OtaRequestError(f"{name} must be a whole number, not {value!r}.")
+    return int(value)
+
+
+def _controls() -> Controls:
+    """now=, percent=, waves=, success=, dryRun= of a campaign."""
+    try:
+        waves = request.args.get("waves")
+        return Controls(
+            push_online=_flag("now") if "now" in request.args else None,
+            percent=_number("percent"),
+            waves=parse_waves(waves) if waves is not None else (),
+            success_percent=_number("success"),
+            dry_run=_flag("dryRun"),
+        )
+    except ControlsError as error:
+        raise OtaRequestError(str(error)) from None
 
 
 def _rollout_id() -> int | None:
@@ -101,6 +133,35 @@ def ota_status() -> Response:
 @auth.login_required
 def rollout_detail(rollout_id: int) -> Response:
     return jsonify(_service().detail(rollout_id))
+
+
+@admin.post("/ota/rollouts/<int:rollout_id>/pause")
+@auth.login_required
+def pause_rollout(rollout_id: int) -> Response:
+    return jsonify(_service().pause(rollout_id, auth.current_user()))
+
+
+@admin.post("/ota/rollouts/<int:rollout_id>/resume")
+@auth.login_required
+def resume_rollout(rollout_id: int) -> Response:
+    return jsonify(_service().resume(rollout_id, auth.current_user()))
+
+
+@admin.post("/ota/rollouts/<int:rollout_id>/stop")
+@auth.login_required
+def stop_rollout(rollout_id: int) -> Response:
+    service = _service()
+    service.stop(auth.current_user(), rollout_id)
+    return jsonify(service.status(rollout_id)[0])
+
+
+@admin.post("/ota/rollouts/<int:rollout_id>/expand")
+@auth.login_required
+def expand_rollout(rollout_id: int) -> Response:
+    percent = _number("percent")
+    if percent is None:
+        raise OtaRequestError("expand needs ?percent=N (the new share of devices, up to 100).")
+    return jsonify(_service().expand(rollout_id, percent, auth.current_user()))
 
 
 def _jsonable(row: dict) -> dict:
