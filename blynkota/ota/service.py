@@ -637,6 +637,8 @@ class OtaService:
         if self.online.get_ready(device.token) is not None:
             try:
                 self.send_offer(offer)
+            except OfferDeferred as reason:
+                log.info("device %s: update waits: %s", device.token, reason)
             except OfferFailed as error:
                 raise OtaRequestError(
                     f"The update could not be sent: {error}. It stays pending for the next login."
