@@ -23,6 +23,7 @@ __all__ = ["BlynkotaServer"]
 log = logging.getLogger("blynkota")
 
 ADMIN_CONNECTIONS = 100
+SWEEP_MIN_GAP = 0.1  # seconds between two sweeps woken by freed download slots
 
 
 class BlynkotaServer:
@@ -93,6 +94,8 @@ class BlynkotaServer:
             except Exception:  # the database may be away for a moment: try again later
                 log.exception("rollout sweep failed")
                 continue
+            # Many slots free up in a burst: one sweep serves them all.
+            gevent.sleep(SWEEP_MIN_GAP)
             if timed_out or offered:
                 log.info(
                     "sweep: %d attempt(s) timed out, %d retry offer(s) sent", timed_out, offered

@@ -148,6 +148,10 @@ class SimulatedDevice:
             sock.sendall(encode_login(self.token, self._next_id(), legacy=self.legacy_login))
             answer = self._read_event(sock, reader, LOGIN_ANSWER_TIMEOUT)
             self.login_status = answer.status if isinstance(answer, Response) else None
+            if self.login_status is None:
+                # Closed without an answer: as the library does, try again.
+                self._stop.wait(LOGIN_RETRY / 10)
+                return not self._stop.is_set()
             if self.login_status != Status.OK:
                 log.warning("%s: login refused (%s)", self.token, answer)
                 return False

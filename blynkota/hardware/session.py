@@ -9,6 +9,7 @@ the database is touched on login, info message and disconnect only.
 """
 
 import contextlib
+import itertools
 import logging
 import math
 import socket
@@ -49,6 +50,9 @@ MAX_EXTRA_LOGINS = 3  # ALREADY_REGISTERED answers before a login flood is close
 SEND_BUFFER_BYTES = 16 * 1024
 
 
+_SERIALS = itertools.count(1)
+
+
 def heartbeat_timeout(heartbeat: int) -> float:
     return math.ceil(heartbeat * 2.3)
 
@@ -70,6 +74,7 @@ class DeviceSession:
         public_port: int | None = None,
     ) -> None:
         self.sock = sock
+        self.serial = next(_SERIALS)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self.peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
@@ -126,7 +131,9 @@ class DeviceSession:
         self.machine.advance("login accepted")
         # Registered before the database hears of it: the connection this one
         # replaces then finds itself unregistered and leaves the device online.
-        replaced = self.online.register(self)
+        registered, replaced = self.online.register(self)
+        if not registered:
+            raise SessionClosed("closed, the device has opened a newer connection")
         if replaced is not None:
             replaced.close("replaced by a new connection")
         self.service.device_online(identity.id, self.peer.rsplit(":", 1)[0])
@@ -247,6 +254,10 @@ class DeviceSession:
         if self.device_id is not None and self.online.unregister(self):
             try:
                 self.service.device_offline(self.device_id)
+                if self.online.get(self.token) is not None:
+                    # The device came back while this write was on its way: the
+                    # new connection's "online" may have landed first.
+                    self.service.device_online_again(self.device_id)
             except Exception:
                 log.exception("device %s: could not record the disconnect", self.token)
         if self.machine.state is not SessionState.CLOSED:

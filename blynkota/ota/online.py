@@ -20,6 +20,7 @@ class OfferDeferred(OfferFailed):
 
 class DeviceLink(Protocol):
     token: str
+    serial: int  # connection order: a later connection has a larger serial
 
     @property
     def ready(self) -> bool:
@@ -51,11 +52,18 @@ class OnlineDevices:
         link = self._links.get(token)
         return link if link is not None and link.ready else None
 
-    def register(self, link: DeviceLink) -> DeviceLink | None:
-        """Make `link` the device's connection; return the one it replaces, if any."""
+    def register(self, link: DeviceLink) -> tuple[bool, DeviceLink | None]:
+        """Make `link` the device's connection unless a newer one already is.
+
+        Returns (registered, the link it replaces). A login that took long (a
+        slow database in a reconnect storm) must not push out the connection
+        the device opened after giving up on it.
+        """
         previous = self._links.get(link.token)
+        if previous is not None and previous is not link and previous.serial > link.serial:
+            return False, None
         self._links[link.token] = link
-        return previous if previous is not link else None
+        return True, previous if previous is not link else None
 
     def unregister(self, link: DeviceLink) -> bool:
         """Forget `link` if it is still the device's connection; True if it was."""

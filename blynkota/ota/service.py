@@ -163,6 +163,12 @@ class OtaService:
                 _MARK_ONLINE, {"device": device_id, "now": utcnow(), "address": address[:64]}
             )
 
+    def device_online_again(self, device_id: int) -> None:
+        with self.db.begin() as session:
+            session.execute(
+                update(Device).where(Device.id == device_id).values(online_since=utcnow())
+            )
+
     def device_offline(self, device_id: int) -> None:
         with self.db.begin() as session:
             session.execute(
@@ -337,6 +343,9 @@ class OtaService:
                 self.guards.check_health(session, rollout)
                 if self.guards.advance_wave(session, rollout) and rollout.push_online:
                     grown.append(rollout.id)
+            budget = self.guards.free_slots(session)
+            # Connected devices only (the sweep runs often: it must stay cheap),
+            # oldest first, a few more than there are slots.
             due = session.execute(
                 select(RolloutDevice.rollout_id, Device.token)
                 .join(Device, Device.id == RolloutDevice.device_id)
@@ -346,10 +355,11 @@ class OtaService:
                     (RolloutDevice.next_attempt_at.is_(None))
                     | (RolloutDevice.next_attempt_at <= now),
                     Rollout.state == RolloutState.ACTIVE,
+                    Device.online_since.is_not(None),
                 )
                 .order_by(RolloutDevice.pending_at, RolloutDevice.id)
+                .limit(2 * budget + 10)
             ).all()
-            budget = self.guards.free_slots(session)
         for rollout_id in grown:
             self._enrol_online(rollout_id)
         sent = 0

@@ -25,7 +25,9 @@ def make_engine(url: str) -> Engine:
 
         return engine
     # MySQL closes idle connections after wait_timeout: check before use.
-    return create_engine(url, pool_pre_ping=True, pool_recycle=3600)
+    # Thousands of device greenlets share the pool: keep it wide enough that a
+    # login storm queues for a connection briefly, not for the 30 s timeout.
+    return create_engine(url, pool_pre_ping=True, pool_recycle=3600, pool_size=20, max_overflow=30)
 
 
 class Database:
