@@ -198,7 +198,7 @@ def test_pause_resume_and_stop_by_hand(server_factory, fleet_of, app):
 
 
 @pytest.mark.timeout(600)
-def test_the_throttle_holds_under_a_reconnect_storm(server_factory, fleet_of, app):
+def test_the_throttle_holds_under_a_reconnect_storm(server_factory, fleet_of, app, db_url):
     limit = 5
     server = server_factory(**{"ota.max.concurrent": limit})
     fleet, tokens = fleet_of(server, 1000)
@@ -216,7 +216,8 @@ def test_the_throttle_holds_under_a_reconnect_storm(server_factory, fleet_of, ap
                 for d in late[:10]
             )
         ) from None
-    # Replay the recorded transitions in order: never more than `limit` holding a slot.
+    # Replay the recorded transitions in the order the server wrote them: never
+    # more than `limit` devices holding a download slot.
     events = query(
         app,
         "SELECT device_id, from_state, to_state, at FROM rollout_events "
@@ -229,8 +230,11 @@ def test_the_throttle_holds_under_a_reconnect_storm(server_factory, fleet_of, ap
         most = max(most, holding)
     assert holding == 0
     assert most == limit  # the limit was reached (others waited), never passed
-    times = [event["at"] for event in events]
-    assert times == sorted(times)  # the order replayed is the order of the timestamps
+    if db_url.startswith("sqlite"):
+        # One writer at a time: the ids' order is the timestamps' order too.
+        # (MySQL stamps whole seconds, taken before each transaction queues.)
+        times = [event["at"] for event in events]
+        assert times == sorted(times)
 
 
 def test_dry_run_lists_the_devices_and_starts_nothing(server_factory, fleet_of, fleet, app):
