@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from ..store import (
@@ -27,18 +27,19 @@ from ..store import (
     RolloutDevice,
     RolloutScope,
     RolloutState,
-    User,
     utcnow,
 )
 from .catalog import FirmwareCatalog, FirmwareFile, Upload, served_path
 from .cohorts import Controls
 from .device_states import move, start_tracking
+from .errors import OtaRequestError
 from .firmware import FirmwareRejected, ImageReport
 from .guards import FleetPolicy, RolloutGuards
 from .lifecycle import RetryPolicy, UpdateLifecycle
 from .online import OfferDeferred, OfferFailed, OnlineDevices
 from .rollouts import Candidate, RolloutPlanner
 from .status import rollout_detail, rollout_summaries
+from .targeting import campaign_target, devices_taken_in
 
 __all__ = ["DeviceIdentity", "DownloadTicket", "Offer", "OtaRequestError", "OtaService"]
 
@@ -69,14 +70,6 @@ _MARK_ONLINE = (
         last_address=bindparam("address"),
     )
 )
-
-
-class OtaRequestError(Exception):
-    """An admin request that cannot be carried out; the message is the answer."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -448,7 +441,7 @@ class OtaService:
         """
         controls = controls or Controls()
         with self.db.begin() as session:
-            scope, target_id = self._campaign_target(session, user, project)
+            scope, target_id = campaign_target(session, user, project)
         report = self._campaign_report(upload)
         if controls.push_online is None:
             controls = replace(controls, push_online=self.guards.policy.push_online)
@@ -489,7 +482,7 @@ class OtaService:
     ) -> dict:
         """The devices a campaign would take in now; nothing is stored or started."""
         with self.db.begin() as session:
-            scope, target_id = self._campaign_target(session, user, project)
+            scope, target_id = campaign_target(session, user, project)
         report = self._campaign_report(upload)
         candidate = Candidate(
             rollout_id=0,
@@ -501,39 +494,10 @@ class OtaService:
             cohort_seed=hashlib.sha256(upload.data).hexdigest()[:16],
             waves=",".join(map(str, controls.waves)) or None,
         )
-        precedence = RolloutScope.BY_PRECEDENCE.index(scope)
-        query = (
-            select(Device, Project, User)
-            .join(Project, Project.id == Device.project_id)
-            .join(User, User.id == Project.user_id)
-            .order_by(Device.id)
-        )
-        if scope == RolloutScope.USER:
-            query = query.where(User.id == target_id)
-        elif scope == RolloutScope.PROJECT:
-            query = query.where(Project.id == target_id)
-        devices = []
         with self.db.begin() as session:
-            for device, project_row, user_row in session.execute(query).all():
-                owner = self.planner.rollout_for(
-                    session, device_id=device.id, project_id=project_row.id, user_id=user_row.id
-                )
-                if owner is not None and (
-                    RolloutScope.BY_PRECEDENCE.index(owner.scope) < precedence
-                ):
-                    continue  # a more specific rollout keeps this device
-                taking_part, _, wave = candidate.takes_part(device.token)
-                if taking_part and candidate.may_offer(device.build):
-                    devices.append(
-                        {
-                            "token": device.token,
-                            "user": user_row.email,
-                            "project": project_row.name,
-                            "build": device.build,
-                            "online": self.online.get(device.token) is not None,
-                            "wave": wave,
-                        }
-                    )
+            devices = devices_taken_in(session, self.planner, candidate, target_id)
+        for device in devices:
+            device["online"] = self.online.get(device["token"]) is not None
         return {
             "dry_run": True,
             "scope": scope,
@@ -655,31 +619,3 @@ class OtaService:
                 ) from None
         # Not yet reported (or queued while offline): offered after its next info message.
         return offer.path
-
-    def _campaign_target(
-        self, session: Session, email: str | None, project_ref: str | None
-    ) -> tuple[str, int | None]:
-        if email is None:
-            if project_ref is not None:
-                raise OtaRequestError("The project parameter needs the user parameter too.")
-            return RolloutScope.ALL, None
-        user = session.scalar(select(User).where(func.lower(User.email) == email.lower()))
-        if user is None:
-            raise OtaRequestError("Requested user not found.")
-        if project_ref is None:
-            return RolloutScope.USER, user.id
-        matches = session.scalars(
-            select(Project).where(
-                Project.user_id == user.id,
-                (func.lower(Project.name) == project_ref.lower())
-                | (Project.dash_id == (int(project_ref) if project_ref.isdigit() else -1)),
-            )
-        ).all()
-        if not matches:
-            raise OtaRequestError("Requested project not found.")
-        if len(matches) > 1:
-            ids = ", ".join(str(project.dash_id) for project in matches)
-            raise OtaRequestError(
-                f"Project name {project_ref!r} matches projects {ids}: give the project id."
-            )
-        return RolloutScope.PROJECT, matches[0].id

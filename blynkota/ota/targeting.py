@@ -1,0 +1,77 @@
+"""Who a campaign is aimed at: the user / project of `?user=&project=`, and for a
+dry run, the devices it would take in now."""
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from ..store import Device, Project, RolloutScope, User
+from .errors import OtaRequestError
+from .rollouts import Candidate, RolloutPlanner
+
+__all__ = ["campaign_target", "devices_taken_in"]
+
+
+def campaign_target(
+    session: Session, email: str | None, project_ref: str | None
+) -> tuple[str, int | None]:
+    """(scope, target id) for the query parameters; OtaRequestError for unknown ones."""
+    if email is None:
+        if project_ref is not None:
+            raise OtaRequestError("The project parameter needs the user parameter too.")
+        return RolloutScope.ALL, None
+    user = session.scalar(select(User).where(func.lower(User.email) == email.lower()))
+    if user is None:
+        raise OtaRequestError("Requested user not found.")
+    if project_ref is None:
+        return RolloutScope.USER, user.id
+    matches = session.scalars(
+        select(Project).where(
+            Project.user_id == user.id,
+            (func.lower(Project.name) == project_ref.lower())
+            | (Project.dash_id == (int(project_ref) if project_ref.isdigit() else -1)),
+        )
+    ).all()
+    if not matches:
+        raise OtaRequestError("Requested project not found.")
+    if len(matches) > 1:
+        ids = ", ".join(str(project.dash_id) for project in matches)
+        raise OtaRequestError(
+            f"Project name {project_ref!r} matches projects {ids}: give the project id."
+        )
+    return RolloutScope.PROJECT, matches[0].id
+
+
+def devices_taken_in(
+    session: Session, planner: RolloutPlanner, candidate: Candidate, target_id: int | None
+) -> list[dict]:
+    """Devices in the candidate's scope that it would offer now (not yet stored)."""
+    precedence = RolloutScope.BY_PRECEDENCE.index(candidate.scope)
+    query = (
+        select(Device, Project, User)
+        .join(Project, Project.id == Device.project_id)
+        .join(User, User.id == Project.user_id)
+        .order_by(Device.id)
+    )
+    if candidate.scope == RolloutScope.USER:
+        query = query.where(User.id == target_id)
+    elif candidate.scope == RolloutScope.PROJECT:
+        query = query.where(Project.id == target_id)
+    devices = []
+    for device, project, user in session.execute(query).all():
+        owner = planner.rollout_for(
+            session, device_id=device.id, project_id=project.id, user_id=user.id
+        )
+        if owner is not None and RolloutScope.BY_PRECEDENCE.index(owner.scope) < precedence:
+            continue  # a more specific rollout keeps this device
+        taking_part, _, wave = candidate.takes_part(device.token)
+        if taking_part and candidate.may_offer(device.build):
+            devices.append(
+                {
+                    "token": device.token,
+                    "user": user.email,
+                    "project": project.name,
+                    "build": device.build,
+                    "wave": wave,
+                }
+            )
+    return devices
