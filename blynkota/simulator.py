@@ -82,6 +82,8 @@ class SimulatedDevice:
         self.fail = fail
         self.legacy_login = legacy_login
         self.logins = 0
+        self.updates = 0  # updates finished: downloaded, flashed, logged in again
+        self._flashed = False
         self.login_status: int | None = None
         self.ota_urls: list[str] = []
         self.downloads: list[Download] = []
@@ -156,6 +158,8 @@ class SimulatedDevice:
                 log.warning("%s: login refused (%s)", self.token, answer)
                 return False
             self.logins += 1
+            if self._flashed:
+                self.updates, self._flashed = self.updates + 1, False
             info_id = self._next_id()
             sock.sendall(encode_info(self._info(), info_id))
             while not self._stop.is_set():
@@ -202,6 +206,7 @@ class SimulatedDevice:
         self.downloads.append(download)
         if download.ok and self.fail == "none":
             self.build = download.build
+            self._flashed = True
         log.info("%s: download %s: %s", self.token, url, download.error or "flashed")
 
     def download(self, url: str) -> Download:
@@ -340,15 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     while len(pool):
         if arguments.duration and time.monotonic() - started >= arguments.duration:
             break
-        if arguments.updates and all(
-            sum(d.ok for d in device.downloads) >= arguments.updates for device in devices
-        ):
+        if arguments.updates and all(device.updates >= arguments.updates for device in devices):
             break
         gevent.sleep(0.2)
     for device in devices:
         device.stop()
     pool.join(timeout=5)
-    updated = sum(any(d.ok for d in device.downloads) for device in devices)
+    updated = sum(device.updates > 0 for device in devices)
     print(f"{len(devices)} device(s), {updated} updated")
     for device in devices:
         print(f"{device.token} build={device.build!r} logins={device.logins}")

@@ -5,14 +5,16 @@ from .blynk_data import BlynkDataError, read_blynk_folder
 from .catalog import FirmwareCatalog, FirmwareFile, Upload, served_path
 from .cohorts import Controls, ControlsError
 from .device_states import TRANSITIONS, IllegalDeviceTransition
+from .errors import OtaRequestError
 from .firmware import FirmwareRejected, ImageReport, inspect_firmware, read_build
 from .firmware_store import FirmwareStore
 from .fleet import DeviceRow, FleetRegistry, ImportCounts, ProvisioningError, new_token
 from .guards import FleetPolicy, RolloutGuards
 from .lifecycle import RetryPolicy, UpdateLifecycle
+from .offers import DeviceIdentity, DownloadTicket, Offer
 from .online import DeviceLink, OfferDeferred, OfferFailed, OnlineDevices
 from .rollouts import Candidate, RolloutPlanner
-from .service import DeviceIdentity, DownloadTicket, Offer, OtaRequestError, OtaService
+from .service import OtaService
 
 __all__ = [
     "AdminDirectory",

@@ -1,17 +1,14 @@
 """The OTA domain as the hardware server and the admin API see it.
 
-Devices: who a token is, what it reported, which firmware to offer it, what
-its downloads did. Admins: upload firmware, aim it at a device / project /
-user / everyone, stop, look at progress. Everything that must survive a
-restart is in the database before it counts.
+This half is the device side: who a token is, what it reported, which
+firmware to offer it, what its downloads did, and the sweep that keeps
+rollouts moving. The admin side (admin_ops.py) is mixed in. Everything that
+must survive a restart is in the database before it counts.
 """
 
-import hashlib
 import logging
-import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
@@ -20,26 +17,22 @@ from ..store import (
     Database,
     Device,
     DeviceState,
-    Firmware,
     OtaCommand,
     Project,
     Rollout,
     RolloutDevice,
-    RolloutScope,
     RolloutState,
     utcnow,
 )
-from .catalog import FirmwareCatalog, FirmwareFile, Upload, served_path
-from .cohorts import Controls
-from .device_states import move, start_tracking
+from .admin_ops import AdminOperations
+from .catalog import FirmwareCatalog, FirmwareFile
+from .device_states import move
 from .errors import OtaRequestError
-from .firmware import FirmwareRejected, ImageReport
 from .guards import FleetPolicy, RolloutGuards
 from .lifecycle import RetryPolicy, UpdateLifecycle
+from .offers import DeviceIdentity, DownloadTicket, Offer, new_offer
 from .online import OfferDeferred, OfferFailed, OnlineDevices
-from .rollouts import Candidate, RolloutPlanner
-from .status import rollout_detail, rollout_summaries
-from .targeting import campaign_target, devices_taken_in
+from .rollouts import RolloutPlanner
 
 __all__ = ["DeviceIdentity", "DownloadTicket", "Offer", "OtaRequestError", "OtaService"]
 
@@ -72,56 +65,7 @@ _MARK_ONLINE = (
 )
 
 
-@dataclass(frozen=True)
-class DeviceIdentity:
-    id: int
-    token: str
-    project_id: int
-    user_id: int
-
-
-@dataclass(frozen=True)
-class Offer:
-    rollout_id: int
-    device_id: int
-    token: str
-    firmware_id: int
-    path: str  # /static/ota/<name>.bin, what the admin API answers
-    key: str  # ties the download to this offer
-
-    @property
-    def url_path(self) -> str:
-        return f"{self.path}?o={self.key}"
-
-
-@dataclass
-class DownloadTicket:
-    """One tracked download: which rollout row it moves, and how far it got."""
-
-    row_id: int
-    size: int
-    start: int
-    written_until: int = field(default=0)
-
-
-def _new_offer(candidate: Candidate, device: DeviceIdentity) -> Offer:
-    # 48 random bits, URL-safe: short enough for a 256-byte device buffer.
-    return Offer(
-        rollout_id=candidate.rollout_id,
-        device_id=device.id,
-        token=device.token,
-        firmware_id=candidate.firmware_id,
-        path=served_path(candidate.firmware_name),
-        key=secrets.token_urlsafe(6),
-    )
-
-
-def _candidate(rollout: Rollout) -> Candidate:
-    firmware = rollout.firmware
-    return Candidate(rollout.id, rollout.scope, firmware.id, firmware.name, firmware.build)
-
-
-class OtaService:
+class OtaService(AdminOperations):
     def __init__(
         self,
         db: Database,
@@ -206,7 +150,7 @@ class OtaService:
             row = self.lifecycle.row_to_offer(
                 session, device.id, device.token, build, candidate, now
             )
-            return None if row is None else _new_offer(candidate, device)
+            return None if row is None else new_offer(candidate, device)
 
     def _claim_offer(self, offer: Offer, url: str) -> str | None:
         """Journal the offer and count the attempt, if the rollout may offer now.
@@ -400,164 +344,7 @@ class OtaService:
             row = self.lifecycle.row_to_offer(
                 session, device.id, device.token, build, candidate, now
             )
-            return None if row is None else _new_offer(candidate, device)
-
-    # --- admin -----------------------------------------------------------------
-
-    def start_for_device(self, token: str, upload: Upload, admin: str, *, queue: bool) -> str:
-        """Upload and send to one device now (Blynk's ?token=), or at its next login."""
-        device = self._device_for_admin(token, queue=queue)
-        report = self._inspect(upload)
-        return self._device_rollout(
-            device, admin, lambda session: self.catalog.add(session, upload, report, admin)
-        )
-
-    def resend(self, file_name: str, token: str, admin: str, *, queue: bool) -> str:
-        """Send an already uploaded file to one device (GET ?fileName=&token=)."""
-        name = file_name.rsplit("/", 1)[-1].removesuffix(".bin")
-        device = self._device_for_admin(token, queue=queue)
-
-        def uploaded(session: Session) -> Firmware:
-            firmware = self.catalog.by_name(session, name)
-            if firmware is None:
-                raise OtaRequestError("Requested file not found.")
-            return firmware
-
-        return self._device_rollout(device, admin, uploaded)
-
-    def start_campaign(
-        self,
-        upload: Upload,
-        admin: str,
-        *,
-        user: str | None = None,
-        project: str | None = None,
-        controls: Controls | None = None,
-    ) -> str:
-        """Upload for every device (of a user, of a project) whose build differs.
-
-        Offered at each device's next login, or at once to connected devices
-        with now=true; to a share of them with percent= or waves=.
-        """
-        controls = controls or Controls()
-        with self.db.begin() as session:
-            scope, target_id = campaign_target(session, user, project)
-        report = self._campaign_report(upload)
-        if controls.push_online is None:
-            controls = replace(controls, push_online=self.guards.policy.push_online)
-        with self.db.begin() as session:
-            firmware = self.catalog.add(session, upload, report, admin)
-            rollout = self.planner.start(
-                session,
-                scope=scope,
-                firmware=firmware,
-                started_by=admin,
-                target_id=target_id,
-                controls=controls,
-            )
-        log.info(
-            "rollout %d of %s (build %s) to %s started by %s",
-            rollout.id,
-            firmware.name,
-            report.build,
-            scope,
-            admin,
-        )
-        if rollout.push_online:
-            self._enrol_online(rollout.id)
-        return served_path(firmware.name)
-
-    def _campaign_report(self, upload: Upload) -> ImageReport:
-        report = self._inspect(upload)
-        if report.build is None:
-            raise OtaRequestError(
-                "The firmware has no build date (no \\0build\\0 tag from the Blynk "
-                "library), so updated devices could never be told from old ones: a "
-                "campaign needs it. Send it to one device with ?token= instead."
-            )
-        return report
-
-    def dry_run(
-        self, upload: Upload, *, user: str | None, project: str | None, controls: Controls
-    ) -> dict:
-        """The devices a campaign would take in now; nothing is stored or started."""
-        with self.db.begin() as session:
-            scope, target_id = campaign_target(session, user, project)
-        report = self._campaign_report(upload)
-        candidate = Candidate(
-            rollout_id=0,
-            scope=scope,
-            firmware_id=0,
-            firmware_name="",
-            build=report.build,
-            percent=controls.start_percent,
-            cohort_seed=hashlib.sha256(upload.data).hexdigest()[:16],
-            waves=",".join(map(str, controls.waves)) or None,
-        )
-        with self.db.begin() as session:
-            devices = devices_taken_in(session, self.planner, candidate, target_id)
-        for device in devices:
-            device["online"] = self.online.get(device["token"]) is not None
-        return {
-            "dry_run": True,
-            "scope": scope,
-            "build": report.build,
-            "chip": report.chip,
-            "percent": candidate.percent,
-            "devices": devices,
-        }
-
-    def pause(self, rollout_id: int, admin: str) -> dict:
-        return self._change(rollout_id, lambda s, r: self.planner.pause(s, r, f"by {admin}"))
-
-    def resume(self, rollout_id: int, admin: str) -> dict:
-        summary = self._change(rollout_id, lambda s, r: self.planner.resume(s, r, admin))
-        self.on_slot_freed()  # pending devices may be offered again
-        return summary
-
-    def expand(self, rollout_id: int, percent: int, admin: str) -> dict:
-        def widen(session: Session, rollout: Rollout) -> bool:
-            if not rollout.percent < percent <= 100:
-                raise OtaRequestError(
-                    f"percent must be above the rollout's {rollout.percent} and at most 100."
-                )
-            self.planner.widen(session, rollout, percent, f"expanded by {admin}")
-            return True
-
-        summary = self._change(rollout_id, widen)
-        if summary["push_online"]:
-            self._enrol_online(rollout_id)
-        return summary
-
-    def _change(self, rollout_id: int, change: Callable[[Session, Rollout], bool]) -> dict:
-        with self.db.begin() as session:
-            rollout = session.get(Rollout, rollout_id)
-            if rollout is None:
-                raise OtaRequestError(f"No rollout {rollout_id}.", 404)
-            if rollout.state not in RolloutState.RUNNING:
-                raise OtaRequestError(f"Rollout {rollout_id} is {rollout.state}.", 409)
-            if not change(session, rollout):
-                raise OtaRequestError(f"Rollout {rollout_id} is already {rollout.state}.", 409)
-        return self.status(rollout_id)[0]
-
-    def stop(self, admin: str, rollout_id: int | None = None) -> int:
-        with self.db.begin() as session:
-            if rollout_id is not None and session.get(Rollout, rollout_id) is None:
-                raise OtaRequestError(f"No rollout {rollout_id}.", 404)
-            stopped = self.planner.stop(session, admin, rollout_id)
-        log.info("%d rollout(s) stopped by %s", stopped, admin)
-        return stopped
-
-    def status(self, rollout_id: int | None = None) -> list[dict]:
-        with self.db.begin() as session:
-            return rollout_summaries(session, rollout_id)
-
-    def detail(self, rollout_id: int) -> dict:
-        with self.db.begin() as session:
-            found = rollout_detail(session, rollout_id)
-        if found is None:
-            raise OtaRequestError(f"No rollout {rollout_id}.", 404)
-        return found
+            return None if row is None else new_offer(candidate, device)
 
     # --- helpers ---------------------------------------------------------------
 
@@ -570,52 +357,3 @@ class OtaService:
                 RolloutDevice.rollout_id == rollout_id, RolloutDevice.device_id == device_id
             )
         )
-
-    def _device_for_admin(self, token: str, *, queue: bool) -> DeviceIdentity:
-        device = self.find_device(token)
-        if device is None:
-            raise OtaRequestError("Invalid token.")
-        if not queue and self.online.get(token) is None:
-            raise OtaRequestError("No device in session.")
-        return device
-
-    def _inspect(self, upload: Upload):
-        try:
-            return self.catalog.inspect(upload)
-        except FirmwareRejected as error:
-            raise OtaRequestError(str(error)) from None
-
-    def _device_rollout(
-        self, device: DeviceIdentity, admin: str, firmware_of: Callable[[Session], Firmware]
-    ) -> str:
-        """A device rollout for the firmware `firmware_of` gives, offered now if online."""
-        now = utcnow()
-        with self.db.begin() as session:
-            rollout = self.planner.start(
-                session,
-                scope=RolloutScope.DEVICE,
-                firmware=firmware_of(session),
-                started_by=admin,
-                target_id=device.id,
-            )
-            # Asked for by name: sent whatever build the device reports.
-            start_tracking(
-                session,
-                rollout_id=rollout.id,
-                device_id=device.id,
-                state=DeviceState.PENDING,
-                at=now,
-                detail=f"targeted by {admin}",
-            )
-            offer = _new_offer(_candidate(rollout), device)
-        if self.online.get_ready(device.token) is not None:
-            try:
-                self.send_offer(offer)
-            except OfferDeferred as reason:
-                log.info("device %s: update waits: %s", device.token, reason)
-            except OfferFailed as error:
-                raise OtaRequestError(
-                    f"The update could not be sent: {error}. It stays pending for the next login."
-                ) from None
-        # Not yet reported (or queued while offline): offered after its next info message.
-        return offer.path
