@@ -51,6 +51,16 @@ def start_device(server, token, build, **options) -> SimulatedDevice:
     return device
 
 
+def run_until(server, app, token, build, state, **options) -> SimulatedDevice:
+    """Run one simulated device until its row in the rollout reaches `state`."""
+    device = start_device(server, token, build, **options)
+    try:
+        wait_until(lambda: device_state(app, token).get("state") == state, timeout=60)
+    finally:
+        device.stop()
+    return device
+
+
 @pytest.fixture
 def fast_server(server_factory, app):
     return server_factory(**FAST)
@@ -59,11 +69,7 @@ def fast_server(server_factory, app):
 def test_a_normal_update_walks_every_state_with_its_timestamp(fast_server, fleet, app):
     token = fleet.add_device("me@example.com", "Farm")
     fast_server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
-    device = start_device(fast_server, token, BUILD_OLD)
-    try:
-        wait_until(lambda: device_state(app, token).get("state") == DeviceState.UPDATED)
-    finally:
-        device.stop()
+    run_until(fast_server, app, token, BUILD_OLD, DeviceState.UPDATED)
     row = device_state(app, token)
     assert row["attempts"] == 1 and row["last_error"] is None
     for stamp in ("pending_at", "first_offered_at", "offered_at", "downloading_at",
@@ -84,11 +90,7 @@ def test_a_normal_update_walks_every_state_with_its_timestamp(fast_server, fleet
 def test_already_up_to_date_devices_count_as_updated(fast_server, fleet, app):
     token = fleet.add_device("me@example.com", "Farm")
     fast_server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
-    device = start_device(fast_server, token, BUILD_NEW)
-    try:
-        wait_until(lambda: device_state(app, token).get("state") == DeviceState.UPDATED)
-    finally:
-        device.stop()
+    device = run_until(fast_server, app, token, BUILD_NEW, DeviceState.UPDATED)
     assert device.ota_urls == []
     (rollout,) = fast_server.admin("GET", "/admin/ota/status").json()
     assert rollout["counts"]["updated"] == 1 and rollout["already_up_to_date"] == 1
@@ -219,11 +221,7 @@ def test_queue_true_keeps_a_single_device_update_for_an_offline_device(fast_serv
     queued = fast_server.upload(f"/admin/ota/start?token={token}&queue=true", image)
     assert queued.status == 200 and queued.text.startswith("/static/ota/")
     assert device_state(app, token)["state"] == DeviceState.PENDING
-    device = start_device(fast_server, token, BUILD_OLD)
-    try:
-        wait_until(lambda: device_state(app, token).get("state") == DeviceState.UPDATED)
-    finally:
-        device.stop()
+    device = run_until(fast_server, app, token, BUILD_OLD, DeviceState.UPDATED)
     assert device.build == BUILD_NEW
 
 
@@ -231,11 +229,7 @@ def test_status_detail_stop_one_and_the_cli(fast_server, fleet, app):
     token = fleet.add_device("me@example.com", "Farm")
     fast_server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
     fast_server.upload("/admin/ota/start?user=me@example.com", esp8266_image(BUILD_NEW))
-    device = start_device(fast_server, token, BUILD_OLD)
-    try:
-        wait_until(lambda: device_state(app, token).get("state") == DeviceState.UPDATED)
-    finally:
-        device.stop()
+    run_until(fast_server, app, token, BUILD_OLD, DeviceState.UPDATED)
     user_rollout, all_rollout = fast_server.admin("GET", "/admin/ota/status").json()
     assert (user_rollout["scope"], user_rollout["target"]) == ("user", "me@example.com")
     assert (all_rollout["scope"], all_rollout["target"]) == ("all", "all devices")
@@ -290,11 +284,7 @@ def test_counts_and_backoff_survive_kill_9(fast_server, server_factory, fleet, a
 def test_the_progress_view_matches_the_rows(fast_server, fleet, app):
     token = fleet.add_device("me@example.com", "Farm")
     fast_server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
-    device = start_device(fast_server, token, BUILD_OLD)
-    try:
-        wait_until(lambda: device_state(app, token).get("state") == DeviceState.UPDATED)
-    finally:
-        device.stop()
+    run_until(fast_server, app, token, BUILD_OLD, DeviceState.UPDATED)
     (progress,) = query(app, "SELECT * FROM rollout_progress")
     assert (progress["devices"], progress["updated"], progress["pending"]) == (1, 1, 0)
     assert progress["build"] == BUILD_NEW and progress["state"] == "active"
