@@ -49,7 +49,6 @@ class Download:
     status: int = 0
     size: int = 0
     expected_size: int = 0
-    md5_ok: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     build: str | None = None
     error: str | None = None
@@ -273,7 +272,6 @@ class SimulatedDevice:
             elif body[0] != IMAGE_MAGIC:
                 result.error = f"bad image magic 0x{body[0]:02X}"
             else:
-                result.md5_ok = True
                 result.build = read_build(body)
             return result
         except (OSError, ValueError, IndexError) as error:

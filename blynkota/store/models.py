@@ -215,7 +215,6 @@ class DeviceState:
         SUPERSEDED,
     )
     IN_FLIGHT = (OFFERED, DOWNLOADING, DOWNLOADED)
-    OPEN = (PENDING, OFFERED, DOWNLOADING, DOWNLOADED)
 
 
 class RolloutDevice(Base):
