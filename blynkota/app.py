@@ -4,11 +4,12 @@ from collections.abc import Mapping
 
 from flask import Flask
 
+from .cluster import ClusterNode, NodeSettings
 from .config import load_settings
 from .ota import (
     AdminDirectory,
+    FirmwareCache,
     FirmwareCatalog,
-    FirmwareStore,
     FleetPolicy,
     FleetRegistry,
     OnlineDevices,
@@ -33,7 +34,7 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     db = Database(settings.db_url)
     app.extensions["blynkota.db"] = db
     catalog = FirmwareCatalog(
-        db, FirmwareStore(settings.firmware_folder), validate_image=settings.ota_validate_image
+        db, FirmwareCache(settings.firmware_folder), validate_image=settings.ota_validate_image
     )
     policy = RetryPolicy(
         max_attempts=settings.ota_max_attempts,
@@ -47,8 +48,9 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
         abort_failure_ratio=settings.ota_abort_failure_ratio,
         abort_min_devices=settings.ota_abort_min_devices,
     )
+    node = ClusterNode(db, NodeSettings(heartbeat=settings.node_heartbeat))
     app.extensions["blynkota"] = OtaService(
-        db, catalog, OnlineDevices(), policy=policy, fleet_policy=fleet_policy
+        db, catalog, OnlineDevices(), node, policy=policy, fleet_policy=fleet_policy
     )
     app.extensions["blynkota.fleet"] = FleetRegistry(db)
     app.extensions["blynkota.admins"] = AdminDirectory(db)

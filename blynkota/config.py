@@ -51,6 +51,10 @@ DEFAULTS: dict[str, str] = {
     "hardware.max.connections": "15000",
     "shutdown.grace.seconds": "5",
     "log.level": "INFO",
+    "node.name": "",
+    "node.heartbeat.interval": "2",
+    "node.poll.interval": "0.25",
+    "trusted.proxies": "",
 }
 
 DEFAULT_ADMIN_PASS = DEFAULTS["admin.pass"]
@@ -113,11 +117,19 @@ class Settings:
     max_connections: int
     shutdown_grace: float
     log_level: str
+    node_name: str
+    node_heartbeat: float
+    node_poll_interval: float
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     source: str  # which properties file was read, for the start-up log
 
     @property
     def firmware_folder(self) -> Path:
         return self.data_folder / "ota"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.db_url.startswith("sqlite")
 
     @property
     def uses_default_password(self) -> bool:
@@ -218,5 +230,9 @@ def load_settings(
         max_connections=_integer(values, "hardware.max.connections", 1, 1_000_000),
         shutdown_grace=_integer(values, "shutdown.grace.seconds", 0, 3600),
         log_level=values["log.level"].upper(),
+        node_name=values["node.name"].strip(),
+        node_heartbeat=_number(values, "node.heartbeat.interval", 0.05, 600),
+        node_poll_interval=_number(values, "node.poll.interval", 0.01, 60),
+        trusted_proxies=_networks(values, "trusted.proxies"),
         source=", ".join(sources) or "built-in defaults",
     )

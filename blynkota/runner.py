@@ -1,12 +1,21 @@
-"""Start and stop the two listeners around one Flask app and one OTA service.
+"""Start and stop the listeners and the node's clocks around one Flask app.
 
 Port 8080 (http.port) carries devices and firmware downloads, port 9443
-(https.port) the admin API. On SIGTERM both stop accepting, connections get
-`shutdown.grace.seconds` to finish, then the process exits.
+(https.port) the admin API. A process serving devices is a node (cluster/):
+it heartbeats, offers the pending devices it holds (fill), and runs the
+rollout sweep while it holds the sweeper lease. On SIGTERM the listeners stop
+accepting, connections get `shutdown.grace.seconds` to finish, the node
+leaves the fleet, then the process exits.
+
+Roles: `python wsgi.py` runs everything in one process (the embedded
+default); `python wsgi.py devices` only the device port, `--workers N` as N
+processes sharing it (SO_REUSEPORT), beside `gunicorn -k gevent wsgi:app`
+for the admin API (see wsgi.py).
 """
 
 import logging
 import signal
+import socket
 
 import gevent
 from flask import Flask
@@ -14,57 +23,110 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
+from .cluster import Lease, LocalSession, default_node_name
 from .hardware import DeviceSession, SharedPortServer
-from .store import upgrade
+from .store import is_outage, upgrade
 from .tls import ensure_certificate
 
-__all__ = ["BlynkotaServer"]
+__all__ = ["BlynkotaServer", "device_listener"]
 
 log = logging.getLogger("blynkota")
 
 ADMIN_CONNECTIONS = 100
-SWEEP_MIN_GAP = 0.1  # seconds between two sweeps woken by freed download slots
+FILL_MIN_GAP = 0.05  # seconds between two fills woken by freed download slots
+RECONCILE_EVERY = 15  # heartbeats between two presence reconciliations
+MAX_BACKOFF = 30.0  # seconds a clock waits at most while the database is away
+DEVICE_BACKLOG = 4096
+
+
+def device_listener(address: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """The device port's socket; with `reuse_port` several processes bind the same port."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((address, port))
+    sock.listen(DEVICE_BACKLOG)
+    return sock
 
 
 class BlynkotaServer:
-    def __init__(self, app: Flask) -> None:
+    def __init__(
+        self,
+        app: Flask,
+        *,
+        serve_admin: bool = True,
+        serve_devices: bool = True,
+        migrate: bool = True,
+        worker: int | None = None,
+        reuse_port: bool = False,
+    ) -> None:
         self.app = app
         self.settings = app.config["SETTINGS"]
         self.service = app.extensions["blynkota"]
+        self.db = app.extensions["blynkota.db"]
+        self.node = self.service.node
+        self.serve_admin, self.serve_devices = serve_admin, serve_devices
+        self.migrate, self.worker, self.reuse_port = migrate, worker, reuse_port
         self.device_port: SharedPortServer | None = None
         self.admin_port: WSGIServer | None = None
         self._stopped = Event()
-        self._wake = Event()
-        self.service.on_slot_freed = self._wake.set
-        self._sweeper: gevent.Greenlet | None = None
+        self._stopping = False
+        self._wake_fill = Event()
+        self._wake_presence = Event()
+        self.service.on_slot_freed = self._wake_fill.set
+        self.db.health.recovered = self._wake_presence.set
+        self._clocks: list[gevent.Greenlet] = []
 
     def start(self) -> None:
         settings = self.settings
         log.info("settings from %s; data folder %s", settings.source, settings.data_folder)
         settings.data_folder.mkdir(parents=True, exist_ok=True)
-        upgrade(settings.db_url)
+        if self.migrate:
+            upgrade(settings.db_url)
+        self.service.catalog.start_up()
+        if self.serve_devices:
+            self._start_devices()
+        if self.serve_admin:
+            self._start_admin()
+
+    def _start_devices(self) -> None:
+        settings = self.settings
+        listener = device_listener(
+            settings.listen_address, settings.http_port, reuse_port=self.reuse_port
+        )
+        self.device_port = SharedPortServer(
+            listener,
+            self.app,
+            self._serve_device,
+            sniff_timeout=settings.login_timeout,
+            max_connections=settings.max_connections,
+        )
+        port = listener.getsockname()[1]
+        self.node.register(settings.node_name or default_node_name(port, self.worker))
+        self.device_port.start()
+        log.info(
+            "listening for devices and firmware downloads (HTTP) on %s:%d",
+            settings.listen_address,
+            port,
+        )
+        sweeper = Lease(self.db, "sweeper", max(3 * settings.ota_sweep_interval, 10.0))
+        self._clocks = [
+            gevent.spawn(self._presence_forever),
+            gevent.spawn(self._fill_forever),
+            gevent.spawn(self._sweep_forever, sweeper),
+        ]
+
+    def _start_admin(self) -> None:
+        settings = self.settings
         self.app.extensions["blynkota.admins"].seed(settings.admin_email, settings.admin_pass)
         if settings.uses_default_password:
             log.warning(
                 "admin %s still has the default password: set admin.pass in your server.properties",
                 settings.admin_email,
             )
-        self.service.mark_all_offline()
         ensure_certificate(settings.ssl_cert, settings.ssl_key)
-
-        self.device_port = SharedPortServer(
-            (settings.listen_address, settings.http_port),
-            self.app,
-            self._serve_device,
-            sniff_timeout=settings.login_timeout,
-            max_connections=settings.max_connections,
-        )
-        self.device_port.start()
-        log.info(
-            "listening for devices and firmware downloads (HTTP) on %s:%d",
-            settings.listen_address,
-            self.device_port.server_port,
-        )
         self.admin_port = WSGIServer(
             (settings.listen_address, settings.https_port),
             self.app,
@@ -76,30 +138,84 @@ class BlynkotaServer:
             environ={"SERVER_NAME": "blynkota"},
         )
         self.admin_port.start()
-        self._sweeper = gevent.spawn(self._sweep_forever)
         log.info(
             "listening for the admin API (HTTPS) on %s:%d",
             settings.listen_address,
             self.admin_port.server_port,
         )
 
-    def _sweep_forever(self) -> None:
-        """Attempt timeouts and retries after a backoff, from the times stored in the database."""
-        while not self._stopped.is_set():
-            # Every interval, or at once when a download slot frees up.
-            self._wake.wait(self.settings.ota_sweep_interval)
-            self._wake.clear()
+    # --- the node's clocks --------------------------------------------------------
+
+    def _run_clock(self, name: str, interval: float, wake: Event | None, tick) -> None:
+        """Call `tick` every `interval` (or when woken); back off while the database is away."""
+        failures = 0
+        while not self._stopping:
+            delay = interval if not failures else min(interval * 2**failures, MAX_BACKOFF)
+            if wake is not None:
+                wake.wait(delay)
+                wake.clear()
+            else:
+                gevent.sleep(delay)
+            if self._stopping:
+                return
             try:
-                timed_out, offered = self.service.sweep()
-            except Exception:  # the database may be away for a moment: try again later
-                log.exception("rollout sweep failed")
-                continue
-            # Many slots free up in a burst: one sweep serves them all.
-            gevent.sleep(SWEEP_MIN_GAP)
-            if timed_out or offered:
+                tick()
+                failures = 0
+            except Exception as error:
+                failures += 1
+                if is_outage(error) or self.db.health.down:
+                    self.db.health.failed(error)
+                else:
+                    log.exception("%s failed", name)
+
+    def _presence_forever(self) -> None:
+        beats = 0
+
+        def tick() -> None:
+            nonlocal beats
+            beats += 1
+            reaped_me = not self.node.beat()
+            self.node.reap()
+            self.node.flush_offline()
+            if reaped_me or self._wake_presence.is_set() or beats % RECONCILE_EVERY == 0:
+                self._wake_presence.clear()
+                self.node.reconcile(self._local_sessions())
+
+        self._run_clock("heartbeat", self.settings.node_heartbeat, self._wake_presence, tick)
+
+    def _local_sessions(self) -> list[LocalSession]:
+        return [
+            LocalSession(link.device_id, link.session_id, link.peer.rsplit(":", 1)[0], link.since)
+            for link in self.service.online.links()
+            if link.session_id is not None
+        ]
+
+    def _fill_forever(self) -> None:
+        def tick() -> None:
+            if self.service.fill():
+                gevent.sleep(FILL_MIN_GAP)  # slots free up in bursts: one fill serves them
+
+        self._run_clock("offer fill", self.settings.node_poll_interval, self._wake_fill, tick)
+
+    def _sweep_forever(self, lease: Lease) -> None:
+        def tick() -> None:
+            if not lease.acquire(self.node.id):
+                return  # another node sweeps
+            timed_out, entered = self.service.sweep()
+            if timed_out or entered:
                 log.info(
-                    "sweep: %d attempt(s) timed out, %d retry offer(s) sent", timed_out, offered
+                    "sweep: %d attempt(s) timed out, %d device(s) entered a grown wave",
+                    timed_out,
+                    entered,
                 )
+
+        self._run_clock("rollout sweep", self.settings.ota_sweep_interval, None, tick)
+        try:
+            lease.release(self.node.id)
+        except Exception:
+            log.debug("sweeper lease not released; it expires by itself")
+
+    # --- devices --------------------------------------------------------------------
 
     def _serve_device(self, sock, address) -> None:
         DeviceSession(
@@ -112,14 +228,26 @@ class BlynkotaServer:
             public_port=self.device_port.server_port,
         ).run()
 
+    # --- stopping -------------------------------------------------------------------
+
     def stop(self) -> None:
         grace = self.settings.shutdown_grace
         log.info("stopping: no new connections, %ss for open ones to finish", grace)
-        if self._sweeper is not None:
-            self._sweeper.kill()
+        self._stopping = True
+        self._wake_fill.set()
+        self._wake_presence.set()
+        gevent.joinall(self._clocks, timeout=grace + 1)
+        gevent.killall(self._clocks, block=False)
         servers = [server for server in (self.device_port, self.admin_port) if server]
         gevent.joinall([gevent.spawn(server.stop, timeout=grace) for server in servers])
-        self.app.extensions["blynkota.db"].dispose()
+        if self.serve_devices:
+            try:
+                self.node.stop()
+            except Exception as error:
+                log.warning(
+                    "could not mark this node stopped (%s): peers will, within its lease", error
+                )
+        self.db.dispose()
         self._stopped.set()
         log.info("stopped")
 

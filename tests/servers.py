@@ -61,6 +61,8 @@ class ServerProcess:
             "hard.socket.idle.timeout": 3,
             "shutdown.grace.seconds": 1,
             "ota.sweep.interval": 0.2,
+            "node.heartbeat.interval": 0.5,
+            "node.poll.interval": 0.1,
             **extra,
         }
         self.config_file = folder / f"server-{uuid.uuid4().hex[:6]}.properties"

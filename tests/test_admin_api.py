@@ -263,7 +263,21 @@ def test_stored_file_and_its_record(server, app):
     assert record["md5"] == hashlib.md5(image).hexdigest()
     assert record["sha256"] == hashlib.sha256(image).hexdigest()
     assert record["uploaded_by"] == ADMIN_EMAIL and record["uploaded_at"] is not None
-    stored = server.data_folder / "ota" / f"{name}.bin"
+    # The bytes are in the database, once per distinct content.
+    (blob,) = rows(app, "SELECT * FROM firmware_blobs")
+    assert (blob["sha256"], blob["size"], blob["md5"]) == (
+        record["sha256"], len(image), record["md5"],
+    )  # fmt: skip
+    chunks = rows(app, "SELECT data FROM firmware_chunks ORDER BY seq")
+    assert b"".join(bytes(chunk["data"]) for chunk in chunks) == image
+    again = server.upload("/admin/ota/start", image, filename="same-bytes.bin")
+    assert again.status == 200 and again.text != path
+    assert len(rows(app, "SELECT * FROM firmware")) == 2
+    assert len(rows(app, "SELECT * FROM firmware_blobs")) == 1
+    # The node's cache file is written, named by content, on the first download.
+    download = server.admin("GET", path, auth=None, secure=False)
+    assert download.status == 200 and download.body == image
+    stored = server.data_folder / "ota" / f"{record['sha256']}.bin"
     assert stored.read_bytes() == image
     assert [p.name for p in stored.parent.iterdir()] == [stored.name]  # no temporary left
 

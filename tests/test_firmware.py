@@ -5,8 +5,9 @@ import hashlib
 import pytest
 
 from blynkota.ota import (
+    CacheError,
+    FirmwareCache,
     FirmwareRejected,
-    FirmwareStore,
     ImageReport,
     inspect_firmware,
     read_build,
@@ -84,19 +85,24 @@ def test_raw_files_pass_when_validation_is_off():
     assert (report.chip, report.build) == (None, "Nov 29 2018 12:00:00")
 
 
-def test_store_writes_under_unguessable_names_and_leaves_no_temporary_file(tmp_path):
-    store = FirmwareStore(tmp_path / "ota")
-    first, second = store.save(b"\xe9abc"), store.save(b"\xe9abc")
-    assert first.name != second.name
-    assert len(first.name) * 4 >= 64  # hex digits of randomness
-    assert store.path(first.name).read_bytes() == b"\xe9abc"
-    assert first.md5 == hashlib.md5(b"\xe9abc").hexdigest()
-    assert first.sha256 == hashlib.sha256(b"\xe9abc").hexdigest()
-    assert sorted(p.name for p in (tmp_path / "ota").iterdir()) == sorted(
-        [f"{first.name}.bin", f"{second.name}.bin"]
-    )
+def test_cache_writes_checked_files_named_by_content_and_cleans_strays(tmp_path):
+    cache = FirmwareCache(tmp_path / "ota")
+    data = b"\xe9abc"
+    sha = hashlib.sha256(data).hexdigest()
+    path = cache.put(sha, data)
+    assert path == tmp_path / "ota" / f"{sha}.bin" and path.read_bytes() == data
+    assert [p.name for p in (tmp_path / "ota").iterdir()] == [f"{sha}.bin"]  # no temporary file
+    with pytest.raises(CacheError):
+        cache.put(hashlib.sha256(b"other").hexdigest(), data)
     with pytest.raises(ValueError):
-        store.path("../../etc/passwd")
+        cache.path("../../etc/passwd")
+    # A damaged cache file is written again from the database's bytes.
+    path.write_bytes(b"\xe9abd")
+    assert FirmwareCache(tmp_path / "ota").get(sha, lambda: data).read_bytes() == data
+    (tmp_path / "ota" / ".partial-x1").write_bytes(b"half")
+    (tmp_path / "ota" / ("0" * 24 + ".bin")).write_bytes(b"old")
+    assert cache.clean([sha]) == 2
+    assert [p.name for p in (tmp_path / "ota").iterdir()] == [f"{sha}.bin"]
 
 
 def test_a_large_esp8266_image_is_not_mistaken_for_an_esp32_one():

@@ -1,5 +1,6 @@
 """Rollout rules beyond the Blynk server: precedence, supersede, restarts, URLs."""
 
+import socket
 import subprocess
 import sys
 
@@ -83,14 +84,38 @@ def test_rollouts_survive_kill_9(server, server_factory, simulated, fleet, app):
     assert rows(app, "SELECT state FROM rollouts") == [("active",)]
 
 
-def test_devices_are_marked_offline_when_the_server_restarts(server, server_factory, fleet, app):
+def test_a_restarted_node_clears_its_own_stale_sessions_at_once(server, fleet, app):
     token = fleet.add_device("me@example.com", "Farm")
     device = RawDevice(server.http_port)
     device.log_in(token=token)
-    wait_until(lambda: rows(app, "SELECT online_since IS NOT NULL FROM devices")[0][0])
+    wait_until(lambda: rows(app, "SELECT node_id FROM devices")[0][0] is not None)
+    server.restart()  # kill -9, then the same process slot (host:port) starts again
+    assert rows(app, "SELECT online_since, node_id, session_id FROM devices") == [
+        (None, None, None)
+    ]
+    (node,) = rows(app, "SELECT name, stopped_at FROM nodes")
+    assert node == (f"{socket.gethostname()}:{server.http_port}", None)
+
+
+def test_a_dead_nodes_devices_are_marked_offline_by_another_within_its_lease(
+    server, server_factory, fleet, app
+):
+    token = fleet.add_device("me@example.com", "Farm")
+    device = RawDevice(server.http_port)
+    device.log_in(token=token)
+    wait_until(lambda: rows(app, "SELECT node_id FROM devices")[0][0] is not None)
     server.kill()
-    server_factory()
-    assert rows(app, "SELECT online_since FROM devices") == [(None,)]
+    other = server_factory()  # another node on the same database
+    # heartbeat 0.5 s in the test servers: a lease of 1.5 s, then the next beat reaps
+    wait_until(
+        lambda: rows(app, "SELECT online_since FROM devices") == [(None,)],
+        timeout=5,
+        message="the dead node's device to be shown offline",
+    )
+    stopped = rows(app, "SELECT name FROM nodes WHERE stopped_at IS NOT NULL")
+    assert stopped == [(f"{socket.gethostname()}:{server.http_port}",)]
+    assert "stopped heartbeating" in other.log()
+    device.close()
 
 
 def test_url_uses_server_host_and_the_http_port(server_factory, simulated, fleet, app):

@@ -6,6 +6,11 @@ frame, or one byte at a time, is closed like a silent one. Writes hold a lock
 (the admin API writes from its own greenlet) and a timeout, so a client that
 never reads cannot hold a greenlet forever. Pings are answered from memory:
 the database is touched on login, info message and disconnect only.
+
+While the database is away a device gets SERVER_ERROR to its login or info
+message and is closed; the outage is logged once (store.DatabaseHealth), not
+once per device. A disconnect that could not be written is written when the
+database is back (cluster/nodes.py).
 """
 
 import contextlib
@@ -17,6 +22,8 @@ import time
 
 import gevent
 from gevent.lock import Semaphore
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..ota import DeviceIdentity, OfferDeferred, OfferFailed, OnlineDevices, OtaService
 from ..protocol import (
@@ -34,6 +41,7 @@ from ..protocol import (
     encode_ota,
     encode_response,
 )
+from ..store import utcnow
 from .states import SessionState, SessionStateMachine
 
 __all__ = ["DeviceSession", "heartbeat_timeout"]
@@ -53,12 +61,23 @@ SEND_BUFFER_BYTES = 16 * 1024
 _SERIALS = itertools.count(1)
 
 
+def _small_number(text: str | None) -> int | None:
+    """An info number as the device sent it: ASCII digits, at most 9 of them."""
+    if text and text.isascii() and text.isdigit() and len(text) < 10:
+        return int(text)
+    return None
+
+
 def heartbeat_timeout(heartbeat: int) -> float:
     return math.ceil(heartbeat * 2.3)
 
 
 class SessionClosed(Exception):
     """Ends the session quietly; the message is the one log line."""
+
+
+# What a query raises while the database is away, or busy past the pool's wait.
+DATABASE_ERRORS = (DBAPIError, PoolTimeout)
 
 
 class DeviceSession:
@@ -88,6 +107,8 @@ class DeviceSession:
         self.token = ""
         self.identity: DeviceIdentity | None = None
         self.device_id: int | None = None
+        self.session_id: int | None = None
+        self.since = None
         self.buff_in = DEFAULT_BUFF_IN
         self.read_timeout = heartbeat_timeout(DEFAULT_HEARTBEAT)
         self._write_lock = Semaphore()
@@ -100,6 +121,11 @@ class DeviceSession:
             self._log_in()
             while True:
                 self._handle(self._next_event(self.read_timeout))
+        except DATABASE_ERRORS as error:
+            # One line per outage comes from the database's health; this one is quiet.
+            log.debug(
+                "device %s %s: closed, database error (%s)", self.token or "-", self.peer, error
+            )
         except SessionClosed as reason:
             # A plain disconnect is routine; everything else is worth a line.
             level = logging.DEBUG if str(reason) == "disconnected" else logging.INFO
@@ -122,7 +148,11 @@ class DeviceSession:
         event = self._next_event(self.login_timeout)
         if not isinstance(event, Login):
             raise SessionClosed(f"closed, {type(event).__name__.lower()} before login")
-        identity = self.service.find_device(event.token)
+        try:
+            identity = self.service.find_device(event.token)
+        except DATABASE_ERRORS:
+            self._try_reply(event.msg_id, Status.SERVER_ERROR)
+            raise
         if identity is None:
             self._reply(event.msg_id, Status.INVALID_TOKEN)
             raise SessionClosed(f"closed, invalid token {event.token[:64]!r}")
@@ -136,7 +166,13 @@ class DeviceSession:
             raise SessionClosed("closed, the device has opened a newer connection")
         if replaced is not None:
             replaced.close("replaced by a new connection")
-        self.service.device_online(identity.id, self.peer.rsplit(":", 1)[0])
+        self.session_id = self.service.node.new_session_id()
+        self.since = utcnow()
+        try:
+            self.service.device_online(identity.id, self.session_id, self.peer.rsplit(":", 1)[0])
+        except DATABASE_ERRORS:
+            self._try_reply(event.msg_id, Status.SERVER_ERROR)
+            raise
         self._reply(event.msg_id, Status.OK)
         log.debug("device %s %s: logged in", self.token, self.peer)
 
@@ -158,15 +194,21 @@ class DeviceSession:
 
     def _on_info(self, event: Internal) -> None:
         info = event.info()
-        if info.get("h-beat", "").isdigit() and int(info["h-beat"]) > 0:
-            self.read_timeout = heartbeat_timeout(int(info["h-beat"]))
-        if info.get("buff-in", "").isdigit():
-            self.buff_in = int(info["buff-in"])
+        heartbeat, buff_in = _small_number(info.get("h-beat")), _small_number(info.get("buff-in"))
+        if heartbeat:
+            self.read_timeout = heartbeat_timeout(heartbeat)
+        if buff_in is not None:
+            self.buff_in = buff_in
         # The answer goes out before any `ota`: the PyPI client reads the reply
         # to its info message as the first frame it receives.
         self._reply(event.msg_id, Status.OK)
         self.machine.advance("info answered")
-        offer = self.service.device_reported(self.identity, info)
+        try:
+            offer = self.service.device_reported(self.identity, info)
+        except DATABASE_ERRORS:
+            # Answered already; the report is lost, so the device reconnects and repeats it.
+            self._try_reply(event.msg_id, Status.SERVER_ERROR)
+            raise
         if offer is not None:
             try:
                 self.service.send_offer(offer)
@@ -251,15 +293,12 @@ class DeviceSession:
             self._reply(msg_id, status)
 
     def _close(self) -> None:
-        if self.device_id is not None and self.online.unregister(self):
+        if self.session_id is not None and self.online.unregister(self):
             try:
-                self.service.device_offline(self.device_id)
-                if self.online.get(self.token) is not None:
-                    # The device came back while this write was on its way: the
-                    # new connection's "online" may have landed first.
-                    self.service.device_online_again(self.device_id)
-            except Exception:
-                log.exception("device %s: could not record the disconnect", self.token)
+                # Conditional on this session: a newer login elsewhere stays.
+                self.service.device_offline(self.device_id, self.session_id)
+            except DATABASE_ERRORS:
+                log.debug("device %s: disconnect kept until the database is back", self.token)
         if self.machine.state is not SessionState.CLOSED:
             self.machine.advance("close")
         self.sock.close()

@@ -7,12 +7,12 @@ from .cohorts import Controls, ControlsError
 from .device_states import TRANSITIONS, IllegalDeviceTransition
 from .errors import OtaRequestError
 from .firmware import FirmwareRejected, ImageReport, inspect_firmware, read_build
-from .firmware_store import FirmwareStore
+from .firmware_store import CacheError, FirmwareCache
 from .fleet import DeviceRow, FleetRegistry, ImportCounts, ProvisioningError, new_token
 from .guards import FleetPolicy, RolloutGuards
 from .lifecycle import RetryPolicy, UpdateLifecycle
 from .offers import DeviceIdentity, DownloadTicket, Offer
-from .online import DeviceLink, OfferDeferred, OfferFailed, OnlineDevices
+from .online import DeviceLink, NoDownloadSlot, OfferDeferred, OfferFailed, OnlineDevices
 from .rollouts import Candidate, RolloutPlanner
 from .service import OtaService
 
@@ -29,13 +29,15 @@ __all__ = [
     "FleetPolicy",
     "RolloutGuards",
     "OfferDeferred",
+    "NoDownloadSlot",
     "TRANSITIONS",
     "IllegalDeviceTransition",
     "FirmwareRejected",
     "ImageReport",
     "inspect_firmware",
     "read_build",
-    "FirmwareStore",
+    "CacheError",
+    "FirmwareCache",
     "DeviceRow",
     "FleetRegistry",
     "ImportCounts",

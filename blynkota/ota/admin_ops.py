@@ -1,15 +1,21 @@
 """What admins do to rollouts: upload and aim firmware, dry runs, pause, resume,
 expand, stop, look at progress. Mixed into OtaService, whose device side it uses
-to reach connected devices."""
+to reach connected devices.
+
+Any process may serve these requests: each is a unit of work in the database
+(run again when it lost a race), and connected devices are reached through
+the rows they leave behind (pending devices that their node offers).
+"""
 
 import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import replace
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..store import DeviceState, Firmware, Rollout, RolloutScope, RolloutState, utcnow
+from ..store import Device, DeviceState, Firmware, Rollout, RolloutScope, RolloutState, utcnow
 from .catalog import Upload, served_path
 from .cohorts import Controls
 from .device_states import start_tracking
@@ -65,12 +71,12 @@ class AdminOperations:
         with now=true; to a share of them with percent= or waves=.
         """
         controls = controls or Controls()
-        with self.db.begin() as session:
-            scope, target_id = campaign_target(session, user, project)
+        scope, target_id = self.db.run(lambda session: campaign_target(session, user, project))
         report = self._campaign_report(upload)
         if controls.push_online is None:
             controls = replace(controls, push_online=self.guards.policy.push_online)
-        with self.db.begin() as session:
+
+        def start(session: Session) -> tuple[Firmware, Rollout]:
             firmware = self.catalog.add(session, upload, report, admin)
             rollout = self.planner.start(
                 session,
@@ -80,6 +86,9 @@ class AdminOperations:
                 target_id=target_id,
                 controls=controls,
             )
+            return firmware, rollout
+
+        firmware, rollout = self.db.run(start)
         log.info(
             "rollout %d of %s (build %s) to %s started by %s",
             rollout.id,
@@ -89,7 +98,7 @@ class AdminOperations:
             admin,
         )
         if rollout.push_online:
-            self._enrol_online(rollout.id)
+            self.enrol_online(rollout.id)
         return served_path(firmware.name)
 
     def _campaign_report(self, upload: Upload) -> ImageReport:
@@ -106,8 +115,7 @@ class AdminOperations:
         self, upload: Upload, *, user: str | None, project: str | None, controls: Controls
     ) -> dict:
         """The devices a campaign would take in now; nothing is stored or started."""
-        with self.db.begin() as session:
-            scope, target_id = campaign_target(session, user, project)
+        scope, target_id = self.db.run(lambda session: campaign_target(session, user, project))
         report = self._campaign_report(upload)
         candidate = Candidate(
             rollout_id=0,
@@ -119,10 +127,9 @@ class AdminOperations:
             cohort_seed=hashlib.sha256(upload.data).hexdigest()[:16],
             waves=",".join(map(str, controls.waves)) or None,
         )
-        with self.db.begin() as session:
-            devices = devices_taken_in(session, self.planner, candidate, target_id)
-        for device in devices:
-            device["online"] = self.online.get(device["token"]) is not None
+        devices = self.db.run(
+            lambda session: devices_taken_in(session, self.planner, candidate, target_id)
+        )
         return {
             "dry_run": True,
             "scope": scope,
@@ -146,40 +153,43 @@ class AdminOperations:
                 raise OtaRequestError(
                     f"percent must be above the rollout's {rollout.percent} and at most 100."
                 )
-            self.planner.widen(session, rollout, percent, f"expanded by {admin}")
-            return True
+            return self.planner.widen(session, rollout, percent, f"expanded by {admin}")
 
         summary = self._change(rollout_id, widen)
         if summary["push_online"]:
-            self._enrol_online(rollout_id)
+            self.enrol_online(rollout_id)
         return summary
 
     def _change(self, rollout_id: int, change: Callable[[Session, Rollout], bool]) -> dict:
-        with self.db.begin() as session:
+        def work(session: Session) -> None:
             rollout = session.get(Rollout, rollout_id)
             if rollout is None:
                 raise OtaRequestError(f"No rollout {rollout_id}.", 404)
             if rollout.state not in RolloutState.RUNNING:
                 raise OtaRequestError(f"Rollout {rollout_id} is {rollout.state}.", 409)
             if not change(session, rollout):
-                raise OtaRequestError(f"Rollout {rollout_id} is already {rollout.state}.", 409)
+                # Changed a moment ago, by another request or the sweeper.
+                state = session.scalar(select(Rollout.state).where(Rollout.id == rollout_id))
+                raise OtaRequestError(f"Rollout {rollout_id} is already {state}.", 409)
+
+        self.db.run(work)
         return self.status(rollout_id)[0]
 
     def stop(self, admin: str, rollout_id: int | None = None) -> int:
-        with self.db.begin() as session:
+        def work(session: Session) -> int:
             if rollout_id is not None and session.get(Rollout, rollout_id) is None:
                 raise OtaRequestError(f"No rollout {rollout_id}.", 404)
-            stopped = self.planner.stop(session, admin, rollout_id)
+            return self.planner.stop(session, admin, rollout_id)
+
+        stopped = self.db.run(work)
         log.info("%d rollout(s) stopped by %s", stopped, admin)
         return stopped
 
     def status(self, rollout_id: int | None = None) -> list[dict]:
-        with self.db.begin() as session:
-            return rollout_summaries(session, rollout_id)
+        return self.db.run(lambda session: rollout_summaries(session, rollout_id))
 
     def detail(self, rollout_id: int) -> dict:
-        with self.db.begin() as session:
-            found = rollout_detail(session, rollout_id)
+        found = self.db.run(lambda session: rollout_detail(session, rollout_id))
         if found is None:
             raise OtaRequestError(f"No rollout {rollout_id}.", 404)
         return found
@@ -188,9 +198,16 @@ class AdminOperations:
         device = self.find_device(token)
         if device is None:
             raise OtaRequestError("Invalid token.")
-        if not queue and self.online.get(token) is None:
+        if not queue and not self._in_session(device.id):
             raise OtaRequestError("No device in session.")
         return device
+
+    def _in_session(self, device_id: int) -> bool:
+        """Connected to any node (its presence row), not only to this process."""
+        node = self.db.run(
+            lambda session: session.scalar(select(Device.node_id).where(Device.id == device_id))
+        )
+        return node is not None
 
     def _inspect(self, upload: Upload):
         try:
@@ -202,8 +219,8 @@ class AdminOperations:
         self, device: DeviceIdentity, admin: str, firmware_of: Callable[[Session], Firmware]
     ) -> str:
         """A device rollout for the firmware `firmware_of` gives, offered now if online."""
-        now = utcnow()
-        with self.db.begin() as session:
+
+        def start(session: Session):
             rollout = self.planner.start(
                 session,
                 scope=RolloutScope.DEVICE,
@@ -217,10 +234,14 @@ class AdminOperations:
                 rollout_id=rollout.id,
                 device_id=device.id,
                 state=DeviceState.PENDING,
-                at=now,
+                at=utcnow(),
                 detail=f"targeted by {admin}",
             )
-            offer = new_offer(candidate_of(rollout), device)
+            return new_offer(candidate_of(rollout), device)
+
+        offer = self.db.run(start)
+        # Connected here: sent now. Connected to another node: that node sends
+        # it in its next fill. Offline: offered after its next info message.
         if self.online.get_ready(device.token) is not None:
             try:
                 self.send_offer(offer)
@@ -230,5 +251,4 @@ class AdminOperations:
                 raise OtaRequestError(
                     f"The update could not be sent: {error}. It stays pending for the next login."
                 ) from None
-        # Not yet reported (or queued while offline): offered after its next info message.
         return offer.path

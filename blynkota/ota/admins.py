@@ -22,15 +22,23 @@ class AdminDirectory:
         self._verified: dict[tuple[str, bytes], str] = {}
 
     def seed(self, email: str, password: str) -> None:
-        """Create the configured admin, or give it the configured password."""
-        with self._db.begin() as session:
+        """Create the configured admin, or give it the configured password.
+
+        Every process seeds at start; two creating the admin at once collide
+        on its unique email, and the second run finds it.
+        """
+
+        def work(session) -> None:
             admin = session.scalar(select(Admin).where(Admin.email == email))
             if admin is None:
                 session.add(Admin(email=email, password_hash=generate_password_hash(password)))
+                session.flush()
                 log.info("created admin %s", email)
             elif not check_password_hash(admin.password_hash, password):
                 admin.password_hash = generate_password_hash(password)
                 log.info("updated the password of admin %s from the configuration", email)
+
+        self._db.run(work)
         self._verified.clear()
 
     def check(self, email: str, password: str) -> bool:

@@ -1,19 +1,38 @@
-"""Uploaded firmware: checked, stored on disk, recorded in the `firmware` table."""
+"""Uploaded firmware: checked, its bytes in the database, served from each node's cache.
 
+An upload is one `firmware` row (its own served name, original file name,
+who and when) over one content-addressed blob: the same bytes uploaded twice
+are stored once. Any node serves any upload: it writes its cache file from
+the database on first use (firmware_store.py).
+"""
+
+import hashlib
 import logging
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from ..store import Database, Firmware
+from ..store import CHUNK_BYTES, Database, Firmware, FirmwareBlob, FirmwareChunk
 from .firmware import ImageReport, inspect_firmware
-from .firmware_store import SERVED_NAME, FirmwareStore
+from .firmware_store import CacheError, FirmwareCache
 
-__all__ = ["FirmwareCatalog", "FirmwareFile", "Upload", "iso", "served_path"]
+__all__ = [
+    "FirmwareCatalog",
+    "FirmwareFile",
+    "Upload",
+    "iso",
+    "served_path",
+]
 
 log = logging.getLogger(__name__)
+
+# 96 random bits, hex: the served name is the only secret protecting a file.
+_NAME_BYTES = 12
+SERVED_NAME_LENGTH = 2 * _NAME_BYTES
 
 
 @dataclass(frozen=True)
@@ -28,6 +47,7 @@ class FirmwareFile:
     name: str
     size: int
     md5: str
+    sha256: str
 
 
 def served_path(name: str) -> str:
@@ -38,10 +58,14 @@ def iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat() + "Z"
 
 
+def _is_served_name(name: str) -> bool:
+    return len(name) == SERVED_NAME_LENGTH and all(c in "0123456789abcdef" for c in name)
+
+
 class FirmwareCatalog:
-    def __init__(self, db: Database, store: FirmwareStore, *, validate_image: bool) -> None:
+    def __init__(self, db: Database, cache: FirmwareCache, *, validate_image: bool) -> None:
         self.db = db
-        self.store = store
+        self.cache = cache
         self.validate_image = validate_image
 
     def inspect(self, upload: Upload) -> ImageReport:
@@ -49,24 +73,29 @@ class FirmwareCatalog:
         return inspect_firmware(upload.data, validate_image=self.validate_image)
 
     def add(self, session: Session, upload: Upload, report: ImageReport, admin: str) -> Firmware:
-        stored = self.store.save(upload.data)
+        """Record an upload (its bytes once per distinct content) in the caller's transaction."""
+        data = upload.data
+        sha256 = hashlib.sha256(data).hexdigest()
+        md5 = hashlib.md5(data).hexdigest()
+        self._store_blob(session, sha256, md5, data)
         firmware = Firmware(
-            name=stored.name,
+            name=secrets.token_hex(_NAME_BYTES),
             original_name=(upload.filename or "firmware.bin")[:255],
-            size=stored.size,
-            md5=stored.md5,
-            sha256=stored.sha256,
+            size=len(data),
+            md5=md5,
+            sha256=sha256,
             build=report.build,
             chip=report.chip,
-            uploaded_by=admin,
+            uploaded_by=admin[:255],
         )
         session.add(firmware)
         session.flush()
         log.info(
-            "stored firmware %s (%s, %d bytes, build %s, chip %s) from %s",
-            stored.name,
+            "stored firmware %s (%s, %d bytes, sha256 %s, build %s, chip %s) from %s",
+            firmware.name,
             firmware.original_name,
-            stored.size,
+            firmware.size,
+            sha256[:12],
             report.build,
             report.chip,
             admin,
@@ -74,17 +103,85 @@ class FirmwareCatalog:
         return firmware
 
     @staticmethod
+    def _store_blob(session: Session, sha256: str, md5: str, data: bytes) -> None:
+        """Insert the bytes unless they are there; a racing insert is a duplicate key
+        and the caller's unit of work runs again (then finds them)."""
+        if session.scalar(select(FirmwareBlob.sha256).where(FirmwareBlob.sha256 == sha256)):
+            return
+        chunks = [data[at : at + CHUNK_BYTES] for at in range(0, len(data), CHUNK_BYTES)] or [b""]
+        session.execute(
+            insert(FirmwareBlob).values(
+                sha256=sha256, size=len(data), md5=md5, chunk_count=len(chunks)
+            )
+        )
+        for seq, chunk in enumerate(chunks):
+            session.execute(insert(FirmwareChunk).values(sha256=sha256, seq=seq, data=chunk))
+
+    def load_bytes(self, sha256: str) -> bytes:
+        def read(session: Session) -> bytes:
+            chunks = session.scalars(
+                select(FirmwareChunk.data)
+                .where(FirmwareChunk.sha256 == sha256)
+                .order_by(FirmwareChunk.seq)
+            ).all()
+            return b"".join(chunks)
+
+        return self.db.run(read)
+
+    def local_file(self, firmware: FirmwareFile) -> Path:
+        """This node's cache file for `firmware`, written from the database when missing."""
+        try:
+            return self.cache.get(firmware.sha256, lambda: self.load_bytes(firmware.sha256))
+        except CacheError:
+            log.error("firmware %s: the database's bytes fail their SHA-256", firmware.name)
+            raise
+
+    def start_up(self) -> None:
+        """Take in files of uploads made before the bytes moved into the database,
+        then remove from the cache whatever no row names (temporary files of a
+        killed upload, files of another database)."""
+        with self.db.begin() as session:
+            orphans = session.execute(
+                select(Firmware.name, Firmware.sha256).where(
+                    ~select(FirmwareBlob.sha256)
+                    .where(FirmwareBlob.sha256 == Firmware.sha256)
+                    .exists()
+                )
+            ).all()
+        for name, sha256 in orphans:
+            legacy = self.cache.folder / f"{name}.bin"
+            if not legacy.is_file():
+                log.warning("firmware %s: no bytes in the database and no file %s", name, legacy)
+                continue
+            data = legacy.read_bytes()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                log.warning("firmware %s: %s does not match its SHA-256, left out", name, legacy)
+                continue
+            md5 = hashlib.md5(data).hexdigest()
+            self.db.run(lambda session, s=sha256, m=md5, d=data: self._store_blob(session, s, m, d))
+            self.cache.put(sha256, data)
+            log.info("firmware %s: file %s taken into the database", name, legacy.name)
+        with self.db.begin() as session:
+            known = session.scalars(select(FirmwareBlob.sha256)).all()
+        self.cache.clean(known)
+
+    @staticmethod
     def by_name(session: Session, name: str) -> Firmware | None:
-        if not SERVED_NAME.fullmatch(name):
+        if not _is_served_name(name):
             return None
         return session.scalar(select(Firmware).where(Firmware.name == name))
 
     def file(self, name: str) -> FirmwareFile | None:
-        with self.db.begin() as session:
-            firmware = self.by_name(session, name)
-            if firmware is None:
-                return None
-            return FirmwareFile(firmware.id, firmware.name, firmware.size, firmware.md5)
+        if not _is_served_name(name):
+            return None
+        row = self.db.run(
+            lambda session: session.execute(
+                select(
+                    Firmware.id, Firmware.name, Firmware.size, Firmware.md5, Firmware.sha256
+                ).where(Firmware.name == name)
+            ).first()
+        )
+        return None if row is None else FirmwareFile(*row)
 
     def listing(self) -> list[dict]:
         with self.db.begin() as session:

@@ -4,15 +4,35 @@ A device's state in a rollout is derived from what the server itself sees
 (offers written, downloads served, the build reported at login); devices
 report nothing else. Every change goes through `move`, which refuses a
 transition not in the table and appends it to the event log.
+
+Many processes change these rows at once, so a move is one conditional
+UPDATE: `... WHERE id = :id AND state = :seen AND attempts = :seen_attempts`.
+Its row count says whether it happened; when another process got there first
+nothing is written (no event either) and the caller reads the row again. A
+late "whole file written" can therefore never overwrite "updated". Rows are
+handled as `Track` snapshots, never as ORM objects, so nothing writes a row
+behind the condition's back.
 """
 
+from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from ..store import DeviceState, RolloutDevice, RolloutEvent
 
-__all__ = ["IllegalDeviceTransition", "TRANSITIONS", "move", "start_tracking"]
+__all__ = [
+    "ConcurrentChange",
+    "IllegalDeviceTransition",
+    "TRANSITIONS",
+    "Track",
+    "load_tracks",
+    "log_events",
+    "move",
+    "move_all",
+    "start_tracking",
+]
 
 S = DeviceState
 
@@ -53,15 +73,62 @@ class IllegalDeviceTransition(RuntimeError):
     pass
 
 
-def _event(row: RolloutDevice, before: str | None, detail: str | None, at: datetime):
-    return RolloutEvent(
-        rollout_id=row.rollout_id,
-        device_id=row.device_id,
-        from_state=before,
-        to_state=row.state,
-        at=at,
-        detail=(detail or TRANSITIONS[(before, row.state)])[:255],
-    )
+class ConcurrentChange(RuntimeError):
+    """Rows changed under a lock that should have kept them: the unit of work is void."""
+
+
+@dataclass
+class Track:
+    """A snapshot of one rollout_devices row: what a decision was based on."""
+
+    id: int
+    rollout_id: int
+    device_id: int
+    state: str
+    attempts: int
+    bytes_sent: int | None
+    next_attempt_at: datetime | None
+    first_offered_at: datetime | None
+
+
+_TRACK_COLUMNS = (
+    RolloutDevice.id,
+    RolloutDevice.rollout_id,
+    RolloutDevice.device_id,
+    RolloutDevice.state,
+    RolloutDevice.attempts,
+    RolloutDevice.bytes_sent,
+    RolloutDevice.next_attempt_at,
+    RolloutDevice.first_offered_at,
+)
+
+
+def load_tracks(session: Session, *conditions, extra=(), for_update: bool = False) -> list:
+    """Snapshots of the rows matching `conditions`, each followed by `extra` columns."""
+    query = select(*_TRACK_COLUMNS, *extra).where(*conditions).order_by(RolloutDevice.id)
+    if for_update:
+        query = query.with_for_update()
+    rows = session.execute(query).all()
+    width = len(_TRACK_COLUMNS)
+    if not extra:
+        return [Track(*row) for row in rows]
+    return [(Track(*row[:width]), *row[width:]) for row in rows]
+
+
+def _event(track: Track, before: str | None, after: str, detail: str | None, at: datetime):
+    return {
+        "rollout_id": track.rollout_id,
+        "device_id": track.device_id,
+        "from_state": before,
+        "to_state": after,
+        "at": at,
+        "detail": (detail or TRANSITIONS[(before, after)])[:255],
+    }
+
+
+def log_events(session: Session, events: list[dict]) -> None:
+    if events:
+        session.execute(insert(RolloutEvent), events)
 
 
 def start_tracking(
@@ -72,29 +139,91 @@ def start_tracking(
     state: str,
     at: datetime,
     detail: str | None = None,
-) -> RolloutDevice:
+    **values,
+) -> Track:
+    """A device enters a rollout. A second entry of the same pair is a duplicate key."""
     if (None, state) not in TRANSITIONS:
         raise IllegalDeviceTransition(f"a device cannot enter a rollout as {state!r}")
-    row = RolloutDevice(
-        rollout_id=rollout_id,
-        device_id=device_id,
-        state=state,
-        pending_at=at,
-        already_current=state == S.UPDATED,
-    )
-    setattr(row, _STAMP[state], at)
-    session.add(row)
-    session.flush()
-    session.add(_event(row, None, detail, at))
-    return row
+    columns = {
+        "rollout_id": rollout_id,
+        "device_id": device_id,
+        "state": state,
+        "attempts": 0,
+        "already_current": state == S.UPDATED,
+        "pending_at": at,
+        _STAMP[state]: at,
+        **values,
+    }
+    result = session.execute(insert(RolloutDevice).values(**columns))
+    track = Track(result.inserted_primary_key[0], rollout_id, device_id, state, 0, None, None, None)
+    log_events(session, [_event(track, None, state, detail, at)])
+    return track
 
 
 def move(
-    session: Session, row: RolloutDevice, state: str, at: datetime, detail: str | None = None
-) -> None:
-    before = row.state
+    session: Session,
+    track: Track,
+    state: str,
+    at: datetime,
+    detail: str | None = None,
+    **values,
+) -> bool:
+    """Move `track` to `state` if the row is still as the snapshot saw it; True if it moved.
+
+    `values` are further columns written in the same UPDATE. On success the
+    snapshot is brought up to date.
+    """
+    before = track.state
     if (before, state) not in TRANSITIONS:
-        raise IllegalDeviceTransition(f"{before!r} -> {state!r} for device {row.device_id}")
-    row.state = state
-    setattr(row, _STAMP[state], at)
-    session.add(_event(row, before, detail, at))
+        raise IllegalDeviceTransition(f"{before!r} -> {state!r} for device {track.device_id}")
+    changes = {"state": state, _STAMP[state]: at, **values}
+    result = session.execute(
+        update(RolloutDevice)
+        .where(
+            RolloutDevice.id == track.id,
+            RolloutDevice.state == before,
+            RolloutDevice.attempts == track.attempts,
+        )
+        .values(**changes)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    for name, value in changes.items():
+        if hasattr(track, name):
+            setattr(track, name, value)
+    log_events(session, [_event(track, before, state, detail, at)])
+    return True
+
+
+def move_all(session: Session, tracks: list[Track], state: str, at: datetime, detail: str) -> int:
+    """Move rows locked with `load_tracks(..., for_update=True)`, in one statement.
+
+    The row locks (MySQL) or the single writer (SQLite) keep them as loaded;
+    should one have moved anyway, the whole transaction is rolled back rather
+    than leave a change without its event.
+    """
+    by_state: dict[str, list[Track]] = {}
+    for track in tracks:
+        if (track.state, state) not in TRANSITIONS:
+            raise IllegalDeviceTransition(f"{track.state!r} -> {state!r}")
+        by_state.setdefault(track.state, []).append(track)
+    moved = 0
+    for before, group in by_state.items():
+        for start in range(0, len(group), 500):
+            chunk = group[start : start + 500]
+            result = session.execute(
+                update(RolloutDevice)
+                .where(RolloutDevice.id.in_([t.id for t in chunk]), RolloutDevice.state == before)
+                .values(state=state, **{_STAMP[state]: at})
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != len(chunk):
+                raise ConcurrentChange(
+                    f"{len(chunk) - result.rowcount} row(s) left {before!r} while locked"
+                )
+            log_events(session, [_event(t, before, state, detail, at) for t in chunk])
+            for track in chunk:
+                track.state = state
+            moved += len(chunk)
+    return moved

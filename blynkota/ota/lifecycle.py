@@ -16,23 +16,27 @@ row whose state moves only on what the server itself observes:
 A failed attempt waits out an exponential backoff (pending again, with
 next_attempt_at) until `max_attempts` are used; then the device is failed and
 never offered that rollout again. All of it is in the database, so a restart
-resumes every timer from its stored time.
+resumes every timer from its stored time. Every change is a conditional write
+(device_states.move); a decision whose row another process changed first is
+taken again on the row as it is now.
 """
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..store import DeviceState, Firmware, Rollout, RolloutDevice, RolloutState
-from .device_states import move, start_tracking
+from .device_states import Track, load_tracks, move, move_all, start_tracking
 
 if TYPE_CHECKING:
     from .rollouts import Candidate
 
 __all__ = ["RetryPolicy", "UpdateLifecycle"]
+
+# How often a decision is taken again when another process moved its row first.
+_RETAKES = 3
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,13 @@ _ENDED_ROLLOUT = {
     RolloutState.SUPERSEDED: DeviceState.SUPERSEDED,
 }
 
+_IN_FLIGHT_WITH_TARGET = (
+    Rollout.id == RolloutDevice.rollout_id,
+    Firmware.id == Rollout.firmware_id,
+    RolloutDevice.state.in_(DeviceState.IN_FLIGHT),
+)
+_TARGET_COLUMNS = (Rollout.state, Firmware.build, Firmware.size)
+
 
 class UpdateLifecycle:
     def __init__(self, policy: RetryPolicy) -> None:
@@ -65,61 +76,92 @@ class UpdateLifecycle:
         bytes_written: dict[int, int],
     ) -> bool:
         """A login ends every open attempt of the device, in any rollout; True if any."""
-        rows = session.execute(
-            select(RolloutDevice, Rollout.state, Firmware.build, Firmware.size)
-            .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
-            .join(Firmware, Firmware.id == Rollout.firmware_id)
-            .where(
-                RolloutDevice.device_id == device_id,
-                RolloutDevice.state.in_(DeviceState.IN_FLIGHT),
-            )
-        ).all()
-        for row, rollout_state, target, size in rows:
-            if target is not None and reported_build == target:
-                move(session, row, DeviceState.UPDATED, now)
-            elif target is None and row.state == DeviceState.DOWNLOADED:
-                # Nothing to compare: a complete download and a login is all there is.
-                move(
-                    session,
-                    row,
-                    DeviceState.UPDATED,
-                    now,
-                    "logged in after a complete download (the firmware has no build)",
+        rows = load_tracks(
+            session,
+            RolloutDevice.device_id == device_id,
+            *_IN_FLIGHT_WITH_TARGET,
+            extra=_TARGET_COLUMNS,
+        )
+        found = bool(rows)
+        for _ in range(_RETAKES):
+            lost = [
+                track.id
+                for track, rollout_state, target, size in rows
+                if not self._settle(
+                    session, track, rollout_state, target, size, reported_build, now, bytes_written
                 )
-            else:
-                sent = max(row.bytes_sent or 0, bytes_written.get(row.id, 0))
-                if row.state == DeviceState.DOWNLOADING and sent < size:
-                    reason = f"download interrupted at {sent} of {size} bytes"
-                elif reported_build:
-                    reason = f"came back with build {reported_build}"
-                else:
-                    reason = "came back reporting no build"
-                self.fail_attempt(session, row, rollout_state, reason, now)
-        return bool(rows)
+            ]
+            if not lost:
+                break
+            # Another process moved these first (a download that just ended):
+            # decide again on the rows as they are now.
+            rows = load_tracks(
+                session,
+                RolloutDevice.id.in_(lost),
+                *_IN_FLIGHT_WITH_TARGET,
+                extra=_TARGET_COLUMNS,
+            )
+        return found
+
+    def _settle(
+        self,
+        session: Session,
+        track: Track,
+        rollout_state: str,
+        target: str | None,
+        size: int,
+        reported_build: str | None,
+        now: datetime,
+        bytes_written: dict[int, int],
+    ) -> bool:
+        if target is not None and reported_build == target:
+            return move(session, track, DeviceState.UPDATED, now)
+        if target is None and track.state == DeviceState.DOWNLOADED:
+            # Nothing to compare: a complete download and a login is all there is.
+            return move(
+                session,
+                track,
+                DeviceState.UPDATED,
+                now,
+                "logged in after a complete download (the firmware has no build)",
+            )
+        sent = max(track.bytes_sent or 0, bytes_written.get(track.id, 0))
+        if track.state == DeviceState.DOWNLOADING and sent < size:
+            reason = f"download interrupted at {sent} of {size} bytes"
+        elif reported_build:
+            reason = f"came back with build {reported_build}"
+        else:
+            reason = "came back reporting no build"
+        return self.fail_attempt(session, track, rollout_state, reason, now)
 
     def fail_attempt(
-        self, session: Session, row: RolloutDevice, rollout_state: str, reason: str, now: datetime
-    ) -> None:
-        row.last_error = reason[:255]
+        self, session: Session, track: Track, rollout_state: str, reason: str, now: datetime
+    ) -> bool:
+        """End an attempt; True if the row was still as `track` saw it."""
+        error = reason[:255]
         if rollout_state in _ENDED_ROLLOUT:
-            move(session, row, _ENDED_ROLLOUT[rollout_state], now, reason)
-        elif row.attempts >= self.policy.max_attempts:
-            move(
+            return move(
+                session, track, _ENDED_ROLLOUT[rollout_state], now, reason, last_error=error
+            )
+        if track.attempts >= self.policy.max_attempts:
+            return move(
                 session,
-                row,
+                track,
                 DeviceState.FAILED,
                 now,
-                f"{reason}; all {row.attempts} attempt(s) used",
+                f"{reason}; all {track.attempts} attempt(s) used",
+                last_error=error,
             )
-        else:
-            row.next_attempt_at = self.policy.next_attempt_at(row.attempts, now)
-            move(
-                session,
-                row,
-                DeviceState.PENDING,
-                now,
-                f"{reason}; next attempt after {row.next_attempt_at:%Y-%m-%d %H:%M:%S} UTC",
-            )
+        retry_at = self.policy.next_attempt_at(track.attempts, now)
+        return move(
+            session,
+            track,
+            DeviceState.PENDING,
+            now,
+            f"{reason}; next attempt after {retry_at:%Y-%m-%d %H:%M:%S} UTC",
+            last_error=error,
+            next_attempt_at=retry_at,
+        )
 
     def row_to_offer(
         self,
@@ -129,79 +171,88 @@ class UpdateLifecycle:
         reported_build: str | None,
         candidate: "Candidate",
         now: datetime,
-    ) -> RolloutDevice | None:
+    ) -> Track | None:
         """The device's row in its rollout, if an offer is due now.
 
         A device enters the rollout (gets its row) the first time it is seen
         taking part: inside the rollout's percentage, and either on the target
-        already or judged by its build.
+        already or judged by its build. Two processes entering it at once
+        collide on the unique key, and the loser's unit of work runs again.
         """
-        row = session.scalar(
-            select(RolloutDevice).where(
-                RolloutDevice.rollout_id == candidate.rollout_id,
-                RolloutDevice.device_id == device_id,
-            )
+        found = load_tracks(
+            session,
+            RolloutDevice.rollout_id == candidate.rollout_id,
+            RolloutDevice.device_id == device_id,
         )
         on_target = candidate.build is not None and reported_build == candidate.build
-        if row is None:
+        if not found:
             taking_part, device_bucket, wave = candidate.takes_part(token)
             if not taking_part or not (on_target or candidate.may_offer(reported_build)):
                 return None
-            row = start_tracking(
+            track = start_tracking(
                 session,
                 rollout_id=candidate.rollout_id,
                 device_id=device_id,
                 state=DeviceState.UPDATED if on_target else DeviceState.PENDING,
                 at=now,
                 detail=None if wave is None else f"wave {wave} (bucket {device_bucket})",
+                cohort_bucket=device_bucket,
+                wave=wave,
             )
-            row.cohort_bucket, row.wave = device_bucket, wave
             if on_target:
                 return None
-        if row.state != DeviceState.PENDING:
+        else:
+            track = found[0]
+        if track.state != DeviceState.PENDING:
             return None
         if on_target:
-            move(session, row, DeviceState.UPDATED, now)
+            move(session, track, DeviceState.UPDATED, now)
             return None
-        if row.next_attempt_at is not None and row.next_attempt_at > now:
+        if track.next_attempt_at is not None and track.next_attempt_at > now:
             return None  # backing off
         if candidate.state != RolloutState.ACTIVE:
             return None  # paused: it waits, pending
-        return row
+        return track
 
     @staticmethod
-    def offer_made(session: Session, row: RolloutDevice, now: datetime, url: str) -> None:
-        row.attempts += 1
-        row.first_offered_at = row.first_offered_at or now
-        row.next_attempt_at = None
-        row.bytes_sent = None
-        move(session, row, DeviceState.OFFERED, now, f"attempt {row.attempts}: {url}"[:255])
+    def offer_made(session: Session, track: Track, now: datetime, url: str) -> bool:
+        """pending -> offered, one attempt used; False if the row was no longer pending."""
+        return move(
+            session,
+            track,
+            DeviceState.OFFERED,
+            now,
+            f"attempt {track.attempts + 1}: {url}"[:255],
+            attempts=track.attempts + 1,
+            first_offered_at=track.first_offered_at or now,
+            next_attempt_at=None,
+            bytes_sent=None,
+        )
 
     def time_out_attempts(self, session: Session, now: datetime) -> int:
         """Fail the attempts whose device did not come back updated in time."""
         deadline = now - timedelta(seconds=self.policy.attempt_timeout)
-        rows = session.execute(
-            select(RolloutDevice, Rollout.state)
-            .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
-            .where(
-                RolloutDevice.state.in_(DeviceState.IN_FLIGHT),
-                RolloutDevice.offered_at < deadline,
-            )
-        ).all()
-        for row, rollout_state in rows:
-            self.fail_attempt(session, row, rollout_state, "timed out", now)
-        return len(rows)
+        rows = load_tracks(
+            session,
+            Rollout.id == RolloutDevice.rollout_id,
+            RolloutDevice.state.in_(DeviceState.IN_FLIGHT),
+            RolloutDevice.offered_at < deadline,
+            extra=(Rollout.state,),
+        )
+        return sum(
+            self.fail_attempt(session, track, rollout_state, "timed out", now)
+            for track, rollout_state in rows
+        )
 
     @staticmethod
     def end_rollout(
         session: Session, rollout_id: int, device_state: str, now: datetime, detail: str
     ) -> None:
         """Pending devices leave a stopped or replaced rollout; attempts in flight finish."""
-        rows = session.scalars(
-            select(RolloutDevice).where(
-                RolloutDevice.rollout_id == rollout_id,
-                RolloutDevice.state == DeviceState.PENDING,
-            )
-        ).all()
-        for row in rows:
-            move(session, row, device_state, now, detail)
+        pending = load_tracks(
+            session,
+            RolloutDevice.rollout_id == rollout_id,
+            RolloutDevice.state == DeviceState.PENDING,
+            for_update=True,
+        )
+        move_all(session, pending, device_state, now, detail)

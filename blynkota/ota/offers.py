@@ -56,4 +56,14 @@ def new_offer(candidate: Candidate, device: DeviceIdentity) -> Offer:
 
 def candidate_of(rollout: Rollout) -> Candidate:
     firmware = rollout.firmware
-    return Candidate(rollout.id, rollout.scope, firmware.id, firmware.name, firmware.build)
+    return Candidate(
+        rollout.id,
+        rollout.scope,
+        firmware.id,
+        firmware.name,
+        firmware.build,
+        state=rollout.state,
+        percent=rollout.percent,
+        cohort_seed=rollout.cohort_seed,
+        waves=rollout.waves,
+    )

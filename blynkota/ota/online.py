@@ -1,13 +1,15 @@
 """The devices connected right now, by token.
 
-The hardware server registers one link per logged-in connection; the admin API
-reaches a device through it without knowing about sockets. A second connection
-with the same token replaces the first, as on the Blynk server.
+The hardware server registers one link per logged-in connection of this
+process; the OTA service writes `ota` frames through it without knowing about
+sockets. A second connection with the same token replaces the first, as on the
+Blynk server. Which node holds a device is in the database (cluster/nodes.py):
+this registry only reaches the devices of this process.
 """
 
 from typing import Protocol
 
-__all__ = ["DeviceLink", "OfferDeferred", "OfferFailed", "OnlineDevices"]
+__all__ = ["DeviceLink", "NoDownloadSlot", "OfferDeferred", "OfferFailed", "OnlineDevices"]
 
 
 class OfferFailed(Exception):
@@ -18,9 +20,15 @@ class OfferDeferred(OfferFailed):
     """Not now (rollout paused, no download slot): the device stays pending."""
 
 
+class NoDownloadSlot(OfferDeferred):
+    """Every download slot (ota.max.concurrent) is taken."""
+
+
 class DeviceLink(Protocol):
     token: str
     serial: int  # connection order: a later connection has a larger serial
+    device_id: int | None
+    session_id: int | None  # as recorded in the device's presence row
 
     @property
     def ready(self) -> bool:
@@ -45,8 +53,8 @@ class OnlineDevices:
     def get(self, token: str) -> DeviceLink | None:
         return self._links.get(token)
 
-    def tokens(self) -> list[str]:
-        return list(self._links)
+    def links(self) -> list[DeviceLink]:
+        return list(self._links.values())
 
     def get_ready(self, token: str) -> DeviceLink | None:
         link = self._links.get(token)

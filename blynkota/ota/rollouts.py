@@ -8,14 +8,14 @@ ever looks at the one rollout that targets it most closely.
 
 from dataclasses import dataclass
 
-from sqlalchemy import and_, bindparam, or_, select
+from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from ..store import DeviceState, Firmware, Rollout, RolloutEvent, RolloutScope, RolloutState, utcnow
 from .cohorts import Controls, bucket, parse_waves, wave_of
 from .lifecycle import UpdateLifecycle
 
-__all__ = ["Candidate", "RolloutPlanner"]
+__all__ = ["Candidate", "RolloutPlanner", "running_key"]
 
 _TARGET_COLUMN = {
     RolloutScope.DEVICE: Rollout.device_id,
@@ -82,7 +82,18 @@ class Candidate:
         return bool(reported_build) and reported_build != self.build
 
 
+def running_key(scope: str, target_id: int | None) -> str:
+    """The unique key a running rollout holds for its scope and target."""
+    return f"{scope}:{'' if target_id is None else target_id}"
+
+
 class RolloutPlanner:
+    """Rollout-level changes, each a conditional UPDATE on the rollout's state.
+
+    The ORM `Rollout` objects passed in are read, never written: a change
+    that another process made first leaves the row alone and answers False.
+    """
+
     def rollout_for(
         self, session: Session, *, device_id: int, project_id: int, user_id: int
     ) -> Candidate | None:
@@ -106,7 +117,12 @@ class RolloutPlanner:
         target_id: int | None = None,
         controls: Controls | None = None,
     ) -> Rollout:
-        """Create a rollout; the running one for the same scope and target is superseded."""
+        """Create a rollout; the running one for the same scope and target is superseded.
+
+        The unique running key decides between processes starting rollouts for
+        one target at the same moment: the second to set it gets a duplicate
+        key, and its unit of work runs again (superseding the first).
+        """
         now = utcnow()
         controls = controls or Controls()
         rollout = Rollout(
@@ -125,65 +141,126 @@ class RolloutPlanner:
         rollout.firmware = firmware
         session.add(rollout)
         session.flush()
-        _log(session, rollout, None, f"started by {started_by}{_describe(controls)}", now)
-        same_target = [
-            Rollout.scope == scope,
-            Rollout.state.in_(RolloutState.RUNNING),
-            Rollout.id != rollout.id,
-        ]
-        if scope in _TARGET_COLUMN:
-            same_target.append(_TARGET_COLUMN[scope] == target_id)
-        for old in session.scalars(select(Rollout).where(*same_target)).all():
-            old.superseded_by_id = rollout.id
-            self._end(session, old, RolloutState.SUPERSEDED, started_by, now)
+        _log(
+            session,
+            rollout.id,
+            None,
+            rollout.state,
+            f"started by {started_by}{_describe(controls)}",
+            now,
+        )
+        key = running_key(scope, target_id)
+        running = session.execute(
+            select(Rollout.id, Rollout.state).where(Rollout.running_key == key).with_for_update()
+        ).all()
+        for old_id, old_state in running:
+            self._end(
+                session, old_id, old_state, RolloutState.SUPERSEDED, started_by, now,
+                superseded_by_id=rollout.id,
+            )  # fmt: skip
+        session.execute(
+            update(Rollout)
+            .where(Rollout.id == rollout.id)
+            .values(running_key=key)
+            .execution_options(synchronize_session=False)
+        )
         return rollout
 
     def stop(self, session: Session, stopped_by: str, rollout_id: int | None = None) -> int:
-        """Stop one rollout, or every running one; returns how many were stopped."""
-        query = select(Rollout).where(Rollout.state.in_(RolloutState.RUNNING))
+        """Stop one rollout, or every running one; returns how many this call stopped."""
+        query = select(Rollout.id, Rollout.state).where(Rollout.state.in_(RolloutState.RUNNING))
         if rollout_id is not None:
             query = query.where(Rollout.id == rollout_id)
-        rollouts = session.scalars(query).all()
         now = utcnow()
-        for rollout in rollouts:
-            self._end(session, rollout, RolloutState.STOPPED, stopped_by, now)
-        return len(rollouts)
+        return sum(
+            self._end(session, found_id, state, RolloutState.STOPPED, stopped_by, now)
+            for found_id, state in session.execute(query.with_for_update()).all()
+        )
 
     @staticmethod
     def pause(session: Session, rollout: Rollout, reason: str) -> bool:
-        if rollout.state != RolloutState.ACTIVE:
-            return False
-        rollout.state, rollout.pause_reason = RolloutState.PAUSED, reason[:255]
-        _log(session, rollout, RolloutState.ACTIVE, f"paused: {reason}", utcnow())
-        return True
+        return _change_state(
+            session,
+            rollout.id,
+            RolloutState.ACTIVE,
+            RolloutState.PAUSED,
+            f"paused: {reason}",
+            pause_reason=reason[:255],
+        )
 
     @staticmethod
     def resume(session: Session, rollout: Rollout, by: str) -> bool:
-        if rollout.state != RolloutState.PAUSED:
+        return _change_state(
+            session,
+            rollout.id,
+            RolloutState.PAUSED,
+            RolloutState.ACTIVE,
+            f"resumed by {by}",
+            pause_reason=None,
+            resumed_at=utcnow(),
+        )
+
+    @staticmethod
+    def widen(session: Session, rollout: Rollout, percent: int, why: str) -> bool:
+        """Let more devices in, if the rollout still has the share it was judged at."""
+        before = rollout.percent
+        result = session.execute(
+            update(Rollout)
+            .where(
+                Rollout.id == rollout.id,
+                Rollout.percent == before,
+                Rollout.state.in_(RolloutState.RUNNING),
+            )
+            .values(percent=percent)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:
             return False
-        now = utcnow()
-        rollout.state, rollout.pause_reason, rollout.resumed_at = RolloutState.ACTIVE, None, now
-        _log(session, rollout, RolloutState.PAUSED, f"resumed by {by}", now)
+        state = session.scalar(select(Rollout.state).where(Rollout.id == rollout.id))
+        _log(
+            session,
+            rollout.id,
+            state,
+            state,
+            f"{why}: {before}% -> {percent}% of devices",
+            utcnow(),
+        )
         return True
 
     @staticmethod
-    def widen(session: Session, rollout: Rollout, percent: int, why: str) -> None:
-        before = rollout.percent
-        rollout.percent = percent
-        _log(
-            session, rollout, rollout.state, f"{why}: {before}% -> {percent}% of devices", utcnow()
+    def _end(
+        session: Session, rollout_id: int, before: str, state: str, by: str, now, **values
+    ) -> bool:
+        result = session.execute(
+            update(Rollout)
+            .where(Rollout.id == rollout_id, Rollout.state == before)
+            .values(state=state, stopped_at=now, stopped_by=by[:255], running_key=None, **values)
+            .execution_options(synchronize_session=False)
         )
-
-    @staticmethod
-    def _end(session: Session, rollout: Rollout, state: str, by: str, now) -> None:
-        before = rollout.state
-        rollout.state, rollout.stopped_at, rollout.stopped_by = state, now, by[:255]
+        if result.rowcount != 1:
+            return False
         detail = f"{state} by {by}"
-        _log(session, rollout, before, detail, now)
+        _log(session, rollout_id, before, state, detail, now)
         device_state = (
             DeviceState.SUPERSEDED if state == RolloutState.SUPERSEDED else DeviceState.CANCELLED
         )
-        UpdateLifecycle.end_rollout(session, rollout.id, device_state, now, detail)
+        UpdateLifecycle.end_rollout(session, rollout_id, device_state, now, detail)
+        return True
+
+
+def _change_state(
+    session: Session, rollout_id: int, before: str, after: str, detail: str, **values
+) -> bool:
+    result = session.execute(
+        update(Rollout)
+        .where(Rollout.id == rollout_id, Rollout.state == before)
+        .values(state=after, **values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    _log(session, rollout_id, before, after, detail, utcnow())
+    return True
 
 
 def _describe(controls: Controls) -> str:
@@ -199,14 +276,14 @@ def _describe(controls: Controls) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def _log(session: Session, rollout: Rollout, before: str | None, detail: str, now) -> None:
+def _log(session: Session, rollout_id: int, before: str | None, after: str, detail: str, now):
     """A rollout-level entry in the event log (no device)."""
-    session.add(
-        RolloutEvent(
-            rollout_id=rollout.id,
+    session.execute(
+        insert(RolloutEvent).values(
+            rollout_id=rollout_id,
             device_id=None,
             from_state=before,
-            to_state=rollout.state,
+            to_state=after,
             at=now,
             detail=detail[:255],
         )

@@ -1,18 +1,26 @@
 """The OTA domain as the hardware server and the admin API see it.
 
 This half is the device side: who a token is, what it reported, which
-firmware to offer it, what its downloads did, and the sweep that keeps
+firmware to offer it, what its downloads did, and the clocks that keep
 rollouts moving. The admin side (admin_ops.py) is mixed in. Everything that
-must survive a restart is in the database before it counts.
+must survive a restart, or hold across processes, is in the database before
+it counts: each unit of work is one transaction run by `Database.run`, which
+runs it again when it lost a race to another process.
+
+Who sends an offer: the node that holds the device's connection. At login it
+offers at once; otherwise its `fill` (run every `node.poll.interval`) finds
+the pending devices recorded on it and offers them as download slots allow.
+So an admin request served by any process reaches a device on any node
+through the database alone.
 """
 
 import logging
-import threading
 from collections.abc import Callable
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.orm import Session
 
+from ..cluster import ClusterNode, lock_offer_slots
 from ..store import (
     Database,
     Device,
@@ -21,18 +29,19 @@ from ..store import (
     Project,
     Rollout,
     RolloutDevice,
+    RolloutScope,
     RolloutState,
     utcnow,
 )
 from .admin_ops import AdminOperations
 from .catalog import FirmwareCatalog, FirmwareFile
-from .device_states import move
+from .device_states import load_tracks, log_events, move
 from .errors import OtaRequestError
-from .guards import FleetPolicy, RolloutGuards
+from .guards import SLOT_STATES, FleetPolicy, RolloutGuards
 from .lifecycle import RetryPolicy, UpdateLifecycle
-from .offers import DeviceIdentity, DownloadTicket, Offer, new_offer
-from .online import OfferDeferred, OfferFailed, OnlineDevices
-from .rollouts import RolloutPlanner
+from .offers import DeviceIdentity, DownloadTicket, Offer, candidate_of, new_offer
+from .online import NoDownloadSlot, OfferDeferred, OfferFailed, OnlineDevices
+from .rollouts import Candidate, RolloutPlanner
 
 __all__ = ["DeviceIdentity", "DownloadTicket", "Offer", "OtaRequestError", "OtaService"]
 
@@ -48,21 +57,14 @@ _INFO_COLUMNS = {
 }
 _INFO_NUMBERS = {"h-beat": "heartbeat", "buff-in": "buff_in"}
 
-# Built once: these run at every device login.
+# Built once: this runs at every device login.
 _DEVICE_BY_TOKEN = (
     select(Device.id, Device.token, Device.project_id, Project.user_id)
     .join(Project, Project.id == Device.project_id)
     .where(Device.token == bindparam("token"))
 )
-_MARK_ONLINE = (
-    update(Device)
-    .where(Device.id == bindparam("device"))
-    .values(
-        online_since=bindparam("now"),
-        last_seen_at=bindparam("now"),
-        last_address=bindparam("address"),
-    )
-)
+ENROL_CHUNK = 200  # devices entered into a rollout per transaction
+NO_SLOT = "no download slot free (ota.max.concurrent)"
 
 
 class OtaService(AdminOperations):
@@ -71,55 +73,35 @@ class OtaService(AdminOperations):
         db: Database,
         catalog: FirmwareCatalog,
         online: OnlineDevices,
+        node: ClusterNode,
         *,
         policy: RetryPolicy | None = None,
         fleet_policy: FleetPolicy | None = None,
     ) -> None:
         self.db = db
         self.catalog = catalog
-        self.online = online
+        self.online = online  # this process's connections: a cache of the presence rows
+        self.node = node
         self.planner = RolloutPlanner()
         self.lifecycle = UpdateLifecycle(policy or RetryPolicy())
         self.guards = RolloutGuards(fleet_policy or FleetPolicy(), self.planner)
-        self._downloads: dict[int, DownloadTicket] = {}  # tracked downloads in progress
-        # Under gevent's monkey patching this lock makes greenlets take turns.
-        self._offer_lock = threading.Lock()
-        # Called when a download slot may have freed up; the server wakes its sweeper.
+        self._downloads: dict[int, DownloadTicket] = {}  # tracked downloads in progress here
+        # Called when a download slot may have freed up; the server wakes its fill.
         self.on_slot_freed: Callable[[], None] = lambda: None
 
     # --- devices -------------------------------------------------------------
 
     def find_device(self, token: str) -> DeviceIdentity | None:
-        with self.db.begin() as session:
-            row = session.execute(_DEVICE_BY_TOKEN, {"token": token}).first()
+        row = self.db.run(
+            lambda session: session.execute(_DEVICE_BY_TOKEN, {"token": token}).first()
+        )
         return None if row is None else DeviceIdentity(*row)
 
-    def device_online(self, device_id: int, address: str) -> None:
-        with self.db.begin() as session:
-            session.execute(
-                _MARK_ONLINE, {"device": device_id, "now": utcnow(), "address": address[:64]}
-            )
+    def device_online(self, device_id: int, session_id: int, address: str) -> None:
+        self.node.device_online(device_id, session_id, address)
 
-    def device_online_again(self, device_id: int) -> None:
-        with self.db.begin() as session:
-            session.execute(
-                update(Device).where(Device.id == device_id).values(online_since=utcnow())
-            )
-
-    def device_offline(self, device_id: int) -> None:
-        with self.db.begin() as session:
-            session.execute(
-                update(Device)
-                .where(Device.id == device_id)
-                .values(online_since=None, last_seen_at=utcnow())
-            )
-
-    def mark_all_offline(self) -> None:
-        """At start-up: connections of a previous process are gone, however it ended."""
-        with self.db.begin() as session:
-            session.execute(
-                update(Device).where(Device.online_since.is_not(None)).values(online_since=None)
-            )
+    def device_offline(self, device_id: int, session_id: int) -> None:
+        self.node.device_offline(device_id, session_id)
 
     def device_reported(self, device: DeviceIdentity, info: dict[str, str]) -> Offer | None:
         """Record an info message (a full report: missing keys are stored as NULL).
@@ -128,48 +110,69 @@ class OtaService(AdminOperations):
         returns the offer now due, if any.
         """
         report = {column: (info.get(key) or None) for key, column in _INFO_COLUMNS.items()}
-        report = {column: value and value[:64] for column, value in report.items()}
+        limits = {column: Device.__table__.c[column].type.length for column in report}
+        report = {column: value and value[: limits[column]] for column, value in report.items()}
         for key, column in _INFO_NUMBERS.items():
             value = info.get(key, "")
-            report[column] = int(value) if value.isdigit() and len(value) < 10 else None
-        build = report["build"]
-        now = utcnow()
-        with self.db.begin() as session:
-            session.execute(
-                update(Device).where(Device.id == device.id).values(last_seen_at=now, **report)
+            report[column] = (
+                int(value) if value.isascii() and value.isdigit() and len(value) < 10 else None
             )
-            if self.lifecycle.resolve_in_flight(
-                session, device.id, build, now, self._bytes_written()
-            ):
-                self.on_slot_freed()
+        build = report["build"]
+        bytes_written = self._bytes_written()
+
+        def work(session: Session) -> tuple[bool, Offer | None]:
+            now = utcnow()
+            # Attempts first, the device row last: every writer locks the
+            # rollout row before the device's, so they queue instead of deadlocking.
+            settled = self.lifecycle.resolve_in_flight(
+                session, device.id, build, now, bytes_written
+            )
+            offer = None
             candidate = self.planner.rollout_for(
                 session, device_id=device.id, project_id=device.project_id, user_id=device.user_id
             )
-            if candidate is None:
-                return None
-            row = self.lifecycle.row_to_offer(
-                session, device.id, device.token, build, candidate, now
+            if candidate is not None:
+                track = self.lifecycle.row_to_offer(
+                    session, device.id, device.token, build, candidate, now
+                )
+                offer = None if track is None else new_offer(candidate, device)
+            session.execute(
+                update(Device).where(Device.id == device.id).values(last_seen_at=now, **report)
             )
-            return None if row is None else new_offer(candidate, device)
+            return settled, offer
+
+        settled, offer = self.db.run(work)
+        if settled:
+            self.on_slot_freed()
+        return offer
 
     def _claim_offer(self, offer: Offer, url: str) -> str | None:
         """Journal the offer and count the attempt, if the rollout may offer now.
 
         Returns why not (paused, no download slot, already offered), or None.
-        Callers hold the offer lock, so two greenlets never both take the
-        last download slot.
+        The offer-slots row is locked for the transaction, so no two processes
+        both take the last download slot.
         """
-        now = utcnow()
-        with self.db.begin() as session:
+
+        def work(session: Session) -> str | None:
+            now = utcnow()
+            lock_offer_slots(session)
             rollout = session.get(Rollout, offer.rollout_id)
             self.guards.check_health(session, rollout)
-            if rollout.state != RolloutState.ACTIVE:
-                return f"rollout {rollout.id} is {rollout.state}"
-            row = self._row(session, offer.rollout_id, offer.device_id)
-            if row is None or row.state != DeviceState.PENDING:
+            state = session.scalar(select(Rollout.state).where(Rollout.id == offer.rollout_id))
+            if state != RolloutState.ACTIVE:
+                return f"rollout {offer.rollout_id} is {state}"
+            found = load_tracks(
+                session,
+                RolloutDevice.rollout_id == offer.rollout_id,
+                RolloutDevice.device_id == offer.device_id,
+            )
+            if not found or found[0].state != DeviceState.PENDING:
                 return "already offered"
-            if self.guards.free_slots(session, rollout.id) <= 0:
-                return "no download slot free (ota.max.concurrent)"
+            if self.guards.free_slots(session, offer.rollout_id) <= 0:
+                return NO_SLOT
+            if not self.lifecycle.offer_made(session, found[0], now, url):
+                return "already offered"
             session.add(
                 OtaCommand(
                     device_id=offer.device_id,
@@ -180,8 +183,9 @@ class OtaService(AdminOperations):
                     offer_key=offer.key,
                 )
             )
-            self.lifecycle.offer_made(session, row, now, url)
-        return None
+            return None
+
+        return self.db.run(work)
 
     def send_offer(self, offer: Offer) -> str:
         """Record `offer`, then write it to the device's connection; the URL sent.
@@ -196,10 +200,9 @@ class OtaService(AdminOperations):
         if link is None:
             raise OfferFailed("the device is not in session")
         url, frame = link.ota_frame(offer.url_path)
-        with self._offer_lock:
-            refused = self._claim_offer(offer, url)
+        refused = self._claim_offer(offer, url)
         if refused is not None:
-            raise OfferDeferred(refused)
+            raise NoDownloadSlot(refused) if refused == NO_SLOT else OfferDeferred(refused)
         try:
             link.write_frame(frame)
         except OfferFailed as error:
@@ -209,14 +212,21 @@ class OtaService(AdminOperations):
         return url
 
     def _offer_undelivered(self, offer: Offer, reason: str) -> None:
-        now = utcnow()
-        with self.db.begin() as session:
-            row = self._row(session, offer.rollout_id, offer.device_id)
-            if row is not None and row.state == DeviceState.OFFERED:
-                rollout_state = session.get(Rollout, offer.rollout_id).state
+        def work(session: Session) -> None:
+            rows = load_tracks(
+                session,
+                Rollout.id == RolloutDevice.rollout_id,
+                RolloutDevice.rollout_id == offer.rollout_id,
+                RolloutDevice.device_id == offer.device_id,
+                RolloutDevice.state == DeviceState.OFFERED,
+                extra=(Rollout.state,),
+            )
+            for track, rollout_state in rows:
                 self.lifecycle.fail_attempt(
-                    session, row, rollout_state, f"ota command not delivered: {reason}", now
+                    session, track, rollout_state, f"ota command not delivered: {reason}", utcnow()
                 )
+
+        self.db.run(work)
 
     # --- downloads -------------------------------------------------------------
 
@@ -226,64 +236,116 @@ class OtaService(AdminOperations):
         """A device asks for a file: if the URL carries a live offer key, track it."""
         if not key:
             return None
-        now = utcnow()
-        with self.db.begin() as session:
-            command = session.scalar(select(OtaCommand).where(OtaCommand.offer_key == key[:16]))
+
+        def work(session: Session) -> DownloadTicket | None:
+            now = utcnow()
+            command = session.execute(
+                select(OtaCommand.rollout_id, OtaCommand.device_id, OtaCommand.firmware_id).where(
+                    OtaCommand.offer_key == key[:16]
+                )
+            ).first()
             if command is None or command.firmware_id != firmware.id:
                 return None
-            row = self._row(session, command.rollout_id, command.device_id)
-            if row is None or row.state not in DeviceState.IN_FLIGHT:
+            if command.rollout_id is None:
                 return None
-            row.bytes_sent = start
+            found = load_tracks(
+                session,
+                RolloutDevice.rollout_id == command.rollout_id,
+                RolloutDevice.device_id == command.device_id,
+                RolloutDevice.state.in_(DeviceState.IN_FLIGHT),
+            )
+            if not found:
+                return None
+            track = found[0]
+            if track.state not in SLOT_STATES:
+                # Downloading again after a complete download takes a slot back.
+                lock_offer_slots(session)
+                if self.guards.free_slots(session, track.rollout_id) <= 0:
+                    return None  # served, not tracked: the limit holds
             detail = f"downloading from byte {start}" if start else None
-            move(session, row, DeviceState.DOWNLOADING, now, detail)
-            ticket = DownloadTicket(row.id, firmware.size, start, start)
-        self._downloads[ticket.row_id] = ticket
+            if not move(session, track, DeviceState.DOWNLOADING, now, detail, bytes_sent=start):
+                return None
+            return DownloadTicket(track.id, firmware.size, start, start)
+
+        ticket = self.db.run(work)
+        if ticket is not None:
+            self._downloads[ticket.row_id] = ticket
         return ticket
 
     def download_finished(self, ticket: DownloadTicket, complete: bool) -> None:
         """The response ended: every byte written, or cut short at `written_until`."""
         self._downloads.pop(ticket.row_id, None)
-        now = utcnow()
-        with self.db.begin() as session:
-            row = session.get(RolloutDevice, ticket.row_id)
-            if row is None or row.state != DeviceState.DOWNLOADING:
-                return  # the device came back already, and its login settled the attempt
-            row.bytes_sent = ticket.written_until
+
+        def work(session: Session) -> bool:
+            now = utcnow()
+            found = load_tracks(
+                session,
+                RolloutDevice.id == ticket.row_id,
+                RolloutDevice.state == DeviceState.DOWNLOADING,
+            )
+            if not found:
+                return False  # the device came back already, and its login settled the attempt
             if complete and ticket.written_until >= ticket.size:
-                move(session, row, DeviceState.DOWNLOADED, now)
-                self.on_slot_freed()
-            else:
-                detail = f"download interrupted at {ticket.written_until} of {ticket.size} bytes"
-                move(session, row, DeviceState.DOWNLOADING, now, detail)
+                return move(
+                    session, found[0], DeviceState.DOWNLOADED, now, bytes_sent=ticket.written_until
+                )
+            detail = f"download interrupted at {ticket.written_until} of {ticket.size} bytes"
+            move(
+                session, found[0], DeviceState.DOWNLOADING, now, detail,
+                bytes_sent=ticket.written_until,
+            )  # fmt: skip
+            return False
+
+        if self.db.run(work):
+            self.on_slot_freed()
 
     def _bytes_written(self) -> dict[int, int]:
         return {row_id: ticket.written_until for row_id, ticket in self._downloads.items()}
 
-    # --- timers ----------------------------------------------------------------
+    # --- clocks ----------------------------------------------------------------
 
     def sweep(self) -> tuple[int, int]:
-        """The rollouts' clock, run every few seconds and whenever a slot frees up.
+        """The rollouts' clock, run by the node holding the sweeper lease.
 
-        Times out stale attempts, pauses rollouts past the failure threshold,
-        grows waves, and offers pending devices that are connected (retries
-        whose backoff ended, devices that waited for a download slot) while
-        slots are free. Returns (attempts timed out, offers sent).
+        Times out stale attempts, pauses rollouts past the failure threshold
+        and grows waves (entering connected devices for now=true rollouts).
+        Returns (attempts timed out, devices entered into grown waves).
         """
-        now = utcnow()
-        grown = []
-        with self.db.begin() as session:
+
+        def work(session: Session) -> tuple[int, list[int]]:
+            now = utcnow()
             timed_out = self.lifecycle.time_out_attempts(session, now)
+            grown = []
             for rollout in session.scalars(
                 select(Rollout).where(Rollout.state == RolloutState.ACTIVE)
             ).all():
-                self.guards.check_health(session, rollout)
+                if self.guards.check_health(session, rollout):
+                    continue
                 if self.guards.advance_wave(session, rollout) and rollout.push_online:
                     grown.append(rollout.id)
+            return timed_out, grown
+
+        timed_out, grown = self.db.run(work)
+        if timed_out:
+            self.on_slot_freed()
+        entered = sum(self.enrol_online(rollout_id) for rollout_id in grown)
+        return timed_out, entered
+
+    def fill(self, limit: int = 500) -> int:
+        """Offer the pending devices connected to this node, while slots are free.
+
+        Retries whose backoff ended, devices that waited for a slot, devices
+        entered by now=true, expand, resume or a ?token= request served by
+        another process. Returns the number of offers sent.
+        """
+        node_id = self.node.id
+
+        def due(session: Session) -> list:
             budget = self.guards.free_slots(session)
-            # Connected devices only (the sweep runs often: it must stay cheap),
-            # oldest first, a few more than there are slots.
-            due = session.execute(
+            if budget <= 0:
+                return []
+            now = utcnow()
+            return session.execute(
                 select(RolloutDevice.rollout_id, Device.token)
                 .join(Device, Device.id == RolloutDevice.device_id)
                 .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
@@ -292,68 +354,146 @@ class OtaService(AdminOperations):
                     (RolloutDevice.next_attempt_at.is_(None))
                     | (RolloutDevice.next_attempt_at <= now),
                     Rollout.state == RolloutState.ACTIVE,
-                    Device.online_since.is_not(None),
+                    Device.node_id == node_id,
                 )
                 .order_by(RolloutDevice.pending_at, RolloutDevice.id)
-                .limit(2 * budget + 10)
+                .limit(min(limit, 2 * budget + 10))
             ).all()
-        for rollout_id in grown:
-            self._enrol_online(rollout_id)
+
         sent = 0
-        for rollout_id, token in due:
-            if budget <= 0:
-                break
+        for rollout_id, token in self.db.run(due):
             if self.online.get_ready(token) is None:
-                continue  # offered at its next login
+                continue  # not yet answered its info message: offered at login
             offer = self._due_offer(token, rollout_id)
             if offer is None:
                 continue
             try:
                 self.send_offer(offer)
+            except NoDownloadSlot:
+                break  # every slot is taken: the next fill goes on
             except OfferDeferred:
                 continue
             except OfferFailed as error:
                 log.warning("device %s: not offered: %s", token, error)
                 continue
             sent += 1
-            budget -= 1
-        return timed_out, sent
+        return sent
 
-    def _enrol_online(self, rollout_id: int) -> int:
-        """now=true: the connected devices this rollout targets join it without a login."""
-        enrolled = 0
-        for token in self.online.tokens():
-            if self.online.get_ready(token) is not None and self._due_offer(token, rollout_id):
-                enrolled += 1
-        if enrolled:
-            self.on_slot_freed()  # the sweeper offers them as slots allow
-        return enrolled
+    def enrol_online(self, rollout_id: int) -> int:
+        """Enter the devices online on any node that the rollout targets and may offer.
+
+        They become pending rows; the node holding each offers it in its next
+        fill. In chunks, each its own transaction, so a login entering the same
+        device at the same moment costs one chunk a retry, not the whole fleet.
+        """
+        ids = self.db.run(lambda session: self._online_targets(session, rollout_id))
+        entered = 0
+        for start in range(0, len(ids), ENROL_CHUNK):
+            chunk = ids[start : start + ENROL_CHUNK]
+            entered += self.db.run(lambda session, c=chunk: self._enrol(session, rollout_id, c))
+        if entered:
+            log.info("rollout %d: %d connected device(s) entered", rollout_id, entered)
+            self.on_slot_freed()
+        return entered
+
+    @staticmethod
+    def _online_targets(session: Session, rollout_id: int) -> list[int]:
+        rollout = session.get(Rollout, rollout_id)
+        if rollout is None or rollout.state not in RolloutState.RUNNING:
+            return []
+        query = (
+            select(Device.id)
+            .join(Project, Project.id == Device.project_id)
+            .where(
+                Device.node_id.is_not(None),
+                ~exists().where(
+                    RolloutDevice.rollout_id == rollout_id, RolloutDevice.device_id == Device.id
+                ),
+            )
+            .order_by(Device.id)
+        )
+        if rollout.scope == RolloutScope.DEVICE:
+            query = query.where(Device.id == rollout.device_id)
+        elif rollout.scope == RolloutScope.PROJECT:
+            query = query.where(Device.project_id == rollout.project_id)
+        elif rollout.scope == RolloutScope.USER:
+            query = query.where(Project.user_id == rollout.user_id)
+        return list(session.scalars(query).all())
+
+    def _enrol(self, session: Session, rollout_id: int, device_ids: list[int]) -> int:
+        rollout = session.get(Rollout, rollout_id)
+        if rollout is None or rollout.state not in RolloutState.RUNNING:
+            return 0
+        candidate = candidate_of(rollout)
+        devices = session.execute(
+            select(Device.id, Device.token, Device.build, Device.project_id, Project.user_id)
+            .join(Project, Project.id == Device.project_id)
+            .where(
+                Device.id.in_(device_ids),
+                ~exists().where(
+                    RolloutDevice.rollout_id == rollout_id, RolloutDevice.device_id == Device.id
+                ),
+            )
+        ).all()
+        now = utcnow()
+        rows, events = [], []
+        for device_id, token, build, project_id, user_id in devices:
+            owner = self.planner.rollout_for(
+                session, device_id=device_id, project_id=project_id, user_id=user_id
+            )
+            if owner is None or owner.rollout_id != rollout_id:
+                continue  # a more specific rollout keeps this device
+            taking_part, device_bucket, wave = candidate.takes_part(token)
+            on_target = candidate.build is not None and build == candidate.build
+            if not taking_part or not (on_target or candidate.may_offer(build)):
+                continue
+            state = DeviceState.UPDATED if on_target else DeviceState.PENDING
+            rows.append(
+                {
+                    "rollout_id": rollout_id,
+                    "device_id": device_id,
+                    "state": state,
+                    "attempts": 0,
+                    "already_current": on_target,
+                    "pending_at": now,
+                    "updated_at": now if on_target else None,
+                    "cohort_bucket": device_bucket,
+                    "wave": wave,
+                }
+            )
+            events.append(
+                {
+                    "rollout_id": rollout_id,
+                    "device_id": device_id,
+                    "from_state": None,
+                    "to_state": state,
+                    "at": now,
+                    "detail": "already on the rollout's build when first seen"
+                    if on_target
+                    else "targeted while online"
+                    + ("" if wave is None else f", wave {wave} (bucket {device_bucket})"),
+                }
+            )
+        if rows:
+            session.execute(RolloutDevice.__table__.insert(), rows)
+            log_events(session, events)
+        return sum(row["state"] == DeviceState.PENDING for row in rows)
 
     def _due_offer(self, token: str, rollout_id: int) -> Offer | None:
         device = self.find_device(token)
         if device is None:
             return None
-        now = utcnow()
-        with self.db.begin() as session:
-            candidate = self.planner.rollout_for(
+
+        def work(session: Session) -> Offer | None:
+            candidate: Candidate | None = self.planner.rollout_for(
                 session, device_id=device.id, project_id=device.project_id, user_id=device.user_id
             )
             if candidate is None or candidate.rollout_id != rollout_id:
                 return None  # a more specific rollout took over
             build = session.scalar(select(Device.build).where(Device.id == device.id))
-            row = self.lifecycle.row_to_offer(
-                session, device.id, device.token, build, candidate, now
+            track = self.lifecycle.row_to_offer(
+                session, device.id, device.token, build, candidate, utcnow()
             )
-            return None if row is None else new_offer(candidate, device)
+            return None if track is None else new_offer(candidate, device)
 
-    # --- helpers ---------------------------------------------------------------
-
-    @staticmethod
-    def _row(session: Session, rollout_id: int | None, device_id: int) -> RolloutDevice | None:
-        if rollout_id is None:
-            return None
-        return session.scalar(
-            select(RolloutDevice).where(
-                RolloutDevice.rollout_id == rollout_id, RolloutDevice.device_id == device_id
-            )
-        )
+        return self.db.run(work)

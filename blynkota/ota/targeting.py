@@ -71,6 +71,7 @@ def devices_taken_in(
                     "user": user.email,
                     "project": project.name,
                     "build": device.build,
+                    "online": device.node_id is not None,
                     "wave": wave,
                 }
             )

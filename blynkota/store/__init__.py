@@ -1,13 +1,18 @@
 """Persistence: SQLAlchemy models, the engine and the migrations runner."""
 
-from .db import Database, make_engine
+from .db import Database, DatabaseHealth, is_outage, is_transient, make_engine
 from .migrate import alembic_config, upgrade
 from .models import (
+    CHUNK_BYTES,
     Admin,
     Base,
     Device,
     DeviceState,
     Firmware,
+    FirmwareBlob,
+    FirmwareChunk,
+    Lock,
+    Node,
     OtaCommand,
     Project,
     Rollout,
@@ -21,7 +26,15 @@ from .models import (
 
 __all__ = [
     "Database",
+    "DatabaseHealth",
+    "is_outage",
+    "is_transient",
     "make_engine",
+    "CHUNK_BYTES",
+    "FirmwareBlob",
+    "FirmwareChunk",
+    "Lock",
+    "Node",
     "alembic_config",
     "upgrade",
     "Admin",

@@ -1,11 +1,45 @@
-"""Engine and session scope: one sessionmaker per engine, one transaction per unit of work."""
+"""Engine and units of work: one sessionmaker per engine, one transaction per unit of work.
 
+Many processes write the same rows, so a unit of work that loses a race on
+MySQL (a deadlock, a lock wait that ran out, a duplicate key another process
+inserted first) is run again from the start, a bounded number of times, with
+a short random pause: `Database.run`. Such work must have no effect outside
+the database until it returns.
+
+An unreachable database is logged once per outage, not once per device
+(`DatabaseHealth`); callers turn the error into a clean refusal.
+"""
+
+import logging
+import random
+import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["Database", "make_engine"]
+__all__ = [
+    "Database",
+    "DatabaseHealth",
+    "is_outage",
+    "is_transient",
+    "make_engine",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# MySQL/MariaDB error codes worth a second try: deadlock, lock wait timeout,
+# and the "record has changed since last read" of MariaDB's snapshot checks.
+_TRANSIENT_MYSQL = {1213, 1205, 1020}
+# The server is away: connection refused, gone away, lost during a query,
+# shutting down, too many connections.
+_OUTAGE_MYSQL = {2002, 2003, 2006, 2013, 1053, 1040, 2014}
+RETRIES = 8
 
 
 def make_engine(url: str) -> Engine:
@@ -27,18 +61,109 @@ def make_engine(url: str) -> Engine:
     # MySQL closes idle connections after wait_timeout: check before use.
     # Thousands of device greenlets share the pool: keep it wide enough that a
     # login storm queues for a connection briefly, not for the 30 s timeout.
-    return create_engine(url, pool_pre_ping=True, pool_recycle=3600, pool_size=20, max_overflow=30)
+    # READ COMMITTED: a conditional UPDATE that lost a race re-reads the row as
+    # it is now, not as the transaction's snapshot saw it, and no gap locks
+    # (the main source of InnoDB deadlocks between inserts) are taken.
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_recycle=3600,
+        pool_size=20,
+        max_overflow=30,
+        pool_timeout=10,
+        isolation_level="READ COMMITTED",
+    )
+
+
+def _mysql_code(error: DBAPIError) -> int | None:
+    args = getattr(error.orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def is_transient(error: BaseException) -> bool:
+    """A lost race worth running the unit of work again for."""
+    if not isinstance(error, DBAPIError):
+        return False
+    if isinstance(error, IntegrityError):
+        # A duplicate of a row another process inserted a moment ago: the
+        # second run finds it and takes the other branch.
+        code = _mysql_code(error)
+        return code == 1062 or "UNIQUE constraint failed" in str(error.orig)
+    code = _mysql_code(error)
+    if code in _TRANSIENT_MYSQL:
+        return True
+    return "database is locked" in str(error.orig)
+
+
+def is_outage(error: BaseException) -> bool:
+    """The database cannot be reached at all (as opposed to refusing one statement)."""
+    if isinstance(error, DBAPIError):
+        return (
+            error.connection_invalidated
+            or _mysql_code(error) in _OUTAGE_MYSQL
+            or "unable to open database" in str(error.orig)
+        )
+    return False
+
+
+class DatabaseHealth:
+    """Logs an outage once when it starts and once when it ends."""
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+        self.recovered: Callable[[], None] = lambda: None
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def failed(self, error: BaseException) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.error("database unreachable (%s): devices are refused until it returns", error)
+
+    def succeeded(self) -> None:
+        if self.down_since is not None:
+            seconds = time.monotonic() - self.down_since
+            self.down_since = None
+            log.warning("database reachable again after %.1f s", seconds)
+            self.recovered()
 
 
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+        self.health = DatabaseHealth()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
 
     def begin(self) -> AbstractContextManager[Session]:
         """A session inside one transaction: committed on success, rolled back on error."""
         return self._sessions.begin()
+
+    def run(self, work: Callable[[Session], T], *, retries: int = RETRIES) -> T:
+        """`work(session)` in one transaction, run again when it lost a race."""
+        for attempt in range(retries):
+            try:
+                with self.begin() as session:
+                    result = work(session)
+            except DBAPIError as error:
+                if is_outage(error):
+                    self.health.failed(error)
+                    raise
+                if attempt + 1 >= retries or not is_transient(error):
+                    raise
+                log.debug("retrying a unit of work after %s", error.orig)
+                time.sleep(random.uniform(0, 0.005 * 2**attempt))  # yields under gevent
+                continue
+            if self.health.down:
+                self.health.succeeded()
+            return result
+        raise AssertionError("unreachable")
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -8,7 +8,17 @@ a replaced or stopped rollout changes state and keeps its row.
 from datetime import datetime, timezone
 from typing import Optional
 
-from sqlalchemy import ForeignKey, Index, MetaData, String, UniqueConstraint, false
+from sqlalchemy import (
+    BigInteger,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    MetaData,
+    String,
+    UniqueConstraint,
+    false,
+)
+from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
@@ -19,6 +29,11 @@ __all__ = [
     "Device",
     "Admin",
     "Firmware",
+    "FirmwareBlob",
+    "FirmwareChunk",
+    "CHUNK_BYTES",
+    "Node",
+    "Lock",
     "Rollout",
     "OtaCommand",
     "RolloutScope",
@@ -93,8 +108,14 @@ class Device(Base):
     template_id: Mapped[Optional[str]] = mapped_column(String(64))
     last_seen_at: Mapped[Optional[datetime]]
     last_address: Mapped[Optional[str]] = mapped_column(String(64))
-    # Set while a connection is logged in; cleared on disconnect and at start-up.
+    # Presence: set while a connection is logged in on node `node_id`, whose
+    # session `session_id` it is. A disconnect clears them only if the session
+    # is still the device's (a newer login elsewhere has replaced it otherwise);
+    # a node whose lease ran out has its devices cleared by any other node.
+    # No foreign key on node_id: a login must not lock the node's row.
     online_since: Mapped[Optional[datetime]]
+    node_id: Mapped[Optional[int]] = mapped_column(index=True)
+    session_id: Mapped[Optional[int]] = mapped_column(BigInteger)
 
     project: Mapped[Project] = relationship(back_populates="devices")
 
@@ -123,6 +144,62 @@ class Firmware(Base):
     chip: Mapped[Optional[str]] = mapped_column(String(32))
     uploaded_by: Mapped[str] = mapped_column(String(255))
     uploaded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# Firmware bytes live in the database, so that every node can serve every
+# file: one blob per distinct content (keyed by its SHA-256), in chunks that
+# stay below MySQL's max_allowed_packet.
+CHUNK_BYTES = 512 * 1024
+
+
+class FirmwareBlob(Base):
+    __tablename__ = "firmware_blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int]
+    md5: Mapped[str] = mapped_column(String(32))
+    chunk_count: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class FirmwareChunk(Base):
+    __tablename__ = "firmware_chunks"
+
+    sha256: Mapped[str] = mapped_column(ForeignKey("firmware_blobs.sha256"), primary_key=True)
+    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary().with_variant(mysql.MEDIUMBLOB(), "mysql"))
+
+
+class Node(Base):
+    """A server process that holds device connections; alive while it heartbeats."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # Stable across restarts of the same process slot (host:port[/worker]), so
+    # a restarted node clears its own stale sessions at once.
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set by the node on a clean stop, or by a peer when its lease ran out.
+    stopped_at: Mapped[Optional[datetime]]
+
+
+class Lock(Base):
+    """Named rows that serialise work across processes.
+
+    `offer-slots` is locked (SELECT ... FOR UPDATE) by every offer, so the
+    download-slot count it checks cannot change under it. `sweeper` is a
+    lease: the node in `holder` runs the rollout sweep until `expires_at`.
+    """
+
+    __tablename__ = "locks"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[Optional[int]]
+    expires_at: Mapped[Optional[datetime]]
 
 
 class RolloutScope:
@@ -173,6 +250,10 @@ class Rollout(Base):
     pause_reason: Mapped[Optional[str]] = mapped_column(String(255))
     # The failure threshold judges only devices that finished after this.
     resumed_at: Mapped[Optional[datetime]]
+    # "<scope>:<target id>" while the rollout is running, NULL once it ended:
+    # the unique index lets only one rollout run per scope and target, whatever
+    # number of processes start one at the same moment.
+    running_key: Mapped[Optional[str]] = mapped_column(String(48), unique=True, index=True)
 
     firmware: Mapped[Firmware] = relationship()
 

@@ -5,6 +5,7 @@ from werkzeug.exceptions import HTTPException
 
 from .admin import admin
 from .downloads import downloads
+from .proxies import TrustedProxies
 
 __all__ = ["init_app"]
 
@@ -22,3 +23,4 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(admin)
     app.register_blueprint(downloads)
     app.register_error_handler(HTTPException, _one_line_error)
+    app.wsgi_app = TrustedProxies(app.wsgi_app, app.config["SETTINGS"].trusted_proxies)

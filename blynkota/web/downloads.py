@@ -48,7 +48,7 @@ def firmware_file(name: str) -> Response:
     if firmware is None:
         return Response("No such firmware.\n", 404, mimetype="text/plain")
     response = send_file(
-        service.catalog.store.path(firmware.name),
+        service.catalog.local_file(firmware),
         mimetype="application/octet-stream",
         conditional=True,
         etag=firmware.md5,

@@ -1,0 +1,265 @@
+"""This process as a node: its row, its heartbeat, and where its devices are recorded.
+
+Presence is written with conditions so that processes never undo each
+other's work:
+
+- a login sets the device's node and a fresh session id, whatever was there
+  (the device's newest connection wins);
+- a disconnect clears them only where that session is still recorded, so
+  a late close never marks offline a device that logged in again elsewhere;
+- a node whose heartbeat is older than its lease is stopped by whichever
+  node notices first (one conditional UPDATE decides who), and its devices
+  are cleared;
+- a node that finds itself stopped (paused too long, or the database was
+  away) comes back and records its connected devices again, and every node
+  reconciles its rows with its sockets now and then, so no device is shown
+  online forever.
+"""
+
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from ..store import Database, Device, Node, utcnow
+
+__all__ = ["ClusterNode", "NodeSettings", "LocalSession", "default_node_name"]
+
+log = logging.getLogger(__name__)
+
+_OFFLINE = {"online_since": None, "node_id": None, "session_id": None}
+
+
+def default_node_name(port: int, worker: int | None = None) -> str:
+    """host:port, and /worker for a forked worker: the same slot after a restart."""
+    name = f"{socket.gethostname()}:{port}"
+    return name if worker is None else f"{name}/{worker}"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    heartbeat: float = 2.0  # seconds between beats
+    missed_beats: int = 3  # beats missed before a peer declares the node dead
+
+    @property
+    def lease(self) -> timedelta:
+        return timedelta(seconds=self.heartbeat * self.missed_beats)
+
+
+@dataclass(frozen=True)
+class LocalSession:
+    """A logged-in connection of this node, as its presence row should show it."""
+
+    device_id: int
+    session_id: int
+    address: str
+    since: datetime
+
+
+class ClusterNode:
+    def __init__(self, db: Database, settings: NodeSettings) -> None:
+        self.db = db
+        self.settings = settings
+        self.id: int | None = None
+        self.name = ""
+        self._serials = itertools.count(1)
+        # Disconnects that could not be written (the database was away).
+        self._unwritten_offline: dict[int, int] = {}
+
+    # --- the node's own row ------------------------------------------------------
+
+    def register(self, name: str) -> int:
+        """Insert or take over the row named `name`; clear what its previous run left online."""
+        now = utcnow()
+        self.name = name = name[:128]
+
+        def work(session: Session) -> int:
+            node_id = session.scalar(select(Node.id).where(Node.name == name))
+            values = {
+                "host": socket.gethostname()[:255],
+                "pid": os.getpid(),
+                "started_at": now,
+                "heartbeat_at": now,
+                "stopped_at": None,
+            }
+            if node_id is None:
+                session.add(Node(name=name, **values))
+                session.flush()
+                return session.scalar(select(Node.id).where(Node.name == name))
+            session.execute(update(Node).where(Node.id == node_id).values(**values))
+            # Sessions of this node's previous run: their sockets died with it.
+            session.execute(update(Device).where(Device.node_id == node_id).values(**_OFFLINE))
+            return node_id
+
+        self.id = self.db.run(work)
+        log.info("node %s (id %d) registered", name, self.id)
+        return self.id
+
+    def beat(self) -> bool:
+        """Refresh the heartbeat; False when a peer had declared this node dead."""
+        now = utcnow()
+
+        def work(session: Session) -> bool:
+            alive = session.execute(
+                update(Node)
+                .where(Node.id == self.id, Node.stopped_at.is_(None))
+                .values(heartbeat_at=now)
+            ).rowcount
+            if not alive:
+                session.execute(
+                    update(Node).where(Node.id == self.id).values(heartbeat_at=now, stopped_at=None)
+                )
+            return bool(alive)
+
+        return self.db.run(work)
+
+    def reap(self) -> list[int]:
+        """Stop the nodes whose lease ran out and clear their devices; their ids."""
+        now = utcnow()
+        cutoff = now - self.settings.lease
+
+        def work(session: Session) -> list[int]:
+            dead = session.scalars(
+                select(Node.id).where(
+                    Node.stopped_at.is_(None), Node.heartbeat_at < cutoff, Node.id != self.id
+                )
+            ).all()
+            reaped = []
+            for node_id in dead:
+                won = session.execute(
+                    update(Node)
+                    .where(
+                        Node.id == node_id, Node.stopped_at.is_(None), Node.heartbeat_at < cutoff
+                    )
+                    .values(stopped_at=now)
+                ).rowcount
+                if won:
+                    session.execute(
+                        update(Device).where(Device.node_id == node_id).values(**_OFFLINE)
+                    )
+                    reaped.append(node_id)
+            return reaped
+
+        reaped = self.db.run(work)
+        for node_id in reaped:
+            log.warning("node %d stopped heartbeating: its devices are marked offline", node_id)
+        return reaped
+
+    def stop(self) -> None:
+        """A clean stop: this node and its devices leave the fleet at once."""
+        if self.id is None:
+            return
+        now = utcnow()
+
+        def work(session: Session) -> None:
+            session.execute(update(Node).where(Node.id == self.id).values(stopped_at=now))
+            session.execute(update(Device).where(Device.node_id == self.id).values(**_OFFLINE))
+
+        self.db.run(work)
+
+    # --- devices -------------------------------------------------------------------
+
+    def new_session_id(self) -> int:
+        """Unique across nodes: the node id in the high bits, a counter below."""
+        return ((self.id or 0) << 32) | (next(self._serials) & 0xFFFFFFFF)
+
+    def device_online(self, device_id: int, session_id: int, address: str) -> None:
+        now = utcnow()
+        self._unwritten_offline.pop(device_id, None)
+        self.db.run(
+            lambda session: session.execute(
+                update(Device)
+                .where(Device.id == device_id)
+                .values(
+                    online_since=now,
+                    last_seen_at=now,
+                    last_address=address[:64],
+                    node_id=self.id,
+                    session_id=session_id,
+                )
+            )
+        )
+
+    def device_offline(self, device_id: int, session_id: int) -> None:
+        """Clear the device's presence if `session_id` is still its session.
+
+        When the database is away the disconnect is kept and written by
+        `flush_offline` once it is back.
+        """
+        try:
+            self._write_offline(device_id, session_id)
+        except Exception:
+            self._unwritten_offline[device_id] = session_id
+            raise
+
+    def _write_offline(self, device_id: int, session_id: int) -> None:
+        now = utcnow()
+        self.db.run(
+            lambda session: session.execute(
+                update(Device)
+                .where(Device.id == device_id, Device.session_id == session_id)
+                .values(last_seen_at=now, **_OFFLINE)
+            )
+        )
+
+    def flush_offline(self) -> int:
+        """Write the disconnects that failed earlier; how many were written."""
+        written = 0
+        for device_id, session_id in list(self._unwritten_offline.items()):
+            self._write_offline(device_id, session_id)
+            if self._unwritten_offline.get(device_id) == session_id:
+                del self._unwritten_offline[device_id]
+            written += 1
+        return written
+
+    def reconcile(self, local: Iterable[LocalSession]) -> tuple[int, int]:
+        """Make the presence rows of this node match its sockets: (cleared, restored)."""
+        mine = {entry.device_id: entry for entry in local}
+
+        def work(session: Session) -> tuple[int, int]:
+            recorded = dict(
+                session.execute(
+                    select(Device.id, Device.session_id).where(Device.node_id == self.id)
+                ).all()
+            )
+            cleared = 0
+            for device_id, session_id in recorded.items():
+                entry = mine.get(device_id)
+                if entry is None or entry.session_id != session_id:
+                    cleared += session.execute(
+                        update(Device)
+                        .where(Device.id == device_id, Device.session_id == session_id)
+                        .values(**_OFFLINE)
+                    ).rowcount
+            restored = 0
+            for device_id, entry in mine.items():
+                if recorded.get(device_id) == entry.session_id:
+                    continue
+                # Not recorded (the login's write was lost, or a peer reaped this
+                # node): record it, unless another node holds the device now.
+                restored += session.execute(
+                    update(Device)
+                    .where(Device.id == device_id, Device.node_id.is_(None))
+                    .values(
+                        online_since=entry.since,
+                        node_id=self.id,
+                        session_id=entry.session_id,
+                        last_address=entry.address[:64],
+                    )
+                ).rowcount
+            return cleared, restored
+
+        cleared, restored = self.db.run(work)
+        if cleared or restored:
+            log.info(
+                "presence reconciled: %d device(s) marked offline, %d online again",
+                cleared,
+                restored,
+            )
+        return cleared, restored
