@@ -31,7 +31,7 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     app = Flask("blynkota", static_folder=None)
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.ota_max_size + _FORM_OVERHEAD
-    db = Database(settings.db_url)
+    db = Database(settings.db_url, pool_size=settings.db_pool_size)
     app.extensions["blynkota.db"] = db
     catalog = FirmwareCatalog(
         db, FirmwareCache(settings.firmware_folder), validate_image=settings.ota_validate_image
@@ -48,7 +48,12 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
         abort_failure_ratio=settings.ota_abort_failure_ratio,
         abort_min_devices=settings.ota_abort_min_devices,
     )
-    node = ClusterNode(db, NodeSettings(heartbeat=settings.node_heartbeat))
+    node = ClusterNode(
+        db,
+        NodeSettings(heartbeat=settings.node_heartbeat),
+        control=Database(settings.db_url, pool_size=1),
+    )
+    app.extensions["blynkota.control_db"] = node.control
     app.extensions["blynkota"] = OtaService(
         db, catalog, OnlineDevices(), node, policy=policy, fleet_policy=fleet_policy
     )

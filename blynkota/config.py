@@ -35,6 +35,7 @@ DEFAULTS: dict[str, str] = {
     "hard.socket.idle.timeout": "10",
     "data.folder": "./data",
     "db.url": "",
+    "db.pool.size": "20",
     "server.ssl.cert": "",
     "server.ssl.key": "",
     "ota.max.size": str(16 * 1024 * 1024),
@@ -101,6 +102,7 @@ class Settings:
     login_timeout: float
     data_folder: Path
     db_url: str
+    db_pool_size: int
     ssl_cert: Path
     ssl_key: Path
     ota_max_size: int
@@ -214,6 +216,7 @@ def load_settings(
         login_timeout=_integer(values, "hard.socket.idle.timeout", 1, 3600),
         data_folder=data_folder,
         db_url=db_url,
+        db_pool_size=_integer(values, "db.pool.size", 1, 1000),
         ssl_cert=Path(values["server.ssl.cert"] or tls_folder / "cert.pem"),
         ssl_key=Path(values["server.ssl.key"] or tls_folder / "key.pem"),
         ota_max_size=_integer(values, "ota.max.size", 1, 1 << 31),

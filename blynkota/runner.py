@@ -22,6 +22,7 @@ from flask import Flask
 from gevent.event import Event
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .cluster import Lease, LocalSession, default_node_name
 from .hardware import DeviceSession, SharedPortServer
@@ -165,6 +166,8 @@ class BlynkotaServer:
                 failures += 1
                 if is_outage(error) or self.db.health.down:
                     self.db.health.failed(error)
+                elif isinstance(error, PoolTimeout):
+                    log.warning("%s: no database connection free (db.pool.size); later", name)
                 else:
                     log.exception("%s failed", name)
 
@@ -179,7 +182,7 @@ class BlynkotaServer:
             self.node.flush_offline()
             if reaped_me or self._wake_presence.is_set() or beats % RECONCILE_EVERY == 0:
                 self._wake_presence.clear()
-                self.node.reconcile(self._local_sessions())
+                self.node.reconcile(self._local_sessions)
 
         self._run_clock("heartbeat", self.settings.node_heartbeat, self._wake_presence, tick)
 
@@ -233,6 +236,9 @@ class BlynkotaServer:
     def stop(self) -> None:
         grace = self.settings.shutdown_grace
         log.info("stopping: no new connections, %ss for open ones to finish", grace)
+        # Sessions still in a query when the grace ends are killed; the pool's
+        # report of each connection it then throws away is expected, not news.
+        logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
         self._stopping = True
         self._wake_fill.set()
         self._wake_presence.set()
@@ -248,6 +254,7 @@ class BlynkotaServer:
                     "could not mark this node stopped (%s): peers will, within its lease", error
                 )
         self.db.dispose()
+        self.node.control.dispose()
         self._stopped.set()
         log.info("stopped")
 

@@ -72,10 +72,14 @@ class SimulatedDevice:
         hardware: str = "ESP8266",
         fail: str = "none",
         legacy_login: bool = False,
+        fallback_ports: tuple[int, ...] = (),
     ) -> None:
         if fail not in FAIL_MODES:
             raise ValueError(f"fail mode {fail!r} is not one of {', '.join(FAIL_MODES)}")
         self.host, self.port, self.token = host, port, token
+        # Other servers of the same fleet: when a connection is refused, the
+        # device tries the next one, as it would through a load balancer.
+        self._ports = (port, *fallback_ports)
         self.build = build
         self.heartbeat, self.buff_in, self.fw, self.hardware = heartbeat, buff_in, fw, hardware
         self.fail = fail
@@ -115,6 +119,7 @@ class SimulatedDevice:
                     return
                 log.info("%s: connection failed (%s)", self.token, error)
                 keep_going = True
+                self.port = self._ports[(self._ports.index(self.port) + 1) % len(self._ports)]
                 self._stop.wait(LOGIN_RETRY / 10)
             if not keep_going:
                 return
@@ -153,9 +158,13 @@ class SimulatedDevice:
                 # Closed without an answer: as the library does, try again.
                 self._stop.wait(LOGIN_RETRY / 10)
                 return not self._stop.is_set()
-            if self.login_status != Status.OK:
+            if self.login_status == Status.INVALID_TOKEN:
                 log.warning("%s: login refused (%s)", self.token, answer)
                 return False
+            if self.login_status != Status.OK:
+                # A server that is busy or without its database: try again later.
+                self._stop.wait(LOGIN_RETRY / 10)
+                return not self._stop.is_set()
             self.logins += 1
             if self._flashed:
                 self.updates, self._flashed = self.updates + 1, False

@@ -64,6 +64,18 @@ def db_url(request, tmp_path):
 
 
 @pytest.fixture
+def mysql_url():
+    """A fresh database on MariaDB/MySQL only (for what SQLite cannot do: many processes)."""
+    server, name, url = _mysql_database()
+    try:
+        yield url
+    finally:
+        with server.connect() as connection:
+            connection.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name}"))
+        server.dispose()
+
+
+@pytest.fixture
 def app(db_url, tmp_path):
     """The Flask app on a migrated database, as the CLI and the tests' provisioning use it."""
     upgrade(db_url)

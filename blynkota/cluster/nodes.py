@@ -20,11 +20,11 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from ..store import Database, Device, Node, utcnow
@@ -63,8 +63,12 @@ class LocalSession:
 
 
 class ClusterNode:
-    def __init__(self, db: Database, settings: NodeSettings) -> None:
+    def __init__(self, db: Database, settings: NodeSettings, *, control: Database | None = None):
         self.db = db
+        # The node's own row (heartbeat, reaping) goes through a small pool of
+        # its own: a login storm that takes every connection of `db` must not
+        # stop the heartbeat, or peers would declare a busy node dead.
+        self.control = control or db
         self.settings = settings
         self.id: int | None = None
         self.name = ""
@@ -97,7 +101,7 @@ class ClusterNode:
             session.execute(update(Device).where(Device.node_id == node_id).values(**_OFFLINE))
             return node_id
 
-        self.id = self.db.run(work)
+        self.id = self.control.run(work)
         log.info("node %s (id %d) registered", name, self.id)
         return self.id
 
@@ -117,7 +121,7 @@ class ClusterNode:
                 )
             return bool(alive)
 
-        return self.db.run(work)
+        return self.control.run(work)
 
     def reap(self) -> list[int]:
         """Stop the nodes whose lease ran out and clear their devices; their ids."""
@@ -146,7 +150,7 @@ class ClusterNode:
                     reaped.append(node_id)
             return reaped
 
-        reaped = self.db.run(work)
+        reaped = self.control.run(work)
         for node_id in reaped:
             log.warning("node %d stopped heartbeating: its devices are marked offline", node_id)
         return reaped
@@ -161,7 +165,7 @@ class ClusterNode:
             session.execute(update(Node).where(Node.id == self.id).values(stopped_at=now))
             session.execute(update(Device).where(Device.node_id == self.id).values(**_OFFLINE))
 
-        self.db.run(work)
+        self.control.run(work)
 
     # --- devices -------------------------------------------------------------------
 
@@ -169,19 +173,31 @@ class ClusterNode:
         """Unique across nodes: the node id in the high bits, a counter below."""
         return ((self.id or 0) << 32) | (next(self._serials) & 0xFFFFFFFF)
 
-    def device_online(self, device_id: int, session_id: int, address: str) -> None:
+    def device_online(self, device_id: int, session_id: int, address: str, since: datetime) -> bool:
+        """Record a login that began at `since`; False if a later login already holds the device.
+
+        A login that was slow (a busy database) must not take the device back
+        from the connection it opened meanwhile, here or on another node.
+        """
         now = utcnow()
         self._unwritten_offline.pop(device_id, None)
-        self.db.run(
-            lambda session: session.execute(
-                update(Device)
-                .where(Device.id == device_id)
-                .values(
-                    online_since=now,
-                    last_seen_at=now,
-                    last_address=address[:64],
-                    node_id=self.id,
-                    session_id=session_id,
+        return bool(
+            self.db.run(
+                lambda session: (
+                    session.execute(
+                        update(Device)
+                        .where(
+                            Device.id == device_id,
+                            or_(Device.online_since.is_(None), Device.online_since <= since),
+                        )
+                        .values(
+                            online_since=since,
+                            last_seen_at=now,
+                            last_address=address[:64],
+                            node_id=self.id,
+                            session_id=session_id,
+                        )
+                    ).rowcount
                 )
             )
         )
@@ -218,9 +234,13 @@ class ClusterNode:
             written += 1
         return written
 
-    def reconcile(self, local: Iterable[LocalSession]) -> tuple[int, int]:
-        """Make the presence rows of this node match its sockets: (cleared, restored)."""
-        mine = {entry.device_id: entry for entry in local}
+    def reconcile(self, local: Callable[[], Iterable[LocalSession]]) -> tuple[int, int]:
+        """Make the presence rows of this node match its sockets: (cleared, restored).
+
+        `local()` is read after the rows: a connection registers itself before
+        its login is written, so every session in the rows read is then either
+        still among the sockets or really gone.
+        """
 
         def work(session: Session) -> tuple[int, int]:
             recorded = dict(
@@ -228,6 +248,7 @@ class ClusterNode:
                     select(Device.id, Device.session_id).where(Device.node_id == self.id)
                 ).all()
             )
+            mine = {entry.device_id: entry for entry in local()}
             cleared = 0
             for device_id, session_id in recorded.items():
                 entry = mine.get(device_id)

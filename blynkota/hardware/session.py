@@ -146,6 +146,7 @@ class DeviceSession:
 
     def _log_in(self) -> None:
         event = self._next_event(self.login_timeout)
+        self.since = utcnow()  # when the login arrived: the newest login holds the device
         if not isinstance(event, Login):
             raise SessionClosed(f"closed, {type(event).__name__.lower()} before login")
         try:
@@ -167,12 +168,15 @@ class DeviceSession:
         if replaced is not None:
             replaced.close("replaced by a new connection")
         self.session_id = self.service.node.new_session_id()
-        self.since = utcnow()
         try:
-            self.service.device_online(identity.id, self.session_id, self.peer.rsplit(":", 1)[0])
+            recorded = self.service.device_online(
+                identity.id, self.session_id, self.peer.rsplit(":", 1)[0], self.since
+            )
         except DATABASE_ERRORS:
             self._try_reply(event.msg_id, Status.SERVER_ERROR)
             raise
+        if not recorded:
+            raise SessionClosed("closed, the device has logged in again since (on another node)")
         self._reply(event.msg_id, Status.OK)
         log.debug("device %s %s: logged in", self.token, self.peer)
 

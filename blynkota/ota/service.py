@@ -97,8 +97,8 @@ class OtaService(AdminOperations):
         )
         return None if row is None else DeviceIdentity(*row)
 
-    def device_online(self, device_id: int, session_id: int, address: str) -> None:
-        self.node.device_online(device_id, session_id, address)
+    def device_online(self, device_id: int, session_id: int, address: str, since) -> bool:
+        return self.node.device_online(device_id, session_id, address, since)
 
     def device_offline(self, device_id: int, session_id: int) -> None:
         self.node.device_offline(device_id, session_id)

@@ -42,7 +42,7 @@ _OUTAGE_MYSQL = {2002, 2003, 2006, 2013, 1053, 1040, 2014}
 RETRIES = 8
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, pool_size: int = 20) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
 
@@ -59,8 +59,9 @@ def make_engine(url: str) -> Engine:
 
         return engine
     # MySQL closes idle connections after wait_timeout: check before use.
-    # Thousands of device greenlets share the pool: keep it wide enough that a
-    # login storm queues for a connection briefly, not for the 30 s timeout.
+    # Thousands of device greenlets share the pool (db.pool.size, and as many
+    # again in bursts): a login storm queues for a connection briefly. Every
+    # process has its own pool, and all count against max_connections.
     # READ COMMITTED: a conditional UPDATE that lost a race re-reads the row as
     # it is now, not as the transaction's snapshot saw it, and no gap locks
     # (the main source of InnoDB deadlocks between inserts) are taken.
@@ -68,9 +69,9 @@ def make_engine(url: str) -> Engine:
         url,
         pool_pre_ping=True,
         pool_recycle=3600,
-        pool_size=20,
-        max_overflow=30,
-        pool_timeout=10,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_timeout=30,
         isolation_level="READ COMMITTED",
     )
 
@@ -131,9 +132,9 @@ class DatabaseHealth:
 
 
 class Database:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, pool_size: int = 20) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, pool_size=pool_size)
         self.health = DatabaseHealth()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 

@@ -10,6 +10,7 @@ from typing import Optional
 
 from sqlalchemy import (
     BigInteger,
+    DateTime,
     ForeignKey,
     Index,
     LargeBinary,
@@ -113,7 +114,10 @@ class Device(Base):
     # is still the device's (a newer login elsewhere has replaced it otherwise);
     # a node whose lease ran out has its devices cleared by any other node.
     # No foreign key on node_id: a login must not lock the node's row.
-    online_since: Mapped[Optional[datetime]]
+    # Microseconds on MySQL too: two logins within one second are told apart.
+    online_since: Mapped[Optional[datetime]] = mapped_column(
+        DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql")
+    )
     node_id: Mapped[Optional[int]] = mapped_column(index=True)
     session_id: Mapped[Optional[int]] = mapped_column(BigInteger)
 

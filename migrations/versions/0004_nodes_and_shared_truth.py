@@ -73,6 +73,11 @@ def upgrade() -> None:
     op.add_column("devices", sa.Column("node_id", sa.Integer(), nullable=True))
     op.add_column("devices", sa.Column("session_id", sa.BigInteger(), nullable=True))
     op.create_index(op.f("ix_devices_node_id"), "devices", ["node_id"])
+    if op.get_bind().dialect.name == "mysql":
+        # Logins on different nodes within one second must be told apart.
+        op.alter_column(
+            "devices", "online_since", type_=mysql.DATETIME(fsp=6), existing_nullable=True
+        )
     op.add_column("rollouts", sa.Column("running_key", sa.String(length=48), nullable=True))
 
     # Existing running rollouts get their key; should two share a target (the
@@ -114,6 +119,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index(op.f("ix_rollouts_running_key"), table_name="rollouts")
     op.drop_column("rollouts", "running_key")
+    if op.get_bind().dialect.name == "mysql":
+        op.alter_column("devices", "online_since", type_=sa.DateTime(), existing_nullable=True)
     op.drop_index(op.f("ix_devices_node_id"), table_name="devices")
     op.drop_column("devices", "session_id")
     op.drop_column("devices", "node_id")
