@@ -34,6 +34,9 @@ __all__ = ["app", "create_app", "main"]
 log = logging.getLogger("blynkota")
 
 WORKER_RESTART_DELAY = 1.0  # seconds before a crashed worker is started again
+# gunicorn's exit code for "the app cannot load": it then stops instead of
+# booting the worker again and again.
+GUNICORN_APP_LOAD_ERROR = 4
 
 
 def _configure_logging(app) -> None:
@@ -80,7 +83,7 @@ if "gunicorn" in sys.modules and __name__ != "__main__":
         app.load()
     except ConfigError as error:
         print(f"blynkota: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(GUNICORN_APP_LOAD_ERROR)
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:

@@ -48,11 +48,9 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
         abort_failure_ratio=settings.ota_abort_failure_ratio,
         abort_min_devices=settings.ota_abort_min_devices,
     )
-    node = ClusterNode(
-        db,
-        NodeSettings(heartbeat=settings.node_heartbeat),
-        control=Database(settings.db_url, pool_size=1),
-    )
+    control = Database(settings.db_url, pool_size=1)
+    control.health = db.health  # one outage, logged once
+    node = ClusterNode(db, NodeSettings(heartbeat=settings.node_heartbeat), control=control)
     app.extensions["blynkota.control_db"] = node.control
     app.extensions["blynkota"] = OtaService(
         db, catalog, OnlineDevices(), node, policy=policy, fleet_policy=fleet_policy

@@ -121,7 +121,8 @@ class DatabaseHealth:
     def failed(self, error: BaseException) -> None:
         if self.down_since is None:
             self.down_since = time.monotonic()
-            log.error("database unreachable (%s): devices are refused until it returns", error)
+            reason = getattr(error, "orig", None) or error
+            log.error("database unreachable (%s): devices are refused until it returns", reason)
 
     def succeeded(self) -> None:
         if self.down_since is not None:

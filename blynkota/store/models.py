@@ -53,6 +53,12 @@ NAMING_CONVENTION = {
 }
 
 
+# MySQL's DATETIME keeps whole seconds: a heartbeat stored that way looks up
+# to a second older than it is. Times that decide between processes (leases,
+# heartbeats, which login is newer) keep microseconds on every backend.
+PreciseDateTime = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql")
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -115,9 +121,7 @@ class Device(Base):
     # a node whose lease ran out has its devices cleared by any other node.
     # No foreign key on node_id: a login must not lock the node's row.
     # Microseconds on MySQL too: two logins within one second are told apart.
-    online_since: Mapped[Optional[datetime]] = mapped_column(
-        DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql")
-    )
+    online_since: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     node_id: Mapped[Optional[int]] = mapped_column(index=True)
     session_id: Mapped[Optional[int]] = mapped_column(BigInteger)
 
@@ -186,7 +190,7 @@ class Node(Base):
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int]
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
-    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(PreciseDateTime, default=utcnow)
     # Set by the node on a clean stop, or by a peer when its lease ran out.
     stopped_at: Mapped[Optional[datetime]]
 
@@ -203,7 +207,7 @@ class Lock(Base):
 
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     holder: Mapped[Optional[int]]
-    expires_at: Mapped[Optional[datetime]]
+    expires_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
 
 
 class RolloutScope:

@@ -23,6 +23,8 @@ down_revision: Union[str, Sequence[str], None] = "0003"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
+# Times that decide between processes keep microseconds on MySQL too.
+_PRECISE = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql")
 _TARGET_COLUMN = {"device": "device_id", "project": "project_id", "user": "user_id"}
 
 
@@ -34,7 +36,7 @@ def upgrade() -> None:
         sa.Column("host", sa.String(length=255), nullable=False),
         sa.Column("pid", sa.Integer(), nullable=False),
         sa.Column("started_at", sa.DateTime(), nullable=False),
-        sa.Column("heartbeat_at", sa.DateTime(), nullable=False),
+        sa.Column("heartbeat_at", _PRECISE, nullable=False),
         sa.Column("stopped_at", sa.DateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_nodes")),
         sa.UniqueConstraint("name", name=op.f("uq_nodes_name")),
@@ -43,7 +45,7 @@ def upgrade() -> None:
         "locks",
         sa.Column("name", sa.String(length=32), nullable=False),
         sa.Column("holder", sa.Integer(), nullable=True),
-        sa.Column("expires_at", sa.DateTime(), nullable=True),
+        sa.Column("expires_at", _PRECISE, nullable=True),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_locks")),
     )
     op.bulk_insert(locks, [{"name": "offer-slots"}, {"name": "sweeper"}])

@@ -1,0 +1,76 @@
+"""The database goes away and comes back (issue: scale out).
+
+The server reaches MariaDB through a forwarder the test cuts: while it is
+cut, logins are refused with SERVER_ERROR and a clean close, the outage is
+one log line (not one per device), and afterwards presence is reconciled: a
+device that left during the outage is not shown online.
+"""
+
+import pytest
+import sqlalchemy
+
+from blynkota import create_app
+from blynkota.protocol import Response, Status, encode_login
+from blynkota.store import upgrade
+
+from .devices import RawDevice
+from .proxy import CuttableProxy
+from .servers import ServerProcess, wait_until
+
+pytestmark = pytest.mark.mysql
+
+
+@pytest.fixture
+def proxied_url(mysql_url):
+    url = sqlalchemy.engine.make_url(mysql_url)
+    proxy = CuttableProxy((url.host, url.port or 3306)).start()
+    yield proxy, url.set(port=proxy.port).render_as_string(hide_password=False)
+    proxy.stop()
+
+
+def online(engine) -> dict[str, bool]:
+    with engine.connect() as connection:
+        rows = connection.execute(sqlalchemy.text("SELECT token, node_id FROM devices")).all()
+    return {token: node is not None for token, node in rows}
+
+
+def test_a_database_outage_refuses_logins_cleanly_and_presence_recovers(
+    mysql_url, proxied_url, tmp_path
+):
+    proxy, url = proxied_url
+    upgrade(mysql_url)
+    app = create_app({"db.url": mysql_url, "data.folder": tmp_path / "cli"})
+    fleet = app.extensions["blynkota.fleet"]
+    engine = app.extensions["blynkota.db"].engine
+    leaving, late, *others = [fleet.add_device("me@example.com", "Farm") for _ in range(7)]
+    server = ServerProcess(tmp_path, url).start()
+    try:
+        present = RawDevice(server.http_port)
+        assert present.log_in(token=leaving)[0] == Response(1, Status.OK)
+        wait_until(lambda: online(engine)[leaving], message="the device online")
+
+        proxy.cut()
+        present.close()  # leaves while its disconnect cannot be written
+        for token in others:
+            device = RawDevice(server.http_port)
+            device.send(encode_login(token, 1))
+            assert device.event(timeout=40) == Response(1, Status.SERVER_ERROR)
+            assert device.closed_within(5)
+            device.close()
+        log = server.log()
+        assert log.count("database unreachable") == 1, log
+        assert "Traceback" not in log
+
+        proxy.restore()
+        wait_until(lambda: "database reachable again" in server.log(), timeout=60,
+                   message="the server to see the database back")  # fmt: skip
+        wait_until(lambda: not online(engine)[leaving], timeout=10,
+                   message="the device that left during the outage to be offline")  # fmt: skip
+        device = RawDevice(server.http_port)
+        assert device.log_in(token=late)[0] == Response(1, Status.OK)
+        wait_until(lambda: online(engine)[late], message="a login after the outage")
+        device.close()
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()
+        app.extensions["blynkota.db"].dispose()
