@@ -29,6 +29,7 @@ DEFAULTS: dict[str, str] = {
     "https.port": "9443",
     "listen.address": "0.0.0.0",
     "server.host": "",
+    "server.http.port": "0",
     "admin.email": "admin@blynk.cc",
     "admin.pass": "admin",
     "allowed.administrator.ips": "0.0.0.0/0,::/0",
@@ -96,6 +97,7 @@ class Settings:
     https_port: int
     listen_address: str
     server_host: str
+    server_http_port: int  # 0: the port the device connected to
     admin_email: str
     admin_pass: str
     allowed_admin_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
@@ -210,6 +212,7 @@ def load_settings(
         https_port=_integer(values, "https.port", 0, 65535),
         listen_address=values["listen.address"],
         server_host=values["server.host"],
+        server_http_port=_integer(values, "server.http.port", 0, 65535),
         admin_email=values["admin.email"],
         admin_pass=values["admin.pass"],
         allowed_admin_networks=_networks(values, "allowed.administrator.ips"),

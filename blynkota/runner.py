@@ -228,7 +228,7 @@ class BlynkotaServer:
             self.service.online,
             login_timeout=self.settings.login_timeout,
             server_host=self.settings.server_host,
-            public_port=self.device_port.server_port,
+            public_port=self.settings.server_http_port or self.device_port.server_port,
         ).run()
 
     # --- stopping -------------------------------------------------------------------

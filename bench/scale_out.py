@@ -1,0 +1,280 @@
+"""Scale-out: a reconnect storm and a now=true campaign against 1, 2 and 3 device processes.
+
+Run by hand against a MariaDB/MySQL server (each run gets a fresh database):
+
+    python bench/scale_out.py [--devices 10000] [--processes 1,2,3]
+        [--mysql mysql+pymysql://root@127.0.0.1:3306/]
+
+For each process count it starts `python wsgi.py devices --workers N` (the
+Procfile's `devices:` line: N processes sharing the device port with
+SO_REUSEPORT), then measures:
+
+- storm: every device connects at once and logs in with its info message;
+  logins per second until the last info message is answered (devices whose
+  login is refused or unanswered try again after a second, as the library does),
+- campaign: an all-devices rollout with now=true (ota.max.concurrent above the
+  fleet); offers per second until the last device has its `ota` frame,
+- the CPU seconds the device processes spent (from /proc), for each phase,
+
+and prints each figure with its ratio to the single process measured in the
+same run. Every loop is bounded by the device count and a deadline.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()  # the bench's own database calls must let the devices run
+
+import argparse
+import contextlib
+import hashlib
+import os
+import signal
+import socket as stdlib_socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import gevent
+from gevent import socket
+from gevent.pool import Pool
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import sqlalchemy
+
+from blynkota import create_app
+from blynkota.ota import Controls, Upload
+from blynkota.protocol import (
+    NEED_DATA,
+    FrameReader,
+    Internal,
+    Response,
+    Status,
+    encode_info,
+    encode_login,
+    encode_ping,
+)
+from blynkota.store import upgrade
+from tests.images import esp8266_image
+
+DEADLINE = 300.0  # seconds for each phase
+OLD, NEW = "Jan  1 2018 00:00:00", "Nov 29 2018 12:00:00"
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def worker_pids(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                found.append(int(entry.name))
+    return found
+
+
+class Device:
+    """A bare device: log in, report, ping, wait for its `ota` frame."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port, self.token = port, token
+        self.logged_in_at: float | None = None
+        self.offered_at: float | None = None
+        self.stop = False
+
+    def run(self, deadline: float) -> None:
+        while not self.stop and time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ConnectionError):
+                self._session(deadline)
+            if not self.stop:
+                gevent.sleep(1.0)
+
+    def _read(self, sock, reader, timeout: float):
+        sock.settimeout(timeout)
+        while (event := reader.next_event()) is NEED_DATA:
+            data = sock.recv(4096)
+            if not data:
+                raise ConnectionError("closed")
+            reader.feed(data)
+        return event
+
+    def _session(self, deadline: float) -> None:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        reader = FrameReader()
+        try:
+            sock.sendall(encode_login(self.token, 1))
+            if self._read(sock, reader, 10) != Response(1, Status.OK):
+                return
+            info = {"ver": "0.6.1", "h-beat": "10", "buff-in": "256", "dev": "ESP8266"}
+            sock.sendall(encode_info({**info, "build": OLD}, 2))
+            if self._read(sock, reader, 10) != Response(2, Status.OK):
+                return
+            self.logged_in_at = self.logged_in_at or time.monotonic()
+            message = 3
+            while not self.stop and time.monotonic() < deadline:
+                try:
+                    event = self._read(sock, reader, 8)
+                except TimeoutError:
+                    sock.sendall(encode_ping(message))
+                    message += 1
+                    continue
+                if isinstance(event, Internal) and event.words[:1] == ("ota",):
+                    self.offered_at = self.offered_at or time.monotonic()
+        finally:
+            sock.close()
+
+
+def free_port() -> int:
+    with stdlib_socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict:
+    name = f"blynkota_bench_{uuid.uuid4().hex[:8]}"
+    admin_engine = sqlalchemy.create_engine(server_url)
+    with admin_engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+    url = sqlalchemy.engine.make_url(server_url).set(database=name).render_as_string(False)
+    process = None
+    try:
+        upgrade(url)
+        app = create_app({"db.url": url, "data.folder": folder / "bench", "log.level": "WARNING"})
+        fleet = app.extensions["blynkota.fleet"]
+        engine = app.extensions["blynkota.db"].engine
+        first = fleet.add_device("bench@example.com", "Bench")
+        tokens = [first] + [hashlib.md5(f"d{i}".encode()).hexdigest() for i in range(1, devices)]
+        with engine.begin() as connection:
+            project = connection.execute(sqlalchemy.text("SELECT project_id FROM devices")).scalar()
+            connection.execute(
+                sqlalchemy.text(
+                    "INSERT INTO devices (project_id, name, token, created_at) "
+                    "VALUES (:p, '', :t, NOW())"
+                ),
+                [{"p": project, "t": token} for token in tokens[1:]],
+            )
+        port = free_port()
+        properties = folder / f"bench-{processes}.properties"
+        properties.write_text(
+            f"http.port={port}\nlisten.address=127.0.0.1\ndata.folder={folder / 'data'}\n"
+            f"db.url={url}\nhardware.max.connections=30000\nota.max.concurrent=1000000\n"
+            f"db.pool.size={max(5, 60 // processes)}\nlog.level=WARNING\n"
+            "hard.socket.idle.timeout=30\n"
+        )
+        process = subprocess.Popen(
+            [sys.executable, "wsgi.py", "-serverConfig", str(properties), "devices",
+             "--workers", str(processes)],
+            cwd=ROOT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with engine.connect() as connection:
+                alive = connection.execute(
+                    sqlalchemy.text("SELECT count(*) FROM nodes WHERE stopped_at IS NULL")
+                ).scalar()
+            if alive == processes:
+                break
+            time.sleep(0.2)
+        pids = worker_pids(process.pid) if processes > 1 else [process.pid]
+
+        fleet_devices = [Device(port, token) for token in tokens]
+        pool = Pool(len(fleet_devices))
+        cpu_before, started = cpu_seconds(pids), time.monotonic()
+        phase_deadline = started + DEADLINE
+        for device in fleet_devices:
+            pool.spawn(device.run, started + 3 * DEADLINE)
+        while time.monotonic() < phase_deadline:
+            if all(d.logged_in_at for d in fleet_devices):
+                break
+            gevent.sleep(0.1)
+        logged_in = [d.logged_in_at for d in fleet_devices if d.logged_in_at]
+        storm_seconds = max(logged_in) - started if logged_in else float("nan")
+        storm_cpu = cpu_seconds(pids) - cpu_before
+
+        service = app.extensions["blynkota"]
+        cpu_before, started = cpu_seconds(pids), time.monotonic()
+        service.start_campaign(
+            Upload(esp8266_image(NEW), "bench.bin"), "bench", controls=Controls(push_online=True)
+        )
+        phase_deadline = started + DEADLINE
+        while time.monotonic() < phase_deadline:
+            if all(d.offered_at for d in fleet_devices):
+                break
+            gevent.sleep(0.1)
+        offered = [d.offered_at for d in fleet_devices if d.offered_at]
+        campaign_seconds = max(offered) - started if offered else float("nan")
+        campaign_cpu = cpu_seconds(pids) - cpu_before
+        for device in fleet_devices:
+            device.stop = True
+        pool.kill(timeout=5)
+        app.extensions["blynkota.db"].dispose()
+        return {
+            "processes": processes,
+            "logged_in": len(logged_in),
+            "logins_per_s": len(logged_in) / storm_seconds,
+            "storm_cpu": storm_cpu,
+            "offered": len(offered),
+            "offers_per_s": len(offered) / campaign_seconds,
+            "campaign_seconds": campaign_seconds,
+            "campaign_cpu": campaign_cpu,
+        }
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        with admin_engine.connect() as connection:
+            connection.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name}"))
+        admin_engine.dispose()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--processes", default="1,2,3")
+    parser.add_argument("--mysql", default="mysql+pymysql://root@127.0.0.1:3306/")
+    arguments = parser.parse_args()
+    counts = [int(part) for part in arguments.processes.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for processes in counts:
+            print(f"measuring {processes} device process(es), {arguments.devices} devices...")
+            results.append(measure(processes, arguments.devices, arguments.mysql, Path(folder)))
+    base = results[0]
+    print()
+    print(f"{'processes':>9} {'logins/s':>9} {'x':>5} {'storm CPU s':>11} "
+          f"{'offers/s':>9} {'x':>5} {'last ota s':>10} {'campaign CPU s':>14}")  # fmt: skip
+    for row in results:
+        print(
+            f"{row['processes']:>9} {row['logins_per_s']:>9.0f} "
+            f"{row['logins_per_s'] / base['logins_per_s']:>5.2f} {row['storm_cpu']:>11.1f} "
+            f"{row['offers_per_s']:>9.0f} {row['offers_per_s'] / base['offers_per_s']:>5.2f} "
+            f"{row['campaign_seconds']:>10.1f} {row['campaign_cpu']:>14.1f}"
+        )
+        if row["logged_in"] < arguments.devices or row["offered"] < arguments.devices:
+            print(f"          ({row['logged_in']} logged in, {row['offered']} offered in time)")
+    print(f"\n{os.cpu_count()} CPU(s); the client shares them with the server processes.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
