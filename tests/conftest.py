@@ -6,6 +6,7 @@ server answers they skip with the reason; BLYNKOTA_REQUIRE_MYSQL=1 (set by CI)
 turns that skip into a failure so CI can never silently lose them.
 """
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -30,7 +31,9 @@ def shared_dir() -> Path:
     return SHARED
 
 
+@contextlib.contextmanager
 def _mysql_database():
+    """A fresh database on the MySQL/MariaDB server, dropped afterwards; its URL."""
     server = sqlalchemy.create_engine(MYSQL_SERVER_URL)
     try:
         with server.connect() as connection:
@@ -45,7 +48,12 @@ def _mysql_database():
     url = sqlalchemy.engine.make_url(MYSQL_SERVER_URL).set(
         database=name, query={"charset": "utf8mb4"}
     )
-    return server, name, url.render_as_string(hide_password=False)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with server.connect() as connection:
+            connection.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name}"))
+        server.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
@@ -54,32 +62,34 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'blynkota.db'}"
         return
-    server, name, url = _mysql_database()
-    try:
+    with _mysql_database() as url:
         yield url
-    finally:
-        with server.connect() as connection:
-            connection.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name}"))
-        server.dispose()
 
 
 @pytest.fixture
 def mysql_url():
     """A fresh database on MariaDB/MySQL only (for what SQLite cannot do: many processes)."""
-    server, name, url = _mysql_database()
-    try:
+    with _mysql_database() as url:
         yield url
-    finally:
-        with server.connect() as connection:
-            connection.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name}"))
-        server.dispose()
+
+
+def _migrated_app(db_url: str, folder):
+    upgrade(db_url)
+    return create_app({"db.url": db_url, "data.folder": folder})
 
 
 @pytest.fixture
 def app(db_url, tmp_path):
     """The Flask app on a migrated database, as the CLI and the tests' provisioning use it."""
-    upgrade(db_url)
-    application = create_app({"db.url": db_url, "data.folder": tmp_path / "data"})
+    application = _migrated_app(db_url, tmp_path / "data")
+    yield application
+    application.extensions["blynkota.db"].dispose()
+
+
+@pytest.fixture
+def mysql_app(mysql_url, tmp_path):
+    """The same on a MariaDB database only."""
+    application = _migrated_app(mysql_url, tmp_path / "data")
     yield application
     application.extensions["blynkota.db"].dispose()
 

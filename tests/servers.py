@@ -14,12 +14,15 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import gevent
+
+from .images import esp8266_image
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_EMAIL = "admin@blynk.cc"
@@ -203,3 +206,19 @@ def wait_until(predicate, timeout: float = 15, message: str = "condition") -> No
             return
         gevent.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+def upload_at_once(servers: list[ServerProcess], path: str) -> list[int]:
+    """One upload per server in the list, all at the same moment (threads); the statuses."""
+    statuses: list[int] = []
+
+    def upload(i: int, server: ServerProcess) -> None:
+        image = esp8266_image(f"Jan {i + 10} 2020 00:00:00")
+        statuses.append(server.upload(path, image).status)
+
+    threads = [threading.Thread(target=upload, args=pair) for pair in enumerate(servers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return statuses

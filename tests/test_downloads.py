@@ -5,9 +5,14 @@ import re
 import socket
 
 import pytest
+import sqlalchemy
+from alembic import command
+
+from blynkota.store import alembic_config
 
 from .devices import BUILD_NEW
 from .images import esp8266_image
+from .servers import ServerProcess
 
 ESP8266_HEADERS = (
     "User-Agent: ESP8266-http-Update\r\n"
@@ -111,3 +116,42 @@ def test_firmware_is_also_served_on_the_https_port(server, uploaded):
     path, image = uploaded
     answer = server.admin("GET", path, auth=None)
     assert answer.status == 200 and answer.body == image
+
+
+def test_start_up_takes_in_older_uploads_and_removes_stray_files(db_url, tmp_path):
+    """Files of uploads made before the bytes moved into the database are taken in;
+    a temporary file of a killed upload and files no row names are removed."""
+    config = alembic_config(db_url)
+    command.upgrade(config, "0003")
+    image = esp8266_image(BUILD_NEW)
+    name = "ab" * 12
+    engine = sqlalchemy.create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(
+            sqlalchemy.text(
+                "INSERT INTO firmware (name, original_name, size, md5, sha256, build, "
+                "uploaded_by, uploaded_at) VALUES (:n, 'old.bin', :s, :m, :h, :b, 'a', :t)"
+            ),
+            {"n": name, "s": len(image), "m": hashlib.md5(image).hexdigest(),
+             "h": hashlib.sha256(image).hexdigest(), "b": BUILD_NEW, "t": "2026-01-01 00:00:00"},
+        )  # fmt: skip
+    folder = tmp_path / "data" / "ota"
+    folder.mkdir(parents=True)
+    (folder / f"{name}.bin").write_bytes(image)  # where the old server kept it
+    (folder / ".upload-k1ll3d").write_bytes(image[:100])  # a killed upload's temporary file
+    (folder / ("f" * 64 + ".bin")).write_bytes(b"no row names this")
+
+    server = ServerProcess(tmp_path, db_url).start()
+    try:
+        sha = hashlib.sha256(image).hexdigest()
+        assert sorted(p.name for p in folder.iterdir()) == [f"{sha}.bin"]
+        with engine.connect() as connection:
+            blobs = connection.execute(sqlalchemy.text("SELECT sha256 FROM firmware_blobs")).all()
+        assert blobs == [(sha,)]
+        (folder / f"{sha}.bin").unlink()  # a node with an empty cache
+        answer = server.admin("GET", f"/static/ota/{name}.bin", auth=None, secure=False)
+        assert (answer.status, answer.body) == (200, image)
+        assert answer.headers["x-md5"] == hashlib.md5(image).hexdigest()
+    finally:
+        server.stop()
+        engine.dispose()

@@ -12,22 +12,12 @@ import time
 import pytest
 import sqlalchemy
 
-from blynkota import create_app
 from blynkota.ota import DownloadTicket, Upload
 from blynkota.protocol import Response, Status, encode_info, encode_login, encode_ping
-from blynkota.store import upgrade
 
 from .devices import BUILD_NEW, BUILD_OLD, RawDevice
 from .images import esp8266_image
-from .servers import ServerProcess, wait_until
-
-
-@pytest.fixture
-def mysql_app(mysql_url, tmp_path):
-    upgrade(mysql_url)
-    application = create_app({"db.url": mysql_url, "data.folder": tmp_path / "data"})
-    yield application
-    application.extensions["blynkota.db"].dispose()
+from .servers import ServerProcess, upload_at_once, wait_until
 
 
 def one(engine, sql: str, **params):
@@ -49,6 +39,11 @@ def queued_update(app, token: str, state: str) -> int:
             {"s": state},
         )
     return one(engine, "SELECT id FROM rollout_devices")["id"]
+
+
+@pytest.fixture
+def fleet_on_mysql(mysql_app):
+    return mysql_app.extensions["blynkota.fleet"]
 
 
 @pytest.mark.mysql
@@ -90,11 +85,6 @@ def test_a_download_ending_after_the_login_never_overwrites_updated(mysql_app, f
         ).all()
     assert events[-1] == ("downloading", "updated")
     assert ("downloading", "downloaded") not in events
-
-
-@pytest.fixture
-def fleet_on_mysql(mysql_app):
-    return mysql_app.extensions["blynkota.fleet"]
 
 
 @pytest.mark.mysql
@@ -160,20 +150,8 @@ def test_a_login_that_meets_a_deadlock_is_retried_and_stays_connected(
 
 
 def test_ten_concurrent_campaign_uploads_leave_one_running(db_url, server, app):
-    fleet = app.extensions["blynkota.fleet"]
-    fleet.add_device("racer@example.com", "Farm")
-    answers = []
-
-    def upload(i: int) -> None:
-        image = esp8266_image(f"Jan {i + 10} 2020 00:00:00")
-        answers.append(server.upload("/admin/ota/start?user=racer@example.com", image).status)
-
-    threads = [threading.Thread(target=upload, args=(i,)) for i in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert answers == [200] * 10
+    app.extensions["blynkota.fleet"].add_device("racer@example.com", "Farm")
+    assert upload_at_once([server] * 10, "/admin/ota/start?user=racer@example.com") == [200] * 10
     engine = app.extensions["blynkota.db"].engine
     with engine.connect() as connection:
         states = connection.execute(

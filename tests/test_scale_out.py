@@ -7,7 +7,6 @@ the others when theirs goes away (as behind a TCP load balancer).
 
 import hashlib
 import socket
-import threading
 import time
 from collections import Counter
 
@@ -19,7 +18,7 @@ from blynkota.simulator import SimulatedDevice
 
 from .devices import BUILD_NEW, BUILD_OLD
 from .images import esp8266_image
-from .servers import ServerProcess, wait_until
+from .servers import ServerProcess, upload_at_once, wait_until
 
 pytestmark = [pytest.mark.mysql, pytest.mark.multinode]
 
@@ -79,24 +78,15 @@ def engine(mysql_url):
     engine.dispose()
 
 
-@pytest.fixture
-def app_on(mysql_url, tmp_path):
-    from blynkota import create_app
-
-    application = create_app({"db.url": mysql_url, "data.folder": tmp_path / "cli"})
-    yield application
-    application.extensions["blynkota.db"].dispose()
-
-
 def node_ids(engine) -> dict[str, int]:
     return {row["name"]: row["id"] for row in query(engine, "SELECT id, name FROM nodes")}
 
 
 @pytest.mark.timeout(900)
-def test_three_nodes_serve_one_fleet(cluster, engine, app_on):
+def test_three_nodes_serve_one_fleet(cluster, engine, mysql_app):
     a, b, c = cluster
     ports = [node.http_port for node in cluster]
-    tokens = provision(engine, app_on.extensions["blynkota.fleet"], DEVICES)
+    tokens = provision(engine, mysql_app.extensions["blynkota.fleet"], DEVICES)
     devices = []
     for i, token in enumerate(tokens):
         home = ports[i % 3]
@@ -222,21 +212,10 @@ def test_three_nodes_serve_one_fleet(cluster, engine, app_on):
         gevent.sleep(0.5)
 
 
-def test_concurrent_uploads_on_three_nodes_leave_one_rollout_running(cluster, engine, app_on):
-    app_on.extensions["blynkota.fleet"].add_device("racer@example.com", "Farm")
-    answers = []
-
-    def upload(i: int) -> None:
-        node = cluster[i % 3]
-        image = esp8266_image(f"Jan {i + 10} 2020 00:00:00")
-        answers.append(node.upload("/admin/ota/start?user=racer@example.com", image).status)
-
-    threads = [threading.Thread(target=upload, args=(i,)) for i in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert answers == [200] * 10
+def test_concurrent_uploads_on_three_nodes_leave_one_rollout_running(cluster, engine, mysql_app):
+    mysql_app.extensions["blynkota.fleet"].add_device("racer@example.com", "Farm")
+    spread = [cluster[i % 3] for i in range(10)]
+    assert upload_at_once(spread, "/admin/ota/start?user=racer@example.com") == [200] * 10
     states = Counter(row["state"] for row in query(engine, "SELECT state FROM rollouts"))
     assert states == {"active": 1, "superseded": 9}
     (running,) = query(engine, "SELECT running_key FROM rollouts WHERE state = 'active'")

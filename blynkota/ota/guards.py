@@ -2,7 +2,9 @@
 
 Every decision lands in the database (a device holding a slot is a row in
 `offered`/`downloading`; a pause or a new wave is a rollout event), so a
-restart continues exactly where the rollout was.
+restart continues exactly where the rollout was. Slots are counted while the
+offer-slots row is locked (cluster/leases.py), so the count holds across
+processes.
 """
 
 from dataclasses import dataclass
@@ -112,5 +114,4 @@ class RolloutGuards:
         if success < needed:
             return False
         why = f"wave reached {success:.0f}% updated of {finished} finished (needs {needed}%)"
-        self.planner.widen(session, rollout, following[0], why)
-        return True
+        return self.planner.widen(session, rollout, following[0], why)
