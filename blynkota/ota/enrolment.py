@@ -1,0 +1,139 @@
+"""Connected devices entering a rollout at once (now=true, expand, a grown wave).
+
+Without a login to look at, the devices are found in the database: those
+online on any node, in the rollout's scope, for which it is the most specific
+running rollout, inside its percentage and with a build it may replace. They
+get pending rows in bulk; each node offers its own as download slots allow.
+"""
+
+import logging
+
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session
+
+from ..store import (
+    Database,
+    Device,
+    DeviceState,
+    Project,
+    Rollout,
+    RolloutDevice,
+    RolloutScope,
+    RolloutState,
+    utcnow,
+)
+from .device_states import log_events
+from .offers import candidate_of
+from .rollouts import RolloutPlanner
+
+__all__ = ["OnlineEnrolment"]
+
+log = logging.getLogger(__name__)
+
+ENROL_CHUNK = 200  # devices entered into a rollout per transaction
+
+
+class OnlineEnrolment:
+    def __init__(self, db: Database, planner: RolloutPlanner) -> None:
+        self.db = db
+        self.planner = planner
+
+    def enter_connected(self, rollout_id: int) -> int:
+        """Enter the devices online on any node that the rollout targets and may offer.
+
+        They become pending rows; the node holding each offers it in its next
+        fill. In chunks, each its own transaction, so a login entering the same
+        device at the same moment costs one chunk a retry, not the whole fleet.
+        Returns how many devices became pending.
+        """
+        ids = self.db.run(lambda session: self._online_targets(session, rollout_id))
+        entered = 0
+        for start in range(0, len(ids), ENROL_CHUNK):
+            chunk = ids[start : start + ENROL_CHUNK]
+            entered += self.db.run(lambda session, c=chunk: self._enrol(session, rollout_id, c))
+        if entered:
+            log.info("rollout %d: %d connected device(s) entered", rollout_id, entered)
+        return entered
+
+    @staticmethod
+    def _online_targets(session: Session, rollout_id: int) -> list[int]:
+        rollout = session.get(Rollout, rollout_id)
+        if rollout is None or rollout.state not in RolloutState.RUNNING:
+            return []
+        query = (
+            select(Device.id)
+            .join(Project, Project.id == Device.project_id)
+            .where(
+                Device.node_id.is_not(None),
+                ~exists().where(
+                    RolloutDevice.rollout_id == rollout_id, RolloutDevice.device_id == Device.id
+                ),
+            )
+            .order_by(Device.id)
+        )
+        if rollout.scope == RolloutScope.DEVICE:
+            query = query.where(Device.id == rollout.device_id)
+        elif rollout.scope == RolloutScope.PROJECT:
+            query = query.where(Device.project_id == rollout.project_id)
+        elif rollout.scope == RolloutScope.USER:
+            query = query.where(Project.user_id == rollout.user_id)
+        return list(session.scalars(query).all())
+
+    def _enrol(self, session: Session, rollout_id: int, device_ids: list[int]) -> int:
+        rollout = session.get(Rollout, rollout_id)
+        if rollout is None or rollout.state not in RolloutState.RUNNING:
+            return 0
+        candidate = candidate_of(rollout)
+        devices = session.execute(
+            select(Device.id, Device.token, Device.build, Device.project_id, Project.user_id)
+            .join(Project, Project.id == Device.project_id)
+            .where(
+                Device.id.in_(device_ids),
+                ~exists().where(
+                    RolloutDevice.rollout_id == rollout_id, RolloutDevice.device_id == Device.id
+                ),
+            )
+        ).all()
+        now = utcnow()
+        rows, events = [], []
+        for device_id, token, build, project_id, user_id in devices:
+            owner = self.planner.rollout_for(
+                session, device_id=device_id, project_id=project_id, user_id=user_id
+            )
+            if owner is None or owner.rollout_id != rollout_id:
+                continue  # a more specific rollout keeps this device
+            taking_part, device_bucket, wave = candidate.takes_part(token)
+            on_target = candidate.build is not None and build == candidate.build
+            if not taking_part or not (on_target or candidate.may_offer(build)):
+                continue
+            state = DeviceState.UPDATED if on_target else DeviceState.PENDING
+            rows.append(
+                {
+                    "rollout_id": rollout_id,
+                    "device_id": device_id,
+                    "state": state,
+                    "attempts": 0,
+                    "already_current": on_target,
+                    "pending_at": now,
+                    "updated_at": now if on_target else None,
+                    "cohort_bucket": device_bucket,
+                    "wave": wave,
+                }
+            )
+            events.append(
+                {
+                    "rollout_id": rollout_id,
+                    "device_id": device_id,
+                    "from_state": None,
+                    "to_state": state,
+                    "at": now,
+                    "detail": "already on the rollout's build when first seen"
+                    if on_target
+                    else "targeted while online"
+                    + ("" if wave is None else f", wave {wave} (bucket {device_bucket})"),
+                }
+            )
+        if rows:
+            session.execute(RolloutDevice.__table__.insert(), rows)
+            log_events(session, events)
+        return sum(row["state"] == DeviceState.PENDING for row in rows)
