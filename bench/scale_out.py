@@ -15,6 +15,8 @@ SO_REUSEPORT), then measures:
 - campaign: an all-devices rollout with now=true (ota.max.concurrent above the
   fleet); offers per second until the last device has its `ota` frame,
 - the CPU seconds the device processes spent (from /proc), for each phase,
+- between the two, the time from a ?token= request (served by a process that
+  holds no device) to the `ota` frame on the device, p50 and p99 of 100,
 
 and prints each figure with its ratio to the single process measured in the
 same run. Every loop is bounded by the device count and a deadline.
@@ -62,6 +64,7 @@ from blynkota.store import upgrade
 from tests.images import esp8266_image
 
 DEADLINE = 300.0  # seconds for each phase
+TOKEN_SAMPLES = 100  # ?token= requests timed, one after the other
 OLD, NEW = "Jan  1 2018 00:00:00", "Nov 29 2018 12:00:00"
 
 
@@ -208,7 +211,22 @@ def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict
         storm_seconds = max(logged_in) - started if logged_in else float("nan")
         storm_cpu = cpu_seconds(pids) - cpu_before
 
+        # ?token= served by a process that holds no device (this one, as a
+        # gunicorn web process would): the holding node sends the ota.
         service = app.extensions["blynkota"]
+        latencies = []
+        image = esp8266_image("Mar  3 2019 03:03:03")
+        for device in fleet_devices[:: max(1, devices // TOKEN_SAMPLES)][:TOKEN_SAMPLES]:
+            asked = time.monotonic()
+            service.start_for_device(device.token, Upload(image, "one.bin"), "bench", queue=False)
+            while device.offered_at is None and time.monotonic() - asked < 10:
+                gevent.sleep(0.005)
+            if device.offered_at is not None:
+                latencies.append(device.offered_at - asked)
+        latencies.sort()
+        for device in fleet_devices:
+            device.offered_at = None
+
         cpu_before, started = cpu_seconds(pids), time.monotonic()
         service.start_campaign(
             Upload(esp8266_image(NEW), "bench.bin"), "bench", controls=Controls(push_online=True)
@@ -234,6 +252,9 @@ def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict
             "offers_per_s": len(offered) / campaign_seconds,
             "campaign_seconds": campaign_seconds,
             "campaign_cpu": campaign_cpu,
+            "token_p50": latencies[len(latencies) // 2] if latencies else float("nan"),
+            "token_p99": latencies[int(len(latencies) * 0.99)] if latencies else float("nan"),
+            "token_sent": len(latencies),
         }
     finally:
         if process is not None:
@@ -272,6 +293,13 @@ def main() -> int:
         )
         if row["logged_in"] < arguments.devices or row["offered"] < arguments.devices:
             print(f"          ({row['logged_in']} logged in, {row['offered']} offered in time)")
+    print()
+    for row in results:
+        print(
+            f"{row['processes']} process(es): ?token= to the ota frame on the holding node, "
+            f"p50 {row['token_p50'] * 1000:.0f} ms, p99 {row['token_p99'] * 1000:.0f} ms "
+            f"({row['token_sent']} of {TOKEN_SAMPLES} sent)"
+        )
     print(f"\n{os.cpu_count()} CPU(s); the client shares them with the server processes.")
     return 0
 

@@ -35,7 +35,7 @@ log = logging.getLogger("blynkota")
 
 ADMIN_CONNECTIONS = 100
 FILL_MIN_GAP = 0.05  # seconds between two fills woken by freed download slots
-RECONCILE_EVERY = 15  # heartbeats between two presence reconciliations
+RECONCILE_EVERY = 5  # heartbeats between two presence reconciliations
 MAX_BACKOFF = 30.0  # seconds a clock waits at most while the database is away
 DEVICE_BACKLOG = 4096
 
@@ -114,6 +114,7 @@ class BlynkotaServer:
         )
         sweeper = Lease(self.db, "sweeper", max(3 * settings.ota_sweep_interval, 10.0))
         self._clocks = [
+            gevent.spawn(self._heartbeat_forever),
             gevent.spawn(self._presence_forever),
             gevent.spawn(self._fill_forever),
             gevent.spawn(self._sweep_forever, sweeper),
@@ -171,20 +172,25 @@ class BlynkotaServer:
                 else:
                     log.exception("%s failed", name)
 
-    def _presence_forever(self) -> None:
-        beats = 0
+    def _heartbeat_forever(self) -> None:
+        """Beat and reap, on the control pool only: nothing may hold up a heartbeat."""
 
         def tick() -> None:
-            nonlocal beats
-            beats += 1
-            reaped_me = not self.node.beat()
+            if not self.node.beat():
+                self._wake_presence.set()  # declared dead meanwhile: record the sessions again
             self.node.reap()
-            self.node.flush_offline()
-            if reaped_me or self._wake_presence.is_set() or beats % RECONCILE_EVERY == 0:
-                self._wake_presence.clear()
-                self.node.reconcile(self._local_sessions)
 
-        self._run_clock("heartbeat", self.settings.node_heartbeat, self._wake_presence, tick)
+        self._run_clock("heartbeat", self.settings.node_heartbeat, None, tick)
+
+    def _presence_forever(self) -> None:
+        """Write disconnects the database missed, and match the rows to the sockets."""
+
+        def tick() -> None:
+            self.node.flush_offline()
+            self.node.reconcile(self._local_sessions)
+
+        interval = self.settings.node_heartbeat * RECONCILE_EVERY
+        self._run_clock("presence", interval, self._wake_presence, tick)
 
     def _local_sessions(self) -> list[LocalSession]:
         return [

@@ -93,24 +93,39 @@ def test_three_nodes_serve_one_fleet(cluster, engine, mysql_app):
         others = tuple(port for port in ports if port != home)
         devices.append(SimulatedDevice("127.0.0.1", home, token, BUILD_OLD, fallback_ports=others))
     try:
-        for batch in range(0, DEVICES, 100):  # a fleet coming up, not one burst
-            for device in devices[batch : batch + 100]:
+        for batch in range(0, DEVICES, 150):  # a fleet coming up, not one burst
+            for device in devices[batch : batch + 150]:
                 device.start()
-            wait_until(lambda b=batch: all(d.ready.is_set() for d in devices[b : b + 100]), 60)
+            gevent.sleep(1.0)
         wait_until(
             lambda: sum(d.ready.is_set() for d in devices) == DEVICES,
             timeout=180,
             message="every device logged in",
         )
+        # A login a device gave up on (no answer within 3 s: it tried another
+        # node) can be written after the login that replaced it; the node
+        # holding the device puts its row right at its next reconciliation.
+        wait_until(
+            lambda: (
+                query(engine, "SELECT count(*) AS n FROM devices WHERE node_id IS NULL")
+                == [{"n": 0}]
+            ),
+            timeout=30,
+            message="every connected device shown online",
+        )
         online = query(engine, "SELECT node_id, count(*) AS n FROM devices GROUP BY node_id")
         # Spread over the three (a device whose login answer came late tried another).
-        assert None not in {row["node_id"] for row in online}, online
-        assert len(online) == 3 and all(row["n"] > DEVICES // 4 for row in online), online
+        assert len(online) == 3 and all(row["n"] > DEVICES // 5 for row in online), online
         assert len(query(engine, "SELECT id FROM nodes WHERE stopped_at IS NULL")) == 3
 
         # ?token= through node A for a device held by node C: C sends the ota
         # within a second, and serves the file A stored.
-        target = devices[2]
+        on_c = query(
+            engine,
+            "SELECT token FROM devices WHERE node_id = :n ORDER BY id LIMIT 1",
+            n=node_ids(engine)[f"{socket.gethostname()}:{c.http_port}"],
+        )[0]["token"]
+        target = next(device for device in devices if device.token == on_c)
         image = esp8266_image(BUILD_TOKEN)
         started = time.monotonic()
         answer = a.upload(f"/admin/ota/start?token={target.token}", image)

@@ -108,7 +108,9 @@ class DeviceSession:
         self.identity: DeviceIdentity | None = None
         self.device_id: int | None = None
         self.session_id: int | None = None
-        self.since = None
+        # When the connection was accepted: of two logins of one device, the
+        # later connection holds it, however late a busy node reads its frame.
+        self.since = utcnow()
         self.buff_in = DEFAULT_BUFF_IN
         self.read_timeout = heartbeat_timeout(DEFAULT_HEARTBEAT)
         self._write_lock = Semaphore()
@@ -146,7 +148,6 @@ class DeviceSession:
 
     def _log_in(self) -> None:
         event = self._next_event(self.login_timeout)
-        self.since = utcnow()  # when the login arrived: the newest login holds the device
         if not isinstance(event, Login):
             raise SessionClosed(f"closed, {type(event).__name__.lower()} before login")
         try:

@@ -156,9 +156,10 @@ class OtaService(AdminOperations):
 
         def work(session: Session) -> str | None:
             now = utcnow()
+            # Judged before the lock: it reads every finished device of the
+            # rollout, and the lock serialises every offer of every process.
+            self.guards.check_health(session, session.get(Rollout, offer.rollout_id))
             lock_offer_slots(session)
-            rollout = session.get(Rollout, offer.rollout_id)
-            self.guards.check_health(session, rollout)
             state = session.scalar(select(Rollout.state).where(Rollout.id == offer.rollout_id))
             if state != RolloutState.ACTIVE:
                 return f"rollout {offer.rollout_id} is {state}"
