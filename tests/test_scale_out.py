@@ -57,7 +57,7 @@ def cluster(mysql_url, tmp_path):
         "ota.retry.backoff": 1,
         "ota.attempt.timeout": 30,
         "hardware.max.connections": 5000,
-        "db.pool.size": 15,  # 3 nodes x 32 connections at most: within MariaDB's 151
+        "db.pool.size": 30,  # 3 nodes x 31 connections: within MariaDB's 151
         # The default beat: a node busy with a thousand devices on a shared
         # 2-core machine must not look dead (lease 6 s).
         "node.heartbeat.interval": 2,

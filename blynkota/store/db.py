@@ -59,9 +59,11 @@ def make_engine(url: str, *, pool_size: int = 20) -> Engine:
 
         return engine
     # MySQL closes idle connections after wait_timeout: check before use.
-    # Thousands of device greenlets share the pool (db.pool.size, and as many
-    # again in bursts): a login storm queues for a connection briefly. Every
-    # process has its own pool, and all count against max_connections.
+    # Thousands of device greenlets share the pool (db.pool.size): a login
+    # storm queues for a connection briefly. No overflow: a connection opened
+    # for a burst and closed after it costs far more than the wait (PyMySQL
+    # builds an SSL context for each, ~50 ms of CPU). Every process has its own
+    # pool, and all count against the server's max_connections.
     # READ COMMITTED: a conditional UPDATE that lost a race re-reads the row as
     # it is now, not as the transaction's snapshot saw it, and no gap locks
     # (the main source of InnoDB deadlocks between inserts) are taken.
@@ -70,7 +72,7 @@ def make_engine(url: str, *, pool_size: int = 20) -> Engine:
         pool_pre_ping=True,
         pool_recycle=3600,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=0,
         pool_timeout=30,
         isolation_level="READ COMMITTED",
     )
