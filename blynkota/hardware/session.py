@@ -40,6 +40,7 @@ from ..protocol import (
     Unknown,
     encode_ota,
     encode_response,
+    info_number,
 )
 from ..store import utcnow
 from .states import SessionState, SessionStateMachine
@@ -59,13 +60,6 @@ SEND_BUFFER_BYTES = 16 * 1024
 
 
 _SERIALS = itertools.count(1)
-
-
-def _small_number(text: str | None) -> int | None:
-    """An info number as the device sent it: ASCII digits, at most 9 of them."""
-    if text and text.isascii() and text.isdigit() and len(text) < 10:
-        return int(text)
-    return None
 
 
 def heartbeat_timeout(heartbeat: int) -> float:
@@ -199,7 +193,7 @@ class DeviceSession:
 
     def _on_info(self, event: Internal) -> None:
         info = event.info()
-        heartbeat, buff_in = _small_number(info.get("h-beat")), _small_number(info.get("buff-in"))
+        heartbeat, buff_in = info_number(info.get("h-beat")), info_number(info.get("buff-in"))
         if heartbeat:
             self.read_timeout = heartbeat_timeout(heartbeat)
         if buff_in is not None:

@@ -21,6 +21,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from ..cluster import ClusterNode, lock_offer_slots
+from ..protocol import info_number
 from ..store import (
     Database,
     Device,
@@ -113,10 +114,8 @@ class OtaService(AdminOperations):
         limits = {column: Device.__table__.c[column].type.length for column in report}
         report = {column: value and value[: limits[column]] for column, value in report.items()}
         for key, column in _INFO_NUMBERS.items():
-            value = info.get(key, "")
-            report[column] = (
-                int(value) if value.isascii() and value.isdigit() and len(value) < 10 else None
-            )
+            report[column] = info_number(info.get(key))
+
         build = report["build"]
         bytes_written = self._bytes_written()
 

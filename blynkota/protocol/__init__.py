@@ -16,7 +16,17 @@ from .codec import (
     split_words,
 )
 from .constants import HEADER_SIZE, OTA_MSG_ID, Command, Status
-from .events import INFO_KEYS, Event, Ignored, Internal, Login, Ping, Response, Unknown
+from .events import (
+    INFO_KEYS,
+    Event,
+    Ignored,
+    Internal,
+    Login,
+    Ping,
+    Response,
+    Unknown,
+    info_number,
+)
 
 __all__ = [
     "DEFAULT_MAX_BODY",
@@ -44,4 +54,5 @@ __all__ = [
     "Ping",
     "Response",
     "Unknown",
+    "info_number",
 ]

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 __all__ = [
+    "info_number",
     "Event",
     "Login",
     "Ping",
@@ -50,6 +51,17 @@ class Internal:
         """Key/value pairs of an info message; a key without value is dropped."""
         pairs = zip(self.words[0::2], self.words[1::2], strict=False)
         return {key: value for key, value in pairs if key}
+
+
+def info_number(text: str | None) -> int | None:
+    """A number of an info message (h-beat, buff-in): ASCII digits, at most 9 of them.
+
+    Anything else (`²`, 400 digits, a sign) is no number at all: the field is
+    ignored rather than the device refused.
+    """
+    if text and text.isascii() and text.isdigit() and len(text) < 10:
+        return int(text)
+    return None
 
 
 @dataclass(frozen=True)
