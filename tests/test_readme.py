@@ -20,7 +20,8 @@ def test_the_history_queries_run_and_find_the_rollout(server, simulated, fleet, 
     server.upload(f"/admin/ota/start?token={TOKEN}", esp8266_image(BUILD_NEW))
     wait_until(lambda: device.ota_urls)
 
-    (block,) = re.findall(r"```sql\n(.*?)```", README, re.S)
+    history = README.split("## History in SQL", 1)[1]
+    block = re.findall(r"```sql\n(.*?)```", history, re.S)[0]
     statements = [s.strip() for s in block.split(";") if s.strip()]
     assert len(statements) == 7
     with app.extensions["blynkota.db"].engine.connect() as connection:
@@ -46,3 +47,12 @@ def test_ci_runs_the_readme_test_command():
     )  # fmt: skip
     assert found.stdout == "pip install -r requirements.txt && python -m pytest -q"
     assert found.stdout in README
+
+
+def test_the_scale_out_presence_query_runs(server, app):
+    """README's "who is where" query, on a running node."""
+    scaling = README.split("## Scaling out", 1)[1].split("\n## ", 1)[0]
+    (query,) = re.findall(r"```sql\n(.*?)```", scaling, re.S)
+    with app.extensions["blynkota.db"].engine.connect() as connection:
+        rows = connection.execute(sqlalchemy.text(query.strip().rstrip(";"))).all()
+    assert [(row[2], row[3]) for row in rows] == [(None, 0)]  # one live node, no device yet
