@@ -263,8 +263,10 @@ def test_counts_and_backoff_survive_kill_9(fast_server, server_factory, fleet, a
     good = start_device(fast_server, tokens[0], BUILD_OLD)
     bad = start_device(fast_server, tokens[1], BUILD_OLD, fail="old-build")
     try:
-        wait_until(lambda: device_state(app, tokens[0]).get("state") == DeviceState.UPDATED)
-        wait_until(lambda: device_state(app, tokens[1]).get("next_attempt_at") is not None)
+        # Generous waits: one run of the whole suite on a loaded 2-core machine
+        # took longer than 15 s to see the first failed attempt here.
+        wait_until(lambda: device_state(app, tokens[0]).get("state") == DeviceState.UPDATED, 40)
+        wait_until(lambda: device_state(app, tokens[1]).get("next_attempt_at") is not None, 40)
         bad.stop()
         before = fast_server.admin("GET", "/admin/ota/status").json()
         backoff_until = device_state(app, tokens[1])["next_attempt_at"]
