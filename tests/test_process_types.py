@@ -8,6 +8,7 @@ SQLite is refused in one line).
 import base64
 import http.client
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -48,7 +49,7 @@ def properties(tmp_path, db_url: str, **extra) -> dict:
 
 
 def run(command: list[str], env: dict, **options) -> subprocess.Popen:
-    base = {k: v for k, v in __import__("os").environ.items() if not k.startswith("BLYNKOTA_")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("BLYNKOTA_")}
     return subprocess.Popen(command, cwd=ROOT, env={**base, **env}, **options)
 
 

@@ -115,7 +115,6 @@ class OtaService(AdminOperations):
         report = {column: value and value[: limits[column]] for column, value in report.items()}
         for key, column in _INFO_NUMBERS.items():
             report[column] = info_number(info.get(key))
-
         build = report["build"]
         bytes_written = self._bytes_written()
 
