@@ -51,6 +51,7 @@ DEFAULTS: dict[str, str] = {
     "ota.abort.failure.ratio": "0.2",
     "ota.abort.min.devices": "10",
     "hardware.max.connections": "15000",
+    "hardware.listen.backlog": "4096",
     "shutdown.grace.seconds": "5",
     "log.level": "INFO",
     "node.name": "",
@@ -119,6 +120,7 @@ class Settings:
     ota_abort_failure_ratio: float
     ota_abort_min_devices: int
     max_connections: int
+    listen_backlog: int
     shutdown_grace: float
     log_level: str
     node_name: str
@@ -234,6 +236,7 @@ def load_settings(
         ota_abort_failure_ratio=_number(values, "ota.abort.failure.ratio", 0, 1),
         ota_abort_min_devices=_integer(values, "ota.abort.min.devices", 1, 1_000_000),
         max_connections=_integer(values, "hardware.max.connections", 1, 1_000_000),
+        listen_backlog=_integer(values, "hardware.listen.backlog", 1, 1_000_000),
         shutdown_grace=_integer(values, "shutdown.grace.seconds", 0, 3600),
         log_level=values["log.level"].upper(),
         node_name=values["node.name"].strip(),

@@ -13,9 +13,12 @@ processes sharing it (SO_REUSEPORT), beside `gunicorn -k gevent wsgi:app`
 for the admin API (see wsgi.py).
 """
 
+import contextlib
 import logging
+import resource
 import signal
 import socket
+from pathlib import Path
 
 import gevent
 from flask import Flask
@@ -25,9 +28,10 @@ from gevent.pywsgi import WSGIServer
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .cluster import Lease, LocalSession, default_node_name
-from .hardware import DeviceSession, SharedPortServer
+from .hardware import HTTP_IDLE_TIMEOUT, DeviceSession, SharedPortServer
 from .store import is_outage, upgrade
 from .tls import ensure_certificate
+from .web import FirmwareSender
 
 __all__ = ["BlynkotaServer", "device_listener"]
 
@@ -37,10 +41,13 @@ ADMIN_CONNECTIONS = 100
 FILL_MIN_GAP = 0.05  # seconds between two fills woken by freed download slots
 RECONCILE_EVERY = 5  # heartbeats between two presence reconciliations
 MAX_BACKOFF = 30.0  # seconds a clock waits at most while the database is away
-DEVICE_BACKLOG = 4096
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
+SPARE_DESCRIPTORS = 200  # files beyond the device connections: database, admin, cache files
 
 
-def device_listener(address: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+def device_listener(
+    address: str, port: int, *, backlog: int = 4096, reuse_port: bool = False
+) -> socket.socket:
     """The device port's socket; with `reuse_port` several processes bind the same port."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -48,8 +55,41 @@ def device_listener(address: str, port: int, *, reuse_port: bool = False) -> soc
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((address, port))
-    sock.listen(DEVICE_BACKLOG)
+    sock.listen(backlog)
     return sock
+
+
+def check_connection_limits(max_connections: int, backlog: int) -> None:
+    """Warn where the kernel would refuse what the settings promise (a reconnect storm).
+
+    The open-files limit is raised to its hard limit first, as servers do.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + SPARE_DESCRIPTORS
+    if soft < wanted and soft != hard:
+        raised = hard if hard == resource.RLIM_INFINITY else min(hard, max(wanted, soft))
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "open-files limit %d is below hardware.max.connections %d + %d: raise it "
+            "(ulimit -n, LimitNOFILE=) or lower hardware.max.connections",
+            soft,
+            max_connections,
+            SPARE_DESCRIPTORS,
+        )
+    with contextlib.suppress(OSError, ValueError):
+        somaxconn = int(SOMAXCONN.read_text().strip())
+        if somaxconn < backlog:
+            log.warning(
+                "net.core.somaxconn is %d, below hardware.listen.backlog %d: the kernel "
+                "queues only %d connections in a reconnect storm (sysctl -w net.core.somaxconn=%d)",
+                somaxconn,
+                backlog,
+                somaxconn,
+                backlog,
+            )
 
 
 class BlynkotaServer:
@@ -94,8 +134,12 @@ class BlynkotaServer:
 
     def _start_devices(self) -> None:
         settings = self.settings
+        check_connection_limits(settings.max_connections, settings.listen_backlog)
         listener = device_listener(
-            settings.listen_address, settings.http_port, reuse_port=self.reuse_port
+            settings.listen_address,
+            settings.http_port,
+            backlog=settings.listen_backlog,
+            reuse_port=self.reuse_port,
         )
         self.device_port = SharedPortServer(
             listener,
@@ -103,6 +147,7 @@ class BlynkotaServer:
             self._serve_device,
             sniff_timeout=settings.login_timeout,
             max_connections=settings.max_connections,
+            file_sender=FirmwareSender(self.service, idle_timeout=HTTP_IDLE_TIMEOUT).serve,
         )
         port = listener.getsockname()[1]
         self.node.register(settings.node_name or default_node_name(port, self.worker))

@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import signal
 import ssl
 import subprocess
@@ -72,6 +73,7 @@ class ServerProcess:
         self.log_file = folder / "server.log"
         self.process: subprocess.Popen | None = None
         self.http_port = self.https_port = 0
+        self.open_files: int | None = None  # the process's RLIMIT_NOFILE, when set
 
     # --- life cycle ---------------------------------------------------------------
 
@@ -86,6 +88,7 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
+                preexec_fn=None if self.open_files is None else self._limit_open_files,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -98,6 +101,9 @@ class ServerProcess:
                 raise RuntimeError(f"server exited:\n{self.log()}")
             gevent.sleep(0.05)
         raise RuntimeError(f"server did not start in {timeout}s:\n{self.log()}")
+
+    def _limit_open_files(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         if self.process is None or self.process.poll() is not None:

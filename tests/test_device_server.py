@@ -18,6 +18,7 @@ from blynkota.protocol import (
 )
 
 from .devices import BUILD_OLD, TOKEN, RawDevice
+from .servers import ServerProcess
 
 
 @pytest.fixture
@@ -263,3 +264,25 @@ def test_many_bad_clients_at_once_leave_the_server_serving(device_server):
         thread.join(20)
     assert_still_serving(device_server)
     assert "Traceback" not in device_server.log()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_out_of_file_descriptors_the_server_pauses_accepting_and_recovers(tmp_path, db_url, fleet):
+    fleet.add_device("owner@example.com", "Farm", name="pump", token=TOKEN)
+    server = ServerProcess(tmp_path, db_url, **{"hardware.max.connections": 1000})
+    server.open_files = 120  # the database, the listeners and about 80 connections
+    server.start()
+    try:
+        assert "open-files limit 120 is below hardware.max.connections 1000" in server.log()
+        # Silent connections: each holds a descriptor until the login deadline.
+        held = [socket.create_connection(("127.0.0.1", server.http_port)) for _ in range(150)]
+        deadline = time.monotonic() + 10
+        while "out of file descriptors" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for sock in held:
+            sock.close()
+        assert server.log().count("out of file descriptors") == 1  # one line, not one per accept
+        assert_still_serving(server)
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()

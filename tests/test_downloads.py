@@ -155,3 +155,67 @@ def test_start_up_takes_in_older_uploads_and_removes_stray_files(db_url, tmp_pat
     finally:
         server.stop()
         engine.dispose()
+
+
+def test_both_ports_answer_a_download_with_the_same_headers(server, uploaded):
+    """Port 8080 sends files itself (sendfile); the HTTPS port through Flask."""
+    path, image = uploaded
+    _, head, body = raw_get(
+        server.http_port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    secure = server.admin("GET", path, auth=None)
+    assert body == secure.body == image
+    per_request = {"date", "expires", "connection"}
+    plain = {k: v for k, v in headers_of(head).items() if k not in per_request}
+    assert plain == {k: v for k, v in secure.headers.items() if k not in per_request}
+
+
+def responses(data: bytes) -> list[tuple[bytes, dict[str, str], bytes]]:
+    """Split keep-alive answers by their Content-Length: (status line, headers, body)."""
+    answers = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        headers = headers_of(head)
+        length = int(headers.get("content-length", 0))
+        answers.append((head.split(b"\r\n")[0], headers, rest[:length]))
+        data = rest[length:]
+    return answers
+
+
+def test_keep_alive_serves_requests_in_turn_and_hands_conditional_ones_to_flask(server, uploaded):
+    path, image = uploaded
+    etag = hashlib.md5(image).hexdigest()
+    plain = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"
+    ranged = f"GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=-100\r\n\r\n"
+    conditional = f'GET {path} HTTP/1.1\r\nHost: x\r\nIf-None-Match: "{etag}"\r\n\r\n'
+    last = f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    _, head, rest = raw_get(server.http_port, plain + ranged + conditional + last)
+    answers = responses(head + b"\r\n\r\n" + rest)
+    statuses = [status.split(b" ")[1] for status, _, _ in answers[:3]]
+    assert statuses == [b"200", b"206", b"304"]
+    assert answers[0][2] == image
+    assert answers[1][2] == image[-100:]
+    assert (
+        answers[1][1]["content-range"] == f"bytes {len(image) - 100}-{len(image) - 1}/{len(image)}"
+    )
+    # After the 304 the connection belongs to Flask, which answers the HEAD and closes.
+    assert answers[3][0].startswith(b"HTTP/1.1 200") and len(answers) == 4
+
+
+@pytest.mark.parametrize(
+    "header, status",
+    [
+        ("Range: bytes=999999-", b"416"),  # past the end: Flask's answer
+        ("Range: bytes=0-1,5-9", b"416"),  # several ranges: werkzeug serves one at most
+        ("Range: bytes=0-\u00b2", b"416"),  # not ASCII digits
+        ("Content-Length: 5", b"200"),  # a body on a GET: Flask reads it
+    ],
+)
+def test_odd_requests_get_flasks_answer(server, uploaded, header, status):
+    path, image = uploaded
+    body = "hello" if header.startswith("Content-Length") else ""
+    _, head, _ = raw_get(
+        server.http_port,
+        f"GET {path} HTTP/1.1\r\nHost: x\r\n{header}\r\nConnection: close\r\n\r\n{body}",
+    )
+    assert head.split(b" ")[1] == status

@@ -6,15 +6,18 @@ server is a gevent WSGIServer (itself a StreamServer) whose connections are
 spawned from a bounded pool.
 """
 
+import errno
 import logging
+import os
 import socket
 import time
+from collections.abc import Callable
 
 import gevent
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
-__all__ = ["SharedPortServer", "looks_like_http"]
+__all__ = ["HTTP_IDLE_TIMEOUT", "SharedPortServer", "looks_like_http"]
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +25,8 @@ HTTP_METHODS = (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"PATC")
 _SNIFF_BYTES = 4
 _SNIFF_RETRY = 0.02
 HTTP_IDLE_TIMEOUT = 60.0  # an HTTP client silent this long (slowloris) is dropped
+ACCEPT_PAUSE = 0.5  # seconds without accepting once the process is out of file descriptors
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 def looks_like_http(first_bytes: bytes) -> bool | None:
@@ -33,7 +38,16 @@ def looks_like_http(first_bytes: bytes) -> bool | None:
 
 
 class SharedPortServer(WSGIServer):
-    def __init__(self, listener, application, device_handler, *, sniff_timeout, max_connections):
+    def __init__(
+        self,
+        listener,
+        application,
+        device_handler,
+        *,
+        sniff_timeout,
+        max_connections,
+        file_sender: Callable[[socket.socket, tuple], bool] | None = None,
+    ):
         super().__init__(
             listener,
             application,
@@ -44,12 +58,46 @@ class SharedPortServer(WSGIServer):
         )
         self.device_handler = device_handler
         self.sniff_timeout = sniff_timeout
+        # Answers firmware requests itself; False hands the rest to WSGI, unread.
+        self.file_sender = file_sender
+        self._descriptors_warned = -1e9
+
+    def do_read(self):
+        """Accept one connection; out of file descriptors, pause instead of spinning.
+
+        gevent would log a traceback for every refused accept; a storm of
+        devices meeting the process's open-files limit is an expected load,
+        answered by waiting (the kernel keeps them in the listen backlog).
+        """
+        try:
+            return super().do_read()
+        except OSError as error:
+            if error.errno not in _OUT_OF_DESCRIPTORS:
+                raise
+            reason = os.strerror(error.errno)
+        now = time.monotonic()
+        if now - self._descriptors_warned > 10:
+            self._descriptors_warned = now
+            log.warning(
+                "out of file descriptors (%s): accepting again in %.1fs; raise the open-files "
+                "limit (ulimit -n) or lower hardware.max.connections",
+                reason,
+                ACCEPT_PAUSE,
+            )
+        self.stop_accepting()
+        gevent.spawn_later(ACCEPT_PAUSE, self._accept_again)
+        return None
+
+    def _accept_again(self) -> None:
+        if self.started:
+            self.start_accepting()
 
     def handle(self, sock, address):
         try:
             kind = self._sniff(sock)
             if kind is True:
-                super().handle(sock, address)
+                if self.file_sender is None or not self.file_sender(sock, address):
+                    super().handle(sock, address)
             elif kind is False:
                 self.device_handler(sock, address)
         except OSError as error:

@@ -5,9 +5,10 @@ from werkzeug.exceptions import HTTPException
 
 from .admin import admin
 from .downloads import downloads
+from .file_sender import FirmwareSender
 from .proxies import TrustedProxies
 
-__all__ = ["init_app"]
+__all__ = ["FirmwareSender", "init_app"]
 
 
 def _one_line_error(error: HTTPException) -> Response:

@@ -55,6 +55,8 @@ def firmware_file(name: str) -> Response:
         max_age=0,
     )
     response.headers["x-MD5"] = firmware.md5
+    # The cache file's name is its SHA-256: nothing a device needs (file_sender.py omits it too).
+    response.headers.pop("Content-Disposition", None)
     if request.method == "GET" and response.status_code in (200, 206):
         start = response.content_range.start if response.status_code == 206 else 0
         ticket = service.download_started(firmware, request.args.get("o"), start)

@@ -1,0 +1,299 @@
+"""Firmware files on the plain HTTP port, sent by the kernel (sendfile), without WSGI.
+
+A fleet's downloads are the heaviest traffic the server carries, and they
+share the event loop with every device. Through WSGI a 300 KB file is copied
+in 8 KB chunks through Python; here the head is written in one send and the
+body handed to `os.sendfile` straight from the node's cache file, yielding to
+the other greenlets between chunks.
+
+Strategy: the request head is *peeked* (MSG_PEEK), never consumed, until this
+module has decided it can answer it alone: GET or HEAD of a served firmware
+name, no body, at most one byte range, no conditional headers. Anything else
+(another path, If-None-Match, several ranges, a malformed head) is handed to
+the Flask app untouched, which answers it as before (web/downloads.py); so
+every rule of HTTP that is rare for updaters still has one implementation.
+Keep-alive requests are answered in a loop, each peeked the same way.
+
+Bytes are accounted as the kernel reports them: what `sendfile` handed over.
+"""
+
+import logging
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from urllib.parse import parse_qsl
+
+import gevent
+from gevent.socket import wait_write
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..ota import OtaService
+from ..ota.catalog import FirmwareFile
+
+__all__ = ["FirmwareSender", "HEAD_LIMIT"]
+
+log = logging.getLogger("blynkota.http")
+
+HEAD_LIMIT = 8192  # bytes of request line and headers; a longer head goes to WSGI
+SEND_CHUNK = 1 << 20  # bytes per sendfile call at most, then other greenlets get a turn
+_PEEK_WAIT = 0.02  # seconds between peeks while a head is incomplete
+
+_REQUEST_LINE = re.compile(
+    rb"(GET|HEAD) (/static/ota/([0-9a-f]{24})\.bin)(?:\?([^ #]*))? HTTP/1\.([01])"
+)
+_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*")
+_RANGE = re.compile(r"bytes=([0-9]{1,19})-([0-9]{0,19})|bytes=-([0-9]{1,19})")
+# Headers whose rules (conditional requests, bodies) the WSGI side applies.
+_HANDED_OVER = frozenset(
+    {
+        "if-none-match",
+        "if-modified-since",
+        "if-match",
+        "if-unmodified-since",
+        "if-range",
+        "expect",
+        "transfer-encoding",
+    }
+)
+
+
+class _HandOver(Exception):
+    """This request is for the WSGI app; nothing has been consumed."""
+
+
+@dataclass(frozen=True)
+class _OpenFile:
+    """A firmware file this process serves: its cache file open, its fixed headers built."""
+
+    firmware: FirmwareFile
+    fd: int  # sendfile reads at an offset, so concurrent downloads share it
+    headers: bytes  # the header lines every answer for this file carries
+
+
+class FirmwareSender:
+    def __init__(self, service: OtaService, *, idle_timeout: float) -> None:
+        self.service = service
+        self.idle_timeout = idle_timeout
+        # One descriptor per firmware file served here; bounded by the uploads.
+        self._open: dict[str, _OpenFile] = {}
+
+    def serve(self, sock: socket.socket, address) -> bool:
+        """Answer the firmware requests at the head of `sock`.
+
+        Returns True when the connection is finished with, False to hand it,
+        its next request unread, to the WSGI server.
+        """
+        while True:
+            try:
+                head = self._peek_head(sock)
+                if head is None:
+                    return True  # closed, or silent past the idle timeout
+                request = _parse(head)
+                served = self._opened(request.name)
+                if served is None:
+                    raise _HandOver  # the 404 comes from the app
+                if not request.satisfiable(served.firmware.size):
+                    raise _HandOver  # the 416 too
+            except _HandOver:
+                return False
+            sock.recv(len(head))  # peeked whole: this returns at once
+            try:
+                if not self._answer(sock, address, request, served):
+                    return True
+            except SQLAlchemyError as error:
+                # The database's health logs the outage; the device asks again later.
+                log.info("download %s: closed, database error (%s)", request.name, error)
+                return True
+
+    def _opened(self, name: str) -> _OpenFile | None:
+        served = self._open.get(name)
+        if served is not None:
+            return served
+        firmware = self.service.catalog.file(name)
+        if firmware is None:
+            return None
+        path = self.service.catalog.local_file(firmware)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        headers = (
+            "Content-Type: application/octet-stream\r\n"
+            f"x-MD5: {firmware.md5}\r\n"
+            f'ETag: "{firmware.md5}"\r\n'
+            f"Last-Modified: {formatdate(os.fstat(fd).st_mtime, usegmt=True)}\r\n"
+            "Cache-Control: no-cache, max-age=0\r\n"
+            "Accept-Ranges: bytes\r\n"
+        ).encode("latin-1")
+        raced = self._open.get(name)  # another greenlet opened it while the cache filled
+        if raced is not None:
+            os.close(fd)
+            return raced
+        self._open[name] = _OpenFile(firmware, fd, headers)
+        return self._open[name]
+
+    # --- one request -----------------------------------------------------------
+
+    def _answer(self, sock, address, request: "_Request", served: _OpenFile) -> bool:
+        """Send one response; True if the connection stays open for another."""
+        firmware = served.firmware
+        start, end = request.span(firmware.size)
+        length = end - start
+        date = _http_date()
+        if request.ranged:
+            status = (
+                "HTTP/1.1 206 Partial Content\r\n"
+                f"Content-Range: bytes {start}-{end - 1}/{firmware.size}\r\n"
+            )
+        else:
+            status = "HTTP/1.1 200 OK\r\n"
+        head = b"".join(
+            (
+                status.encode("latin-1"),
+                b"Content-Length: %d\r\n" % length,
+                served.headers,
+                date,
+                _KEEP_ALIVE if request.keep_alive else _CLOSE,
+            )
+        )
+        ticket = None
+        if request.method == "GET":
+            ticket = self.service.download_started(firmware, request.offer_key, start)
+        sent = 0
+        try:
+            flags = socket.MSG_MORE if request.method == "GET" and length else 0
+            sock.sendall(head, flags)
+            if request.method == "GET":
+                sent = self._send_body(sock, served.fd, start, length, ticket)
+        except (OSError, TimeoutError) as error:
+            log.info("download %s to %s:%s cut short (%s)", firmware.name, *address[:2], error)
+            return False
+        finally:
+            if ticket is not None:
+                self.service.download_finished(ticket, complete=sent == length)
+        if ticket is not None or log.isEnabledFor(logging.DEBUG):
+            log.log(
+                logging.INFO if ticket is not None else logging.DEBUG,
+                "%s:%s %s %s %d bytes",
+                *address[:2],
+                request.method,
+                firmware.name,
+                sent,
+            )
+        return request.keep_alive
+
+    def _send_body(self, sock, file_fd: int, start: int, length: int, ticket) -> int:
+        out = sock.fileno()
+        sent = 0
+        while sent < length:
+            try:
+                count = os.sendfile(out, file_fd, start + sent, min(SEND_CHUNK, length - sent))
+            except BlockingIOError:
+                wait_write(out, timeout=self.idle_timeout, timeout_exc=TimeoutError("stalled"))
+                continue
+            if count == 0:
+                raise OSError("the cache file ended early")
+            sent += count
+            if ticket is not None:
+                ticket.written_until = ticket.start + sent
+            gevent.sleep(0)  # devices and other downloads get their turn
+        return sent
+
+    def _peek_head(self, sock) -> bytes | None:
+        """The request head (through the blank line), left in the socket; None if closed."""
+        deadline = time.monotonic() + self.idle_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(HEAD_LIMIT, socket.MSG_PEEK)
+            except TimeoutError:
+                return None
+            if not data:
+                return None
+            end = data.find(b"\r\n\r\n")
+            if end >= 0:
+                return data[: end + 4]
+            if len(data) >= HEAD_LIMIT:
+                raise _HandOver
+            if not _REQUEST_LINE.match(data) and b"\r\n" in data:
+                raise _HandOver  # not ours, whatever the rest says
+            gevent.sleep(_PEEK_WAIT)  # the rest of the head is on its way
+
+
+class _Request:
+    def __init__(self, method: str, name: str, query: str, minor: int, headers: dict[str, str]):
+        self.method, self.name = method, name
+        self.offer_key = dict(parse_qsl(query)).get("o")
+        connection = headers.get("connection", "").lower()
+        self.keep_alive = "keep-alive" in connection if minor == 0 else "close" not in connection
+        self.range = _parse_range(headers.get("range"))
+        self.ranged = self.range is not None
+
+    def span(self, size: int) -> tuple[int, int]:
+        """[start, end) of the body to send."""
+        if self.range is None:
+            return 0, size
+        first, last, suffix = self.range
+        if suffix is not None:
+            return max(size - suffix, 0), size
+        return first, size if last is None else min(last + 1, size)
+
+    def satisfiable(self, size: int) -> bool:
+        if self.range is None:
+            return True
+        first, last, suffix = self.range
+        if suffix is not None:
+            return suffix > 0 and size > 0
+        return first < size and (last is None or last >= first)
+
+
+def _parse(head: bytes) -> _Request:
+    lines = head[:-4].split(b"\r\n")
+    line = _REQUEST_LINE.fullmatch(lines[0])
+    if line is None:
+        raise _HandOver
+    headers: dict[str, str] = {}
+    for raw in lines[1:]:
+        header = _HEADER.fullmatch(raw)
+        if header is None:
+            raise _HandOver  # folded or malformed: werkzeug judges it
+        name = header.group(1).decode("ascii").lower()
+        if name in _HANDED_OVER or name in headers:
+            raise _HandOver
+        headers[name] = header.group(2).decode("latin-1")
+    if headers.get("content-length", "0") != "0":
+        raise _HandOver
+    method, _, name, query, minor = line.groups()
+    return _Request(
+        method.decode(), name.decode(), (query or b"").decode("latin-1"), int(minor), headers
+    )
+
+
+def _parse_range(value: str | None) -> tuple[int, int | None, int | None] | None:
+    """One byte range as (first, last, suffix); several, or an odd one, go to WSGI."""
+    if value is None:
+        return None
+    match = _RANGE.fullmatch(value.strip())
+    if match is None:
+        raise _HandOver
+    first, last, suffix = match.groups()
+    if suffix is not None:
+        return 0, None, int(suffix)
+    return int(first), (int(last) if last else None), None
+
+
+_KEEP_ALIVE = b"Connection: keep-alive\r\n\r\n"
+_CLOSE = b"Connection: close\r\n\r\n"
+_date_cache: list = [0, b""]
+
+
+def _http_date() -> bytes:
+    """The Date and Expires lines (no-cache: expired now), rebuilt once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        stamp = formatdate(now, usegmt=True)
+        _date_cache[:] = [now, f"Date: {stamp}\r\nExpires: {stamp}\r\n".encode("latin-1")]
+    return _date_cache[1]
