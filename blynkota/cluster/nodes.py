@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from ..store import Database, Device, Node, utcnow
@@ -34,6 +34,28 @@ __all__ = ["ClusterNode", "NodeSettings", "LocalSession", "default_node_name"]
 log = logging.getLogger(__name__)
 
 _OFFLINE = {"online_since": None, "node_id": None, "session_id": None}
+
+# The two writes of every login and disconnect, built once, on the table.
+_devices = Device.__table__
+_ONLINE = (
+    update(_devices)
+    .where(
+        _devices.c.id == bindparam("device"),
+        or_(_devices.c.online_since.is_(None), _devices.c.online_since <= bindparam("since")),
+    )
+    .values(
+        online_since=bindparam("since"),
+        last_seen_at=bindparam("now"),
+        last_address=bindparam("address"),
+        node_id=bindparam("node"),
+        session_id=bindparam("session"),
+    )
+)
+_OFFLINE_IF_SESSION = (
+    update(_devices)
+    .where(_devices.c.id == bindparam("device"), _devices.c.session_id == bindparam("session"))
+    .values(last_seen_at=bindparam("now"), **_OFFLINE)
+)
 
 
 def default_node_name(port: int, worker: int | None = None) -> str:
@@ -179,27 +201,17 @@ class ClusterNode:
         A login that was slow (a busy database) must not take the device back
         from the connection it opened meanwhile, here or on another node.
         """
-        now = utcnow()
         self._unwritten_offline.pop(device_id, None)
+        values = {
+            "device": device_id,
+            "since": since,
+            "now": utcnow(),
+            "address": address[:64],
+            "node": self.id,
+            "session": session_id,
+        }
         return bool(
-            self.db.run(
-                lambda session: (
-                    session.execute(
-                        update(Device)
-                        .where(
-                            Device.id == device_id,
-                            or_(Device.online_since.is_(None), Device.online_since <= since),
-                        )
-                        .values(
-                            online_since=since,
-                            last_seen_at=now,
-                            last_address=address[:64],
-                            node_id=self.id,
-                            session_id=session_id,
-                        )
-                    ).rowcount
-                )
-            )
+            self.db.run_core(lambda connection: connection.execute(_ONLINE, values).rowcount)
         )
 
     def device_offline(self, device_id: int, session_id: int) -> None:
@@ -215,14 +227,8 @@ class ClusterNode:
             raise
 
     def _write_offline(self, device_id: int, session_id: int) -> None:
-        now = utcnow()
-        self.db.run(
-            lambda session: session.execute(
-                update(Device)
-                .where(Device.id == device_id, Device.session_id == session_id)
-                .values(last_seen_at=now, **_OFFLINE)
-            )
-        )
+        values = {"device": device_id, "session": session_id, "now": utcnow()}
+        self.db.run_core(lambda connection: connection.execute(_OFFLINE_IF_SESSION, values))
 
     def flush_offline(self) -> int:
         """Write the disconnects that failed earlier; how many were written."""

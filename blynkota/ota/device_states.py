@@ -17,7 +17,7 @@ behind the condition's back.
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from ..store import DeviceState, RolloutDevice, RolloutEvent
@@ -31,7 +31,10 @@ __all__ = [
     "log_events",
     "move",
     "move_all",
+    "offer_all",
+    "run_tracks_query",
     "start_tracking",
+    "tracks_query",
 ]
 
 S = DeviceState
@@ -108,9 +111,25 @@ def load_tracks(session: Session, *conditions, extra=(), for_update: bool = Fals
     query = select(*_TRACK_COLUMNS, *extra).where(*conditions).order_by(RolloutDevice.id)
     if for_update:
         query = query.with_for_update()
-    rows = session.execute(query).all()
+    return _snapshots(session.execute(query).all(), bool(extra))
+
+
+def tracks_query(*conditions, extra=()):
+    """`load_tracks`'s query on the table's columns, to build once for a hot path
+    (with bindparams) and run with `run_tracks_query`."""
+    table = RolloutDevice.__table__
+    columns = [table.c[column.key] for column in _TRACK_COLUMNS]
+    return select(*columns, *extra).where(*conditions).order_by(table.c.id)
+
+
+def run_tracks_query(session: Session, query, parameters: dict) -> list:
+    with_extra = len(query.selected_columns) > len(_TRACK_COLUMNS)
+    return _snapshots(session.execute(query, parameters).all(), with_extra)
+
+
+def _snapshots(rows, with_extra: bool) -> list:
     width = len(_TRACK_COLUMNS)
-    if not extra:
+    if not with_extra:
         return [Track(*row) for row in rows]
     return [(Track(*row[:width]), *row[width:]) for row in rows]
 
@@ -194,6 +213,45 @@ def move(
             setattr(track, name, value)
     log_events(session, [_event(track, before, state, detail, at)])
     return True
+
+
+def offer_all(session: Session, offers: list[tuple[Track, str]], at: datetime) -> None:
+    """pending -> offered for rows locked with `load_tracks(..., for_update=True)`,
+    one attempt used each, in one statement; `offers` pairs each row with its URL.
+
+    As in `move_all`, a row that moved anyway voids the whole transaction.
+    """
+    if not offers:
+        return
+    for track, _ in offers:
+        if track.state != S.PENDING:
+            raise IllegalDeviceTransition(f"{track.state!r} -> 'offered'")
+    table = RolloutDevice.__table__
+    for start in range(0, len(offers), 500):
+        chunk = offers[start : start + 500]
+        result = session.execute(
+            update(table)
+            .where(table.c.id.in_([track.id for track, _ in chunk]), table.c.state == S.PENDING)
+            .values(
+                state=S.OFFERED,
+                offered_at=at,
+                attempts=table.c.attempts + 1,
+                first_offered_at=func.coalesce(table.c.first_offered_at, at),
+                next_attempt_at=None,
+                bytes_sent=None,
+            )
+        )
+        if result.rowcount != len(chunk):
+            raise ConcurrentChange(
+                f"{len(chunk) - result.rowcount} row(s) left pending while locked"
+            )
+        events = []
+        for track, url in chunk:
+            detail = f"attempt {track.attempts + 1}: {url}"
+            events.append(_event(track, S.PENDING, S.OFFERED, detail, at))
+            track.state, track.attempts = S.OFFERED, track.attempts + 1
+            track.first_offered_at = track.first_offered_at or at
+        log_events(session, events)
 
 
 def move_all(session: Session, tracks: list[Track], state: str, at: datetime, detail: str) -> int:

@@ -25,10 +25,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+from sqlalchemy import bindparam
 from sqlalchemy.orm import Session
 
 from ..store import DeviceState, Firmware, Rollout, RolloutDevice, RolloutState
-from .device_states import Track, load_tracks, move, move_all, start_tracking
+from .device_states import (
+    Track,
+    load_tracks,
+    move,
+    move_all,
+    run_tracks_query,
+    start_tracking,
+    tracks_query,
+)
 
 if TYPE_CHECKING:
     from .rollouts import Candidate
@@ -61,6 +70,14 @@ _IN_FLIGHT_WITH_TARGET = (
     RolloutDevice.state.in_(DeviceState.IN_FLIGHT),
 )
 _TARGET_COLUMNS = (Rollout.state, Firmware.build, Firmware.size)
+# The first read of every info message, built once on the tables.
+_IN_FLIGHT_OF_DEVICE = tracks_query(
+    RolloutDevice.__table__.c.device_id == bindparam("device"),
+    Rollout.__table__.c.id == RolloutDevice.__table__.c.rollout_id,
+    Firmware.__table__.c.id == Rollout.__table__.c.firmware_id,
+    RolloutDevice.__table__.c.state.in_(DeviceState.IN_FLIGHT),
+    extra=(Rollout.__table__.c.state, Firmware.__table__.c.build, Firmware.__table__.c.size),
+)
 
 
 class UpdateLifecycle:
@@ -76,12 +93,7 @@ class UpdateLifecycle:
         bytes_written: dict[int, int],
     ) -> bool:
         """A login ends every open attempt of the device, in any rollout; True if any."""
-        rows = load_tracks(
-            session,
-            RolloutDevice.device_id == device_id,
-            *_IN_FLIGHT_WITH_TARGET,
-            extra=_TARGET_COLUMNS,
-        )
+        rows = run_tracks_query(session, _IN_FLIGHT_OF_DEVICE, {"device": device_id})
         found = bool(rows)
         for _ in range(_RETAKES):
             lost = [

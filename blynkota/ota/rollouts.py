@@ -15,7 +15,7 @@ from ..store import DeviceState, Firmware, Rollout, RolloutEvent, RolloutScope, 
 from .cohorts import Controls, bucket, parse_waves, wave_of
 from .lifecycle import UpdateLifecycle
 
-__all__ = ["Candidate", "RolloutPlanner", "running_key"]
+__all__ = ["Candidate", "RolloutPlanner", "RunningRollouts", "running_key"]
 
 _TARGET_COLUMN = {
     RolloutScope.DEVICE: Rollout.device_id,
@@ -23,30 +23,51 @@ _TARGET_COLUMN = {
     RolloutScope.USER: Rollout.user_id,
 }
 
-# Built once: this runs at every device login, and building the expression
-# costs more than running it.
-_RUNNING_FOR_DEVICE = (
+# Built once, on the tables (no ORM compile per run): this runs at every
+# device login, and building the expression costs more than running it.
+_rollouts, _firmware = Rollout.__table__, Firmware.__table__
+_CANDIDATE_COLUMNS = (
+    _rollouts.c.id,
+    _rollouts.c.scope,
+    _rollouts.c.firmware_id,
+    _firmware.c.name,
+    _firmware.c.build,
+    _rollouts.c.state,
+    _rollouts.c.percent,
+    _rollouts.c.cohort_seed,
+    _rollouts.c.waves,
+)
+_ALL_RUNNING = (
     select(
-        Rollout.id,
-        Rollout.scope,
-        Rollout.firmware_id,
-        Firmware.name,
-        Firmware.build,
-        Rollout.state,
-        Rollout.percent,
-        Rollout.cohort_seed,
-        Rollout.waves,
+        *_CANDIDATE_COLUMNS,
+        _rollouts.c.device_id,
+        _rollouts.c.project_id,
+        _rollouts.c.user_id,
     )
-    .join(Firmware, Firmware.id == Rollout.firmware_id)
+    .join(_firmware, _firmware.c.id == _rollouts.c.firmware_id)
+    .where(_rollouts.c.state.in_(RolloutState.RUNNING))
+)
+_RUNNING_FOR_DEVICE = (
+    select(*_CANDIDATE_COLUMNS)
+    .join(_firmware, _firmware.c.id == _rollouts.c.firmware_id)
     .where(
         # A paused rollout still owns its devices: they must not fall back to
         # a less specific rollout while it is paused.
-        Rollout.state.in_(RolloutState.RUNNING),
+        _rollouts.c.state.in_(RolloutState.RUNNING),
         or_(
-            and_(Rollout.scope == RolloutScope.DEVICE, Rollout.device_id == bindparam("device")),
-            and_(Rollout.scope == RolloutScope.PROJECT, Rollout.project_id == bindparam("project")),
-            and_(Rollout.scope == RolloutScope.USER, Rollout.user_id == bindparam("user")),
-            Rollout.scope == RolloutScope.ALL,
+            and_(
+                _rollouts.c.scope == RolloutScope.DEVICE,
+                _rollouts.c.device_id == bindparam("device"),
+            ),
+            and_(
+                _rollouts.c.scope == RolloutScope.PROJECT,
+                _rollouts.c.project_id == bindparam("project"),
+            ),
+            and_(
+                _rollouts.c.scope == RolloutScope.USER,
+                _rollouts.c.user_id == bindparam("user"),
+            ),
+            _rollouts.c.scope == RolloutScope.ALL,
         ),
     )
 )
@@ -82,6 +103,44 @@ class Candidate:
         return bool(reported_build) and reported_build != self.build
 
 
+def _most_specific(rows) -> Candidate | None:
+    best = min(
+        rows,
+        key=lambda row: (RolloutScope.BY_PRECEDENCE.index(row[1]), -row[0]),
+        default=None,
+    )
+    return None if best is None else Candidate(*best[: len(_CANDIDATE_COLUMNS)])
+
+
+class RunningRollouts:
+    """Every running rollout, read once: the precedence of many devices judged in memory.
+
+    Running rollouts are few (one per scope and target), the devices to judge
+    many: a batch of offers reads them once instead of once per device.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self._rows = session.execute(_ALL_RUNNING).all()
+
+    def rollout_for(self, *, device_id: int, project_id: int, user_id: int) -> Candidate | None:
+        targets = {
+            RolloutScope.DEVICE: device_id,
+            RolloutScope.PROJECT: project_id,
+            RolloutScope.USER: user_id,
+        }
+        return _most_specific(
+            row
+            for row in self._rows
+            if row.scope == RolloutScope.ALL
+            or {
+                RolloutScope.DEVICE: row.device_id,
+                RolloutScope.PROJECT: row.project_id,
+                RolloutScope.USER: row.user_id,
+            }.get(row.scope)
+            == targets.get(row.scope)
+        )
+
+
 def running_key(scope: str, target_id: int | None) -> str:
     """The unique key a running rollout holds for its scope and target."""
     return f"{scope}:{'' if target_id is None else target_id}"
@@ -100,12 +159,7 @@ class RolloutPlanner:
         rows = session.execute(
             _RUNNING_FOR_DEVICE, {"device": device_id, "project": project_id, "user": user_id}
         ).all()
-        best = min(
-            rows,
-            key=lambda row: (RolloutScope.BY_PRECEDENCE.index(row.scope), -row.id),
-            default=None,
-        )
-        return None if best is None else Candidate(*best)
+        return _most_specific(rows)
 
     def start(
         self,

@@ -16,8 +16,9 @@ through the database alone.
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from ..cluster import ClusterNode, lock_offer_slots
@@ -35,14 +36,14 @@ from ..store import (
 )
 from .admin_ops import AdminOperations
 from .catalog import FirmwareCatalog, FirmwareFile
-from .device_states import load_tracks, move
+from .device_states import load_tracks, move, offer_all
 from .enrolment import OnlineEnrolment
 from .errors import OtaRequestError
 from .guards import SLOT_STATES, FleetPolicy, RolloutGuards
 from .lifecycle import RetryPolicy, UpdateLifecycle
 from .offers import DeviceIdentity, DownloadTicket, Offer, new_offer
 from .online import NoDownloadSlot, OfferDeferred, OfferFailed, OnlineDevices
-from .rollouts import Candidate, RolloutPlanner
+from .rollouts import RolloutPlanner, RunningRollouts
 
 __all__ = ["DeviceIdentity", "DownloadTicket", "Offer", "OtaRequestError", "OtaService"]
 
@@ -64,7 +65,30 @@ _DEVICE_BY_TOKEN = (
     .join(Project, Project.id == Device.project_id)
     .where(Device.token == bindparam("token"))
 )
+_devices = Device.__table__
+# What an info message writes: every reported column, and when (built once, on the table).
+_REPORTED = (
+    update(_devices)
+    .where(_devices.c.id == bindparam("device"))
+    .values(
+        last_seen_at=bindparam("now"),
+        **{
+            column: bindparam(column)
+            for column in (*_INFO_COLUMNS.values(), *_INFO_NUMBERS.values())
+        },
+    )
+)
 NO_SLOT = "no download slot free (ota.max.concurrent)"
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """A pending device connected here, as `fill` found it."""
+
+    row_id: int
+    rollout_id: int
+    device: DeviceIdentity
+    link: object  # its session (a DeviceLink): builds and takes the frame
 
 
 class OtaService(AdminOperations):
@@ -93,8 +117,8 @@ class OtaService(AdminOperations):
     # --- devices -------------------------------------------------------------
 
     def find_device(self, token: str) -> DeviceIdentity | None:
-        row = self.db.run(
-            lambda session: session.execute(_DEVICE_BY_TOKEN, {"token": token}).first()
+        row = self.db.run_core(
+            lambda connection: connection.execute(_DEVICE_BY_TOKEN, {"token": token}).first()
         )
         return None if row is None else DeviceIdentity(*row)
 
@@ -134,9 +158,7 @@ class OtaService(AdminOperations):
                     session, device.id, device.token, build, candidate, now
                 )
                 offer = None if track is None else new_offer(candidate, device)
-            session.execute(
-                update(Device).where(Device.id == device.id).values(last_seen_at=now, **report)
-            )
+            session.execute(_REPORTED, {"device": device.id, "now": now, **report})
             return settled, offer
 
         settled, offer = self.db.run(work)
@@ -335,7 +357,9 @@ class OtaService(AdminOperations):
 
         Retries whose backoff ended, devices that waited for a slot, devices
         entered by now=true, expand, resume or a ?token= request served by
-        another process. Returns the number of offers sent.
+        another process. The batch is claimed in one transaction (offers.py's
+        rules, for many devices at once), then the frames are written.
+        Returns the number of offers sent.
         """
         node_id = self.node.id
 
@@ -345,8 +369,16 @@ class OtaService(AdminOperations):
                 return []
             now = utcnow()
             return session.execute(
-                select(RolloutDevice.rollout_id, Device.token)
+                select(
+                    RolloutDevice.id,
+                    RolloutDevice.rollout_id,
+                    Device.id,
+                    Device.token,
+                    Device.project_id,
+                    Project.user_id,
+                )
                 .join(Device, Device.id == RolloutDevice.device_id)
+                .join(Project, Project.id == Device.project_id)
                 .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
                 .where(
                     RolloutDevice.state == DeviceState.PENDING,
@@ -359,24 +391,115 @@ class OtaService(AdminOperations):
                 .limit(min(limit, 2 * budget + 10))
             ).all()
 
-        sent = 0
-        for rollout_id, token in self.db.run(due):
-            if self.online.get_ready(token) is None:
+        ready = []
+        for row_id, rollout_id, device_id, token, project_id, user_id in self.db.run(due):
+            link = self.online.get_ready(token)
+            if link is None:
                 continue  # not yet answered its info message: offered at login
-            offer = self._due_offer(token, rollout_id)
-            if offer is None:
-                continue
+            device = DeviceIdentity(device_id, token, project_id, user_id)
+            ready.append(_Waiting(row_id, rollout_id, device, link))
+        if not ready:
+            return 0
+        claimed = self.db.run(lambda session: self._claim_batch(session, ready))
+        sent = 0
+        for waiting, offer, frame in claimed:
             try:
-                self.send_offer(offer)
-            except NoDownloadSlot:
-                break  # every slot is taken: the next fill goes on
-            except OfferDeferred:
-                continue
+                waiting.link.write_frame(frame)
             except OfferFailed as error:
-                log.warning("device %s: not offered: %s", token, error)
+                self._offer_undelivered(offer, str(error))
+                log.warning("device %s: not offered: %s", offer.token, error)
                 continue
+            log.info("device %s: sent ota %s", offer.token, offer.url_path)
             sent += 1
         return sent
+
+    def _claim_batch(self, session: Session, waiting: list["_Waiting"]) -> list:
+        """Offers for as many of `waiting` as the download slots allow, recorded.
+
+        The same rules as one device's offer: the rollout must be active and
+        healthy, still the device's most specific one, the device not on the
+        target already, its row pending and due. Rows are locked while they
+        are judged; the offer-slots lock makes the slot count hold across
+        processes.
+        """
+        now = utcnow()
+        rollouts = {
+            rollout.id: rollout
+            for rollout in session.scalars(
+                select(Rollout).where(Rollout.id.in_({w.rollout_id for w in waiting}))
+            )
+        }
+        # Judged before the lock, as for one offer: it reads every finished device.
+        healthy = {
+            rollout_id
+            for rollout_id, rollout in rollouts.items()
+            if rollout.state == RolloutState.ACTIVE
+            and not self.guards.check_health(session, rollout)
+        }
+        lock_offer_slots(session)
+        running = RunningRollouts(session)
+        free = {rollout_id: self.guards.free_slots(session, rollout_id) for rollout_id in healthy}
+        server_free = self.guards.free_slots(session)
+        tracks = {
+            track.id: track
+            for track in load_tracks(
+                session,
+                RolloutDevice.id.in_([w.row_id for w in waiting]),
+                RolloutDevice.state == DeviceState.PENDING,
+                for_update=True,
+            )
+        }
+        builds = dict(
+            session.execute(
+                select(Device.id, Device.build).where(Device.id.in_([w.device.id for w in waiting]))
+            ).all()
+        )
+        chosen, offers = [], []
+        for item in waiting:
+            track = tracks.get(item.row_id)
+            if track is None or item.rollout_id not in healthy:
+                continue
+            if track.next_attempt_at is not None and track.next_attempt_at > now:
+                continue
+            device = item.device
+            candidate = running.rollout_for(
+                device_id=device.id, project_id=device.project_id, user_id=device.user_id
+            )
+            if candidate is None or candidate.rollout_id != item.rollout_id:
+                continue  # a more specific rollout took over
+            if candidate.build is not None and builds.get(device.id) == candidate.build:
+                move(session, track, DeviceState.UPDATED, now)
+                continue
+            if server_free <= 0:
+                break
+            if free[item.rollout_id] <= 0:
+                continue
+            offer = new_offer(candidate, device)
+            try:
+                url, frame = item.link.ota_frame(offer.url_path)
+            except OfferFailed:
+                continue  # the connection closed meanwhile: offered at its next login
+            free[item.rollout_id] -= 1
+            server_free -= 1
+            chosen.append((item, offer, frame))
+            offers.append((track, url))
+        offer_all(session, offers, now)
+        if offers:
+            session.execute(
+                insert(OtaCommand),
+                [
+                    {
+                        "device_id": offer.device_id,
+                        "firmware_id": offer.firmware_id,
+                        "rollout_id": offer.rollout_id,
+                        "url": url[:255],
+                        "sent_at": now,
+                        "offer_key": offer.key,
+                    }
+                    for (_, offer, _), (_, url) in zip(chosen, offers, strict=True)
+                ],
+            )
+        return chosen
 
     def enrol_online(self, rollout_id: int) -> int:
         """now=true, expand, a grown wave: connected devices enter (enrolment.py)."""
@@ -384,22 +507,3 @@ class OtaService(AdminOperations):
         if entered:
             self.on_slot_freed()
         return entered
-
-    def _due_offer(self, token: str, rollout_id: int) -> Offer | None:
-        device = self.find_device(token)
-        if device is None:
-            return None
-
-        def work(session: Session) -> Offer | None:
-            candidate: Candidate | None = self.planner.rollout_for(
-                session, device_id=device.id, project_id=device.project_id, user_id=device.user_id
-            )
-            if candidate is None or candidate.rollout_id != rollout_id:
-                return None  # a more specific rollout took over
-            build = session.scalar(select(Device.build).where(Device.id == device.id))
-            track = self.lifecycle.row_to_offer(
-                session, device.id, device.token, build, candidate, utcnow()
-            )
-            return None if track is None else new_offer(candidate, device)
-
-        return self.db.run(work)

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = [
@@ -40,6 +40,7 @@ _TRANSIENT_MYSQL = {1213, 1205, 1020}
 # shutting down, too many connections.
 _OUTAGE_MYSQL = {2002, 2003, 2006, 2013, 1053, 1040, 2014}
 RETRIES = 8
+PING_AFTER_IDLE = 5.0  # seconds a pooled connection may sit unused before it is checked
 
 
 def make_engine(url: str, *, pool_size: int = 20) -> Engine:
@@ -58,7 +59,6 @@ def make_engine(url: str, *, pool_size: int = 20) -> Engine:
             cursor.close()
 
         return engine
-    # MySQL closes idle connections after wait_timeout: check before use.
     # Thousands of device greenlets share the pool (db.pool.size): a login
     # storm queues for a connection briefly. No overflow: a connection opened
     # for a burst and closed after it costs far more than the wait (PyMySQL
@@ -67,15 +67,42 @@ def make_engine(url: str, *, pool_size: int = 20) -> Engine:
     # READ COMMITTED: a conditional UPDATE that lost a race re-reads the row as
     # it is now, not as the transaction's snapshot saw it, and no gap locks
     # (the main source of InnoDB deadlocks between inserts) are taken.
-    return create_engine(
+    engine = create_engine(
         url,
-        pool_pre_ping=True,
         pool_recycle=3600,
         pool_size=pool_size,
         max_overflow=0,
         pool_timeout=30,
         isolation_level="READ COMMITTED",
     )
+    _ping_idle_connections(engine)
+    return engine
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """Check a pooled connection before use only if it sat idle a while.
+
+    MySQL drops connections idle past wait_timeout, and a restarted server
+    drops them all. `pool_pre_ping` would check at every checkout: a round
+    trip before each of a login's transactions. Connections in steady use
+    skip it; a failed check makes the pool open a fresh connection.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection, record):
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection, record, _proxy):
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE:
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+        except Exception as error:
+            raise DisconnectionError(f"pooled connection is gone ({error})") from error
 
 
 def _mysql_code(error: DBAPIError) -> int | None:
@@ -151,10 +178,21 @@ class Database:
 
     def run(self, work: Callable[[Session], T], *, retries: int = RETRIES) -> T:
         """`work(session)` in one transaction, run again when it lost a race."""
+        return self._retried(self.begin, work, retries)
+
+    def run_core(self, work: Callable[[Connection], T], *, retries: int = RETRIES) -> T:
+        """`work(connection)` in one transaction, as `run`, without an ORM session.
+
+        For the statements every login runs: built once, on tables, they
+        skip the ORM's per-statement compile and the session's bookkeeping.
+        """
+        return self._retried(self.engine.begin, work, retries)
+
+    def _retried(self, transaction: Callable[[], AbstractContextManager], work, retries: int):
         for attempt in range(retries):
             try:
-                with self.begin() as session:
-                    result = work(session)
+                with transaction() as handle:
+                    result = work(handle)
             except DBAPIError as error:
                 if is_outage(error):
                     self.health.failed(error)
