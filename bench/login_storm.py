@@ -5,12 +5,17 @@ Prints, for the same server in the same run:
 - the time for N plain TCP connect/close to port 8080 (the reference),
 - the time for N full logins (HW_LOGIN + info message, both answered),
   and the ratio of the two,
+- the server's CPU seconds for those logins, against mosquitto's for N MQTT
+  CONNECT/CONNACK handshakes (a C server doing the same work; Debian package
+  `mosquitto`, started here on a free port; skipped with a line if missing),
 - pings answered per second across all connected devices,
 - the server's resident memory per connected device.
 Every loop is bounded by the device count and a deadline.
 """
 
 import argparse
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,11 +26,10 @@ from gevent import socket
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import cpu_seconds, free_port, read_frame  # noqa: E402
 from blynkota import create_app  # noqa: E402
 from blynkota.protocol import (  # noqa: E402
-    NEED_DATA,
     FrameReader,
-    Response,
     encode_info,
     encode_login,
     encode_ping,
@@ -43,13 +47,50 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def read_response(sock, reader) -> Response:
-    while (event := reader.next_event()) is NEED_DATA:
-        data = sock.recv(4096)
-        if not data:
-            raise ConnectionError("closed")
-        reader.feed(data)
-    return event
+def mqtt_connect(port: int, client: int) -> None:
+    """One MQTT 3.1.1 handshake: CONNECT (clean session), CONNACK, close."""
+    client_id = f"bench-{client}".encode()
+    variable = b"\x00\x04MQTT\x04\x02\x00\x3c"  # protocol, level 4, clean session, 60 s
+    payload = len(client_id).to_bytes(2, "big") + client_id
+    body = variable + payload
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        sock.sendall(bytes([0x10, len(body)]) + body)
+        answer = b""
+        while len(answer) < 4:
+            chunk = sock.recv(4 - len(answer))
+            if not chunk:
+                raise ConnectionError("mosquitto closed")
+            answer += chunk
+        assert answer == b"\x20\x02\x00\x00", answer  # CONNACK, accepted
+    finally:
+        sock.close()
+
+
+def mosquitto_cpu(count: int, concurrency: int, folder: str) -> float | None:
+    """Mosquitto's CPU seconds for `count` handshakes, or None without mosquitto."""
+    if shutil.which("mosquitto") is None:
+        return None
+    port = free_port()
+    conf = Path(folder) / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    broker = subprocess.Popen(
+        ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                gevent.sleep(0.05)
+        before = cpu_seconds([broker.pid])
+        timed_storm(mqtt_connect, [(port, i) for i in range(count)], concurrency)
+        return cpu_seconds([broker.pid]) - before
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)
 
 
 def bare_connect(port: int) -> None:
@@ -61,9 +102,9 @@ def log_in(port: int, token: str, sockets: list) -> None:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     reader = FrameReader()
     sock.sendall(encode_login(token, 1))
-    assert read_response(sock, reader).status == 200
+    assert read_frame(sock, reader).status == 200
     sock.sendall(encode_info({"ver": "0.6.1", "h-beat": "60", "build": "Jan  1 2018"}, 2))
-    assert read_response(sock, reader).status == 200
+    assert read_frame(sock, reader).status == 200
     sockets.append((sock, reader))
 
 
@@ -71,7 +112,7 @@ def ping_all(sockets: list, rounds: int) -> None:
     def one(sock, reader):
         for msg_id in range(3, 3 + rounds):
             sock.sendall(encode_ping(msg_id))
-            read_response(sock, reader)
+            read_frame(sock, reader)
 
     gevent.joinall([gevent.spawn(one, s, r) for s, r in sockets], timeout=DEADLINE)
 
@@ -107,9 +148,11 @@ def main() -> int:
             baseline_rss = rss_kib(server.process.pid)
             reference = timed_storm(bare_connect, [(port,)] * count, arguments.concurrency)
             sockets: list = []
+            cpu_before = cpu_seconds([server.process.pid])
             logins = timed_storm(
                 log_in, [(port, token, sockets) for token in tokens], arguments.concurrency
             )
+            login_cpu = cpu_seconds([server.process.pid]) - cpu_before
             connected_rss = rss_kib(server.process.pid)
             rounds = 5
             started = time.perf_counter()
@@ -120,6 +163,13 @@ def main() -> int:
             print(f"login + info, answered      {logins:.3f} s")
             print(f"ratio login / bare connect  {logins / reference:.1f}x")
             print(f"logins per second           {count / logins:.0f}")
+            print(f"server CPU for the logins   {login_cpu:.2f} s")
+            anchor = mosquitto_cpu(count, arguments.concurrency, folder)
+            if anchor is None:
+                print("mosquitto missing (apt-get install mosquitto): no CPU ratio")
+            else:
+                print(f"mosquitto CPU, N handshakes {anchor:.2f} s")
+                print(f"ratio CPU / mosquitto       {login_cpu / max(anchor, 0.01):.0f}x")
             print(f"pings answered per second   {count * rounds / ping_time:.0f}")
             per_device = (connected_rss - baseline_rss) / count
             print(f"server memory per device    {per_device:.1f} KiB (RSS delta)")

@@ -31,7 +31,6 @@ import contextlib
 import hashlib
 import os
 import signal
-import socket as stdlib_socket
 import subprocess
 import sys
 import tempfile
@@ -48,10 +47,10 @@ sys.path.insert(0, str(ROOT))
 
 import sqlalchemy
 
+from bench.common import child_pids, cpu_seconds, free_port, read_frame
 from blynkota import create_app
 from blynkota.ota import Controls, Upload
 from blynkota.protocol import (
-    NEED_DATA,
     FrameReader,
     Internal,
     Response,
@@ -66,31 +65,6 @@ from tests.images import esp8266_image
 DEADLINE = 300.0  # seconds for each phase
 TOKEN_SAMPLES = 100  # ?token= requests timed, one after the other
 OLD, NEW = "Jan  1 2018 00:00:00", "Nov 29 2018 12:00:00"
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
-
-
-def worker_pids(parent: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == parent:
-                found.append(int(entry.name))
-    return found
 
 
 class Device:
@@ -109,31 +83,22 @@ class Device:
             if not self.stop:
                 gevent.sleep(1.0)
 
-    def _read(self, sock, reader, timeout: float):
-        sock.settimeout(timeout)
-        while (event := reader.next_event()) is NEED_DATA:
-            data = sock.recv(4096)
-            if not data:
-                raise ConnectionError("closed")
-            reader.feed(data)
-        return event
-
     def _session(self, deadline: float) -> None:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
         reader = FrameReader()
         try:
             sock.sendall(encode_login(self.token, 1))
-            if self._read(sock, reader, 10) != Response(1, Status.OK):
+            if read_frame(sock, reader, 10) != Response(1, Status.OK):
                 return
             info = {"ver": "0.6.1", "h-beat": "10", "buff-in": "256", "dev": "ESP8266"}
             sock.sendall(encode_info({**info, "build": OLD}, 2))
-            if self._read(sock, reader, 10) != Response(2, Status.OK):
+            if read_frame(sock, reader, 10) != Response(2, Status.OK):
                 return
             self.logged_in_at = self.logged_in_at or time.monotonic()
             message = 3
             while not self.stop and time.monotonic() < deadline:
                 try:
-                    event = self._read(sock, reader, 8)
+                    event = read_frame(sock, reader, 8)
                 except TimeoutError:
                     sock.sendall(encode_ping(message))
                     message += 1
@@ -142,12 +107,6 @@ class Device:
                     self.offered_at = self.offered_at or time.monotonic()
         finally:
             sock.close()
-
-
-def free_port() -> int:
-    with stdlib_socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict:
@@ -195,7 +154,7 @@ def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict
             if alive == processes:
                 break
             time.sleep(0.2)
-        pids = worker_pids(process.pid) if processes > 1 else [process.pid]
+        pids = child_pids(process.pid) if processes > 1 else [process.pid]
 
         fleet_devices = [Device(port, token) for token in tokens]
         pool = Pool(len(fleet_devices))
@@ -217,7 +176,9 @@ def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict
         service = app.extensions["blynkota"]
         latencies = []
         image = esp8266_image("Mar  3 2019 03:03:03")
-        sampled = fleet_devices[:: max(1, devices // TOKEN_SAMPLES)][:TOKEN_SAMPLES]
+        # Only devices in session can take a ?token= update (the others answer 400).
+        in_session = [d for d in fleet_devices if d.logged_in_at]
+        sampled = in_session[:: max(1, len(in_session) // TOKEN_SAMPLES)][:TOKEN_SAMPLES]
         for device in sampled:
             asked = time.monotonic()
             service.start_for_device(device.token, Upload(image, "one.bin"), "bench", queue=False)

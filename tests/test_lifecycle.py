@@ -2,6 +2,7 @@
 the loop breaker, the history, and restarts in the middle (issue: per-device lifecycle)."""
 
 import re
+import time
 
 import gevent
 import pytest
@@ -126,6 +127,23 @@ def test_a_board_that_always_comes_back_old_gets_exactly_max_attempts_offers(
     assert offers == 3
     failed = [detail for _, to, detail in story(app, token) if to == "failed"]
     assert failed == [f"came back with build {BUILD_OLD}; all 3 attempt(s) used"]
+
+
+def test_a_retry_waits_out_its_whole_backoff(server_factory, fleet, app):
+    """The backoff is kept to the fraction of a second (MySQL stored whole seconds once)."""
+    backoff = 1.5
+    server = server_factory(**{**FAST, "ota.retry.backoff": backoff})
+    token = fleet.add_device("me@example.com", "Farm")
+    server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
+    device = start_device(server, token, BUILD_OLD, fail="old-build")
+    try:
+        wait_until(lambda: device.logins == 2, message="the login after the first download")
+        came_back = time.monotonic()  # the attempt failed here: back on the old build
+        wait_until(lambda: len(device.ota_urls) == 2, message="the second offer")
+        waited = time.monotonic() - came_back
+    finally:
+        device.stop()
+    assert waited >= backoff - 0.1  # the polls above see each step up to 50 ms late
 
 
 def test_a_board_that_never_downloads_times_out_and_is_retried_while_online(
@@ -257,14 +275,15 @@ def test_status_detail_stop_one_and_the_cli(fast_server, fleet, app):
     assert one.exit_code == 0 and f"{token}  updated  1" in one.output
 
 
-def test_counts_and_backoff_survive_kill_9(fast_server, server_factory, fleet, app):
+def test_counts_and_backoff_survive_kill_9(server_factory, fleet, app):
+    # A backoff long enough to be caught waiting: with FAST's 0.3 s the bad
+    # board can use all its attempts between two looks.
+    fast_server = server_factory(**{**FAST, "ota.retry.backoff": 30})
     tokens = [fleet.add_device("me@example.com", "Farm") for _ in range(3)]
     fast_server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
     good = start_device(fast_server, tokens[0], BUILD_OLD)
     bad = start_device(fast_server, tokens[1], BUILD_OLD, fail="old-build")
     try:
-        # Generous waits: one run of the whole suite on a loaded 2-core machine
-        # took longer than 15 s to see the first failed attempt here.
         wait_until(lambda: device_state(app, tokens[0]).get("state") == DeviceState.UPDATED, 40)
         wait_until(lambda: device_state(app, tokens[1]).get("next_attempt_at") is not None, 40)
         bad.stop()

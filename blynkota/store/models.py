@@ -325,13 +325,14 @@ class RolloutDevice(Base):
     bytes_sent: Mapped[Optional[int]]  # of the latest download
     pending_at: Mapped[datetime] = mapped_column(default=utcnow)
     first_offered_at: Mapped[Optional[datetime]]
-    offered_at: Mapped[Optional[datetime]]
+    offered_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     downloading_at: Mapped[Optional[datetime]]
     downloaded_at: Mapped[Optional[datetime]]
     updated_at: Mapped[Optional[datetime]]  # when it reported the rollout's build
     failed_at: Mapped[Optional[datetime]]
     ended_at: Mapped[Optional[datetime]]  # cancelled or superseded
-    next_attempt_at: Mapped[Optional[datetime]]  # backoff: no offer before this
+    # backoff: no offer before this (microseconds on MySQL too: 0005)
+    next_attempt_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     cohort_bucket: Mapped[Optional[int]]  # 0-99 from the hash of token and rollout
     wave: Mapped[Optional[int]]  # the wave (1, 2, ...) in which the device joined
 

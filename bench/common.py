@@ -1,0 +1,60 @@
+"""What the benchmarks share: reading frames as a device, CPU seconds from /proc, ports."""
+
+import os
+import socket
+from pathlib import Path
+
+from blynkota.protocol import NEED_DATA, FrameReader
+
+__all__ = ["cpu_seconds", "child_pids", "free_port", "percentile", "read_frame"]
+
+
+def read_frame(sock, reader: FrameReader, timeout: float | None = None):
+    """The next frame the server sent; ConnectionError when it closed."""
+    if timeout is not None:
+        sock.settimeout(timeout)
+    while (event := reader.next_event()) is NEED_DATA:
+        data = sock.recv(4096)
+        if not data:
+            raise ConnectionError("closed")
+        reader.feed(data)
+    return event
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used (gone ones count 0)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def child_pids(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                found.append(int(entry.name))
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def percentile(values: list[float], share: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
