@@ -165,7 +165,7 @@ class DeviceSession:
         self.session_id = self.service.node.new_session_id()
         try:
             recorded = self.service.device_online(
-                identity.id, self.session_id, self.peer.rsplit(":", 1)[0], self.since
+                identity, self.session_id, self.peer.rsplit(":", 1)[0], self.since
             )
         except DATABASE_ERRORS:
             self._try_reply(event.msg_id, Status.SERVER_ERROR)

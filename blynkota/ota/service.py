@@ -40,6 +40,7 @@ from .device_states import load_tracks, move, offer_all
 from .enrolment import OnlineEnrolment
 from .errors import OtaRequestError
 from .guards import SLOT_STATES, FleetPolicy, RolloutGuards
+from .identities import IdentityCache
 from .lifecycle import RetryPolicy, UpdateLifecycle
 from .offers import DeviceIdentity, DownloadTicket, Offer, new_offer
 from .online import NoDownloadSlot, OfferDeferred, OfferFailed, OnlineDevices
@@ -110,6 +111,7 @@ class OtaService(AdminOperations):
         self.lifecycle = UpdateLifecycle(policy or RetryPolicy())
         self.guards = RolloutGuards(fleet_policy or FleetPolicy(), self.planner)
         self.enrolment = OnlineEnrolment(db, self.planner)
+        self.identities = IdentityCache()
         self._downloads: dict[int, DownloadTicket] = {}  # tracked downloads in progress here
         # Called when a download slot may have freed up; the server wakes its fill.
         self.on_slot_freed: Callable[[], None] = lambda: None
@@ -117,13 +119,23 @@ class OtaService(AdminOperations):
     # --- devices -------------------------------------------------------------
 
     def find_device(self, token: str) -> DeviceIdentity | None:
+        known = self.identities.get(token)
+        if known is not None:
+            return known
         row = self.db.run_core(
             lambda connection: connection.execute(_DEVICE_BY_TOKEN, {"token": token}).first()
         )
-        return None if row is None else DeviceIdentity(*row)
+        if row is None:
+            return None
+        identity = DeviceIdentity(*row)
+        self.identities.put(identity)
+        return identity
 
-    def device_online(self, device_id: int, session_id: int, address: str, since) -> bool:
-        return self.node.device_online(device_id, session_id, address, since)
+    def device_online(self, device: DeviceIdentity, session_id: int, address: str, since) -> bool:
+        recorded = self.node.device_online(device.id, session_id, address, since)
+        if not recorded:
+            self.identities.forget(device.token)  # a newer login, or the device is gone
+        return recorded
 
     def device_offline(self, device_id: int, session_id: int) -> None:
         self.node.device_offline(device_id, session_id)
