@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from ..cluster import ClusterNode, lock_offer_slots
@@ -154,7 +154,9 @@ class OtaService(AdminOperations):
         build = report["build"]
         bytes_written = self._bytes_written()
 
-        def work(session: Session) -> tuple[bool, Offer | None]:
+        # On a plain connection (no ORM session): the lifecycle and the planner
+        # only execute statements, and this runs at every device login.
+        def work(session: Connection) -> tuple[bool, Offer | None]:
             now = utcnow()
             # Attempts first, the device row last: every writer locks the
             # rollout row before the device's, so they queue instead of deadlocking.
@@ -173,7 +175,7 @@ class OtaService(AdminOperations):
             session.execute(_REPORTED, {"device": device.id, "now": now, **report})
             return settled, offer
 
-        settled, offer = self.db.run(work)
+        settled, offer = self.db.run_core(work)
         if settled:
             self.on_slot_freed()
         return offer

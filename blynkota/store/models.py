@@ -323,15 +323,18 @@ class RolloutDevice(Base):
     already_current: Mapped[bool] = mapped_column(default=False)
     last_error: Mapped[Optional[str]] = mapped_column(String(255))
     bytes_sent: Mapped[Optional[int]]  # of the latest download
-    pending_at: Mapped[datetime] = mapped_column(default=utcnow)
-    first_offered_at: Mapped[Optional[datetime]]
+    # Microseconds on MySQL too (0005): a backoff is kept to the fraction of a
+    # second, and the times read in the order the steps happened.
+    pending_at: Mapped[datetime] = mapped_column(PreciseDateTime, default=utcnow)
+    first_offered_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     offered_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
-    downloading_at: Mapped[Optional[datetime]]
-    downloaded_at: Mapped[Optional[datetime]]
-    updated_at: Mapped[Optional[datetime]]  # when it reported the rollout's build
-    failed_at: Mapped[Optional[datetime]]
-    ended_at: Mapped[Optional[datetime]]  # cancelled or superseded
-    # backoff: no offer before this (microseconds on MySQL too: 0005)
+    downloading_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
+    downloaded_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
+    # when it reported the rollout's build
+    updated_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
+    failed_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
+    ended_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)  # cancelled, superseded
+    # backoff: no offer before this
     next_attempt_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     cohort_bucket: Mapped[Optional[int]]  # 0-99 from the hash of token and rollout
     wave: Mapped[Optional[int]]  # the wave (1, 2, ...) in which the device joined
