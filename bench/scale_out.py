@@ -109,6 +109,14 @@ class Device:
             sock.close()
 
 
+def _other_cpu() -> tuple[float, float]:
+    """CPU seconds so far of the database server (mariadbd/mysqld) and of this client."""
+    found = subprocess.run(["pgrep", "-x", "mariadbd|mysqld"], capture_output=True, text=True)
+    database = [int(pid) for pid in found.stdout.split()]
+    times = os.times()
+    return cpu_seconds(database), times.user + times.system
+
+
 def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict:
     name = f"blynkota_bench_{uuid.uuid4().hex[:8]}"
     admin_engine = sqlalchemy.create_engine(server_url)
@@ -158,6 +166,7 @@ def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict
 
         fleet_devices = [Device(port, token) for token in tokens]
         pool = Pool(len(fleet_devices))
+        others_before = _other_cpu()
         cpu_before, started = cpu_seconds(pids), time.monotonic()
         phase_deadline = started + DEADLINE
         for device in fleet_devices:
@@ -169,7 +178,13 @@ def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict
         logged_in = [d.logged_in_at for d in fleet_devices if d.logged_in_at]
         storm_seconds = max(logged_in) - started if logged_in else float("nan")
         storm_cpu = cpu_seconds(pids) - cpu_before
-        print(f"  storm: {len(logged_in)} logged in, {storm_seconds:.1f} s", flush=True)
+        database_cpu, client_cpu = (a - b for a, b in zip(_other_cpu(), others_before, strict=True))
+        print(
+            f"  storm: {len(logged_in)} logged in, {storm_seconds:.1f} s; CPU s: device "
+            f"processes {storm_cpu:.1f}, database server {database_cpu:.1f}, this client "
+            f"{client_cpu:.1f} (of {2 * storm_seconds:.0f} on 2 cores)",
+            flush=True,
+        )
 
         # ?token= served by a process that holds no device (this one, as a
         # gunicorn web process would): the holding node sends the ota.

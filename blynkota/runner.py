@@ -39,6 +39,7 @@ log = logging.getLogger("blynkota")
 
 ADMIN_CONNECTIONS = 100
 FILL_MIN_GAP = 0.05  # seconds between two fills woken by freed download slots
+FILL_BATCH = 500  # offers claimed in one transaction
 RECONCILE_EVERY = 5  # heartbeats between two presence reconciliations
 MAX_BACKOFF = 30.0  # seconds a clock waits at most while the database is away
 SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
@@ -246,7 +247,11 @@ class BlynkotaServer:
 
     def _fill_forever(self) -> None:
         def tick() -> None:
-            if self.service.fill():
+            sent = self.service.fill(FILL_BATCH)
+            if sent >= FILL_BATCH:
+                self._wake_fill.set()  # a full batch: more are waiting (now=true), go on
+                gevent.sleep(0)
+            elif sent:
                 gevent.sleep(FILL_MIN_GAP)  # slots free up in bursts: one fill serves them
 
         self._run_clock("offer fill", self.settings.node_poll_interval, self._wake_fill, tick)
