@@ -17,7 +17,8 @@ from blynkota.protocol import (
     encode_ping,
 )
 
-from .devices import BUILD_OLD, TOKEN, RawDevice
+from .devices import BUILD_NEW, BUILD_OLD, TOKEN, RawDevice
+from .images import esp8266_image
 from .servers import ServerProcess
 
 
@@ -286,3 +287,30 @@ def test_out_of_file_descriptors_the_server_pauses_accepting_and_recovers(tmp_pa
         assert "Traceback" not in server.log()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_full_house_of_devices_leaves_room_for_downloads(server_factory, fleet):
+    server = server_factory(**{"hardware.max.connections": 3})
+    tokens = [fleet.add_device("owner@example.com", "Farm") for _ in range(4)]
+    path = server.upload("/admin/ota/start?queue=true", esp8266_image(BUILD_NEW)).text.strip()
+    present = [RawDevice(server.http_port) for _ in range(3)]
+    for device, token in zip(present, tokens, strict=False):
+        assert device.log_in(token) == (Response(1, Status.OK), Response(2, Status.OK))
+    extra = RawDevice(server.http_port)
+    extra.send(encode_login(tokens[3], 1))
+    assert extra.closed_within(5)  # closed unanswered: it comes back later
+    assert "3 devices connected (hardware.max.connections)" in server.log()
+    download = server.admin("GET", path, auth=None, secure=False)
+    assert download.status == 200 and download.body == esp8266_image(BUILD_NEW)
+    present[0].close()
+    answer, deadline = None, time.monotonic() + 10
+    while answer != (Response(1, Status.OK), Response(2, Status.OK)):
+        assert time.monotonic() < deadline, "a freed place was never taken"
+        again = RawDevice(server.http_port)
+        try:
+            answer = again.log_in(tokens[3])  # as the library does: try again
+        except OSError:
+            answer = None
+        if answer != (Response(1, Status.OK), Response(2, Status.OK)):
+            time.sleep(0.1)

@@ -17,7 +17,7 @@ import gevent
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
-__all__ = ["HTTP_IDLE_TIMEOUT", "SharedPortServer", "looks_like_http"]
+__all__ = ["HTTP_IDLE_TIMEOUT", "HTTP_RESERVE", "SharedPortServer", "looks_like_http"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,10 @@ HTTP_METHODS = (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"PATC")
 _SNIFF_BYTES = 4
 _SNIFF_RETRY = 0.02
 HTTP_IDLE_TIMEOUT = 60.0  # an HTTP client silent this long (slowloris) is dropped
+# Connections beyond hardware.max.connections kept for HTTP (firmware downloads)
+# and for connections not sniffed yet: a full house of devices must not stop
+# the devices' own updates from downloading.
+HTTP_RESERVE = 256
 ACCEPT_PAUSE = 0.5  # seconds without accepting once the process is out of file descriptors
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -51,7 +55,7 @@ class SharedPortServer(WSGIServer):
         super().__init__(
             listener,
             application,
-            spawn=Pool(max_connections),
+            spawn=Pool(max_connections + HTTP_RESERVE),
             log=logging.getLogger("blynkota.http"),
             error_log=logging.getLogger("blynkota.http"),
             environ={"SERVER_NAME": "blynkota"},
@@ -61,6 +65,9 @@ class SharedPortServer(WSGIServer):
         # Answers firmware requests itself; False hands the rest to WSGI, unread.
         self.file_sender = file_sender
         self._descriptors_warned = -1e9
+        self.max_devices = max_connections
+        self.devices = 0  # device sessions running now
+        self._full_warned = -1e9
 
     def do_read(self):
         """Accept one connection; out of file descriptors, pause instead of spinning.
@@ -99,11 +106,28 @@ class SharedPortServer(WSGIServer):
                 if self.file_sender is None or not self.file_sender(sock, address):
                     super().handle(sock, address)
             elif kind is False:
-                self.device_handler(sock, address)
+                self._serve_device(sock, address)
         except OSError as error:
             log.info("connection %s:%s lost before it said anything (%s)", *address[:2], error)
         finally:
             sock.close()
+
+    def _serve_device(self, sock, address) -> None:
+        if self.devices >= self.max_devices:
+            now = time.monotonic()
+            if now - self._full_warned > 10:
+                self._full_warned = now
+                log.warning(
+                    "%d devices connected (hardware.max.connections): closing new ones, "
+                    "which come back later",
+                    self.devices,
+                )
+            return  # closed by handle(): the device's library tries again
+        self.devices += 1
+        try:
+            self.device_handler(sock, address)
+        finally:
+            self.devices -= 1
 
     def _sniff(self, sock) -> bool | None:
         deadline = time.monotonic() + self.sniff_timeout
