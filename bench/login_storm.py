@@ -1,6 +1,8 @@
 """Login storm: N devices log in and report at once; how does that compare to bare TCP?
 
-Run by hand: `python bench/login_storm.py [--devices 2000] [--db-url URL]`.
+Run by hand: `python bench/login_storm.py [--devices 2000] [--db-url URL] [--campaign]`
+(`--campaign`: an all-devices rollout is active, so every login is also
+offered the update: its offer recorded, then the `ota` frame written).
 Prints, for the same server in the same run:
 - the time for N plain TCP connect/close to port 8080 (the reference),
 - the time for N full logins (HW_LOGIN + info message, both answered),
@@ -35,6 +37,7 @@ from blynkota.protocol import (  # noqa: E402
     encode_ping,
 )
 from blynkota.store import upgrade  # noqa: E402
+from tests.images import esp8266_image  # noqa: E402
 from tests.servers import ServerProcess  # noqa: E402
 
 DEADLINE = 120.0
@@ -133,6 +136,7 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--db-url", default=None)
+    parser.add_argument("--campaign", action="store_true", help="offer every device an update")
     arguments = parser.parse_args()
     count = arguments.devices
 
@@ -142,8 +146,10 @@ def main() -> int:
         app = create_app({"db.url": db_url, "data.folder": folder})
         fleet = app.extensions["blynkota.fleet"]
         tokens = [fleet.add_device("bench@example.com", "Bench") for _ in range(count)]
-        server = ServerProcess(Path(folder), db_url).start()
+        server = ServerProcess(Path(folder), db_url, **{"ota.max.concurrent": count}).start()
         try:
+            if arguments.campaign:
+                server.upload("/admin/ota/start?queue=true", esp8266_image("Mar  3 2019 03:03:03"))
             port = server.http_port
             baseline_rss = rss_kib(server.process.pid)
             reference = timed_storm(bare_connect, [(port,)] * count, arguments.concurrency)

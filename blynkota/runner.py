@@ -117,7 +117,7 @@ class BlynkotaServer:
         self._stopping = False
         self._wake_fill = Event()
         self._wake_presence = Event()
-        self.service.on_slot_freed = self._wake_fill.set
+        self.service.wake_fill = self._wake_fill.set
         self.db.health.recovered = self._wake_presence.set
         self._clocks: list[gevent.Greenlet] = []
 

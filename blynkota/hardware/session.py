@@ -25,7 +25,7 @@ from gevent.lock import Semaphore
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from ..ota import DeviceIdentity, OfferDeferred, OfferFailed, OnlineDevices, OtaService
+from ..ota import DeviceIdentity, OfferFailed, OnlineDevices, OtaService
 from ..protocol import (
     NEED_DATA,
     FrameReader,
@@ -203,18 +203,12 @@ class DeviceSession:
         self._reply(event.msg_id, Status.OK)
         self.machine.advance("info answered")
         try:
-            offer = self.service.device_reported(self.identity, info)
+            if self.service.device_reported(self.identity, info):
+                log.debug("device %s: update due, offered with the next batch", self.token)
         except DATABASE_ERRORS:
             # Answered already; the report is lost, so the device reconnects and repeats it.
             self._try_reply(event.msg_id, Status.SERVER_ERROR)
             raise
-        if offer is not None:
-            try:
-                self.service.send_offer(offer)
-            except OfferDeferred as reason:
-                log.debug("device %s: update waits: %s", self.token, reason)
-            except OfferFailed as error:
-                log.warning("device %s: update not offered: %s", self.token, error)
 
     # --- DeviceLink, called from other greenlets too ---------------------------
 

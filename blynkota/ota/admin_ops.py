@@ -144,7 +144,7 @@ class AdminOperations:
 
     def resume(self, rollout_id: int, admin: str) -> dict:
         summary = self._change(rollout_id, lambda s, r: self.planner.resume(s, r, admin))
-        self.on_slot_freed()  # pending devices may be offered again
+        self.wake_fill()  # pending devices may be offered again
         return summary
 
     def expand(self, rollout_id: int, percent: int, admin: str) -> dict:

@@ -16,9 +16,8 @@ through the database alone.
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from ..cluster import ClusterNode, lock_offer_slots
@@ -35,16 +34,17 @@ from ..store import (
     utcnow,
 )
 from .admin_ops import AdminOperations
+from .batch_offers import BatchOffers
 from .catalog import FirmwareCatalog, FirmwareFile
-from .device_states import load_tracks, move, offer_all
+from .device_states import load_tracks, move
 from .enrolment import OnlineEnrolment
 from .errors import OtaRequestError
 from .guards import SLOT_STATES, FleetPolicy, RolloutGuards
 from .identities import IdentityCache
 from .lifecycle import RetryPolicy, UpdateLifecycle
-from .offers import DeviceIdentity, DownloadTicket, Offer, new_offer
+from .offers import DeviceIdentity, DownloadTicket, Offer
 from .online import NoDownloadSlot, OfferDeferred, OfferFailed, OnlineDevices
-from .rollouts import RolloutPlanner, RunningRollouts
+from .rollouts import RolloutPlanner
 
 __all__ = ["DeviceIdentity", "DownloadTicket", "Offer", "OtaRequestError", "OtaService"]
 
@@ -82,16 +82,6 @@ _REPORTED = (
 NO_SLOT = "no download slot free (ota.max.concurrent)"
 
 
-@dataclass(frozen=True)
-class _Waiting:
-    """A pending device connected here, as `fill` found it."""
-
-    row_id: int
-    rollout_id: int
-    device: DeviceIdentity
-    link: object  # its session (a DeviceLink): builds and takes the frame
-
-
 class OtaService(AdminOperations):
     def __init__(
         self,
@@ -111,10 +101,12 @@ class OtaService(AdminOperations):
         self.lifecycle = UpdateLifecycle(policy or RetryPolicy())
         self.guards = RolloutGuards(fleet_policy or FleetPolicy(), self.planner)
         self.enrolment = OnlineEnrolment(db, self.planner)
+        self.batches = BatchOffers(db, self.guards, online, node, self._offer_undelivered)
         self.identities = IdentityCache()
         self._downloads: dict[int, DownloadTicket] = {}  # tracked downloads in progress here
-        # Called when a download slot may have freed up; the server wakes its fill.
-        self.on_slot_freed: Callable[[], None] = lambda: None
+        # Called when pending devices here may be offered (a download slot
+        # freed, a device became due at login): the server wakes its fill.
+        self.wake_fill: Callable[[], None] = lambda: None
 
     # --- devices -------------------------------------------------------------
 
@@ -140,11 +132,14 @@ class OtaService(AdminOperations):
     def device_offline(self, device_id: int, session_id: int) -> None:
         self.node.device_offline(device_id, session_id)
 
-    def device_reported(self, device: DeviceIdentity, info: dict[str, str]) -> Offer | None:
+    def device_reported(self, device: DeviceIdentity, info: dict[str, str]) -> bool:
         """Record an info message (a full report: missing keys are stored as NULL).
 
-        Ends the device's open attempts (updated, or failed with the reason) and
-        returns the offer now due, if any.
+        Ends the device's open attempts (updated, or failed with the reason)
+        and enters the device in its rollout. True if an offer is due: the
+        device's row is pending, and this node's fill claims it with whatever
+        else is due (batch_offers.py), so a login storm's offers share a few
+        transactions instead of taking the offer lock one by one.
         """
         report = {column: (info.get(key) or None) for key, column in _INFO_COLUMNS.items()}
         limits = {column: Device.__table__.c[column].type.length for column in report}
@@ -156,14 +151,14 @@ class OtaService(AdminOperations):
 
         # On a plain connection (no ORM session): the lifecycle and the planner
         # only execute statements, and this runs at every device login.
-        def work(session: Connection) -> tuple[bool, Offer | None]:
+        def work(session: Connection) -> tuple[bool, bool]:
             now = utcnow()
             # Attempts first, the device row last: every writer locks the
             # rollout row before the device's, so they queue instead of deadlocking.
             settled = self.lifecycle.resolve_in_flight(
                 session, device.id, build, now, bytes_written
             )
-            offer = None
+            due = False
             candidate = self.planner.rollout_for(
                 session, device_id=device.id, project_id=device.project_id, user_id=device.user_id
             )
@@ -171,14 +166,14 @@ class OtaService(AdminOperations):
                 track = self.lifecycle.row_to_offer(
                     session, device.id, device.token, build, candidate, now
                 )
-                offer = None if track is None else new_offer(candidate, device)
+                due = track is not None
             session.execute(_REPORTED, {"device": device.id, "now": now, **report})
-            return settled, offer
+            return settled, due
 
-        settled, offer = self.db.run_core(work)
-        if settled:
-            self.on_slot_freed()
-        return offer
+        settled, due = self.db.run_core(work)
+        if settled or due:
+            self.wake_fill()
+        return due
 
     def _claim_offer(self, offer: Offer, url: str) -> str | None:
         """Journal the offer and count the attempt, if the rollout may offer now.
@@ -332,7 +327,7 @@ class OtaService(AdminOperations):
             return False
 
         if self.db.run(work):
-            self.on_slot_freed()
+            self.wake_fill()
 
     def _bytes_written(self) -> dict[int, int]:
         return {row_id: ticket.written_until for row_id, ticket in self._downloads.items()}
@@ -362,162 +357,17 @@ class OtaService(AdminOperations):
 
         timed_out, grown = self.db.run(work)
         if timed_out:
-            self.on_slot_freed()
+            self.wake_fill()
         entered = sum(self.enrol_online(rollout_id) for rollout_id in grown)
         return timed_out, entered
 
     def fill(self, limit: int = 500) -> int:
-        """Offer the pending devices connected to this node, while slots are free.
-
-        Retries whose backoff ended, devices that waited for a slot, devices
-        entered by now=true, expand, resume or a ?token= request served by
-        another process. The batch is claimed in one transaction (offers.py's
-        rules, for many devices at once), then the frames are written.
-        Returns the number of offers sent.
-        """
-        node_id = self.node.id
-
-        def due(session: Session) -> list:
-            budget = self.guards.free_slots(session)
-            if budget <= 0:
-                return []
-            now = utcnow()
-            return session.execute(
-                select(
-                    RolloutDevice.id,
-                    RolloutDevice.rollout_id,
-                    Device.id,
-                    Device.token,
-                    Device.project_id,
-                    Project.user_id,
-                )
-                .join(Device, Device.id == RolloutDevice.device_id)
-                .join(Project, Project.id == Device.project_id)
-                .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
-                .where(
-                    RolloutDevice.state == DeviceState.PENDING,
-                    (RolloutDevice.next_attempt_at.is_(None))
-                    | (RolloutDevice.next_attempt_at <= now),
-                    Rollout.state == RolloutState.ACTIVE,
-                    Device.node_id == node_id,
-                )
-                .order_by(RolloutDevice.pending_at, RolloutDevice.id)
-                .limit(min(limit, 2 * budget + 10))
-            ).all()
-
-        ready = []
-        for row_id, rollout_id, device_id, token, project_id, user_id in self.db.run(due):
-            link = self.online.get_ready(token)
-            if link is None:
-                continue  # not yet answered its info message: offered at login
-            device = DeviceIdentity(device_id, token, project_id, user_id)
-            ready.append(_Waiting(row_id, rollout_id, device, link))
-        if not ready:
-            return 0
-        claimed = self.db.run(lambda session: self._claim_batch(session, ready))
-        sent = 0
-        for waiting, offer, frame in claimed:
-            try:
-                waiting.link.write_frame(frame)
-            except OfferFailed as error:
-                self._offer_undelivered(offer, str(error))
-                log.warning("device %s: not offered: %s", offer.token, error)
-                continue
-            log.info("device %s: sent ota %s", offer.token, offer.url_path)
-            sent += 1
-        return sent
-
-    def _claim_batch(self, session: Session, waiting: list["_Waiting"]) -> list:
-        """Offers for as many of `waiting` as the download slots allow, recorded.
-
-        The same rules as one device's offer: the rollout must be active and
-        healthy, still the device's most specific one, the device not on the
-        target already, its row pending and due. Rows are locked while they
-        are judged; the offer-slots lock makes the slot count hold across
-        processes.
-        """
-        now = utcnow()
-        rollouts = {
-            rollout.id: rollout
-            for rollout in session.scalars(
-                select(Rollout).where(Rollout.id.in_({w.rollout_id for w in waiting}))
-            )
-        }
-        # Judged before the lock, as for one offer: it reads every finished device.
-        healthy = {
-            rollout_id
-            for rollout_id, rollout in rollouts.items()
-            if rollout.state == RolloutState.ACTIVE
-            and not self.guards.check_health(session, rollout)
-        }
-        lock_offer_slots(session)
-        running = RunningRollouts(session)
-        free = {rollout_id: self.guards.free_slots(session, rollout_id) for rollout_id in healthy}
-        server_free = self.guards.free_slots(session)
-        tracks = {
-            track.id: track
-            for track in load_tracks(
-                session,
-                RolloutDevice.id.in_([w.row_id for w in waiting]),
-                RolloutDevice.state == DeviceState.PENDING,
-                for_update=True,
-            )
-        }
-        builds = dict(
-            session.execute(
-                select(Device.id, Device.build).where(Device.id.in_([w.device.id for w in waiting]))
-            ).all()
-        )
-        chosen, offers = [], []
-        for item in waiting:
-            track = tracks.get(item.row_id)
-            if track is None or item.rollout_id not in healthy:
-                continue
-            if track.next_attempt_at is not None and track.next_attempt_at > now:
-                continue
-            device = item.device
-            candidate = running.rollout_for(
-                device_id=device.id, project_id=device.project_id, user_id=device.user_id
-            )
-            if candidate is None or candidate.rollout_id != item.rollout_id:
-                continue  # a more specific rollout took over
-            if candidate.build is not None and builds.get(device.id) == candidate.build:
-                move(session, track, DeviceState.UPDATED, now)
-                continue
-            if server_free <= 0:
-                break
-            if free[item.rollout_id] <= 0:
-                continue
-            offer = new_offer(candidate, device)
-            try:
-                url, frame = item.link.ota_frame(offer.url_path)
-            except OfferFailed:
-                continue  # the connection closed meanwhile: offered at its next login
-            free[item.rollout_id] -= 1
-            server_free -= 1
-            chosen.append((item, offer, frame))
-            offers.append((track, url))
-        offer_all(session, offers, now)
-        if offers:
-            session.execute(
-                insert(OtaCommand),
-                [
-                    {
-                        "device_id": offer.device_id,
-                        "firmware_id": offer.firmware_id,
-                        "rollout_id": offer.rollout_id,
-                        "url": url[:255],
-                        "sent_at": now,
-                        "offer_key": offer.key,
-                    }
-                    for (_, offer, _), (_, url) in zip(chosen, offers, strict=True)
-                ],
-            )
-        return chosen
+        """Offer the pending devices connected to this node, in batches (batch_offers.py)."""
+        return self.batches.fill(limit)
 
     def enrol_online(self, rollout_id: int) -> int:
         """now=true, expand, a grown wave: connected devices enter (enrolment.py)."""
         entered = self.enrolment.enter_connected(rollout_id)
         if entered:
-            self.on_slot_freed()
+            self.wake_fill()
         return entered

@@ -1,0 +1,204 @@
+"""Pending devices connected to this node, offered in batches.
+
+What `fill` finds: retries whose backoff ended, devices that waited for a
+download slot, devices entered by now=true, expand, resume or a ?token=
+request served by another process. One transaction claims as many of them
+as the slots allow, by the same rules as one device's offer at login
+(service.py), then the frames are written: a campaign to ten thousand
+connected devices is a few dozen transactions, not forty thousand.
+"""
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from ..cluster import ClusterNode, lock_offer_slots
+from ..store import (
+    Database,
+    Device,
+    DeviceState,
+    OtaCommand,
+    Project,
+    Rollout,
+    RolloutDevice,
+    RolloutState,
+    utcnow,
+)
+from .device_states import load_tracks, move, offer_all
+from .guards import RolloutGuards
+from .offers import DeviceIdentity, Offer, new_offer
+from .online import OfferFailed, OnlineDevices
+from .rollouts import RunningRollouts
+
+__all__ = ["BatchOffers"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """A pending device connected here, as `fill` found it."""
+
+    row_id: int
+    rollout_id: int
+    device: DeviceIdentity
+    link: object  # its session (a DeviceLink): builds and takes the frame
+
+
+class BatchOffers:
+    def __init__(
+        self,
+        db: Database,
+        guards: RolloutGuards,
+        online: OnlineDevices,
+        node: ClusterNode,
+        undelivered: Callable[[Offer, str], None],
+    ) -> None:
+        self.db, self.guards, self.online, self.node = db, guards, online, node
+        self._undelivered = undelivered  # an offer whose frame could not be written
+
+    def fill(self, limit: int) -> int:
+        """Offer the pending devices connected to this node, while slots are free;
+        the number of offers sent."""
+        node_id = self.node.id
+
+        def due(session: Session) -> list:
+            budget = self.guards.free_slots(session)
+            if budget <= 0:
+                return []
+            now = utcnow()
+            return session.execute(
+                select(
+                    RolloutDevice.id,
+                    RolloutDevice.rollout_id,
+                    Device.id,
+                    Device.token,
+                    Device.project_id,
+                    Project.user_id,
+                )
+                .join(Device, Device.id == RolloutDevice.device_id)
+                .join(Project, Project.id == Device.project_id)
+                .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
+                .where(
+                    RolloutDevice.state == DeviceState.PENDING,
+                    (RolloutDevice.next_attempt_at.is_(None))
+                    | (RolloutDevice.next_attempt_at <= now),
+                    Rollout.state == RolloutState.ACTIVE,
+                    Device.node_id == node_id,
+                )
+                .order_by(RolloutDevice.pending_at, RolloutDevice.id)
+                .limit(min(limit, 2 * budget + 10))
+            ).all()
+
+        ready = []
+        for row_id, rollout_id, device_id, token, project_id, user_id in self.db.run(due):
+            link = self.online.get_ready(token)
+            if link is None:
+                continue  # not yet answered its info message: offered at login
+            device = DeviceIdentity(device_id, token, project_id, user_id)
+            ready.append(_Waiting(row_id, rollout_id, device, link))
+        if not ready:
+            return 0
+        claimed = self.db.run(lambda session: self._claim_batch(session, ready))
+        sent = 0
+        for waiting, offer, frame in claimed:
+            try:
+                waiting.link.write_frame(frame)
+            except OfferFailed as error:
+                self._undelivered(offer, str(error))
+                log.warning("device %s: not offered: %s", offer.token, error)
+                continue
+            log.info("device %s: sent ota %s", offer.token, offer.url_path)
+            sent += 1
+        return sent
+
+    def _claim_batch(self, session: Session, waiting: list["_Waiting"]) -> list:
+        """Offers for as many of `waiting` as the download slots allow, recorded.
+
+        The same rules as one device's offer: the rollout must be active and
+        healthy, still the device's most specific one, the device not on the
+        target already, its row pending and due. Rows are locked while they
+        are judged; the offer-slots lock makes the slot count hold across
+        processes.
+        """
+        now = utcnow()
+        rollouts = {
+            rollout.id: rollout
+            for rollout in session.scalars(
+                select(Rollout).where(Rollout.id.in_({w.rollout_id for w in waiting}))
+            )
+        }
+        # Judged before the lock, as for one offer: it reads every finished device.
+        healthy = {
+            rollout_id
+            for rollout_id, rollout in rollouts.items()
+            if rollout.state == RolloutState.ACTIVE
+            and not self.guards.check_health(session, rollout)
+        }
+        lock_offer_slots(session)
+        running = RunningRollouts(session)
+        free = {rollout_id: self.guards.free_slots(session, rollout_id) for rollout_id in healthy}
+        server_free = self.guards.free_slots(session)
+        tracks = {
+            track.id: track
+            for track in load_tracks(
+                session,
+                RolloutDevice.id.in_([w.row_id for w in waiting]),
+                RolloutDevice.state == DeviceState.PENDING,
+                for_update=True,
+            )
+        }
+        builds = dict(
+            session.execute(
+                select(Device.id, Device.build).where(Device.id.in_([w.device.id for w in waiting]))
+            ).all()
+        )
+        chosen, offers = [], []
+        for item in waiting:
+            track = tracks.get(item.row_id)
+            if track is None or item.rollout_id not in healthy:
+                continue
+            if track.next_attempt_at is not None and track.next_attempt_at > now:
+                continue
+            device = item.device
+            candidate = running.rollout_for(
+                device_id=device.id, project_id=device.project_id, user_id=device.user_id
+            )
+            if candidate is None or candidate.rollout_id != item.rollout_id:
+                continue  # a more specific rollout took over
+            if candidate.build is not None and builds.get(device.id) == candidate.build:
+                move(session, track, DeviceState.UPDATED, now)
+                continue
+            if server_free <= 0:
+                break
+            if free[item.rollout_id] <= 0:
+                continue
+            offer = new_offer(candidate, device)
+            try:
+                url, frame = item.link.ota_frame(offer.url_path)
+            except OfferFailed:
+                continue  # the connection closed meanwhile: offered at its next login
+            free[item.rollout_id] -= 1
+            server_free -= 1
+            chosen.append((item, offer, frame))
+            offers.append((track, url))
+        offer_all(session, offers, now)
+        if offers:
+            session.execute(
+                insert(OtaCommand),
+                [
+                    {
+                        "device_id": offer.device_id,
+                        "firmware_id": offer.firmware_id,
+                        "rollout_id": offer.rollout_id,
+                        "url": url[:255],
+                        "sent_at": now,
+                        "offer_key": offer.key,
+                    }
+                    for (_, offer, _), (_, url) in zip(chosen, offers, strict=True)
+                ],
+            )
+        return chosen
