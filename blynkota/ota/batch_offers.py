@@ -30,7 +30,7 @@ from ..store import (
 from .device_states import load_tracks, move, offer_all
 from .guards import RolloutGuards
 from .offers import DeviceIdentity, Offer, new_offer
-from .online import OfferFailed, OnlineDevices
+from .online import DeviceLink, OfferFailed, OnlineDevices
 from .rollouts import RunningRollouts
 
 __all__ = ["BatchOffers"]
@@ -45,7 +45,7 @@ class _Waiting:
     row_id: int
     rollout_id: int
     device: DeviceIdentity
-    link: object  # its session (a DeviceLink): builds and takes the frame
+    link: DeviceLink  # its session: builds the frame and takes it
 
 
 class BatchOffers:
