@@ -3,6 +3,7 @@
 import hashlib
 import re
 import socket
+import time
 
 import pytest
 import sqlalchemy
@@ -219,3 +220,16 @@ def test_odd_requests_get_flasks_answer(server, uploaded, header, status):
         f"GET {path} HTTP/1.1\r\nHost: x\r\n{header}\r\nConnection: close\r\n\r\n{body}",
     )
     assert head.split(b" ")[1] == status
+
+
+def test_a_request_head_that_arrives_in_pieces_is_answered(server, uploaded):
+    path, image = uploaded
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHo".encode())
+        time.sleep(0.3)  # a slow client: the server waits for the rest of the head
+        sock.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and body == image

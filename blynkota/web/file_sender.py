@@ -39,7 +39,8 @@ log = logging.getLogger("blynkota.http")
 
 HEAD_LIMIT = 8192  # bytes of request line and headers; a longer head goes to WSGI
 SEND_CHUNK = 1 << 20  # bytes per sendfile call at most, then other greenlets get a turn
-_PEEK_WAIT = 0.02  # seconds between peeks while a head is incomplete
+_PEEK_WAIT = 0.01  # seconds before the second peek at an incomplete head...
+_PEEK_WAIT_MAX = 0.5  # ...doubling up to this: a slow client costs few wake-ups
 
 _REQUEST_LINE = re.compile(
     rb"(GET|HEAD) (/static/ota/([0-9a-f]{24})\.bin)(?:\?([^ #]*))? HTTP/1\.([01])"
@@ -202,6 +203,7 @@ class FirmwareSender:
     def _peek_head(self, sock) -> bytes | None:
         """The request head (through the blank line), left in the socket; None if closed."""
         deadline = time.monotonic() + self.idle_timeout
+        wait = _PEEK_WAIT
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -220,7 +222,10 @@ class FirmwareSender:
                 raise _HandOver
             if not _REQUEST_LINE.match(data) and b"\r\n" in data:
                 raise _HandOver  # not ours, whatever the rest says
-            gevent.sleep(_PEEK_WAIT)  # the rest of the head is on its way
+            # The rest of the head is on its way. A peek leaves the socket
+            # readable, so waiting for readability would spin: sleep instead.
+            gevent.sleep(wait)
+            wait = min(2 * wait, _PEEK_WAIT_MAX)
 
 
 class _Request:
