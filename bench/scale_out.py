@@ -4,6 +4,7 @@ Run by hand against a MariaDB/MySQL server (each run gets a fresh database):
 
     python bench/scale_out.py [--devices 10000] [--processes 1,2,3]
         [--mysql mysql+pymysql://root@127.0.0.1:3306/]
+    python bench/scale_out.py --sqlite [--devices 10000]   # one process, SQLite
 
 For each process count it starts `python wsgi.py devices --workers N` (the
 Procfile's `devices:` line: N processes sharing the device port with
@@ -118,11 +119,17 @@ def _other_cpu() -> tuple[float, float]:
 
 
 def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict:
+    """One run; `server_url` "sqlite" runs the embedded default, one process, on SQLite."""
+    sqlite = server_url == "sqlite"
     name = f"blynkota_bench_{uuid.uuid4().hex[:8]}"
-    admin_engine = sqlalchemy.create_engine(server_url)
-    with admin_engine.connect() as connection:
-        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-    url = sqlalchemy.engine.make_url(server_url).set(database=name).render_as_string(False)
+    if sqlite:
+        admin_engine = None
+        url = f"sqlite:///{folder / name}.db"
+    else:
+        admin_engine = sqlalchemy.create_engine(server_url)
+        with admin_engine.connect() as connection:
+            connection.execute(sqlalchemy.text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+        url = sqlalchemy.engine.make_url(server_url).set(database=name).render_as_string(False)
     process = None
     try:
         upgrade(url)
@@ -136,7 +143,7 @@ def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict
             connection.execute(
                 sqlalchemy.text(
                     "INSERT INTO devices (project_id, name, token, created_at) "
-                    "VALUES (:p, '', :t, NOW())"
+                    "VALUES (:p, '', :t, CURRENT_TIMESTAMP)"
                 ),
                 [{"p": project, "t": token} for token in tokens[1:]],
             )
@@ -147,12 +154,13 @@ def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict
             f"db.url={url}\nhardware.max.connections=30000\nota.max.concurrent=1000000\n"
             f"db.pool.size={max(10, 90 // processes)}\nlog.level=WARNING\n"
             "hard.socket.idle.timeout=30\n"
+            f"https.port={free_port()}\n"
         )
+        # SQLite: `python wsgi.py`, everything in one process; else the devices role.
+        role = [] if sqlite else ["devices", "--workers", str(processes)]
         process = subprocess.Popen(
-            [sys.executable, "wsgi.py", "-serverConfig", str(properties), "devices",
-             "--workers", str(processes)],
-            cwd=ROOT,
-        )  # fmt: skip
+            [sys.executable, "wsgi.py", "-serverConfig", str(properties), *role], cwd=ROOT
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with engine.connect() as connection:
@@ -245,9 +253,10 @@ def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
-        with admin_engine.connect() as connection:
-            connection.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name}"))
-        admin_engine.dispose()
+        if admin_engine is not None:
+            with admin_engine.connect() as connection:
+                connection.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name}"))
+            admin_engine.dispose()
 
 
 def main() -> int:
@@ -255,13 +264,17 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--processes", default="1,2,3")
     parser.add_argument("--mysql", default="mysql+pymysql://root@127.0.0.1:3306/")
+    parser.add_argument(
+        "--sqlite", action="store_true", help="one process on SQLite (the embedded default)"
+    )
     arguments = parser.parse_args()
-    counts = [int(part) for part in arguments.processes.split(",")]
+    counts = [1] if arguments.sqlite else [int(part) for part in arguments.processes.split(",")]
+    server_url = "sqlite" if arguments.sqlite else arguments.mysql
     results = []
     with tempfile.TemporaryDirectory() as folder:
         for processes in counts:
             print(f"measuring {processes} device process(es), {arguments.devices} devices...")
-            results.append(measure(processes, arguments.devices, arguments.mysql, Path(folder)))
+            results.append(measure(processes, arguments.devices, server_url, Path(folder)))
     base = results[0]
     print()
     print(f"{'processes':>9} {'logins/s':>9} {'x':>5} {'storm CPU s':>11} "
