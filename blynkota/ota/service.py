@@ -7,11 +7,12 @@ must survive a restart, or hold across processes, is in the database before
 it counts: each unit of work is one transaction run by `Database.run`, which
 runs it again when it lost a race to another process.
 
-Who sends an offer: the node that holds the device's connection. At login it
-offers at once; otherwise its `fill` (run every `node.poll.interval`) finds
-the pending devices recorded on it and offers them as download slots allow.
-So an admin request served by any process reaches a device on any node
-through the database alone.
+Who sends an offer: the node that holds the device's connection, in its
+`fill` (batch_offers.py), run every `node.poll.interval` and woken when a
+login finds an update due or a download slot frees: it claims the pending
+devices recorded on it, as many as the slots allow, in one transaction. So
+an admin request served by any process reaches a device on any node through
+the database alone, and a login storm's offers share a few transactions.
 """
 
 import logging
