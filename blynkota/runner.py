@@ -31,7 +31,7 @@ from .cluster import Lease, LocalSession, default_node_name
 from .hardware import HTTP_IDLE_TIMEOUT, DeviceSession, SharedPortServer
 from .store import is_outage, upgrade
 from .tls import ensure_certificate
-from .web import FirmwareSender
+from .web import AdminHttpsServer, FirmwareSender
 
 __all__ = ["BlynkotaServer", "device_listener"]
 
@@ -175,7 +175,7 @@ class BlynkotaServer:
                 settings.admin_email,
             )
         ensure_certificate(settings.ssl_cert, settings.ssl_key)
-        self.admin_port = WSGIServer(
+        self.admin_port = AdminHttpsServer(
             (settings.listen_address, settings.https_port),
             self.app,
             keyfile=str(settings.ssl_key),

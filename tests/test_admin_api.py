@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import socket
 import ssl
+import time
 
 import gevent
 import pytest
@@ -350,3 +352,19 @@ def test_default_password_warning_only_while_it_is_in_use(tmp_path, db_url, app)
     assert admin["email"] == ADMIN_EMAIL
     assert "s3cret" not in admin["password_hash"]
     assert admin["password_hash"].startswith("scrypt:")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_clients_that_never_finish_a_tls_handshake_cannot_lock_the_admin_api_out(server):
+    # More silent TCP connections than the admin port has greenlets (100).
+    silent = [socket.create_connection(("127.0.0.1", server.https_port)) for _ in range(120)]
+    try:
+        started = time.monotonic()
+        answer = server.admin("GET", "/admin/ota/status")
+        assert answer.status == 200
+        assert time.monotonic() - started < 15  # the handshake deadline (5 s) freed the pool
+    finally:
+        for sock in silent:
+            sock.close()
+    wait_until(lambda: "no TLS session" in server.log(), message="the handshake deadline")
+    assert "Traceback" not in server.log()

@@ -6,9 +6,10 @@ from werkzeug.exceptions import HTTPException
 from .admin import admin
 from .downloads import downloads
 from .file_sender import FirmwareSender
+from .https_server import AdminHttpsServer
 from .proxies import TrustedProxies
 
-__all__ = ["FirmwareSender", "init_app"]
+__all__ = ["AdminHttpsServer", "FirmwareSender", "init_app"]
 
 
 def _one_line_error(error: HTTPException) -> Response:
