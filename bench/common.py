@@ -2,11 +2,12 @@
 
 import os
 import socket
+import time
 from pathlib import Path
 
 from blynkota.protocol import NEED_DATA, FrameReader
 
-__all__ = ["cpu_seconds", "child_pids", "free_port", "percentile", "read_frame"]
+__all__ = ["cpu_seconds", "child_pids", "free_port", "percentile", "read_frame", "wait_for_port"]
 
 
 def read_frame(sock, reader: FrameReader, timeout: float | None = None):
@@ -51,6 +52,17 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, seconds: float = 10.0) -> None:
+    """Until a server started by the bench accepts on 127.0.0.1:`port` (or `seconds` pass)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)  # nothing of the bench runs while its server starts
 
 
 def percentile(values: list[float], share: float) -> float:

@@ -37,7 +37,14 @@ from gevent import socket
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import child_pids, cpu_seconds, free_port, percentile, read_frame
+from bench.common import (
+    child_pids,
+    cpu_seconds,
+    free_port,
+    percentile,
+    read_frame,
+    wait_for_port,
+)
 from blynkota import create_app
 from blynkota.protocol import FrameReader, encode_info, encode_login, encode_ping
 from blynkota.store import upgrade
@@ -105,13 +112,7 @@ def start_nginx(folder: Path, path: str, image: bytes) -> tuple[subprocess.Popen
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            gevent.sleep(0.05)
+    wait_for_port(port)
     return process, port
 
 

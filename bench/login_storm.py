@@ -28,7 +28,7 @@ from gevent import socket
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cpu_seconds, free_port, read_frame  # noqa: E402
+from bench.common import cpu_seconds, free_port, read_frame, wait_for_port  # noqa: E402
 from blynkota import create_app  # noqa: E402
 from blynkota.protocol import (  # noqa: E402
     FrameReader,
@@ -81,13 +81,7 @@ def mosquitto_cpu(count: int, concurrency: int, folder: str) -> float | None:
         ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                gevent.sleep(0.05)
+        wait_for_port(port)
         before = cpu_seconds([broker.pid])
         timed_storm(mqtt_connect, [(port, i) for i in range(count)], concurrency)
         return cpu_seconds([broker.pid]) - before

@@ -29,6 +29,7 @@ HTTP_IDLE_TIMEOUT = 60.0  # an HTTP client silent this long (slowloris) is dropp
 # and for connections not sniffed yet: a full house of devices must not stop
 # the devices' own updates from downloading.
 HTTP_RESERVE = 256
+WARN_EVERY = 10.0  # seconds between two warnings of one overload
 ACCEPT_PAUSE = 0.5  # seconds without accepting once the process is out of file descriptors
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -64,10 +65,9 @@ class SharedPortServer(WSGIServer):
         self.sniff_timeout = sniff_timeout
         # Answers firmware requests itself; False hands the rest to WSGI, unread.
         self.file_sender = file_sender
-        self._descriptors_warned = -1e9
         self.max_devices = max_connections
         self.devices = 0  # device sessions running now
-        self._full_warned = -1e9
+        self._warned: dict[str, float] = {}  # a warning's key -> when it was last logged
 
     def do_read(self):
         """Accept one connection; out of file descriptors, pause instead of spinning.
@@ -82,18 +82,23 @@ class SharedPortServer(WSGIServer):
             if error.errno not in _OUT_OF_DESCRIPTORS:
                 raise
             reason = os.strerror(error.errno)
-        now = time.monotonic()
-        if now - self._descriptors_warned > 10:
-            self._descriptors_warned = now
-            log.warning(
-                "out of file descriptors (%s): accepting again in %.1fs; raise the open-files "
-                "limit (ulimit -n) or lower hardware.max.connections",
-                reason,
-                ACCEPT_PAUSE,
-            )
+        self._warn_now_and_then(
+            "descriptors",
+            "out of file descriptors (%s): accepting again in %.1fs; raise the open-files "
+            "limit (ulimit -n) or lower hardware.max.connections",
+            reason,
+            ACCEPT_PAUSE,
+        )
         self.stop_accepting()
         gevent.spawn_later(ACCEPT_PAUSE, self._accept_again)
         return None
+
+    def _warn_now_and_then(self, key: str, message: str, *args) -> None:
+        """One line per WARN_EVERY seconds for a condition met at every connection."""
+        now = time.monotonic()
+        if now - self._warned.get(key, -WARN_EVERY) >= WARN_EVERY:
+            self._warned[key] = now
+            log.warning(message, *args)
 
     def _accept_again(self) -> None:
         if self.started:
@@ -114,14 +119,12 @@ class SharedPortServer(WSGIServer):
 
     def _serve_device(self, sock, address) -> None:
         if self.devices >= self.max_devices:
-            now = time.monotonic()
-            if now - self._full_warned > 10:
-                self._full_warned = now
-                log.warning(
-                    "%d devices connected (hardware.max.connections): closing new ones, "
-                    "which come back later",
-                    self.devices,
-                )
+            self._warn_now_and_then(
+                "full",
+                "%d devices connected (hardware.max.connections): closing new ones, "
+                "which come back later",
+                self.devices,
+            )
             return  # closed by handle(): the device's library tries again
         self.devices += 1
         try:

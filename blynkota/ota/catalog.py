@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 # 96 random bits, hex: the served name is the only secret protecting a file.
 _NAME_BYTES = 12
 SERVED_NAME_LENGTH = 2 * _NAME_BYTES
-_KNOWN_FILES = 1024  # served names remembered per process
 
 
 @dataclass(frozen=True)
@@ -68,9 +67,6 @@ class FirmwareCatalog:
         self.db = db
         self.cache = cache
         self.validate_image = validate_image
-        # Served names never change what they name (rows are never updated or
-        # removed), so every download after the first skips the database.
-        self._files: dict[str, FirmwareFile] = {}
 
     def inspect(self, upload: Upload) -> ImageReport:
         """Raises FirmwareRejected with the reason in one sentence."""
@@ -178,9 +174,6 @@ class FirmwareCatalog:
     def file(self, name: str) -> FirmwareFile | None:
         if not _is_served_name(name):
             return None
-        known = self._files.get(name)
-        if known is not None:
-            return known
         row = self.db.run(
             lambda session: session.execute(
                 select(
@@ -188,12 +181,7 @@ class FirmwareCatalog:
                 ).where(Firmware.name == name)
             ).first()
         )
-        if row is None:
-            return None  # not cached: an upload on another node may add it any moment
-        if len(self._files) >= _KNOWN_FILES:
-            self._files.clear()
-        self._files[name] = FirmwareFile(*row)
-        return self._files[name]
+        return None if row is None else FirmwareFile(*row)
 
     def listing(self) -> list[dict]:
         with self.db.begin() as session:

@@ -64,19 +64,23 @@ _ENDED_ROLLOUT = {
     RolloutState.SUPERSEDED: DeviceState.SUPERSEDED,
 }
 
+# A device's open attempts, each with its rollout's state and target build and
+# size: read at every info message (by device) and again for the rows another
+# process moved first (by row id). Built once, on the tables.
+_rd, _rollouts, _firmware = RolloutDevice.__table__, Rollout.__table__, Firmware.__table__
 _IN_FLIGHT_WITH_TARGET = (
-    Rollout.id == RolloutDevice.rollout_id,
-    Firmware.id == Rollout.firmware_id,
-    RolloutDevice.state.in_(DeviceState.IN_FLIGHT),
+    _rollouts.c.id == _rd.c.rollout_id,
+    _firmware.c.id == _rollouts.c.firmware_id,
+    _rd.c.state.in_(DeviceState.IN_FLIGHT),
 )
-_TARGET_COLUMNS = (Rollout.state, Firmware.build, Firmware.size)
-# The first read of every info message, built once on the tables.
+_TARGET_COLUMNS = (_rollouts.c.state, _firmware.c.build, _firmware.c.size)
 _IN_FLIGHT_OF_DEVICE = tracks_query(
-    RolloutDevice.__table__.c.device_id == bindparam("device"),
-    Rollout.__table__.c.id == RolloutDevice.__table__.c.rollout_id,
-    Firmware.__table__.c.id == Rollout.__table__.c.firmware_id,
-    RolloutDevice.__table__.c.state.in_(DeviceState.IN_FLIGHT),
-    extra=(Rollout.__table__.c.state, Firmware.__table__.c.build, Firmware.__table__.c.size),
+    _rd.c.device_id == bindparam("device"), *_IN_FLIGHT_WITH_TARGET, extra=_TARGET_COLUMNS
+)
+_IN_FLIGHT_ROWS = tracks_query(
+    _rd.c.id.in_(bindparam("rows", expanding=True)),
+    *_IN_FLIGHT_WITH_TARGET,
+    extra=_TARGET_COLUMNS,
 )
 
 
@@ -107,12 +111,7 @@ class UpdateLifecycle:
                 break
             # Another process moved these first (a download that just ended):
             # decide again on the rows as they are now.
-            rows = load_tracks(
-                session,
-                RolloutDevice.id.in_(lost),
-                *_IN_FLIGHT_WITH_TARGET,
-                extra=_TARGET_COLUMNS,
-            )
+            rows = run_tracks_query(session, _IN_FLIGHT_ROWS, {"rows": lost})
         return found
 
     def _settle(

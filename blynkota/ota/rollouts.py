@@ -132,12 +132,7 @@ class RunningRollouts:
             row
             for row in self._rows
             if row.scope == RolloutScope.ALL
-            or {
-                RolloutScope.DEVICE: row.device_id,
-                RolloutScope.PROJECT: row.project_id,
-                RolloutScope.USER: row.user_id,
-            }.get(row.scope)
-            == targets.get(row.scope)
+            or getattr(row, _TARGET_COLUMN[row.scope].key) == targets[row.scope]
         )
 
 

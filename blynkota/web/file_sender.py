@@ -78,7 +78,10 @@ class FirmwareSender:
     def __init__(self, service: OtaService, *, idle_timeout: float) -> None:
         self.service = service
         self.idle_timeout = idle_timeout
-        # One descriptor per firmware file served here; bounded by the uploads.
+        # One descriptor per firmware file served here, bounded by the uploads.
+        # A served name never changes what it names (firmware rows are never
+        # updated or removed), so every download after the first skips the
+        # database. An unknown name is not remembered: another node may add it.
         self._open: dict[str, _OpenFile] = {}
 
     def serve(self, sock: socket.socket, address) -> bool:
