@@ -153,8 +153,14 @@ class DatabaseHealth:
             reason = getattr(error, "orig", None) or error
             log.error("database unreachable (%s): devices are refused until it returns", reason)
 
-    def succeeded(self) -> None:
-        if self.down_since is not None:
+    def succeeded(self, started: float) -> None:
+        """A unit of work that began at `started` (monotonic) went through.
+
+        Only one that began after the outage was noticed proves the database
+        is back: one already under way before the cut may still finish on a
+        connection that was open, and would announce a recovery that is not.
+        """
+        if self.down_since is not None and started > self.down_since:
             seconds = time.monotonic() - self.down_since
             self.down_since = None
             log.warning("database reachable again after %.1f s", seconds)
@@ -190,6 +196,7 @@ class Database:
 
     def _retried(self, transaction: Callable[[], AbstractContextManager], work, retries: int):
         for attempt in range(retries):
+            started = time.monotonic()
             try:
                 with transaction() as handle:
                     result = work(handle)
@@ -203,7 +210,7 @@ class Database:
                 time.sleep(random.uniform(0, 0.005 * 2**attempt))  # yields under gevent
                 continue
             if self.health.down:
-                self.health.succeeded()
+                self.health.succeeded(started)
             return result
         raise AssertionError("unreachable")
 
