@@ -20,14 +20,14 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import Connection, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
-from ..store import Database, Device, Node, utcnow
+from ..store import Database, Device, GroupCommit, Node, utcnow
 
 __all__ = ["ClusterNode", "NodeSettings", "LocalSession", "default_node_name"]
 
@@ -50,6 +50,9 @@ _ONLINE = (
         node_id=bindparam("node"),
         session_id=bindparam("session"),
     )
+)
+_SESSIONS_OF = select(_devices.c.id, _devices.c.session_id).where(
+    _devices.c.id.in_(bindparam("devices", expanding=True))
 )
 _OFFLINE_IF_SESSION = (
     update(_devices)
@@ -97,6 +100,9 @@ class ClusterNode:
         self._serials = itertools.count(1)
         # Disconnects that could not be written (the database was away).
         self._unwritten_offline: dict[int, int] = {}
+        # A login storm's presence writes share transactions (group commit).
+        self._logins = GroupCommit(db, self._record_logins, name="logins")
+        self._logouts = GroupCommit(db, self._record_logouts, name="disconnects")
 
     # --- the node's own row ------------------------------------------------------
 
@@ -205,14 +211,24 @@ class ClusterNode:
         values = {
             "device": device_id,
             "since": since,
-            "now": utcnow(),
             "address": address[:64],
             "node": self.id,
             "session": session_id,
         }
-        return bool(
-            self.db.run_core(lambda connection: connection.execute(_ONLINE, values).rowcount)
+        return self._logins.submit(values)
+
+    def _record_logins(self, connection: Connection, logins: Sequence[dict]) -> list[bool]:
+        now = utcnow()
+        # Two logins of one device in a batch: the later connection is written last.
+        ordered = sorted(logins, key=lambda values: (values["device"], values["since"]))
+        connection.execute(_ONLINE, [{**values, "now": now} for values in ordered])
+        # Whose session the rows hold now, in this transaction: each login's answer.
+        holders = dict(
+            connection.execute(
+                _SESSIONS_OF, {"devices": sorted({values["device"] for values in logins})}
+            ).all()
         )
+        return [holders.get(values["device"]) == values["session"] for values in logins]
 
     def device_offline(self, device_id: int, session_id: int) -> None:
         """Clear the device's presence if `session_id` is still its session.
@@ -227,8 +243,13 @@ class ClusterNode:
             raise
 
     def _write_offline(self, device_id: int, session_id: int) -> None:
-        values = {"device": device_id, "session": session_id, "now": utcnow()}
-        self.db.run_core(lambda connection: connection.execute(_OFFLINE_IF_SESSION, values))
+        self._logouts.submit({"device": device_id, "session": session_id})
+
+    def _record_logouts(self, connection: Connection, logouts: Sequence[dict]) -> list[None]:
+        now = utcnow()
+        ordered = sorted(logouts, key=lambda values: values["device"])
+        connection.execute(_OFFLINE_IF_SESSION, [{**values, "now": now} for values in ordered])
+        return [None] * len(logouts)
 
     def flush_offline(self) -> int:
         """Write the disconnects that failed earlier; how many were written."""

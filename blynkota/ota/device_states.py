@@ -33,6 +33,7 @@ __all__ = [
     "move_all",
     "offer_all",
     "run_tracks_query",
+    "enter_all",
     "start_tracking",
     "tracks_query",
 ]
@@ -70,6 +71,12 @@ _STAMP = {
     S.CANCELLED: "ended_at",
     S.SUPERSEDED: "ended_at",
 }
+
+
+# The stamps a device can enter a rollout with: every row of one INSERT names them all.
+_ENTRY_STAMPS = sorted(
+    {_STAMP[after] for before, after in TRANSITIONS if before is None} - {"pending_at"}
+)
 
 
 class IllegalDeviceTransition(RuntimeError):
@@ -135,9 +142,13 @@ def _snapshots(rows, with_extra: bool) -> list:
 
 
 def _event(track: Track, before: str | None, after: str, detail: str | None, at: datetime):
+    return _event_of(track.rollout_id, track.device_id, before, after, detail, at)
+
+
+def _event_of(rollout_id, device_id, before, after, detail, at) -> dict:
     return {
-        "rollout_id": track.rollout_id,
-        "device_id": track.device_id,
+        "rollout_id": rollout_id,
+        "device_id": device_id,
         "from_state": before,
         "to_state": after,
         "at": at,
@@ -177,6 +188,34 @@ def start_tracking(
     track = Track(result.inserted_primary_key[0], rollout_id, device_id, state, 0, None, None, None)
     log_events(session, [_event(track, None, state, detail, at)])
     return track
+
+
+def enter_all(session: Session, entries: list[dict], at: datetime) -> None:
+    """Devices enter rollouts, in one INSERT: each entry names rollout_id,
+    device_id, state, detail (for the event) and further columns.
+
+    A pair already there is a duplicate key: the unit of work runs again.
+    """
+    if not entries:
+        return
+    rows, events = [], []
+    for entry in entries:
+        values = dict(entry)
+        detail, state = values.pop("detail"), values["state"]
+        if (None, state) not in TRANSITIONS:
+            raise IllegalDeviceTransition(f"a device cannot enter a rollout as {state!r}")
+        rows.append(
+            {
+                "attempts": 0,
+                "already_current": state == S.UPDATED,
+                "pending_at": at,
+                **{stamp: (at if stamp == _STAMP[state] else None) for stamp in _ENTRY_STAMPS},
+                **values,
+            }
+        )
+        events.append(_event_of(values["rollout_id"], values["device_id"], None, state, detail, at))
+    session.execute(insert(RolloutDevice.__table__), rows)
+    log_events(session, events)
 
 
 def move(

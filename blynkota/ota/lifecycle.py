@@ -25,24 +25,24 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import bindparam
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from ..store import DeviceState, Firmware, Rollout, RolloutDevice, RolloutState
 from .device_states import (
     Track,
+    enter_all,
     load_tracks,
     move,
     move_all,
     run_tracks_query,
-    start_tracking,
     tracks_query,
 )
 
 if TYPE_CHECKING:
     from .rollouts import Candidate
 
-__all__ = ["RetryPolicy", "UpdateLifecycle"]
+__all__ = ["ReportedBuild", "RetryPolicy", "UpdateLifecycle"]
 
 # How often a decision is taken again when another process moved its row first.
 _RETAKES = 3
@@ -84,9 +84,41 @@ _IN_FLIGHT_ROWS = tracks_query(
 )
 
 
+# A batch's rows in its candidate rollouts (pairs are filtered in memory).
+_TRACKS_OF_PAIRS = tracks_query(
+    _rd.c.rollout_id.in_(bindparam("rollouts", expanding=True)),
+    _rd.c.device_id.in_(bindparam("devices", expanding=True)),
+)
+
+
+@dataclass(frozen=True)
+class ReportedBuild:
+    """A device's info message, judged against the rollout that owns it."""
+
+    device_id: int
+    token: str
+    build: str | None
+    candidate: "Candidate"
+
+
+_DEVICES_IN_FLIGHT = (
+    select(_rd.c.device_id)
+    .where(
+        _rd.c.device_id.in_(bindparam("devices", expanding=True)),
+        _rd.c.state.in_(DeviceState.IN_FLIGHT),
+    )
+    .distinct()
+)
+
+
 class UpdateLifecycle:
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
+
+    def devices_in_flight(self, session: Session, device_ids: list[int]) -> set[int]:
+        """Which of these devices have an open attempt: a batch of logins asks once."""
+        rows = session.execute(_DEVICES_IN_FLIGHT, {"devices": sorted(set(device_ids))})
+        return set(rows.scalars())
 
     def resolve_in_flight(
         self,
@@ -174,56 +206,87 @@ class UpdateLifecycle:
             next_attempt_at=retry_at,
         )
 
-    def row_to_offer(
-        self,
-        session: Session,
-        device_id: int,
-        token: str,
-        reported_build: str | None,
-        candidate: "Candidate",
-        now: datetime,
-    ) -> Track | None:
-        """The device's row in its rollout, if an offer is due now.
+    def rows_to_offer(
+        self, session: Session, reports: list["ReportedBuild"], now: datetime
+    ) -> list[bool]:
+        """For each report, whether an offer is due now in its candidate rollout.
 
         A device enters the rollout (gets its row) the first time it is seen
         taking part: inside the rollout's percentage, and either on the target
-        already or judged by its build. Two processes entering it at once
-        collide on the unique key, and the loser's unit of work runs again.
+        already or judged by its build. A batch of logins reads its rows in
+        one query and enters its new devices in one INSERT; two processes
+        entering a device at once collide on the unique key, and the loser's
+        unit of work runs again.
         """
-        found = load_tracks(
-            session,
-            RolloutDevice.rollout_id == candidate.rollout_id,
-            RolloutDevice.device_id == device_id,
-        )
-        on_target = candidate.build is not None and reported_build == candidate.build
-        if not found:
-            taking_part, device_bucket, wave = candidate.takes_part(token)
-            if not taking_part or not (on_target or candidate.may_offer(reported_build)):
-                return None
-            track = start_tracking(
+        pairs = {(report.candidate.rollout_id, report.device_id) for report in reports}
+        known = {
+            (track.rollout_id, track.device_id): track
+            for track in run_tracks_query(
                 session,
-                rollout_id=candidate.rollout_id,
-                device_id=device_id,
-                state=DeviceState.UPDATED if on_target else DeviceState.PENDING,
-                at=now,
-                detail=None if wave is None else f"wave {wave} (bucket {device_bucket})",
-                cohort_bucket=device_bucket,
-                wave=wave,
+                _TRACKS_OF_PAIRS,
+                {
+                    "rollouts": sorted({rollout for rollout, _ in pairs}),
+                    "devices": sorted({device for _, device in pairs}),
+                },
             )
-            if on_target:
-                return None
-        else:
-            track = found[0]
+        }
+        entering: list[dict] = []
+        due = []
+        for report in reports:
+            pair = (report.candidate.rollout_id, report.device_id)
+            if pair in known and known[pair] is None:
+                # Entered earlier in this batch (one device, two reports): read its row.
+                enter_all(session, entering, now)
+                entering = []
+                known[pair] = load_tracks(
+                    session,
+                    RolloutDevice.rollout_id == pair[0],
+                    RolloutDevice.device_id == pair[1],
+                )[0]
+            track = known.get(pair)
+            if track is None:
+                entry = self._entry(report)
+                if entry is not None:
+                    entering.append(entry)
+                    known[pair] = None
+                due.append(
+                    entry is not None
+                    and entry["state"] == DeviceState.PENDING
+                    and report.candidate.state == RolloutState.ACTIVE
+                )
+            else:
+                due.append(self._due(session, track, report, now))
+        enter_all(session, entering, now)
+        return due
+
+    @staticmethod
+    def _entry(report: "ReportedBuild") -> dict | None:
+        """The row a device enters its rollout with, or None if it does not take part."""
+        candidate = report.candidate
+        on_target = candidate.build is not None and report.build == candidate.build
+        taking_part, device_bucket, wave = candidate.takes_part(report.token)
+        if not taking_part or not (on_target or candidate.may_offer(report.build)):
+            return None
+        return {
+            "rollout_id": candidate.rollout_id,
+            "device_id": report.device_id,
+            "state": DeviceState.UPDATED if on_target else DeviceState.PENDING,
+            "detail": None if wave is None else f"wave {wave} (bucket {device_bucket})",
+            "cohort_bucket": device_bucket,
+            "wave": wave,
+        }
+
+    @staticmethod
+    def _due(session: Session, track: Track, report: "ReportedBuild", now: datetime) -> bool:
+        candidate = report.candidate
         if track.state != DeviceState.PENDING:
-            return None
-        if on_target:
+            return False
+        if candidate.build is not None and report.build == candidate.build:
             move(session, track, DeviceState.UPDATED, now)
-            return None
+            return False
         if track.next_attempt_at is not None and track.next_attempt_at > now:
-            return None  # backing off
-        if candidate.state != RolloutState.ACTIVE:
-            return None  # paused: it waits, pending
-        return track
+            return False  # backing off
+        return candidate.state == RolloutState.ACTIVE  # paused: it waits, pending
 
     @staticmethod
     def offer_made(session: Session, track: Track, now: datetime, url: str) -> bool:

@@ -16,7 +16,7 @@ the database alone, and a login storm's offers share a few transactions.
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.orm import Session
@@ -27,6 +27,7 @@ from ..store import (
     Database,
     Device,
     DeviceState,
+    GroupCommit,
     OtaCommand,
     Project,
     Rollout,
@@ -42,10 +43,10 @@ from .enrolment import OnlineEnrolment
 from .errors import OtaRequestError
 from .guards import SLOT_STATES, FleetPolicy, RolloutGuards
 from .identities import IdentityCache
-from .lifecycle import RetryPolicy, UpdateLifecycle
+from .lifecycle import ReportedBuild, RetryPolicy, UpdateLifecycle
 from .offers import DeviceIdentity, DownloadTicket, Offer
 from .online import NoDownloadSlot, OfferDeferred, OfferFailed, OnlineDevices
-from .rollouts import RolloutPlanner
+from .rollouts import RolloutPlanner, RunningRollouts
 
 __all__ = ["DeviceIdentity", "DownloadTicket", "Offer", "OtaRequestError", "OtaService"]
 
@@ -61,13 +62,15 @@ _INFO_COLUMNS = {
 }
 _INFO_NUMBERS = {"h-beat": "heartbeat", "buff-in": "buff_in"}
 
-# Built once: this runs at every device login.
-_DEVICE_BY_TOKEN = (
+# Built once: this runs for every batch of device logins.
+_DEVICES_BY_TOKEN = (
     select(Device.id, Device.token, Device.project_id, Project.user_id)
     .join(Project, Project.id == Device.project_id)
-    .where(Device.token == bindparam("token"))
+    .where(Device.token.in_(bindparam("tokens", expanding=True)))
 )
 _devices = Device.__table__
+# Reported strings are cut to their columns: a long `ver` must not fail the login.
+_LIMITS = {column: _devices.c[column].type.length for column in _INFO_COLUMNS.values()}
 # What an info message writes: every reported column, and when (built once, on the table).
 _REPORTED = (
     update(_devices)
@@ -104,6 +107,9 @@ class OtaService(AdminOperations):
         self.enrolment = OnlineEnrolment(db, self.planner)
         self.batches = BatchOffers(db, self.guards, online, node, self._offer_undelivered)
         self.identities = IdentityCache()
+        # A login storm's lookups and reports share transactions (group commit).
+        self._lookups = GroupCommit(db, self._find_all, name="token lookups")
+        self._reports = GroupCommit(db, self._record_reports, name="info reports")
         self._downloads: dict[int, DownloadTicket] = {}  # tracked downloads in progress here
         # Called when pending devices here may be offered (a download slot
         # freed, a device became due at login): the server wakes its fill.
@@ -115,14 +121,15 @@ class OtaService(AdminOperations):
         known = self.identities.get(token)
         if known is not None:
             return known
-        row = self.db.run_core(
-            lambda connection: connection.execute(_DEVICE_BY_TOKEN, {"token": token}).first()
-        )
-        if row is None:
-            return None
-        identity = DeviceIdentity(*row)
-        self.identities.put(identity)
+        identity = self._lookups.submit(token)
+        if identity is not None:
+            self.identities.put(identity)
         return identity
+
+    def _find_all(self, connection: Connection, tokens: Sequence[str]) -> list:
+        rows = connection.execute(_DEVICES_BY_TOKEN, {"tokens": sorted(set(tokens))})
+        found = {row.token: DeviceIdentity(*row) for row in rows}
+        return [found.get(token) for token in tokens]
 
     def device_online(self, device: DeviceIdentity, session_id: int, address: str, since) -> bool:
         recorded = self.node.device_online(device.id, session_id, address, since)
@@ -143,38 +150,47 @@ class OtaService(AdminOperations):
         transactions instead of taking the offer lock one by one.
         """
         report = {column: (info.get(key) or None) for key, column in _INFO_COLUMNS.items()}
-        limits = {column: Device.__table__.c[column].type.length for column in report}
-        report = {column: value and value[: limits[column]] for column, value in report.items()}
+        report = {column: value and value[: _LIMITS[column]] for column, value in report.items()}
         for key, column in _INFO_NUMBERS.items():
             report[column] = info_number(info.get(key))
-        build = report["build"]
-        bytes_written = self._bytes_written()
-
-        # On a plain connection (no ORM session): the lifecycle and the planner
-        # only execute statements, and this runs at every device login.
-        def work(session: Connection) -> tuple[bool, bool]:
-            now = utcnow()
-            # Attempts first, the device row last: every writer locks the
-            # rollout row before the device's, so they queue instead of deadlocking.
-            settled = self.lifecycle.resolve_in_flight(
-                session, device.id, build, now, bytes_written
-            )
-            due = False
-            candidate = self.planner.rollout_for(
-                session, device_id=device.id, project_id=device.project_id, user_id=device.user_id
-            )
-            if candidate is not None:
-                track = self.lifecycle.row_to_offer(
-                    session, device.id, device.token, build, candidate, now
-                )
-                due = track is not None
-            session.execute(_REPORTED, {"device": device.id, "now": now, **report})
-            return settled, due
-
-        settled, due = self.db.run_core(work)
+        settled, due = self._reports.submit((device, report))
         if settled or due:
             self.wake_fill()
         return due
+
+    def _record_reports(
+        self, connection: Connection, reports: Sequence[tuple[DeviceIdentity, dict]]
+    ) -> list[tuple[bool, bool]]:
+        """Many devices' info messages in one transaction: (settled, due) for each."""
+        now = utcnow()
+        bytes_written = self._bytes_written()
+        in_flight = self.lifecycle.devices_in_flight(
+            connection, [device.id for device, _ in reports]
+        )
+        running = RunningRollouts(connection)
+        settled, due = [False] * len(reports), [False] * len(reports)
+        judged: list[tuple[int, ReportedBuild]] = []
+        # Attempts first, the device rows last: every writer locks the
+        # rollout row before the device's, so they queue instead of deadlocking.
+        for index, (device, report) in enumerate(reports):
+            if device.id in in_flight:
+                settled[index] = self.lifecycle.resolve_in_flight(
+                    connection, device.id, report["build"], now, bytes_written
+                )
+            candidate = running.rollout_for(
+                device_id=device.id, project_id=device.project_id, user_id=device.user_id
+            )
+            if candidate is not None:
+                judged.append(
+                    (index, ReportedBuild(device.id, device.token, report["build"], candidate))
+                )
+        if judged:
+            offers = self.lifecycle.rows_to_offer(connection, [entry for _, entry in judged], now)
+            for (index, _), is_due in zip(judged, offers, strict=True):
+                due[index] = is_due
+        rows = [{"device": device.id, "now": now, **report} for device, report in reports]
+        connection.execute(_REPORTED, sorted(rows, key=lambda row: row["device"]))
+        return list(zip(settled, due, strict=True))
 
     def _claim_offer(self, offer: Offer, url: str) -> str | None:
         """Journal the offer and count the attempt, if the rollout may offer now.

@@ -1,6 +1,7 @@
 """Persistence: SQLAlchemy models, the engine and the migrations runner."""
 
 from .db import Database, DatabaseHealth, is_outage, is_transient, make_engine
+from .group_commit import GroupCommit
 from .migrate import alembic_config, upgrade
 from .models import (
     CHUNK_BYTES,
@@ -27,6 +28,7 @@ from .models import (
 __all__ = [
     "Database",
     "DatabaseHealth",
+    "GroupCommit",
     "is_outage",
     "is_transient",
     "make_engine",
