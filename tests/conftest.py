@@ -32,13 +32,13 @@ def shared_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _mysql_database():
+def _mysql_database(charset: str = "utf8mb4"):
     """A fresh database on the MySQL/MariaDB server, dropped afterwards; its URL."""
     server = sqlalchemy.create_engine(MYSQL_SERVER_URL)
     try:
         with server.connect() as connection:
             name = f"blynkota_test_{uuid.uuid4().hex[:10]}"
-            connection.execute(sqlalchemy.text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+            connection.execute(sqlalchemy.text(f"CREATE DATABASE {name} CHARACTER SET {charset}"))
     except sqlalchemy.exc.OperationalError as error:
         server.dispose()
         reason = f"no MySQL/MariaDB at {MYSQL_SERVER_URL}: {error.orig}"
@@ -70,6 +70,13 @@ def db_url(request, tmp_path):
 def mysql_url():
     """A fresh database on MariaDB/MySQL only (for what SQLite cannot do: many processes)."""
     with _mysql_database() as url:
+        yield url
+
+
+@pytest.fixture
+def latin1_mysql_url():
+    """A fresh MariaDB/MySQL database whose default charset is latin1, as old servers have."""
+    with _mysql_database("latin1") as url:
         yield url
 
 

@@ -284,6 +284,14 @@ def test_stored_file_and_its_record(server, app):
     assert [p.name for p in stored.parent.iterdir()] == [stored.name]  # no temporary left
 
 
+def test_a_file_name_with_an_emoji_or_past_its_column_is_stored_cut(server, app):
+    long_name = "sketch-\U0001f680-" + "x" * 300 + ".bin"
+    answer = server.upload("/admin/ota/start", esp8266_image(BUILD_NEW), filename=long_name)
+    assert answer.status == 200, answer.text
+    (record,) = rows(app, "SELECT original_name FROM firmware")
+    assert record["original_name"] == long_name[:255]
+
+
 def test_admin_routes_are_https_only_and_never_ask_for_a_password_in_clear(server):
     answer = server.admin("GET", "/admin/ota/stop", secure=False)
     assert answer.status == 403 and "https" in answer.text

@@ -314,3 +314,28 @@ def test_a_full_house_of_devices_leaves_room_for_downloads(server_factory, fleet
             answer = None
         if answer != (Response(1, Status.OK), Response(2, Status.OK)):
             time.sleep(0.1)
+
+
+def test_odd_numbers_and_long_strings_in_the_info_message_are_tolerated(device_server, app):
+    """`²` and 400 digits are no numbers (ignored); strings longer than their
+    columns are cut; an emoji is stored as sent. The device is served."""
+    device = RawDevice(device_server.http_port)
+    device.send(encode_login(TOKEN, 1))
+    assert device.event() == Response(1, Status.OK)
+    info = {
+        "h-beat": "\u00b2",
+        "buff-in": "9" * 400,
+        "ver": "v" * 100,
+        "build": "Mar  3 2019 \U0001f680",
+        "dev": "ESP" * 100,
+    }
+    device.send(encode_info(info, 2))
+    assert device.event() == Response(2, Status.OK)
+    device.send(encode_ping(3))
+    assert device.event() == Response(3, Status.OK)
+    row = device_row(app)
+    assert (row["heartbeat"], row["buff_in"]) == (None, None)
+    assert row["lib_version"] == "v" * 32 and row["hardware"] == ("ESP" * 100)[:64]
+    assert row["build"] == "Mar  3 2019 \U0001f680"
+    device.close()
+    assert "Traceback" not in device_server.log()

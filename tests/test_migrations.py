@@ -1,5 +1,6 @@
 """The Alembic migrations: one head, in step with the models, reversible, on SQLite and MySQL."""
 
+import pytest
 import sqlalchemy
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -77,4 +78,33 @@ def test_upgrading_a_database_that_holds_data_keeps_every_row(db_url):
         ]
         # The old rollout shows in the progress view, with no device tracked yet.
         assert rows("SELECT rollout_id, devices FROM rollout_progress") == [(rollout, 0)]
+    engine.dispose()
+
+
+@pytest.mark.mysql
+def test_every_table_holds_any_unicode_on_a_latin1_mysql_server(latin1_mysql_url):
+    upgrade(latin1_mysql_url)
+    engine = make_engine(latin1_mysql_url)
+    rocket = "build \U0001f680 \u00b2"
+    with engine.begin() as connection:
+        latin1_columns = connection.execute(
+            sqlalchemy.text(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_schema = DATABASE() AND character_set_name IS NOT NULL "
+                "AND character_set_name <> 'utf8mb4'"
+            )
+        ).all()
+        assert latin1_columns == []
+        connection.execute(
+            sqlalchemy.text("INSERT INTO users (email, created_at) VALUES ('a@b.c', NOW())")
+        )
+        connection.execute(
+            sqlalchemy.text(
+                "INSERT INTO projects (user_id, dash_id, name, created_at) "
+                "SELECT id, 1, :name, NOW() FROM users"
+            ),
+            {"name": rocket},
+        )
+        stored = connection.scalar(sqlalchemy.text("SELECT name FROM projects"))
+    assert stored == rocket
     engine.dispose()

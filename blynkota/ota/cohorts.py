@@ -8,6 +8,8 @@ percentage always includes the narrower one (canary devices stay in).
 import hashlib
 from dataclasses import dataclass
 
+from ..numbers import whole_number
+
 __all__ = ["Controls", "ControlsError", "bucket", "parse_waves", "wave_of"]
 
 
@@ -21,12 +23,9 @@ def bucket(seed: str, token: str) -> int:
 
 
 def parse_waves(text: str) -> tuple[int, ...]:
-    try:
-        waves = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ControlsError(f"waves must be percentages like 10,50,100, not {text!r}.") from None
-    if not waves or any(not 1 <= wave <= 100 for wave in waves):
-        raise ControlsError("waves must be percentages from 1 to 100.")
+    waves = tuple(whole_number(part.strip(), low=1, high=100) for part in text.split(","))
+    if not waves or None in waves:
+        raise ControlsError(f"waves must be percentages from 1 to 100 (10,50,100), not {text!r}.")
     if list(waves) != sorted(set(waves)):
         raise ControlsError("waves must grow: 10,50,100.")
     return waves

@@ -4,6 +4,7 @@ dry run, the devices it would take in now."""
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ..numbers import ROW_ID_MAX, whole_number
 from ..store import Device, Project, RolloutScope, User
 from .errors import OtaRequestError
 from .rollouts import Candidate, RolloutPlanner
@@ -28,7 +29,7 @@ def campaign_target(
         select(Project).where(
             Project.user_id == user.id,
             (func.lower(Project.name) == project_ref.lower())
-            | (Project.dash_id == (int(project_ref) if project_ref.isdigit() else -1)),
+            | (Project.dash_id == _dash_id(project_ref)),
         )
     ).all()
     if not matches:
@@ -76,3 +77,9 @@ def devices_taken_in(
                 }
             )
     return devices
+
+
+def _dash_id(project_ref: str) -> int:
+    """The project's id in the Blynk app if `project_ref` can be one; -1 matches none."""
+    number = whole_number(project_ref, high=ROW_ID_MAX)
+    return -1 if number is None else number

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from ..numbers import whole_number
+
 __all__ = [
     "info_number",
     "Event",
@@ -59,9 +61,7 @@ def info_number(text: str | None) -> int | None:
     Anything else (`²`, 400 digits, a sign) is no number at all: the field is
     ignored rather than the device refused.
     """
-    if text and text.isascii() and text.isdigit() and len(text) < 10:
-        return int(text)
-    return None
+    return whole_number(text, high=999_999_999)
 
 
 @dataclass(frozen=True)

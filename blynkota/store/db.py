@@ -17,7 +17,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -67,6 +67,11 @@ def make_engine(url: str, *, pool_size: int = 20) -> Engine:
     # READ COMMITTED: a conditional UPDATE that lost a race re-reads the row as
     # it is now, not as the transaction's snapshot saw it, and no gap locks
     # (the main source of InnoDB deadlocks between inserts) are taken.
+    # utf8mb4 on the wire whatever the URL says: a build or a file name with
+    # an emoji must reach the utf8mb4 columns (migration 0006) intact.
+    url = make_url(url)
+    if url.get_backend_name() == "mysql":
+        url = url.update_query_dict({"charset": "utf8mb4"})
     engine = create_engine(
         url,
         pool_recycle=3600,

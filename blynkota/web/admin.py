@@ -5,6 +5,7 @@ from datetime import datetime
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from ..numbers import ROW_ID_MAX, whole_number
 from ..ota import Controls, ControlsError, OtaRequestError, Upload
 from ..ota.cohorts import parse_waves
 from .auth import auth, guard_admin_request
@@ -82,13 +83,22 @@ def start_ota() -> Response:
     )
 
 
-def _number(name: str) -> int | None:
+def _number(name: str, low: int, high: int) -> int | None:
     value = request.args.get(name)
     if value is None:
         return None
-    if not value.isdigit():
-        raise OtaRequestError(f"{name} must be a whole number, not {value!r}.")
-    return int(value)
+    number = whole_number(value, low=low, high=high)
+    if number is None:
+        raise OtaRequestError(f"{name} must be a whole number from {low} to {high}, not {value!r}.")
+    return number
+
+
+def _rollout(value: str) -> int:
+    """A rollout id from the path or the query; a 400 naming it if it cannot be one."""
+    number = whole_number(value, low=1, high=ROW_ID_MAX)
+    if number is None:
+        raise OtaRequestError(f"rollout must be a rollout id (a whole number), not {value!r}.")
+    return number
 
 
 def _controls() -> Controls:
@@ -97,9 +107,9 @@ def _controls() -> Controls:
         waves = request.args.get("waves")
         return Controls(
             push_online=_flag("now") if "now" in request.args else None,
-            percent=_number("percent"),
+            percent=_number("percent", 1, 100),
             waves=parse_waves(waves) if waves is not None else (),
-            success_percent=_number("success"),
+            success_percent=_number("success", 1, 100),
             dry_run=_flag("dryRun"),
         )
     except ControlsError as error:
@@ -108,11 +118,7 @@ def _controls() -> Controls:
 
 def _rollout_id() -> int | None:
     value = request.args.get("rollout")
-    if value is None:
-        return None
-    if not value.isdigit():
-        raise OtaRequestError(f"rollout must be a rollout id, not {value!r}.")
-    return int(value)
+    return None if value is None else _rollout(value)
 
 
 @admin.route("/ota/stop", methods=["GET", "POST"])
@@ -129,39 +135,44 @@ def ota_status() -> Response:
     return jsonify(_service().status())
 
 
-@admin.get("/ota/rollouts/<int:rollout_id>")
+@admin.get("/ota/rollouts/<rollout_id>")
 @auth.login_required
-def rollout_detail(rollout_id: int) -> Response:
-    return jsonify(_service().detail(rollout_id))
+def rollout_detail(rollout_id: str) -> Response:
+    rollout = _rollout(rollout_id)
+    return jsonify(_service().detail(rollout))
 
 
-@admin.post("/ota/rollouts/<int:rollout_id>/pause")
+@admin.post("/ota/rollouts/<rollout_id>/pause")
 @auth.login_required
-def pause_rollout(rollout_id: int) -> Response:
-    return jsonify(_service().pause(rollout_id, auth.current_user()))
+def pause_rollout(rollout_id: str) -> Response:
+    rollout = _rollout(rollout_id)
+    return jsonify(_service().pause(rollout, auth.current_user()))
 
 
-@admin.post("/ota/rollouts/<int:rollout_id>/resume")
+@admin.post("/ota/rollouts/<rollout_id>/resume")
 @auth.login_required
-def resume_rollout(rollout_id: int) -> Response:
-    return jsonify(_service().resume(rollout_id, auth.current_user()))
+def resume_rollout(rollout_id: str) -> Response:
+    rollout = _rollout(rollout_id)
+    return jsonify(_service().resume(rollout, auth.current_user()))
 
 
-@admin.post("/ota/rollouts/<int:rollout_id>/stop")
+@admin.post("/ota/rollouts/<rollout_id>/stop")
 @auth.login_required
-def stop_rollout(rollout_id: int) -> Response:
+def stop_rollout(rollout_id: str) -> Response:
+    rollout = _rollout(rollout_id)
     service = _service()
-    service.stop(auth.current_user(), rollout_id)
-    return jsonify(service.status(rollout_id)[0])
+    service.stop(auth.current_user(), rollout)
+    return jsonify(service.status(rollout)[0])
 
 
-@admin.post("/ota/rollouts/<int:rollout_id>/expand")
+@admin.post("/ota/rollouts/<rollout_id>/expand")
 @auth.login_required
-def expand_rollout(rollout_id: int) -> Response:
-    percent = _number("percent")
+def expand_rollout(rollout_id: str) -> Response:
+    rollout = _rollout(rollout_id)
+    percent = _number("percent", 1, 100)
     if percent is None:
         raise OtaRequestError("expand needs ?percent=N (the new share of devices, up to 100).")
-    return jsonify(_service().expand(rollout_id, percent, auth.current_user()))
+    return jsonify(_service().expand(rollout, percent, auth.current_user()))
 
 
 def _jsonable(row: dict) -> dict:
