@@ -165,14 +165,18 @@ def main(argv: list[str] | None = None) -> int:
         upgrade(application.config["SETTINGS"].db_url)  # once, before the workers start
         application.extensions["blynkota.db"].dispose()
         return _supervise(argv, arguments.workers)
-    BlynkotaServer(
-        application,
-        serve_admin=arguments.role == "all",
-        serve_devices=True,
-        migrate=arguments.worker is None,
-        worker=arguments.worker,
-        reuse_port=arguments.role == "devices",
-    ).serve_forever()
+    try:
+        BlynkotaServer(
+            application,
+            serve_admin=arguments.role == "all",
+            serve_devices=True,
+            migrate=arguments.worker is None,
+            worker=arguments.worker,
+            reuse_port=arguments.role == "devices",
+        ).serve_forever()
+    except ConfigError as error:
+        print(f"blynkota: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

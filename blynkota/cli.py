@@ -38,12 +38,19 @@ def add_device(email: str, project: str, name: str, token: str | None) -> None:
 
 @devices.command("list")
 def list_devices() -> None:
-    """Print token, user, project, last build and whether it is online."""
+    """Print token, user, project, last build, whether it is online, and its tag in the log."""
     rows = _fleet().list_devices()
     _table(
-        [("TOKEN", "USER", "PROJECT", "BUILD", "ONLINE")]
+        [("TOKEN", "USER", "PROJECT", "BUILD", "ONLINE", "LOG TAG")]
         + [
-            (row.token, row.user, row.project, row.build or "-", "yes" if row.online else "no")
+            (
+                row.token,
+                row.user,
+                row.project,
+                row.build or "-",
+                "yes" if row.online else "no",
+                row.tag,
+            )
             for row in rows
         ]
     )

@@ -52,6 +52,8 @@ DEFAULTS: dict[str, str] = {
     "ota.abort.min.devices": "10",
     "hardware.max.connections": "15000",
     "hardware.listen.backlog": "4096",
+    "hardware.max.messages.per.sec": "100",
+    "http.max.connections": "1024",
     "shutdown.grace.seconds": "5",
     "log.level": "INFO",
     "node.name": "",
@@ -107,6 +109,7 @@ class Settings:
     db_url: str
     db_pool_size: int
     ssl_cert: Path
+    ssl_configured: bool  # the operator named a certificate or key (else one is made)
     ssl_key: Path
     ota_max_size: int
     ota_validate_image: bool
@@ -121,6 +124,8 @@ class Settings:
     ota_abort_min_devices: int
     max_connections: int
     listen_backlog: int
+    max_messages_per_sec: int
+    max_http_connections: int
     shutdown_grace: float
     log_level: str
     node_name: str
@@ -223,6 +228,7 @@ def load_settings(
         db_url=db_url,
         db_pool_size=_integer(values, "db.pool.size", 1, 1000),
         ssl_cert=Path(values["server.ssl.cert"] or tls_folder / "cert.pem"),
+        ssl_configured=bool(values["server.ssl.cert"] or values["server.ssl.key"]),
         ssl_key=Path(values["server.ssl.key"] or tls_folder / "key.pem"),
         ota_max_size=_integer(values, "ota.max.size", 1, 1 << 31),
         ota_validate_image=_boolean(values, "ota.validate.image"),
@@ -237,6 +243,8 @@ def load_settings(
         ota_abort_min_devices=_integer(values, "ota.abort.min.devices", 1, 1_000_000),
         max_connections=_integer(values, "hardware.max.connections", 1, 1_000_000),
         listen_backlog=_integer(values, "hardware.listen.backlog", 1, 1_000_000),
+        max_messages_per_sec=_integer(values, "hardware.max.messages.per.sec", 1, 1_000_000),
+        max_http_connections=_integer(values, "http.max.connections", 1, 1_000_000),
         shutdown_grace=_integer(values, "shutdown.grace.seconds", 0, 3600),
         log_level=values["log.level"].upper(),
         node_name=values["node.name"].strip(),

@@ -18,6 +18,7 @@ import logging
 import resource
 import signal
 import socket
+import time
 from pathlib import Path
 
 import gevent
@@ -30,7 +31,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from .cluster import Lease, LocalSession, default_node_name
 from .hardware import HTTP_IDLE_TIMEOUT, DeviceSession, SharedPortServer
 from .store import is_outage, upgrade
-from .tls import ensure_certificate
+from .tls import check_certificate
 from .web import AdminHttpsServer, FirmwareSender
 
 __all__ = ["BlynkotaServer", "device_listener"]
@@ -40,6 +41,7 @@ log = logging.getLogger("blynkota")
 ADMIN_CONNECTIONS = 100
 FILL_MIN_GAP = 0.05  # seconds between two fills woken by freed download slots
 FILL_BATCH = 500  # offers claimed in one transaction
+TIDY_EVERY = 600.0  # seconds between two clean-ups of old login-limit rows
 RECONCILE_EVERY = 5  # heartbeats between two presence reconciliations
 MAX_BACKOFF = 30.0  # seconds a clock waits at most while the database is away
 SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
@@ -125,6 +127,10 @@ class BlynkotaServer:
         settings = self.settings
         log.info("settings from %s; data folder %s", settings.source, settings.data_folder)
         settings.data_folder.mkdir(parents=True, exist_ok=True)
+        if self.serve_admin:  # a broken pair stops the start before anything listens
+            check_certificate(
+                settings.ssl_cert, settings.ssl_key, configured=settings.ssl_configured
+            )
         if self.migrate:
             upgrade(settings.db_url)
         self.service.catalog.start_up()
@@ -148,6 +154,7 @@ class BlynkotaServer:
             self._serve_device,
             sniff_timeout=settings.login_timeout,
             max_connections=settings.max_connections,
+            max_http_connections=settings.max_http_connections,
             file_sender=FirmwareSender(self.service, idle_timeout=HTTP_IDLE_TIMEOUT).serve,
         )
         port = listener.getsockname()[1]
@@ -174,7 +181,6 @@ class BlynkotaServer:
                 "admin %s still has the default password: set admin.pass in your server.properties",
                 settings.admin_email,
             )
-        ensure_certificate(settings.ssl_cert, settings.ssl_key)
         self.admin_port = AdminHttpsServer(
             (settings.listen_address, settings.https_port),
             self.app,
@@ -257,9 +263,15 @@ class BlynkotaServer:
         self._run_clock("offer fill", self.settings.node_poll_interval, self._wake_fill, tick)
 
     def _sweep_forever(self, lease: Lease) -> None:
+        next_tidy = time.monotonic()
+
         def tick() -> None:
+            nonlocal next_tidy
             if not lease.acquire(self.node.id):
                 return  # another node sweeps
+            if time.monotonic() >= next_tidy:
+                next_tidy = time.monotonic() + TIDY_EVERY
+                self.app.extensions["blynkota.admins"].limits.forget_quiet()
             timed_out, entered = self.service.sweep()
             if timed_out or entered:
                 log.info(
@@ -283,6 +295,7 @@ class BlynkotaServer:
             self.service,
             self.service.online,
             login_timeout=self.settings.login_timeout,
+            max_messages_per_sec=self.settings.max_messages_per_sec,
             server_host=self.settings.server_host,
             public_port=self.settings.server_http_port or self.device_port.server_port,
         ).run()

@@ -5,20 +5,51 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 from pathlib import Path
 
-__all__ = ["ensure_certificate"]
+from .config import ConfigError
+
+__all__ = ["check_certificate", "ensure_certificate"]
 
 log = logging.getLogger(__name__)
+
+
+def check_certificate(cert_path: Path, key_path: Path, *, configured: bool) -> None:
+    """Make sure the admin port can serve TLS, before anything listens.
+
+    A pair the operator configured must exist, parse and belong together: a
+    mistake there is a one-line ConfigError (exit 2), not a server that says
+    it listens while every handshake fails. Without configuration, a
+    self-signed pair is made once in the data folder.
+    """
+    if configured:
+        for key, path in (("server.ssl.cert", cert_path), ("server.ssl.key", key_path)):
+            if not path.is_file():
+                raise ConfigError(f"{key}: {path} does not exist")
+    else:
+        ensure_certificate(cert_path, key_path)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path)
+    except ssl.SSLError as error:
+        reason = error.reason or str(error)
+        if reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(
+                f"server.ssl.key: {key_path} is not the key of the certificate {cert_path}"
+            ) from None
+        raise ConfigError(
+            f"server.ssl.cert/server.ssl.key: {cert_path} and {key_path} are not a PEM "
+            f"certificate and its key ({reason})"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"server.ssl.cert/server.ssl.key: cannot read ({error})") from None
 
 
 def ensure_certificate(cert_path: Path, key_path: Path) -> None:
     if cert_path.exists() and key_path.exists():
         return
     if cert_path.exists() or key_path.exists():
-        raise FileNotFoundError(
-            f"only one of {cert_path} and {key_path} exists: give both or neither"
-        )
+        raise ConfigError(f"only one of {cert_path} and {key_path} exists: give both or neither")
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -121,6 +121,22 @@ def server_factory(db_url, tmp_path):
 
 
 @pytest.fixture
+def port_server_factory(tmp_path):
+    """Servers on SQLite alone, for what the database has no part in (HTTP and
+    socket handling): the suite need not run those twice."""
+    started: list[ServerProcess] = []
+
+    def start(**extra) -> ServerProcess:
+        server = ServerProcess(tmp_path, f"sqlite:///{tmp_path / 'port.db'}", **extra).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
 def server(server_factory, app):
     """A running server on the same database as `app` (whose fleet tests provision)."""
     return server_factory()

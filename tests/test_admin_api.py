@@ -10,6 +10,8 @@ import gevent
 import pytest
 import sqlalchemy
 
+from blynkota import create_app
+from blynkota.logsafe import token_tag
 from blynkota.protocol import Internal
 from blynkota.tls import ensure_certificate
 
@@ -61,6 +63,9 @@ def test_documented_curl_updates_an_online_device_at_once(server, simulated, pum
     # The ota frame came only after the info message was answered.
     first_ota = next(i for i, f in enumerate(device.frames) if isinstance(f, Internal))
     assert first_ota > 0
+    # A token is a password: the log (access lines included) names the device by its tag.
+    log = server.log()
+    assert pump not in log and token_tag(pump) in log
 
 
 def test_single_device_answers_for_offline_and_unknown_tokens(server, pump, tmp_path):
@@ -307,6 +312,67 @@ def test_missing_and_wrong_credentials(server):
     assert stranger.status == 403
 
 
+def test_ten_wrong_passwords_a_minute_then_429_with_retry_after(server, app):
+    for _ in range(10):
+        assert server.admin("GET", "/admin/devices", auth=(ADMIN_EMAIL, "nope")).status == 403
+    refused = server.admin("GET", "/admin/devices", auth=(ADMIN_EMAIL, "nope"))
+    assert refused.status == 429 and "Too many failed logins" in refused.text
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    # The address's budget is spent: another account from it waits too.
+    other = server.admin("GET", "/admin/devices", auth=("x@example.com", "y"))
+    assert other.status == 429
+    # The budget is in the database, where every process finds it.
+    (row,) = rows(app, "SELECT failures FROM login_limits WHERE `key` = 'address 127.0.0.1'")
+    assert row["failures"] == 10
+    assert "Traceback" not in server.log()
+
+
+def test_a_right_password_gives_its_attempt_back(server, app):
+    for _ in range(12):
+        assert server.admin("GET", "/admin/devices").status == 200
+    assert rows(app, "SELECT failures FROM login_limits ORDER BY `key`") in (
+        [],
+        [{"failures": 0}, {"failures": 0}],
+    )
+
+
+def test_an_unknown_email_costs_as_long_as_a_wrong_password(server):
+    """Both go through the password hash: the answer's time does not tell who exists."""
+
+    def median_seconds(email: str) -> float:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            assert server.admin("GET", "/admin/devices", auth=(email, "nope")).status == 403
+            times.append(time.perf_counter() - started)
+        return sorted(times)[1]
+
+    known, unknown = median_seconds(ADMIN_EMAIL), median_seconds("nobody@example.com")
+    # Before: 4 ms against 104 ms. A generous bound: the hash dominates both.
+    assert unknown > known / 4, (known, unknown)
+
+
+def test_the_default_password_serves_this_machine_only(tmp_path):
+    app = create_app(
+        {"data.folder": tmp_path / "data", "trusted.proxies": "10.0.0.0/8", "admin.pass": "admin"}
+    )
+    client = app.test_client()
+    through_proxy = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "192.0.2.7"}
+    answer = client.get(
+        "/admin/devices", headers=through_proxy, environ_base={"REMOTE_ADDR": "10.0.0.5"}
+    )
+    assert answer.status_code == 403 and b"admin.pass is still the default" in answer.data
+    app.extensions["blynkota.db"].dispose()
+    configured = create_app(
+        {"data.folder": tmp_path / "data2", "trusted.proxies": "10.0.0.0/8", "admin.pass": "x9"}
+    )
+    answer = configured.test_client().get(
+        "/admin/devices", headers=through_proxy, environ_base={"REMOTE_ADDR": "10.0.0.5"}
+    )
+    assert answer.status_code == 401  # asks for the password instead
+    configured.extensions["blynkota.db"].dispose()
+
+
 def test_allowed_administrator_ips_is_honoured(server_factory, app):
     server = server_factory(**{"allowed.administrator.ips": "10.0.0.0/8"})
     answer = server.admin("GET", "/admin/devices")
@@ -376,3 +442,24 @@ def test_clients_that_never_finish_a_tls_handshake_cannot_lock_the_admin_api_out
             sock.close()
     wait_until(lambda: "no TLS session" in server.log(), message="the handshake deadline")
     assert "Traceback" not in server.log()
+
+
+def test_token_with_user_or_project_is_refused(server, pump):
+    for extra in ("user=owner@example.com", "project=Farm"):
+        answer = server.upload(f"/admin/ota/start?token={pump}&{extra}", esp8266_image(BUILD_NEW))
+        assert answer.status == 400 and "not both" in answer.text
+
+
+def test_ten_uploads_at_once_to_one_device_send_it_one_ota(server, simulated, pump, app):
+    """At most one `ota` in flight per device: the others wait their turn."""
+    device = simulated(pump, BUILD_OLD, fail="refuse")  # takes the ota, never downloads
+    wait_until(device.ready.is_set)
+    images = [esp8266_image(f"Nov 29 2018 12:00:{n:02d}") for n in range(10)]
+    uploads = [
+        gevent.spawn(server.upload, f"/admin/ota/start?token={pump}", image) for image in images
+    ]
+    gevent.joinall(uploads, timeout=60, raise_error=True)
+    assert all(upload.value.status == 200 for upload in uploads)
+    gevent.sleep(1)
+    assert len(device.ota_urls) == 1
+    assert rows(app, "SELECT count(*) AS n FROM ota_commands")[0]["n"] == 1

@@ -5,6 +5,8 @@ import json
 import pytest
 import sqlalchemy
 
+from blynkota.logsafe import token_tag
+
 
 def run(app, *arguments):
     result = app.test_cli_runner().invoke(args=list(arguments))
@@ -19,11 +21,18 @@ def test_devices_add_prints_a_token_and_list_shows_it(app):
     token = random.output.strip()
     assert len(token) == 32 and token.isalnum() and token != given.output.strip()
     listing = run(app, "devices", "list").output.splitlines()
-    assert listing[0].split() == ["TOKEN", "USER", "PROJECT", "BUILD", "ONLINE"]
+    assert listing[0].split() == ["TOKEN", "USER", "PROJECT", "BUILD", "ONLINE", "LOG", "TAG"]
     assert sorted(line.split() for line in listing[1:]) == sorted(
-        [
-            ["0123456789abcdef0123456789abcdef", "me@example.com", "Farm", "-", "no"],
-            [token, "me@example.com", "Farm", "-", "no"],  # same project, any case
+        [  # fmt: skip
+            [
+                "0123456789abcdef0123456789abcdef",
+                "me@example.com",
+                "Farm",
+                "-",
+                "no",
+                token_tag("0123456789abcdef0123456789abcdef"),
+            ],
+            [token, "me@example.com", "Farm", "-", "no", token_tag(token)],  # any case
         ]
     )
 

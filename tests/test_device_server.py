@@ -1,8 +1,11 @@
 """The device port against a real server: SPEC §2 on the wire, bad input, timeouts."""
 
+import contextlib
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import sqlalchemy
@@ -198,7 +201,10 @@ def test_a_second_connection_with_the_same_token_replaces_the_first(device_serve
     assert device_row(app)["online_since"] is not None  # the old close did not mark it offline
 
 
-def test_a_device_that_never_reads_is_disconnected(device_server):
+def test_a_device_that_never_reads_is_disconnected(server_factory, fleet):
+    fleet.add_device("owner@example.com", "Farm", name="pump", token=TOKEN)
+    # No message quota here: this device is dropped for not reading, not for its rate.
+    device_server = server_factory(**{"hardware.max.messages.per.sec": 1_000_000})
     device = RawDevice(device_server.http_port)
     device.log_in()
     device.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -339,3 +345,143 @@ def test_odd_numbers_and_long_strings_in_the_info_message_are_tolerated(device_s
     assert row["build"] == "Mar  3 2019 \U0001f680"
     device.close()
     assert "Traceback" not in device_server.log()
+
+
+def test_a_device_over_its_message_rate_is_disconnected_with_one_line(device_server):
+    device = RawDevice(device_server.http_port)
+    device.log_in()
+    device.send(b"".join(encode_ping(msg_id) for msg_id in range(3, 303)))  # 300 at once
+    assert device.closed_within(5)
+    log = device_server.log()
+    assert log.count("more than 100 frames in a second") == 1
+    assert "Traceback" not in log
+    assert_still_serving(device_server)
+
+
+def test_a_ping_flood_does_not_hold_up_other_devices(server_factory, fleet):
+    """Frames waiting in one device's buffer are handled with a turn for everyone else
+    between them: a login answers while another device floods without a pause."""
+    fleet.add_device("owner@example.com", "Farm", name="pump", token=TOKEN)
+    flooder_token = fleet.add_device("owner@example.com", "Farm", name="flood")
+    server = server_factory(**{"hardware.max.messages.per.sec": 1_000_000})
+    flooder = RawDevice(server.http_port)
+    flooder.log_in(token=flooder_token)
+    stop = threading.Event()
+
+    def flood() -> None:
+        pings = b"".join(encode_ping(i % 60000 + 1) for i in range(2000))
+        deadline = time.monotonic() + 20
+        with contextlib.suppress(OSError):
+            while not stop.is_set() and time.monotonic() < deadline:
+                flooder.sock.sendall(pings)
+
+    def drain() -> None:  # read the answers, or the flooder is dropped for not reading
+        deadline = time.monotonic() + 25
+        with contextlib.suppress(OSError):
+            flooder.sock.settimeout(1)
+            while not stop.is_set() and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    if not flooder.sock.recv(65536):
+                        return
+
+    workers = [threading.Thread(target=flood), threading.Thread(target=drain)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(1)  # the flood is under way
+        started = time.monotonic()
+        assert_still_serving(server)
+        # Without a turn between frames this waited for the whole flood (20 s).
+        assert time.monotonic() - started < 10
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+        flooder.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def assert_devices_answered(server):
+    """A device connection gets its login answered (a wrong token here: no fleet needed)."""
+    device = RawDevice(server.http_port)
+    try:
+        device.send(encode_login("f" * 32, 1))
+        assert device.event() == Response(1, Status.INVALID_TOKEN)
+    finally:
+        device.close()
+
+
+def test_half_a_method_word_costs_almost_no_cpu(port_server_factory):
+    """`G` and `PO` could still become GET or POST: the connection waits for the
+    rest, peeking again after 10 ms, then ever less often (not every 20 ms)."""
+    device_server = port_server_factory()
+    held = [socket.create_connection(("127.0.0.1", device_server.http_port)) for _ in range(300)]
+    try:
+        for n, sock in enumerate(held):
+            sock.sendall(b"G" if n % 2 else b"PO")
+        time.sleep(0.5)  # the first, quick peeks are over
+        before = _cpu_seconds(device_server.process.pid)
+        time.sleep(2)
+        spent = _cpu_seconds(device_server.process.pid) - before
+        # Polling every 20 ms: 30,000 peeks in these 2 s, most of a core.
+        assert spent < 0.5, f"{spent:.2f} s of CPU for 300 idle half-requests"
+        assert_devices_answered(device_server)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_trickling_http_client_is_dropped_after_the_head_deadline(port_server_factory):
+    """One header byte a second is 'active' for a per-read timeout; the head as
+    a whole has 10 s (http_handler.HEAD_DEADLINE)."""
+    device_server = port_server_factory()
+    sock = socket.create_connection(("127.0.0.1", device_server.http_port), timeout=30)
+    try:
+        sock.sendall(b"GET /anything HTTP/1.1\r\n")
+        started = time.monotonic()
+        answer = b""
+        for byte in b"X-Slow: " + b"a" * 40:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            sock.settimeout(1)
+            try:
+                answer = sock.recv(4096)
+            except TimeoutError:
+                continue
+            break
+        assert answer.startswith(b"HTTP/1.1 400"), answer
+        assert 9 <= time.monotonic() - started < 20
+        assert "request head not complete" in device_server.log()
+        assert "Traceback" not in device_server.log()
+    finally:
+        sock.close()
+
+
+def test_http_clients_and_devices_have_a_limit_each(port_server_factory):
+    server = port_server_factory(**{"http.max.connections": 5, "hardware.max.connections": 5})
+    slow = [socket.create_connection(("127.0.0.1", server.http_port)) for _ in range(8)]
+    try:
+        for sock in slow:
+            sock.sendall(b"GET /anything HTTP/1.1\r\n")  # and nothing more
+        time.sleep(0.5)
+        closed = 0
+        for sock in slow:
+            sock.settimeout(0.5)
+            try:
+                closed += sock.recv(1) == b""
+            except ConnectionResetError:  # closed with its request line unread
+                closed += 1
+            except TimeoutError:
+                pass
+        assert closed == 3  # the HTTP clients over the limit
+        assert_devices_answered(server)  # devices have their own
+        assert "http.max.connections" in server.log()
+    finally:
+        for sock in slow:
+            sock.close()

@@ -71,7 +71,7 @@ def test_a_flipped_esp32_digest_byte_fails_the_sha256_check():
 
 
 def test_a_truncated_image_is_refused():
-    with pytest.raises(FirmwareRejected, match="damaged"):
+    with pytest.raises(FirmwareRejected, match="image at offset 0x0 is damaged: cut short"):
         inspect_firmware(esp8266_image("Nov 29 2018 12:00:00")[:100], validate_image=True)
 
 
@@ -109,3 +109,46 @@ def test_a_large_esp8266_image_is_not_mistaken_for_an_esp32_one():
     # Its first segment header (size 0x00C00000) reads like an ESP32 chip id of 0.
     report = inspect_firmware(esp8266_image(BUILD, size=12 * 1024 * 1024), validate_image=True)
     assert (report.chip, report.build) == ("esp8266", BUILD)
+
+
+def arduino_layout(build: str) -> bytes:
+    """An Arduino ESP8266 sketch's file: a boot loader image at 0, the application at 0x1000."""
+    boot_loader = esp8266_image(None, size=1384)
+    application = esp8266_image(build, size=20_000)
+    return boot_loader + b"\xff" * (0x1000 - len(boot_loader)) + application
+
+
+def test_the_application_image_at_0x1000_is_checked_too():
+    whole = arduino_layout("Nov 29 2018 12:00:00")
+    assert inspect_firmware(whole, validate_image=True).build == "Nov 29 2018 12:00:00"
+    flipped = bytearray(whole)
+    flipped[0x1000 + 5000] ^= 0x01
+    with pytest.raises(FirmwareRejected, match=r"image at offset 0x1000 has checksum"):
+        inspect_firmware(bytes(flipped), validate_image=True)
+    for cut in (len(whole) // 2, len(whole) - 1, 0x1004):
+        with pytest.raises(FirmwareRejected, match=r"image at offset 0x1000 is damaged: cut short"):
+            inspect_firmware(whole[:cut], validate_image=True)
+    not_an_image = bytearray(whole)
+    not_an_image[0x1000] = 0x00
+    with pytest.raises(FirmwareRejected, match="not an application image"):
+        inspect_firmware(bytes(not_an_image), validate_image=True)
+
+
+@pytest.mark.parametrize("damage", ["half", "flip", "last byte"])
+def test_real_esp8266_file_damaged_anywhere_is_refused(shared_dir, damage):
+    path = shared_dir / "fixtures" / "firmware" / "esp8266-nodemcu-blynk-0.4.8.bin"
+    data = bytearray(path.read_bytes())
+    if damage == "half":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[0x2000] ^= 0x01  # inside the application, past the boot loader's 1,384 bytes
+    else:
+        data = data[:-1]
+    with pytest.raises(FirmwareRejected, match="offset 0x1000"):
+        inspect_firmware(bytes(data), validate_image=True)
+
+
+def test_esptool_remarks_stay_out_of_the_output(capsys):
+    inspect_firmware(arduino_layout("Nov 29 2018 12:00:00"), validate_image=True)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""

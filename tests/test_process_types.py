@@ -147,7 +147,9 @@ def test_gunicorn_serves_the_admin_api_behind_a_trusted_proxy(mysql_url, tmp_pat
 
 
 def test_forwarded_headers_count_only_from_trusted_proxies(tmp_path):
-    app = create_app({"data.folder": tmp_path / "data", "trusted.proxies": "10.0.0.0/8"})
+    app = create_app(
+        {"data.folder": tmp_path / "data", "trusted.proxies": "10.0.0.0/8", "admin.pass": "x9"}
+    )
     client = app.test_client()
     headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "10.1.1.1"}
     stranger = client.get(

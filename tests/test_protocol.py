@@ -95,6 +95,11 @@ def test_ota_command_that_does_not_fit_the_device_buffer_is_refused():
     with pytest.raises(LocalProtocolError, match="receive buffer"):
         encode_ota(url, buff_in=256)
     assert encode_ota(url, buff_in=1024)
+    # The C++ library reads a body as long as its buffer: that one fits.
+    body_length = len(b"ota\0" + url.encode())
+    assert encode_ota(url, buff_in=body_length)
+    with pytest.raises(LocalProtocolError):
+        encode_ota(url, buff_in=body_length - 1)
 
 
 def test_message_id_zero_is_never_encoded():

@@ -145,6 +145,21 @@ def test_an_ota_frame_that_does_not_fit_buff_in_is_not_sent(server, simulated, f
     assert rows(app, "SELECT count(*) FROM ota_commands") == [(0,)]
 
 
+def test_a_campaign_device_whose_buffer_is_too_small_fails_at_once(server, simulated, fleet, app):
+    token = fleet.add_device("me@example.com", "Farm")
+    device = simulated(token, BUILD_OLD, buff_in=40)
+    wait_until(device.ready.is_set)
+    assert server.upload("/admin/ota/start?now=true", esp8266_image(BUILD_NEW)).status == 200
+    wait_until(
+        lambda: rows(app, "SELECT state FROM rollout_devices") == [("failed",)],
+        message="the device failed, not pending forever",
+    )
+    (event,) = rows(app, "SELECT detail FROM rollout_events WHERE to_state = 'failed'")
+    assert "40-byte receive buffer" in event[0]
+    assert device.ota_urls == []
+    assert rows(app, "SELECT count(*) FROM ota_commands") == [(0,)]
+
+
 def test_the_simulator_command_runs_a_fleet_through_an_update(server, fleet, tmp_path):
     tokens = [fleet.add_device("me@example.com", "Farm") for _ in range(3)]
     (tmp_path / "tokens.txt").write_text("".join(f"{token}\n" for token in tokens))

@@ -7,6 +7,7 @@ the others when theirs goes away (as behind a TCP load balancer).
 
 import hashlib
 import socket
+import threading
 import time
 from collections import Counter
 
@@ -18,7 +19,7 @@ from blynkota.simulator import SimulatedDevice
 
 from .devices import BUILD_NEW, BUILD_OLD
 from .images import esp8266_image
-from .servers import ServerProcess, upload_at_once, wait_until
+from .servers import ADMIN_EMAIL, ServerProcess, upload_at_once, wait_until
 
 pytestmark = [pytest.mark.mysql, pytest.mark.multinode]
 
@@ -227,7 +228,7 @@ def test_three_nodes_serve_one_fleet(cluster, engine, mysql_app):
         gevent.sleep(0.5)
 
 
-def test_concurrent_uploads_on_three_nodes_leave_one_rollout_running(cluster, engine, mysql_app):
+def test_concurrent_uploads_and_logins_on_three_nodes_meet_one_truth(cluster, engine, mysql_app):
     mysql_app.extensions["blynkota.fleet"].add_device("racer@example.com", "Farm")
     spread = [cluster[i % 3] for i in range(10)]
     assert upload_at_once(spread, "/admin/ota/start?user=racer@example.com") == [200] * 10
@@ -235,3 +236,17 @@ def test_concurrent_uploads_on_three_nodes_leave_one_rollout_running(cluster, en
     assert states == {"active": 1, "superseded": 9}
     (running,) = query(engine, "SELECT running_key FROM rollouts WHERE state = 'active'")
     assert running["running_key"].startswith("user:")
+
+    # Wrong passwords spread over the three processes meet one budget, a row
+    # in the database: of 15 at once, exactly 10 are checked and 5 refused.
+    statuses: list[int] = []
+
+    def attempt(server) -> None:
+        statuses.append(server.admin("GET", "/admin/devices", auth=(ADMIN_EMAIL, "nope")).status)
+
+    threads = [threading.Thread(target=attempt, args=(cluster[i % 3],)) for i in range(15)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert Counter(statuses) == {403: 10, 429: 5}

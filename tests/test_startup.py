@@ -13,6 +13,7 @@ import pytest
 from alembic.script import ScriptDirectory
 
 from blynkota.store import alembic_config
+from blynkota.tls import ensure_certificate
 
 from .servers import ROOT, ServerProcess, write_properties
 
@@ -139,3 +140,40 @@ def test_honcho_start_runs_the_procfile(tmp_path):
         process.send_signal(signal.SIGTERM)
         process.wait(20)
     assert "Traceback" not in log_path.read_text()
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("garbage", "are not a PEM certificate and its key"),
+        ("mismatched", "is not the key of the certificate"),
+        ("cert without key", "server.ssl.key: "),
+        ("missing cert", "does not exist"),
+    ],
+)
+def test_broken_tls_files_stop_the_start_in_one_line(tmp_path, case, message):
+    first, second = tmp_path / "first", tmp_path / "second"
+    ensure_certificate(first / "cert.pem", first / "key.pem")
+    ensure_certificate(second / "cert.pem", second / "key.pem")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    files = {
+        "garbage": {"server.ssl.cert": garbage, "server.ssl.key": garbage},
+        "mismatched": {"server.ssl.cert": first / "cert.pem", "server.ssl.key": second / "key.pem"},
+        "cert without key": {"server.ssl.cert": first / "cert.pem"},
+        "missing cert": {"server.ssl.cert": tmp_path / "nope.pem", "server.ssl.key": garbage},
+    }[case]
+    config = write_properties(
+        tmp_path / "tls.properties",
+        {"data.folder": tmp_path / "data", "http.port": 0, "https.port": 0, **files},
+    )
+    result = subprocess.run(
+        [sys.executable, "wsgi.py", "-serverConfig", str(config)],
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("blynkota: ") and message in last, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "listening" not in result.stderr + result.stdout
+    assert not (tmp_path / "data" / "tls").exists()  # nothing generated beside a given pair

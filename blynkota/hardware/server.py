@@ -17,18 +17,18 @@ import gevent
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
-__all__ = ["HTTP_IDLE_TIMEOUT", "HTTP_RESERVE", "SharedPortServer", "looks_like_http"]
+from ..http_handler import HTTP_IDLE_TIMEOUT, RequestHandler
+from ..peeking import peek_waits
+
+__all__ = ["HTTP_IDLE_TIMEOUT", "SharedPortServer", "looks_like_http"]
 
 log = logging.getLogger(__name__)
 
 HTTP_METHODS = (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"PATC")
 _SNIFF_BYTES = 4
-_SNIFF_RETRY = 0.02
-HTTP_IDLE_TIMEOUT = 60.0  # an HTTP client silent this long (slowloris) is dropped
-# Connections beyond hardware.max.connections kept for HTTP (firmware downloads)
-# and for connections not sniffed yet: a full house of devices must not stop
-# the devices' own updates from downloading.
-HTTP_RESERVE = 256
+# Connections not sniffed yet get a share of the pool of their own, beyond
+# hardware.max.connections and http.max.connections.
+SNIFF_RESERVE = 256
 WARN_EVERY = 10.0  # seconds between two warnings of one overload
 ACCEPT_PAUSE = 0.5  # seconds without accepting once the process is out of file descriptors
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -43,6 +43,8 @@ def looks_like_http(first_bytes: bytes) -> bool | None:
 
 
 class SharedPortServer(WSGIServer):
+    handler_class = RequestHandler
+
     def __init__(
         self,
         listener,
@@ -51,12 +53,16 @@ class SharedPortServer(WSGIServer):
         *,
         sniff_timeout,
         max_connections,
+        max_http_connections,
         file_sender: Callable[[socket.socket, tuple], bool] | None = None,
     ):
         super().__init__(
             listener,
             application,
-            spawn=Pool(max_connections + HTTP_RESERVE),
+            # Devices and HTTP clients have a limit each, so neither a full
+            # house of devices nor a crowd of slow HTTP clients locks the
+            # other out (the devices' own updates download over HTTP).
+            spawn=Pool(max_connections + max_http_connections + SNIFF_RESERVE),
             log=logging.getLogger("blynkota.http"),
             error_log=logging.getLogger("blynkota.http"),
             environ={"SERVER_NAME": "blynkota"},
@@ -67,6 +73,8 @@ class SharedPortServer(WSGIServer):
         self.file_sender = file_sender
         self.max_devices = max_connections
         self.devices = 0  # device sessions running now
+        self.max_http = max_http_connections
+        self.http_clients = 0  # HTTP connections open now
         self._warned: dict[str, float] = {}  # a warning's key -> when it was last logged
 
     def do_read(self):
@@ -108,14 +116,28 @@ class SharedPortServer(WSGIServer):
         try:
             kind = self._sniff(sock)
             if kind is True:
-                if self.file_sender is None or not self.file_sender(sock, address):
-                    super().handle(sock, address)
+                self._serve_http(sock, address)
             elif kind is False:
                 self._serve_device(sock, address)
         except OSError as error:
             log.info("connection %s:%s lost before it said anything (%s)", *address[:2], error)
         finally:
             sock.close()
+
+    def _serve_http(self, sock, address) -> None:
+        if self.http_clients >= self.max_http:
+            self._warn_now_and_then(
+                "http full",
+                "%d HTTP connections open (http.max.connections): closing new ones",
+                self.http_clients,
+            )
+            return  # closed by handle()
+        self.http_clients += 1
+        try:
+            if self.file_sender is None or not self.file_sender(sock, address):
+                super().handle(sock, address)
+        finally:
+            self.http_clients -= 1
 
     def _serve_device(self, sock, address) -> None:
         if self.devices >= self.max_devices:
@@ -134,6 +156,7 @@ class SharedPortServer(WSGIServer):
 
     def _sniff(self, sock) -> bool | None:
         deadline = time.monotonic() + self.sniff_timeout
+        waits = peek_waits()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -149,4 +172,4 @@ class SharedPortServer(WSGIServer):
             if kind is not None:
                 sock.settimeout(HTTP_IDLE_TIMEOUT if kind else None)
                 return kind
-            gevent.sleep(_SNIFF_RETRY)  # a prefix of a method word: wait for the rest
+            gevent.sleep(next(waits))  # a prefix of a method word: wait for the rest

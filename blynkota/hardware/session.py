@@ -25,7 +25,8 @@ from gevent.lock import Semaphore
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from ..ota import DeviceIdentity, OfferFailed, OnlineDevices, OtaService
+from ..logsafe import token_tag
+from ..ota import DeviceIdentity, FrameTooLarge, OfferFailed, OnlineDevices, OtaService
 from ..protocol import (
     NEED_DATA,
     FrameReader,
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT = 10  # seconds, the C++ library's default h-beat
 DEFAULT_BUFF_IN = 256  # bytes, an ESP's receive buffer in library v0.6.1
+DEFAULT_MESSAGES_PER_SEC = 100  # the Blynk server's user.message.quota.limit
 WRITE_TIMEOUT = 10.0
 MAX_EXTRA_LOGINS = 3  # ALREADY_REGISTERED answers before a login flood is closed
 # Devices exchange frames of a few bytes: a small kernel send buffer keeps
@@ -64,6 +66,23 @@ _SERIALS = itertools.count(1)
 
 def heartbeat_timeout(heartbeat: int) -> float:
     return math.ceil(heartbeat * 2.3)
+
+
+class FrameRate:
+    """Frames a device sent in the current second, against its limit (the Blynk
+    server's message quota): a fixed one-second window, one clock read a frame."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._window = 0.0
+        self._count = 0
+
+    def over(self) -> bool:
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            self._window, self._count = now, 0
+        self._count += 1
+        return self._count > self.limit
 
 
 class SessionClosed(Exception):
@@ -83,6 +102,7 @@ class DeviceSession:
         online: OnlineDevices,
         *,
         login_timeout: float,
+        max_messages_per_sec: int = DEFAULT_MESSAGES_PER_SEC,
         server_host: str = "",
         public_port: int | None = None,
     ) -> None:
@@ -99,6 +119,7 @@ class DeviceSession:
         self.machine = SessionStateMachine()
         self.reader = FrameReader()
         self.token = ""
+        self.tag = "-"  # what the log shows of the token (logsafe.py)
         self.identity: DeviceIdentity | None = None
         self.device_id: int | None = None
         self.session_id: int | None = None
@@ -109,6 +130,7 @@ class DeviceSession:
         self.read_timeout = heartbeat_timeout(DEFAULT_HEARTBEAT)
         self._write_lock = Semaphore()
         self._extra_logins = 0
+        self.rate = FrameRate(max_messages_per_sec)
 
     # --- the greenlet --------------------------------------------------------
 
@@ -119,24 +141,22 @@ class DeviceSession:
                 self._handle(self._next_event(self.read_timeout))
         except DATABASE_ERRORS as error:
             # One line per outage comes from the database's health; this one is quiet.
-            log.debug(
-                "device %s %s: closed, database error (%s)", self.token or "-", self.peer, error
-            )
+            log.debug("device %s %s: closed, database error (%s)", self.tag, self.peer, error)
         except SessionClosed as reason:
             # A plain disconnect is routine; everything else is worth a line.
             level = logging.DEBUG if str(reason) == "disconnected" else logging.INFO
-            log.log(level, "device %s %s: %s", self.token or "-", self.peer, reason)
+            log.log(level, "device %s %s: %s", self.tag, self.peer, reason)
         except RemoteProtocolError as error:
             if error.status is not None:
                 self._try_reply(error.msg_id, error.status)
-            log.info("device %s %s: closed, %s", self.token or "-", self.peer, error)
+            log.info("device %s %s: closed, %s", self.tag, self.peer, error)
         except TimeoutError as error:
             reason = error.args[0] if error.args else "silent too long"
-            log.info("device %s %s: closed, %s", self.token or "-", self.peer, reason)
+            log.info("device %s %s: closed, %s", self.tag, self.peer, reason)
         except OSError as error:
-            log.info("device %s %s: connection lost (%s)", self.token or "-", self.peer, error)
+            log.info("device %s %s: connection lost (%s)", self.tag, self.peer, error)
         except Exception:
-            log.exception("device %s %s: closed after an internal error", self.token, self.peer)
+            log.exception("device %s %s: closed after an internal error", self.tag, self.peer)
         finally:
             self._close()
 
@@ -151,9 +171,10 @@ class DeviceSession:
             raise
         if identity is None:
             self._reply(event.msg_id, Status.INVALID_TOKEN)
-            raise SessionClosed(f"closed, invalid token {event.token[:64]!r}")
+            raise SessionClosed(f"closed, invalid token ({token_tag(event.token)})")
         self.identity = identity
         self.token, self.device_id = identity.token, identity.id
+        self.tag = token_tag(identity.token)
         self.machine.advance("login accepted")
         # Registered before the database hears of it: the connection this one
         # replaces then finds itself unregistered and leaves the device online.
@@ -173,7 +194,7 @@ class DeviceSession:
         if not recorded:
             raise SessionClosed("closed, the device has logged in again since (on another node)")
         self._reply(event.msg_id, Status.OK)
-        log.debug("device %s %s: logged in", self.token, self.peer)
+        log.debug("device %s %s: logged in", self.tag, self.peer)
 
     def _handle(self, event) -> None:
         if isinstance(event, Ping):
@@ -204,7 +225,7 @@ class DeviceSession:
         self.machine.advance("info answered")
         try:
             if self.service.device_reported(self.identity, info):
-                log.debug("device %s: update due, offered with the next batch", self.token)
+                log.debug("device %s: update due, offered with the next batch", self.tag)
         except DATABASE_ERRORS:
             # Answered already; the report is lost, so the device reconnects and repeats it.
             self._try_reply(event.msg_id, Status.SERVER_ERROR)
@@ -223,7 +244,7 @@ class DeviceSession:
         try:
             return url, encode_ota(url, buff_in=self.buff_in)
         except LocalProtocolError as error:
-            raise OfferFailed(str(error)) from None
+            raise FrameTooLarge(str(error)) from None
 
     def write_frame(self, frame: bytes) -> None:
         try:
@@ -233,7 +254,7 @@ class DeviceSession:
             raise OfferFailed(f"the device did not take the frame ({error})") from None
 
     def close(self, reason: str) -> None:
-        log.info("device %s %s: %s", self.token or "-", self.peer, reason)
+        log.info("device %s %s: %s", self.tag, self.peer, reason)
         self.machine.advance("close")
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -254,6 +275,15 @@ class DeviceSession:
         while True:
             event = self.reader.next_event()
             if event is not NEED_DATA:
+                if self.rate.over():
+                    raise SessionClosed(
+                        f"closed, more than {self.rate.limit} frames in a second "
+                        "(hardware.max.messages.per.sec)"
+                    )
+                if self.reader.buffered:
+                    # More frames wait in the buffer: let every other greenlet
+                    # run first, or a flood from one device holds the loop.
+                    gevent.sleep(0)
                 return event
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -291,7 +321,7 @@ class DeviceSession:
                 # Conditional on this session: a newer login elsewhere stays.
                 self.service.device_offline(self.device_id, self.session_id)
             except DATABASE_ERRORS:
-                log.debug("device %s: disconnect kept until the database is back", self.token)
+                log.debug("device %s: disconnect kept until the database is back", self.tag)
         if self.machine.state is not SessionState.CLOSED:
             self.machine.advance("close")
         self.sock.close()

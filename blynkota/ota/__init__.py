@@ -12,7 +12,14 @@ from .fleet import DeviceRow, FleetRegistry, ImportCounts, ProvisioningError, ne
 from .guards import FleetPolicy, RolloutGuards
 from .lifecycle import RetryPolicy, UpdateLifecycle
 from .offers import DeviceIdentity, DownloadTicket, Offer
-from .online import DeviceLink, NoDownloadSlot, OfferDeferred, OfferFailed, OnlineDevices
+from .online import (
+    DeviceLink,
+    FrameTooLarge,
+    NoDownloadSlot,
+    OfferDeferred,
+    OfferFailed,
+    OnlineDevices,
+)
 from .rollouts import Candidate, RolloutPlanner
 from .service import OtaService
 
@@ -47,6 +54,7 @@ __all__ = [
     "UpdateLifecycle",
     "DeviceLink",
     "OfferFailed",
+    "FrameTooLarge",
     "OnlineDevices",
     "Candidate",
     "RolloutPlanner",

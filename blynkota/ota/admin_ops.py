@@ -15,6 +15,7 @@ from dataclasses import replace
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ..logsafe import token_tag
 from ..store import Device, DeviceState, Firmware, Rollout, RolloutScope, RolloutState, utcnow
 from .catalog import Upload, served_path
 from .cohorts import Controls
@@ -246,7 +247,7 @@ class AdminOperations:
             try:
                 self.send_offer(offer)
             except OfferDeferred as reason:
-                log.info("device %s: update waits: %s", device.token, reason)
+                log.info("device %s: update waits: %s", token_tag(device.token), reason)
             except OfferFailed as error:
                 raise OtaRequestError(
                     f"The update could not be sent: {error}. It stays pending for the next login."

@@ -1,12 +1,23 @@
-"""Admin accounts: hashed in the database, seeded from admin.email / admin.pass."""
+"""Admin accounts: hashed in the database, seeded from admin.email / admin.pass.
+
+A password check costs ~100 ms of CPU (scrypt). It runs in gevent's thread
+pool (hashlib releases the GIL), so devices keep being served meanwhile; an
+unknown e-mail is checked against a dummy hash, so it takes as long as a
+known one and the answer's time does not tell which accounts exist; and
+each check not already known good spends the client's and the account's
+budget (login_limits.py) first.
+"""
 
 import hashlib
 import logging
+import secrets
 
+import gevent
 from sqlalchemy import select
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from ..store import Admin, Database
+from .login_limits import LoginLimits
 
 __all__ = ["AdminDirectory"]
 
@@ -16,6 +27,9 @@ log = logging.getLogger(__name__)
 class AdminDirectory:
     def __init__(self, db: Database) -> None:
         self._db = db
+        self.limits = LoginLimits(db)
+        # Checked when the e-mail is unknown: the same work as a real check.
+        self._dummy_hash = generate_password_hash(secrets.token_hex(16))
         # A password hash takes tens of milliseconds of CPU, during which the
         # gevent hub serves no device. Remember credentials already checked
         # against the current hash, keyed by a digest (never the password).
@@ -41,15 +55,18 @@ class AdminDirectory:
         self._db.run(work)
         self._verified.clear()
 
-    def check(self, email: str, password: str) -> bool:
+    def check(self, email: str, password: str, address: str) -> bool:
+        """Raises TooManyAttempts when the address or the account has no attempt left."""
         with self._db.begin() as session:
             stored = session.scalar(select(Admin.password_hash).where(Admin.email == email))
-        if stored is None:
-            return False
         key = (email, hashlib.sha256(password.encode()).digest())
-        if self._verified.get(key) == stored:
+        if stored is not None and self._verified.get(key) == stored:
             return True
-        if check_password_hash(stored, password):
-            self._verified[key] = stored
-            return True
-        return False
+        attempt = self.limits.take(address, email)
+        pool = gevent.get_hub().threadpool
+        matches = pool.apply(check_password_hash, (stored or self._dummy_hash, password))
+        if stored is None or not matches:
+            return False
+        self.limits.give_back(attempt)
+        self._verified[key] = stored
+        return True

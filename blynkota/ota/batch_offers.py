@@ -16,6 +16,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from ..cluster import ClusterNode, lock_offer_slots
+from ..logsafe import token_tag
 from ..store import (
     Database,
     Device,
@@ -27,10 +28,10 @@ from ..store import (
     RolloutState,
     utcnow,
 )
-from .device_states import load_tracks, move, offer_all
+from .device_states import devices_in_flight, load_tracks, move, offer_all
 from .guards import RolloutGuards
 from .offers import DeviceIdentity, Offer, new_offer
-from .online import DeviceLink, OfferFailed, OnlineDevices
+from .online import DeviceLink, FrameTooLarge, OfferFailed, OnlineDevices
 from .rollouts import RunningRollouts
 
 __all__ = ["BatchOffers"]
@@ -109,9 +110,9 @@ class BatchOffers:
                 waiting.link.write_frame(frame)
             except OfferFailed as error:
                 self._undelivered(offer, str(error))
-                log.warning("device %s: not offered: %s", offer.token, error)
+                log.warning("device %s: not offered: %s", token_tag(offer.token), error)
                 continue
-            log.info("device %s: sent ota %s", offer.token, offer.url_path)
+            log.info("device %s: sent ota %s", token_tag(offer.token), offer.url_path)
             sent += 1
         return sent
 
@@ -142,6 +143,8 @@ class BatchOffers:
         running = RunningRollouts(session)
         free = {rollout_id: self.guards.free_slots(session, rollout_id) for rollout_id in healthy}
         server_free = self.guards.free_slots(session)
+        # One `ota` in flight per device, whatever rollouts name it.
+        busy = devices_in_flight(session, [w.device.id for w in waiting])
         tracks = {
             track.id: track
             for track in load_tracks(
@@ -164,6 +167,8 @@ class BatchOffers:
             if track.next_attempt_at is not None and track.next_attempt_at > now:
                 continue
             device = item.device
+            if device.id in busy:
+                continue
             candidate = running.rollout_for(
                 device_id=device.id, project_id=device.project_id, user_id=device.user_id
             )
@@ -179,10 +184,15 @@ class BatchOffers:
             offer = new_offer(candidate, device)
             try:
                 url, frame = item.link.ota_frame(offer.url_path)
+            except FrameTooLarge as error:
+                # Its receive buffer is too small for the URL: no retry can help.
+                move(session, track, DeviceState.FAILED, now, f"not offered: {error}")
+                continue
             except OfferFailed:
                 continue  # the connection closed meanwhile: offered at its next login
             free[item.rollout_id] -= 1
             server_free -= 1
+            busy.add(device.id)
             chosen.append((item, offer, frame))
             offers.append((track, url))
         offer_all(session, offers, now)

@@ -17,13 +17,14 @@ behind the condition's back.
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from ..store import DeviceState, RolloutDevice, RolloutEvent
 
 __all__ = [
     "ConcurrentChange",
+    "devices_in_flight",
     "IllegalDeviceTransition",
     "TRANSITIONS",
     "Track",
@@ -46,6 +47,7 @@ TRANSITIONS: dict[tuple[str | None, str], str] = {
     (None, S.UPDATED): "already on the rollout's build when first seen",
     (S.PENDING, S.OFFERED): "ota command written",
     (S.PENDING, S.UPDATED): "reported the rollout's build",
+    (S.PENDING, S.FAILED): "the device cannot take the ota command",
     (S.PENDING, S.CANCELLED): "rollout stopped",
     (S.PENDING, S.SUPERSEDED): "rollout replaced",
     (S.OFFERED, S.DOWNLOADING): "download request arrived",
@@ -154,6 +156,26 @@ def _event_of(rollout_id, device_id, before, after, detail, at) -> dict:
         "at": at,
         "detail": (detail or TRANSITIONS[(before, after)])[:255],
     }
+
+
+_DEVICES_IN_FLIGHT = (
+    select(RolloutDevice.__table__.c.device_id)
+    .where(
+        RolloutDevice.__table__.c.device_id.in_(bindparam("devices", expanding=True)),
+        RolloutDevice.__table__.c.state.in_(S.IN_FLIGHT),
+    )
+    .distinct()
+)
+
+
+def devices_in_flight(session: Session, device_ids) -> set[int]:
+    """Which of these devices have an open attempt, in any rollout.
+
+    A batch of logins asks once. An offer asks under the offer-slots lock:
+    a device has at most one `ota` in flight, however many uploads name it.
+    """
+    rows = session.execute(_DEVICES_IN_FLIGHT, {"devices": sorted(set(device_ids))})
+    return set(rows.scalars())
 
 
 def log_events(session: Session, events: list[dict]) -> None:

@@ -6,6 +6,8 @@ server reads it: the bytes after the first `\\0build\\0`, up to the next NUL.
 Image checks are esptool's: the same parser the flashing tools use.
 """
 
+import contextlib
+import io
 import logging
 from dataclasses import dataclass
 
@@ -13,6 +15,9 @@ __all__ = ["FirmwareRejected", "ImageReport", "read_build", "inspect_firmware"]
 
 BUILD_TAG = b"\0build\0"
 IMAGE_MAGIC = 0xE9
+APP_OFFSET = 0x1000  # where an Arduino ESP8266 file's application image starts
+log = logging.getLogger(__name__)
+
 _MAX_BUILD_LENGTH = 64  # the devices.build / firmware.build column width
 
 
@@ -60,27 +65,69 @@ def _detect_chip(data: bytes) -> str:
 
 
 def _check_as(chip: str, data: bytes) -> None:
-    """Raises FirmwareRejected unless `data` is a sound `chip` application image."""
+    """Raises FirmwareRejected unless `data` is a sound `chip` application image.
+
+    An ESP8266 sketch from the Arduino tools is two images in one file: the
+    boot loader (eboot) at offset 0, then the application at 0x1000 (its
+    own header, segments and checksum). Both are checked, so a file cut
+    short or a byte flipped anywhere in what the chip loads is refused.
+    """
+    _check_one(chip, data, 0)
+    if chip == "esp8266" and _image_end(data, 0) <= APP_OFFSET < len(data):
+        if data[APP_OFFSET] != IMAGE_MAGIC:
+            raise FirmwareRejected(
+                f"The ESP8266 file has data at 0x{APP_OFFSET:X} that is not an application "
+                f"image (byte 0x{data[APP_OFFSET]:02X}, not 0xE9): the file is damaged."
+            )
+        _check_one(chip, data, APP_OFFSET)
+
+
+def _check_one(chip: str, data: bytes, offset: int) -> None:
     from esptool.bin_image import LoadFirmwareImage
 
-    # esptool logs through its own logger; keep its warnings out of ours.
-    logging.getLogger("esptool").setLevel(logging.ERROR)
+    where = f"The {chip.upper()} image at offset 0x{offset:X}"
+    declared = _image_end(data, offset) if chip == "esp8266" else 0
+    if declared > len(data):  # the checksum is the last byte of the padded image
+        raise FirmwareRejected(
+            f"{where} is damaged: cut short, its segments end at 0x{declared:X}, "
+            f"the file at 0x{len(data):X}."
+        )
+    # esptool prints its remarks ("Suspicious segment" for every Arduino
+    # sketch's flash segment): kept out of the server's output, for debugging.
+    # The parse never yields to another greenlet, so the swap is local to it.
+    remarks = io.StringIO()
     try:
-        image = LoadFirmwareImage(chip, data)
+        with contextlib.redirect_stdout(remarks), contextlib.redirect_stderr(remarks):
+            image = LoadFirmwareImage(chip, data[offset:])
     except Exception as error:  # esptool raises FatalError, struct.error, ...
-        raise FirmwareRejected(f"The {chip.upper()} image is damaged: {error}.") from None
+        raise FirmwareRejected(f"{where} is damaged or cut short: {error}.") from None
+    finally:
+        if remarks.getvalue():
+            log.debug("esptool on %s: %s", where[4:], remarks.getvalue().strip())
     computed = image.calculate_checksum()
     if image.checksum != computed:
         raise FirmwareRejected(
-            f"The {chip.upper()} image checksum is 0x{image.checksum:02X} but its "
-            f"segments sum to 0x{computed:02X}: the file is damaged."
+            f"{where} has checksum 0x{image.checksum:02X} but its segments sum to "
+            f"0x{computed:02X}: the file is damaged."
         )
     stored = getattr(image, "stored_digest", None)
     if getattr(image, "append_digest", False) and stored != image.calc_digest:
         raise FirmwareRejected(
-            f"The SHA-256 appended to the {chip.upper()} image does not match its "
-            "content: the file is damaged."
+            f"The SHA-256 appended to {where[4:]} does not match its content: the file is damaged."
         )
+
+
+def _image_end(data: bytes, offset: int) -> int:
+    """Where an ESP8266 image that starts at `offset` ends, as its headers
+    declare: its header, each segment (an 8-byte header and its data), the
+    checksum, padded to 16 bytes. Past the file's end if the file is short."""
+    position = offset + 8
+    for _ in range(data[offset + 1] if offset + 1 < len(data) else 0):
+        if position + 8 > len(data):
+            return position + 8 + 16
+        length = int.from_bytes(data[position + 4 : position + 8], "little")
+        position += 8 + length
+    return (position + 16) & ~15
 
 
 def _check_image(data: bytes) -> str:

@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ..logsafe import token_tag
 from ..store import Database, Device, Project, User
 from .blynk_data import BlynkUser
 
@@ -36,6 +37,7 @@ class DeviceRow:
     last_seen_at: datetime | None
     last_address: str | None
     online: bool
+    tag: str  # what the server's log shows instead of the token
 
 
 @dataclass
@@ -145,6 +147,7 @@ class FleetRegistry:
                     last_seen_at=device.last_seen_at,
                     last_address=device.last_address,
                     online=device.online_since is not None,
+                    tag=token_tag(device.token),
                 )
                 for device, project, user in rows
             ]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam
 from sqlalchemy.orm import Session
 
 from ..store import DeviceState, Firmware, Rollout, RolloutDevice, RolloutState
@@ -101,24 +101,9 @@ class ReportedBuild:
     candidate: "Candidate"
 
 
-_DEVICES_IN_FLIGHT = (
-    select(_rd.c.device_id)
-    .where(
-        _rd.c.device_id.in_(bindparam("devices", expanding=True)),
-        _rd.c.state.in_(DeviceState.IN_FLIGHT),
-    )
-    .distinct()
-)
-
-
 class UpdateLifecycle:
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
-
-    def devices_in_flight(self, session: Session, device_ids: list[int]) -> set[int]:
-        """Which of these devices have an open attempt: a batch of logins asks once."""
-        rows = session.execute(_DEVICES_IN_FLIGHT, {"devices": sorted(set(device_ids))})
-        return set(rows.scalars())
 
     def resolve_in_flight(
         self,

@@ -9,11 +9,22 @@ this registry only reaches the devices of this process.
 
 from typing import Protocol
 
-__all__ = ["DeviceLink", "NoDownloadSlot", "OfferDeferred", "OfferFailed", "OnlineDevices"]
+__all__ = [
+    "DeviceLink",
+    "FrameTooLarge",
+    "NoDownloadSlot",
+    "OfferDeferred",
+    "OfferFailed",
+    "OnlineDevices",
+]
 
 
 class OfferFailed(Exception):
     """The `ota` command could not be written to the device; the message says why."""
+
+
+class FrameTooLarge(OfferFailed):
+    """The `ota` frame does not fit the device's receive buffer: it never will."""
 
 
 class OfferDeferred(OfferFailed):

@@ -22,6 +22,7 @@ from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from ..cluster import ClusterNode, lock_offer_slots
+from ..logsafe import token_tag
 from ..protocol import info_number
 from ..store import (
     Database,
@@ -38,7 +39,7 @@ from ..store import (
 from .admin_ops import AdminOperations
 from .batch_offers import BatchOffers
 from .catalog import FirmwareCatalog, FirmwareFile
-from .device_states import load_tracks, move
+from .device_states import devices_in_flight, load_tracks, move
 from .enrolment import OnlineEnrolment
 from .errors import OtaRequestError
 from .guards import SLOT_STATES, FleetPolicy, RolloutGuards
@@ -84,6 +85,7 @@ _REPORTED = (
     )
 )
 NO_SLOT = "no download slot free (ota.max.concurrent)"
+IN_FLIGHT = "an update is in flight already: this one follows when it ends"
 
 
 class OtaService(AdminOperations):
@@ -164,9 +166,7 @@ class OtaService(AdminOperations):
         """Many devices' info messages in one transaction: (settled, due) for each."""
         now = utcnow()
         bytes_written = self._bytes_written()
-        in_flight = self.lifecycle.devices_in_flight(
-            connection, [device.id for device, _ in reports]
-        )
+        in_flight = devices_in_flight(connection, [device.id for device, _ in reports])
         running = RunningRollouts(connection)
         settled, due = [False] * len(reports), [False] * len(reports)
         judged: list[tuple[int, ReportedBuild]] = []
@@ -209,6 +209,8 @@ class OtaService(AdminOperations):
             state = session.scalar(select(Rollout.state).where(Rollout.id == offer.rollout_id))
             if state != RolloutState.ACTIVE:
                 return f"rollout {offer.rollout_id} is {state}"
+            if devices_in_flight(session, [offer.device_id]):
+                return IN_FLIGHT
             found = load_tracks(
                 session,
                 RolloutDevice.rollout_id == offer.rollout_id,
@@ -255,7 +257,7 @@ class OtaService(AdminOperations):
         except OfferFailed as error:
             self._offer_undelivered(offer, str(error))
             raise
-        log.info("device %s: sent ota %s", offer.token, url)
+        log.info("device %s: sent ota %s", token_tag(offer.token), url)
         return url
 
     def _offer_undelivered(self, offer: Offer, reason: str) -> None:

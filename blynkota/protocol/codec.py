@@ -182,7 +182,7 @@ def encode_info(fields: dict[str, str], msg_id: int = 2) -> bytes:
 def encode_ota(url: str, *, buff_in: int) -> bytes:
     """The `ota` command; refuses a body the device could not receive."""
     body = b"ota\0" + url.encode("ascii")
-    if len(body) >= buff_in:
+    if len(body) > buff_in:  # the C++ library takes a body as long as its buffer
         raise LocalProtocolError(
             f"ota command of {len(body)} bytes does not fit the device's "
             f"{buff_in}-byte receive buffer"

@@ -195,6 +195,21 @@ class Node(Base):
     stopped_at: Mapped[Optional[datetime]]
 
 
+class LoginLimit(Base):
+    """Failed-password budget of one client address or one admin account.
+
+    A fixed window: `failures` counts attempts since `window_start`; every
+    change is a conditional UPDATE, so processes share one budget and no two
+    of them both take its last attempt.
+    """
+
+    __tablename__ = "login_limits"
+
+    key: Mapped[str] = mapped_column(String(191), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(PreciseDateTime)
+    failures: Mapped[int]
+
+
 class Lock(Base):
     """Named rows that serialise work across processes.
 

@@ -8,6 +8,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from ..numbers import ROW_ID_MAX, whole_number
 from ..ota import Controls, ControlsError, OtaRequestError, Upload
 from ..ota.cohorts import parse_waves
+from ..ota.login_limits import TooManyAttempts
 from .auth import auth, guard_admin_request
 
 __all__ = ["admin"]
@@ -26,6 +27,13 @@ def _service():
 @admin.before_request
 def _guard():
     return guard_admin_request()
+
+
+@admin.errorhandler(TooManyAttempts)
+def _too_many_attempts(error: TooManyAttempts) -> Response:
+    answer = _text(f"{error}\n", 429)
+    answer.headers["Retry-After"] = str(error.retry_after)
+    return answer
 
 
 @admin.errorhandler(OtaRequestError)
@@ -60,6 +68,8 @@ def _flag(name: str) -> bool:
 def start_ota() -> Response:
     service, who = _service(), auth.current_user()
     token = request.args.get("token")
+    if token is not None and ("user" in request.args or "project" in request.args):
+        raise OtaRequestError("Give token (one device) or user/project (a campaign), not both.")
     queue = _flag("queue")  # offline device: keep the update pending for its next login
     if request.method == "GET":
         file_name = request.args.get("fileName")

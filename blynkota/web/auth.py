@@ -15,7 +15,7 @@ def _verify(email: str, password: str) -> str | None:
     if not email:
         return None
     directory = current_app.extensions["blynkota.admins"]
-    return email if directory.check(email, password) else None
+    return email if directory.check(email, password, request.remote_addr or "-") else None
 
 
 @auth.error_handler
@@ -51,6 +51,14 @@ def guard_admin_request() -> Response | None:
     ):
         return Response(
             f"Address {request.remote_addr} is not in allowed.administrator.ips.\n",
+            403,
+            mimetype="text/plain",
+        )
+    if settings.uses_default_password and not address.is_loopback:
+        # Everyone knows the default: only this machine may use it.
+        return Response(
+            "admin.pass is still the default: set it in server.properties, "
+            "then the admin API answers other addresses.\n",
             403,
             mimetype="text/plain",
         )

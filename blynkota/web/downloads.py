@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from flask import Blueprint, Response, current_app, request, send_file
 
 from ..ota import DownloadTicket, OtaService
+from .file_sender import single_range
 
 __all__ = ["downloads"]
 
@@ -47,6 +48,10 @@ def firmware_file(name: str) -> Response:
     firmware = service.catalog.file(name)
     if firmware is None:
         return Response("No such firmware.\n", 404, mimetype="text/plain")
+    if single_range(request.headers.get("Range")) is None:
+        # Several ranges, or a malformed one: ignored, the whole file goes
+        # (werkzeug would answer 416), as on the fast path (file_sender.py).
+        request.environ.pop("HTTP_RANGE", None)
     response = send_file(
         service.catalog.local_file(firmware),
         mimetype="application/octet-stream",

@@ -30,17 +30,17 @@ import gevent
 from gevent.socket import wait_write
 from sqlalchemy.exc import SQLAlchemyError
 
+from ..http_handler import HEAD_DEADLINE
 from ..ota import OtaService
 from ..ota.catalog import FirmwareFile
+from ..peeking import peek_waits
 
-__all__ = ["FirmwareSender", "HEAD_LIMIT"]
+__all__ = ["FirmwareSender", "HEAD_LIMIT", "single_range"]
 
 log = logging.getLogger("blynkota.http")
 
 HEAD_LIMIT = 8192  # bytes of request line and headers; a longer head goes to WSGI
 SEND_CHUNK = 1 << 20  # bytes per sendfile call at most, then other greenlets get a turn
-_PEEK_WAIT = 0.01  # seconds before the second peek at an incomplete head...
-_PEEK_WAIT_MAX = 0.5  # ...doubling up to this: a slow client costs few wake-ups
 
 _REQUEST_LINE = re.compile(
     rb"(GET|HEAD) (/static/ota/([0-9a-f]{24})\.bin)(?:\?([^ #]*))? HTTP/1\.([01])"
@@ -204,9 +204,14 @@ class FirmwareSender:
         return sent
 
     def _peek_head(self, sock) -> bytes | None:
-        """The request head (through the blank line), left in the socket; None if closed."""
+        """The request head (through the blank line), left in the socket; None if closed.
+
+        Its first bytes may take the idle timeout (a keep-alive pause); once
+        they are in, the rest has HEAD_DEADLINE, however steady the trickle.
+        """
         deadline = time.monotonic() + self.idle_timeout
-        wait = _PEEK_WAIT
+        started = False
+        waits = peek_waits()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -218,6 +223,9 @@ class FirmwareSender:
                 return None
             if not data:
                 return None
+            if not started:
+                started = True
+                deadline = min(deadline, time.monotonic() + HEAD_DEADLINE)
             end = data.find(b"\r\n\r\n")
             if end >= 0:
                 return data[: end + 4]
@@ -225,10 +233,7 @@ class FirmwareSender:
                 raise _HandOver
             if not _REQUEST_LINE.match(data) and b"\r\n" in data:
                 raise _HandOver  # not ours, whatever the rest says
-            # The rest of the head is on its way. A peek leaves the socket
-            # readable, so waiting for readability would spin: sleep instead.
-            gevent.sleep(wait)
-            wait = min(2 * wait, _PEEK_WAIT_MAX)
+            gevent.sleep(next(waits))  # the rest of the head is on its way
 
 
 class _Request:
@@ -237,7 +242,7 @@ class _Request:
         self.offer_key = dict(parse_qsl(query)).get("o")
         connection = headers.get("connection", "").lower()
         self.keep_alive = "keep-alive" in connection if minor == 0 else "close" not in connection
-        self.range = _parse_range(headers.get("range"))
+        self.range = single_range(headers.get("range"))
         self.ranged = self.range is not None
 
     def span(self, size: int) -> tuple[int, int]:
@@ -255,7 +260,7 @@ class _Request:
         first, last, suffix = self.range
         if suffix is not None:
             return suffix > 0 and size > 0
-        return first < size and (last is None or last >= first)
+        return first < size
 
 
 def _parse(head: bytes) -> _Request:
@@ -280,16 +285,22 @@ def _parse(head: bytes) -> _Request:
     )
 
 
-def _parse_range(value: str | None) -> tuple[int, int | None, int | None] | None:
-    """One byte range as (first, last, suffix); several, or an odd one, go to WSGI."""
+def single_range(value: str | None) -> tuple[int, int | None, int | None] | None:
+    """One byte range as (first, last, suffix); None for none, several or an odd one.
+
+    RFC 9110 lets a server ignore a Range it will not serve, and a malformed
+    one must be ignored: either way the answer is the whole file (200).
+    """
     if value is None:
         return None
     match = _RANGE.fullmatch(value.strip())
     if match is None:
-        raise _HandOver
+        return None
     first, last, suffix = match.groups()
     if suffix is not None:
         return 0, None, int(suffix)
+    if last and int(last) < int(first):
+        return None  # invalid (RFC 9110 14.1.1): ignored like a malformed one
     return int(first), (int(last) if last else None), None
 
 

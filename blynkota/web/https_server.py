@@ -14,6 +14,8 @@ from contextlib import closing
 
 from gevent.pywsgi import WSGIServer
 
+from ..http_handler import RequestHandler
+
 __all__ = ["ADMIN_IDLE_TIMEOUT", "AdminHttpsServer", "TLS_HANDSHAKE_TIMEOUT"]
 
 log = logging.getLogger("blynkota.https")
@@ -23,6 +25,8 @@ ADMIN_IDLE_TIMEOUT = 60.0  # seconds an admin client may stay silent mid-request
 
 
 class AdminHttpsServer(WSGIServer):
+    handler_class = RequestHandler
+
     def wrap_socket_and_handle(self, client_socket: socket.socket, address) -> None:
         client_socket.settimeout(TLS_HANDSHAKE_TIMEOUT)
         try:

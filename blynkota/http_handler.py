@@ -1,0 +1,77 @@
+"""gevent's HTTP request handler, hardened for a port that faces the network.
+
+- A request head has deadlines: its first line within HTTP_IDLE_TIMEOUT of
+  the connection's last request (keep-alive) or its start, its header lines
+  within HEAD_DEADLINE after that. A client that sends a byte now and then
+  (slowloris) is answered 400 and dropped, however steady its trickle.
+- A bad request (over 100 header lines, a malformed line, a late head) is a
+  400 and one log line, never a traceback; the client's text is escaped.
+- The access log shows a request's path without its query string: `?token=`
+  there is a device's token.
+"""
+
+import http.client
+import logging
+import re
+from datetime import datetime
+
+import gevent
+from gevent.pywsgi import WSGIHandler
+
+from .logsafe import printable
+
+__all__ = ["HEAD_DEADLINE", "HTTP_IDLE_TIMEOUT", "RequestHandler"]
+
+log = logging.getLogger("blynkota.http")
+
+HTTP_IDLE_TIMEOUT = 60.0  # seconds for a request line to arrive (a keep-alive client's pause)
+HEAD_DEADLINE = 10.0  # seconds for the header lines once the request line is in
+_QUERY = re.compile(r"\?[^\s'\"]*")
+
+
+class RequestHandler(WSGIHandler):
+    def read_requestline(self):
+        with gevent.Timeout(HTTP_IDLE_TIMEOUT, TimeoutError("no request line in time")):
+            return super().read_requestline()
+
+    def read_request(self, raw_requestline):
+        try:
+            with gevent.Timeout(HEAD_DEADLINE, TimeoutError("request head not complete")):
+                return super().read_request(raw_requestline)
+        except (http.client.HTTPException, TimeoutError) as error:
+            # gevent prints a traceback for anything but ValueError; these are
+            # expected bad inputs, answered 400 like the others.
+            raise ValueError(
+                f"{error} (within {HEAD_DEADLINE:g} s)"
+                if isinstance(error, TimeoutError)
+                else str(error)
+            ) from None
+
+    def log_error(self, msg, *args) -> None:
+        try:
+            message = msg % args if args else msg
+        except (TypeError, ValueError):
+            message = f"{msg} {args!r}"
+        # gevent quotes the request line of a bad request: its query goes too.
+        message = _QUERY.sub("?...", str(message))
+        log.info("request from %s: %s", self._client() or "-", printable(message))
+
+    def format_request(self) -> str:
+        length = self.response_length or "-"
+        seconds = f"{self.time_finish - self.time_start:.6f}" if self.time_finish else "-"
+        status = (self._orig_status or self.status or "000").split()[0]
+        now = datetime.now().replace(microsecond=0)
+        line = _request_line(self.requestline or "")
+        return f'{self._client() or "-"} - - [{now}] "{line}" {status} {length} {seconds}'
+
+    def _client(self) -> str | None:
+        address = self.client_address
+        return address[0] if isinstance(address, tuple) else address
+
+
+def _request_line(line: str) -> str:
+    """`GET /path?query HTTP/1.1` -> `GET /path HTTP/1.1`, escaped."""
+    parts = line.split(" ")
+    if len(parts) == 3:
+        parts[1] = parts[1].split("?", 1)[0]
+    return printable(" ".join(parts))
