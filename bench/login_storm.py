@@ -169,7 +169,7 @@ def main() -> int:
                 print("mosquitto missing (apt-get install mosquitto): no CPU ratio")
             else:
                 print(f"mosquitto CPU, N handshakes {anchor:.2f} s")
-                print(f"ratio CPU / mosquitto       {login_cpu / max(anchor, 0.01):.0f}x")
+                print(f"ratio CPU / mosquitto       {login_cpu / max(anchor, 0.01):.1f}x")
             print(f"pings answered per second   {count * rounds / ping_time:.0f}")
             per_device = (connected_rss - baseline_rss) / count
             print(f"server memory per device    {per_device:.1f} KiB (RSS delta)")

@@ -219,6 +219,7 @@ def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict
         service.start_campaign(
             Upload(esp8266_image(NEW), "bench.bin"), "bench", controls=Controls(push_online=True)
         )
+        answered = time.monotonic() - started  # what the admin request waits for
         phase_deadline = started + DEADLINE
         while time.monotonic() < phase_deadline:
             if all(d.offered_at for d in campaign_devices):
@@ -227,7 +228,11 @@ def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict
         offered = [d.offered_at for d in campaign_devices if d.offered_at]
         campaign_seconds = max(offered) - started if offered else float("nan")
         campaign_cpu = cpu_seconds(pids) - cpu_before
-        print(f"  campaign: {len(offered)} offered, {campaign_seconds:.1f} s", flush=True)
+        print(
+            f"  campaign: {len(offered)} offered, {campaign_seconds:.1f} s "
+            f"(the start itself answered in {answered:.2f} s)",
+            flush=True,
+        )
         for device in fleet_devices:
             device.stop = True
         pool.kill(timeout=5)

@@ -22,21 +22,20 @@ from ..store import (
     RolloutState,
     utcnow,
 )
-from .device_states import log_events
+from .device_states import enter_all
 from .offers import candidate_of
-from .rollouts import RolloutPlanner
+from .rollouts import RunningRollouts
 
 __all__ = ["OnlineEnrolment"]
 
 log = logging.getLogger(__name__)
 
-ENROL_CHUNK = 200  # devices entered into a rollout per transaction
+ENROL_CHUNK = 1000  # devices entered into a rollout per transaction
 
 
 class OnlineEnrolment:
-    def __init__(self, db: Database, planner: RolloutPlanner) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
-        self.planner = planner
 
     def enter_connected(self, rollout_id: int) -> int:
         """Enter the devices online on any node that the rollout targets and may offer.
@@ -94,46 +93,30 @@ class OnlineEnrolment:
                 ),
             )
         ).all()
-        now = utcnow()
-        rows, events = [], []
+        # Precedence judged in memory: one read of the running rollouts per
+        # chunk, not a query per device.
+        running = RunningRollouts(session)
+        entries = []
         for device_id, token, build, project_id, user_id in devices:
-            owner = self.planner.rollout_for(
-                session, device_id=device_id, project_id=project_id, user_id=user_id
-            )
+            owner = running.rollout_for(device_id=device_id, project_id=project_id, user_id=user_id)
             if owner is None or owner.rollout_id != rollout_id:
                 continue  # a more specific rollout keeps this device
             taking_part, device_bucket, wave = candidate.takes_part(token)
             on_target = candidate.build is not None and build == candidate.build
             if not taking_part or not (on_target or candidate.may_offer(build)):
                 continue
-            state = DeviceState.UPDATED if on_target else DeviceState.PENDING
-            rows.append(
+            entries.append(
                 {
                     "rollout_id": rollout_id,
                     "device_id": device_id,
-                    "state": state,
-                    "attempts": 0,
-                    "already_current": on_target,
-                    "pending_at": now,
-                    "updated_at": now if on_target else None,
+                    "state": DeviceState.UPDATED if on_target else DeviceState.PENDING,
+                    "detail": None
+                    if on_target
+                    else "targeted while online"
+                    + ("" if wave is None else f", wave {wave} (bucket {device_bucket})"),
                     "cohort_bucket": device_bucket,
                     "wave": wave,
                 }
             )
-            events.append(
-                {
-                    "rollout_id": rollout_id,
-                    "device_id": device_id,
-                    "from_state": None,
-                    "to_state": state,
-                    "at": now,
-                    "detail": "already on the rollout's build when first seen"
-                    if on_target
-                    else "targeted while online"
-                    + ("" if wave is None else f", wave {wave} (bucket {device_bucket})"),
-                }
-            )
-        if rows:
-            session.execute(RolloutDevice.__table__.insert(), rows)
-            log_events(session, events)
-        return sum(row["state"] == DeviceState.PENDING for row in rows)
+        enter_all(session, entries, utcnow())
+        return sum(entry["state"] == DeviceState.PENDING for entry in entries)

@@ -115,25 +115,30 @@ def _most_specific(rows) -> Candidate | None:
 class RunningRollouts:
     """Every running rollout, read once: the precedence of many devices judged in memory.
 
-    Running rollouts are few (one per scope and target), the devices to judge
-    many: a batch of offers reads them once instead of once per device.
+    Running rollouts are one per scope and target, but single-device ones
+    can be many (one per `?token=` update): they are indexed by scope and
+    target, so judging a device costs a few dictionary lookups whatever
+    their number.
     """
 
     def __init__(self, session: Session) -> None:
-        self._rows = session.execute(_ALL_RUNNING).all()
+        self._everyone = []
+        self._by_target: dict[tuple[str, int], list] = {}
+        for row in session.execute(_ALL_RUNNING).all():
+            if row.scope == RolloutScope.ALL:
+                self._everyone.append(row)
+            else:
+                target = getattr(row, _TARGET_COLUMN[row.scope].key)
+                self._by_target.setdefault((row.scope, target), []).append(row)
 
     def rollout_for(self, *, device_id: int, project_id: int, user_id: int) -> Candidate | None:
-        targets = {
-            RolloutScope.DEVICE: device_id,
-            RolloutScope.PROJECT: project_id,
-            RolloutScope.USER: user_id,
-        }
-        return _most_specific(
-            row
-            for row in self._rows
-            if row.scope == RolloutScope.ALL
-            or getattr(row, _TARGET_COLUMN[row.scope].key) == targets[row.scope]
-        )
+        rows = [
+            *self._everyone,
+            *self._by_target.get((RolloutScope.DEVICE, device_id), ()),
+            *self._by_target.get((RolloutScope.PROJECT, project_id), ()),
+            *self._by_target.get((RolloutScope.USER, user_id), ()),
+        ]
+        return _most_specific(rows)
 
 
 def running_key(scope: str, target_id: int | None) -> str:

@@ -106,7 +106,7 @@ class OtaService(AdminOperations):
         self.planner = RolloutPlanner()
         self.lifecycle = UpdateLifecycle(policy or RetryPolicy())
         self.guards = RolloutGuards(fleet_policy or FleetPolicy(), self.planner)
-        self.enrolment = OnlineEnrolment(db, self.planner)
+        self.enrolment = OnlineEnrolment(db)
         self.batches = BatchOffers(db, self.guards, online, node, self._offer_undelivered)
         self.identities = IdentityCache()
         # A login storm's lookups and reports share transactions (group commit).

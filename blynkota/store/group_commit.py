@@ -67,9 +67,10 @@ class GroupCommit(Generic[Item, Answer]):
     def _run(self) -> None:
         try:
             while self._waiting:
-                # One turn of the event loop: every greenlet that is ready now
-                # (the rest of a storm's frames) joins this batch.
-                gevent.sleep(0)
+                # No extra turn of the event loop to wait for company: the
+                # runner starts after the greenlets already scheduled (the
+                # rest of a storm's frames), so they have joined by now, and
+                # a lone login on a busy loop is not delayed by a full turn.
                 batch = self._waiting[: self.max_batch]
                 del self._waiting[: len(batch)]
                 self._commit(batch)

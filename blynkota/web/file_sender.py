@@ -27,6 +27,7 @@ from email.utils import formatdate
 from urllib.parse import parse_qsl
 
 import gevent
+from gevent.lock import Semaphore
 from gevent.socket import wait_write
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -41,6 +42,12 @@ log = logging.getLogger("blynkota.http")
 
 HEAD_LIMIT = 8192  # bytes of request line and headers; a longer head goes to WSGI
 SEND_CHUNK = 1 << 20  # bytes per sendfile call at most, then other greenlets get a turn
+# Downloads sending at one moment. Each sendfile copies up to a socket
+# buffer's worth, and every greenlet that is ready runs once per turn of the
+# event loop: with hundreds of downloads ready, a turn would take tens of
+# milliseconds, and a device's login (a few turns) hundreds. The kernel
+# sends no faster with more of them at once.
+SENDERS_AT_ONCE = 16
 
 _REQUEST_LINE = re.compile(
     rb"(GET|HEAD) (/static/ota/([0-9a-f]{24})\.bin)(?:\?([^ #]*))? HTTP/1\.([01])"
@@ -83,6 +90,7 @@ class FirmwareSender:
         # updated or removed), so every download after the first skips the
         # database. An unknown name is not remembered: another node may add it.
         self._open: dict[str, _OpenFile] = {}
+        self._senders = Semaphore(SENDERS_AT_ONCE)
 
     def serve(self, sock: socket.socket, address) -> bool:
         """Answer the firmware requests at the head of `sock`.
@@ -190,17 +198,22 @@ class FirmwareSender:
         out = sock.fileno()
         sent = 0
         while sent < length:
-            try:
-                count = os.sendfile(out, file_fd, start + sent, min(SEND_CHUNK, length - sent))
-            except BlockingIOError:
+            # A turn: one chunk, then every other ready greenlet runs once
+            # before this one gives its place to a waiting download.
+            with self._senders:
+                try:
+                    count = os.sendfile(out, file_fd, start + sent, min(SEND_CHUNK, length - sent))
+                except BlockingIOError:
+                    count = None
+                else:
+                    if count == 0:
+                        raise OSError("the cache file ended early")
+                    sent += count
+                    if ticket is not None:
+                        ticket.written_until = ticket.start + sent
+                    gevent.sleep(0)
+            if count is None:  # the socket's buffer is full: wait outside the turns
                 wait_write(out, timeout=self.idle_timeout, timeout_exc=TimeoutError("stalled"))
-                continue
-            if count == 0:
-                raise OSError("the cache file ended early")
-            sent += count
-            if ticket is not None:
-                ticket.written_until = ticket.start + sent
-            gevent.sleep(0)  # devices and other downloads get their turn
         return sent
 
     def _peek_head(self, sock) -> bytes | None:
