@@ -7,7 +7,15 @@ from pathlib import Path
 
 from blynkota.protocol import NEED_DATA, FrameReader
 
-__all__ = ["cpu_seconds", "child_pids", "free_port", "percentile", "read_frame", "wait_for_port"]
+__all__ = [
+    "cpu_seconds",
+    "child_pids",
+    "free_port",
+    "percentile",
+    "read_frame",
+    "rss_kib",
+    "wait_for_port",
+]
 
 
 def read_frame(sock, reader: FrameReader, timeout: float | None = None):
@@ -33,6 +41,18 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / ticks
+
+
+def rss_kib(pid: int) -> int:
+    """The process's resident memory, KiB (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 def child_pids(parent: int) -> list[int]:

@@ -23,18 +23,12 @@ from gevent.pool import Pool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import rss_kib  # noqa: E402
 from blynkota import create_app  # noqa: E402
 from blynkota.store import upgrade  # noqa: E402
 from tests.devices import TOKEN  # noqa: E402
 from tests.fuzzing import random_connection  # noqa: E402
 from tests.servers import ServerProcess  # noqa: E402
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def open_files(pid: int) -> int:

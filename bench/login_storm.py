@@ -28,7 +28,7 @@ from gevent import socket
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cpu_seconds, free_port, read_frame, wait_for_port  # noqa: E402
+from bench.common import cpu_seconds, free_port, read_frame, rss_kib, wait_for_port  # noqa: E402
 from blynkota import create_app  # noqa: E402
 from blynkota.protocol import (  # noqa: E402
     FrameReader,
@@ -41,13 +41,6 @@ from tests.images import esp8266_image  # noqa: E402
 from tests.servers import ServerProcess  # noqa: E402
 
 DEADLINE = 120.0
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def mqtt_connect(port: int, client: int) -> None:

@@ -18,7 +18,7 @@ from datetime import datetime
 import gevent
 from gevent.pywsgi import WSGIHandler
 
-from .logsafe import printable
+from .logsafe import LogBudget, printable
 
 __all__ = ["HEAD_DEADLINE", "HTTP_IDLE_TIMEOUT", "RequestHandler"]
 
@@ -26,6 +26,7 @@ log = logging.getLogger("blynkota.http")
 
 HTTP_IDLE_TIMEOUT = 60.0  # seconds for a request line to arrive (a keep-alive client's pause)
 HEAD_DEADLINE = 10.0  # seconds for the header lines once the request line is in
+_BAD_REQUEST_LINES = LogBudget(per_second=20)  # a flood of bad requests is counted, not logged
 _QUERY = re.compile(r"\?[^\s'\"]*")
 
 
@@ -52,9 +53,16 @@ class RequestHandler(WSGIHandler):
             message = msg % args if args else msg
         except (TypeError, ValueError):
             message = f"{msg} {args!r}"
+        allowed, dropped = _BAD_REQUEST_LINES.take()
+        if not allowed:
+            return
         # gevent quotes the request line of a bad request: its query goes too.
-        message = _QUERY.sub("?...", str(message))
-        log.info("request from %s: %s", self._client() or "-", printable(message))
+        message = printable(_QUERY.sub("?...", str(message)))
+        if dropped:
+            message += (
+                f" ({dropped} more such lines dropped: over {_BAD_REQUEST_LINES.per_second}/s)"
+            )
+        log.info("request from %s: %s", self._client() or "-", message)
 
     def format_request(self) -> str:
         length = self.response_length or "-"

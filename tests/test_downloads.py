@@ -260,3 +260,16 @@ def test_over_a_hundred_headers_is_a_400_and_one_line(port_server_factory):
     time.sleep(0.2)
     log = server.log()
     assert "got more than 100 headers" in log and "Traceback" not in log
+
+
+def test_a_flood_of_bad_requests_is_counted_not_logged_line_by_line(port_server_factory):
+    server = port_server_factory()
+    for _ in range(150):
+        raw_get(server.http_port, "GET / HTTP/9.9\r\nHost: x\r\n\r\n")
+    time.sleep(1.1)  # the next second: the count goes out with the next line
+    first, _, _ = raw_get(server.http_port, "GET / HTTP/9.9\r\nHost: x\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 400")
+    time.sleep(0.2)
+    lines = [line for line in server.log().splitlines() if "request from" in line]
+    assert len(lines) <= 3 * 20 + 1  # at most 20 a second over the flood's few seconds
+    assert "more such lines dropped" in lines[-1]

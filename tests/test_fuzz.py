@@ -5,7 +5,6 @@ import os
 import random
 import socket
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -56,13 +55,6 @@ def _open_files(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def test_random_device_connections_leave_no_traceback_and_nothing_open(device_server):
     """300 connections of mangled frames and garbage (seeded: a failure repeats)."""
     rng = random.Random(20261128)
@@ -89,6 +81,5 @@ def test_random_device_connections_leave_no_traceback_and_nothing_open(device_se
     while _open_files(pid) > files_before + 5 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _open_files(pid) <= files_before + 5
-    assert _rss_kib(pid) > 0
     log = device_server.log()
     assert "Traceback" not in log and "internal error" not in log

@@ -10,6 +10,7 @@ from ..ota import Controls, ControlsError, OtaRequestError, Upload
 from ..ota.cohorts import parse_waves
 from ..ota.login_limits import TooManyAttempts
 from .auth import auth, guard_admin_request
+from .openapi import OPENAPI
 
 __all__ = ["admin"]
 
@@ -190,6 +191,12 @@ def _jsonable(row: dict) -> dict:
         key: value.isoformat() + "Z" if isinstance(value, datetime) else value
         for key, value in row.items()
     }
+
+
+@admin.get("/openapi.json")
+@auth.login_required
+def openapi() -> Response:
+    return jsonify(OPENAPI)
 
 
 @admin.get("/devices")

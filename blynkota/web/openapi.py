@@ -1,0 +1,142 @@
+"""The admin API described in OpenAPI 3.0, served at /admin/openapi.json.
+
+Kept true by tests/test_openapi.py: every admin route of the Flask app is
+here with its methods (and nothing else is), and schemathesis sends generated
+requests for each operation to a running server, none of which may get a 5xx.
+"""
+
+__all__ = ["OPENAPI"]
+
+
+def _query(name: str, description: str, schema: dict | None = None) -> dict:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
+
+
+def _answers(ok: dict, *errors: int) -> dict:
+    reasons = {
+        400: "a wrong request: the reason in one line",
+        401: "no credentials",
+        403: "wrong credentials, plain HTTP, or an address not allowed",
+        404: "no such rollout",
+        413: "the file is larger than ota.max.size",
+        429: "too many failed logins: wait Retry-After seconds",
+    }
+    text = {"text/plain": {"schema": {"type": "string"}}}
+    answers = {"200": ok}
+    for status in (400, 401, 403, 429, *errors):
+        answers[str(status)] = {"description": reasons[status], "content": text}
+    return answers
+
+
+_TEXT_OK = {"description": "done", "content": {"text/plain": {"schema": {"type": "string"}}}}
+_JSON_OK = {"description": "done", "content": {"application/json": {"schema": {}}}}
+_FLAG = {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]}
+_ROLLOUT = {
+    "name": "rollout_id",
+    "in": "path",
+    "required": True,
+    "description": "a rollout id",
+    "schema": {"type": "integer", "minimum": 1},
+}
+_FIRMWARE_UPLOAD = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"],
+            }
+        }
+    },
+}
+_CAMPAIGN = [
+    _query("token", "one device: send the update to it now (or queue=true)"),
+    _query("user", "only this user's devices (e-mail)"),
+    _query("project", "with user: only this project's devices (name or dashboard id)"),
+    _query("queue", "with token: keep it pending for an offline device", _FLAG),
+    _query("now", "offer connected devices at once", _FLAG),
+    _query("percent", "a stable share of the devices", {"type": "integer"}),
+    _query("waves", "growing shares, e.g. 10,50,100"),
+    _query("success", "with waves: the share updated that grows a wave", {"type": "integer"}),
+    _query("dryRun", "list the devices it would target; nothing is stored", _FLAG),
+]
+
+
+def _rollout_action(summary: str, *extra: dict) -> dict:
+    return {
+        "post": {
+            "summary": summary,
+            "parameters": [_ROLLOUT, *extra],
+            "responses": _answers(_JSON_OK, 404),
+        }
+    }
+
+
+OPENAPI = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "blynkota admin API",
+        "version": "1",
+        "description": "Blynk-compatible OTA routes and rollout control; HTTPS, basic auth.",
+    },
+    "components": {"securitySchemes": {"basic": {"type": "http", "scheme": "basic"}}},
+    "security": [{"basic": []}],
+    "paths": {
+        "/admin/ota/start": {
+            "post": {
+                "summary": "Upload a firmware and start its rollout (the Blynk answer: the path)",
+                "parameters": _CAMPAIGN,
+                "requestBody": _FIRMWARE_UPLOAD,
+                "responses": _answers(_TEXT_OK, 413),
+            },
+            "get": {
+                "summary": "Send an uploaded file again to one device",
+                "parameters": [
+                    _query("fileName", "the served name from an earlier upload"),
+                    _query("token", "the device"),
+                    _query("queue", "keep it pending for an offline device", _FLAG),
+                ],
+                "responses": _answers(_TEXT_OK),
+            },
+        },
+        "/admin/ota/stop": {
+            method: {
+                "summary": "Stop every running rollout, or ?rollout=<id>",
+                "parameters": [_query("rollout", "one rollout id", {"type": "integer"})],
+                "responses": _answers(_TEXT_OK),
+            }
+            for method in ("get", "post")
+        },
+        "/admin/ota/status": {
+            "get": {"summary": "Every rollout with its counts", "responses": _answers(_JSON_OK)}
+        },
+        "/admin/ota/rollouts/{rollout_id}": {
+            "get": {
+                "summary": "One rollout with a row per device",
+                "parameters": [_ROLLOUT],
+                "responses": _answers(_JSON_OK, 404),
+            }
+        },
+        "/admin/ota/rollouts/{rollout_id}/pause": _rollout_action("Pause a rollout"),
+        "/admin/ota/rollouts/{rollout_id}/resume": _rollout_action("Resume a paused rollout"),
+        "/admin/ota/rollouts/{rollout_id}/stop": _rollout_action("Stop one rollout"),
+        "/admin/ota/rollouts/{rollout_id}/expand": _rollout_action(
+            "Widen a rollout's share",
+            {**_query("percent", "the new share", {"type": "integer"}), "required": True},
+        ),
+        "/admin/devices": {"get": {"summary": "Every device", "responses": _answers(_JSON_OK)}},
+        "/admin/firmware": {
+            "get": {"summary": "Every uploaded firmware", "responses": _answers(_JSON_OK)}
+        },
+        "/admin/openapi.json": {
+            "get": {"summary": "This description", "responses": _answers(_JSON_OK)}
+        },
+    },
+}
