@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy
 
+from blynkota import create_app
 from blynkota.protocol import (
     Command,
     Response,
@@ -201,10 +202,14 @@ def test_a_second_connection_with_the_same_token_replaces_the_first(device_serve
     assert device_row(app)["online_since"] is not None  # the old close did not mark it offline
 
 
-def test_a_device_that_never_reads_is_disconnected(server_factory, fleet):
-    fleet.add_device("owner@example.com", "Farm", name="pump", token=TOKEN)
+def test_a_device_that_never_reads_is_disconnected(port_server_factory, tmp_path):
     # No message quota here: this device is dropped for not reading, not for its rate.
-    device_server = server_factory(**{"hardware.max.messages.per.sec": 1_000_000})
+    device_server = port_server_factory(**{"hardware.max.messages.per.sec": 1_000_000})
+    cli = create_app(
+        {"db.url": device_server.properties["db.url"], "data.folder": tmp_path / "cli"}
+    )
+    cli.extensions["blynkota.fleet"].add_device("owner@example.com", "Farm", token=TOKEN)
+    cli.extensions["blynkota.db"].dispose()
     device = RawDevice(device_server.http_port)
     device.log_in()
     device.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -15,7 +15,7 @@ from blynkota.web.openapi import OPENAPI
 from .servers import ADMIN_EMAIL, ADMIN_PASS
 
 # Generated requests per operation: a bounded budget for CI.
-EXAMPLES = 25
+EXAMPLES = 15
 
 
 def _openapi_path(rule: str) -> str:
