@@ -171,8 +171,8 @@ _DEVICES_IN_FLIGHT = (
 def devices_in_flight(session: Session, device_ids) -> set[int]:
     """Which of these devices have an open attempt, in any rollout.
 
-    A batch of logins asks once. An offer asks under the offer-slots lock:
-    a device has at most one `ota` in flight, however many uploads name it.
+    Asked under the offer-slots lock, once per batch of offers: a device has
+    at most one `ota` in flight, however many uploads name it.
     """
     rows = session.execute(_DEVICES_IN_FLIGHT, {"devices": sorted(set(device_ids))})
     return set(rows.scalars())

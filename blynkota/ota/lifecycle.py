@@ -64,9 +64,9 @@ _ENDED_ROLLOUT = {
     RolloutState.SUPERSEDED: DeviceState.SUPERSEDED,
 }
 
-# A device's open attempts, each with its rollout's state and target build and
-# size: read at every info message (by device) and again for the rows another
-# process moved first (by row id). Built once, on the tables.
+# Devices' open attempts, each with its rollout's state and target build and
+# size: read for every batch of info messages (by device) and again for the
+# rows another process moved first (by row id). Built once, on the tables.
 _rd, _rollouts, _firmware = RolloutDevice.__table__, Rollout.__table__, Firmware.__table__
 _IN_FLIGHT_WITH_TARGET = (
     _rollouts.c.id == _rd.c.rollout_id,
@@ -74,8 +74,10 @@ _IN_FLIGHT_WITH_TARGET = (
     _rd.c.state.in_(DeviceState.IN_FLIGHT),
 )
 _TARGET_COLUMNS = (_rollouts.c.state, _firmware.c.build, _firmware.c.size)
-_IN_FLIGHT_OF_DEVICE = tracks_query(
-    _rd.c.device_id == bindparam("device"), *_IN_FLIGHT_WITH_TARGET, extra=_TARGET_COLUMNS
+_IN_FLIGHT_OF_DEVICES = tracks_query(
+    _rd.c.device_id.in_(bindparam("devices", expanding=True)),
+    *_IN_FLIGHT_WITH_TARGET,
+    extra=_TARGET_COLUMNS,
 )
 _IN_FLIGHT_ROWS = tracks_query(
     _rd.c.id.in_(bindparam("rows", expanding=True)),
@@ -105,16 +107,27 @@ class UpdateLifecycle:
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
 
+    @staticmethod
+    def in_flight_by_device(session: Session, device_ids: list[int]) -> dict[int, list]:
+        """The open attempts of these devices, by device: one query for a batch of logins."""
+        grouped: dict[int, list] = {}
+        parameters = {"devices": sorted(set(device_ids))}
+        for row in run_tracks_query(session, _IN_FLIGHT_OF_DEVICES, parameters):
+            grouped.setdefault(row[0].device_id, []).append(row)
+        return grouped
+
     def resolve_in_flight(
         self,
         session: Session,
-        device_id: int,
+        rows: list,
         reported_build: str | None,
         now: datetime,
         bytes_written: dict[int, int],
     ) -> bool:
-        """A login ends every open attempt of the device, in any rollout; True if any."""
-        rows = run_tracks_query(session, _IN_FLIGHT_OF_DEVICE, {"device": device_id})
+        """A login ends every open attempt of the device, in any rollout; True if any.
+
+        `rows` are the device's open attempts, from `in_flight_by_device`.
+        """
         found = bool(rows)
         for _ in range(_RETAKES):
             lost = [

@@ -166,16 +166,20 @@ class OtaService(AdminOperations):
         """Many devices' info messages in one transaction: (settled, due) for each."""
         now = utcnow()
         bytes_written = self._bytes_written()
-        in_flight = devices_in_flight(connection, [device.id for device, _ in reports])
+        in_flight = self.lifecycle.in_flight_by_device(
+            connection, [device.id for device, _ in reports]
+        )
         running = RunningRollouts(connection)
         settled, due = [False] * len(reports), [False] * len(reports)
         judged: list[tuple[int, ReportedBuild]] = []
         # Attempts first, the device rows last: every writer locks the
         # rollout row before the device's, so they queue instead of deadlocking.
         for index, (device, report) in enumerate(reports):
-            if device.id in in_flight:
+            # Popped: a second report of the device in this batch finds it settled.
+            attempts = in_flight.pop(device.id, None)
+            if attempts:
                 settled[index] = self.lifecycle.resolve_in_flight(
-                    connection, device.id, report["build"], now, bytes_written
+                    connection, attempts, report["build"], now, bytes_written
                 )
             candidate = running.rollout_for(
                 device_id=device.id, project_id=device.project_id, user_id=device.user_id
