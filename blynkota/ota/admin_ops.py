@@ -128,9 +128,7 @@ class AdminOperations:
             cohort_seed=hashlib.sha256(upload.data).hexdigest()[:16],
             waves=",".join(map(str, controls.waves)) or None,
         )
-        devices = self.db.run(
-            lambda session: devices_taken_in(session, self.planner, candidate, target_id)
-        )
+        devices = self.db.run(lambda session: devices_taken_in(session, candidate, target_id))
         return {
             "dry_run": True,
             "scope": scope,

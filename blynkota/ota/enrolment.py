@@ -23,6 +23,7 @@ from ..store import (
     utcnow,
 )
 from .device_states import enter_all
+from .lifecycle import rollout_entry
 from .offers import candidate_of
 from .rollouts import RunningRollouts
 
@@ -101,22 +102,8 @@ class OnlineEnrolment:
             owner = running.rollout_for(device_id=device_id, project_id=project_id, user_id=user_id)
             if owner is None or owner.rollout_id != rollout_id:
                 continue  # a more specific rollout keeps this device
-            taking_part, device_bucket, wave = candidate.takes_part(token)
-            on_target = candidate.build is not None and build == candidate.build
-            if not taking_part or not (on_target or candidate.may_offer(build)):
-                continue
-            entries.append(
-                {
-                    "rollout_id": rollout_id,
-                    "device_id": device_id,
-                    "state": DeviceState.UPDATED if on_target else DeviceState.PENDING,
-                    "detail": None
-                    if on_target
-                    else "targeted while online"
-                    + ("" if wave is None else f", wave {wave} (bucket {device_bucket})"),
-                    "cohort_bucket": device_bucket,
-                    "wave": wave,
-                }
-            )
+            entry = rollout_entry(candidate, device_id, token, build, online=True)
+            if entry is not None:
+                entries.append(entry)
         enter_all(session, entries, utcnow())
         return sum(entry["state"] == DeviceState.PENDING for entry in entries)

@@ -42,7 +42,7 @@ from .device_states import (
 if TYPE_CHECKING:
     from .rollouts import Candidate
 
-__all__ = ["ReportedBuild", "RetryPolicy", "UpdateLifecycle"]
+__all__ = ["ReportedBuild", "RetryPolicy", "UpdateLifecycle", "rollout_entry"]
 
 # How often a decision is taken again when another process moved its row first.
 _RETAKES = 3
@@ -101,6 +101,35 @@ class ReportedBuild:
     token: str
     build: str | None
     candidate: "Candidate"
+
+
+def rollout_entry(
+    candidate: "Candidate", device_id: int, token: str, build: str | None, *, online: bool = False
+) -> dict | None:
+    """The row a device enters `candidate` with (for `enter_all`), or None if it
+    does not take part: outside the rollout's percentage, or with a build the
+    rollout may not replace. `online`: entered while connected (now=true, expand,
+    a grown wave) rather than at its own login, which its event says.
+    """
+    on_target = candidate.build is not None and build == candidate.build
+    taking_part, device_bucket, wave = candidate.takes_part(token)
+    if not taking_part or not (on_target or candidate.may_offer(build)):
+        return None
+    wave_detail = None if wave is None else f"wave {wave} (bucket {device_bucket})"
+    if online:
+        detail = (
+            None if on_target else ", ".join(filter(None, ("targeted while online", wave_detail)))
+        )
+    else:
+        detail = wave_detail
+    return {
+        "rollout_id": candidate.rollout_id,
+        "device_id": device_id,
+        "state": DeviceState.UPDATED if on_target else DeviceState.PENDING,
+        "detail": detail,
+        "cohort_bucket": device_bucket,
+        "wave": wave,
+    }
 
 
 class UpdateLifecycle:
@@ -243,7 +272,9 @@ class UpdateLifecycle:
                 )[0]
             track = known.get(pair)
             if track is None:
-                entry = self._entry(report)
+                entry = rollout_entry(
+                    report.candidate, report.device_id, report.token, report.build
+                )
                 if entry is not None:
                     entering.append(entry)
                     known[pair] = None
@@ -256,23 +287,6 @@ class UpdateLifecycle:
                 due.append(self._due(session, track, report, now))
         enter_all(session, entering, now)
         return due
-
-    @staticmethod
-    def _entry(report: "ReportedBuild") -> dict | None:
-        """The row a device enters its rollout with, or None if it does not take part."""
-        candidate = report.candidate
-        on_target = candidate.build is not None and report.build == candidate.build
-        taking_part, device_bucket, wave = candidate.takes_part(report.token)
-        if not taking_part or not (on_target or candidate.may_offer(report.build)):
-            return None
-        return {
-            "rollout_id": candidate.rollout_id,
-            "device_id": report.device_id,
-            "state": DeviceState.UPDATED if on_target else DeviceState.PENDING,
-            "detail": None if wave is None else f"wave {wave} (bucket {device_bucket})",
-            "cohort_bucket": device_bucket,
-            "wave": wave,
-        }
 
     @staticmethod
     def _due(session: Session, track: Track, report: "ReportedBuild", now: datetime) -> bool:

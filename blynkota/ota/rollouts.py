@@ -8,7 +8,7 @@ ever looks at the one rollout that targets it most closely.
 
 from dataclasses import dataclass
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from ..store import DeviceState, Firmware, Rollout, RolloutEvent, RolloutScope, RolloutState, utcnow
@@ -23,8 +23,9 @@ _TARGET_COLUMN = {
     RolloutScope.USER: Rollout.user_id,
 }
 
-# Built once, on the tables (no ORM compile per run): this runs at every
-# device login, and building the expression costs more than running it.
+# Built once, on the tables (no ORM compile per run): this runs for every
+# batch of logins and offers, and building the expression costs more than
+# running it.
 _rollouts, _firmware = Rollout.__table__, Firmware.__table__
 _CANDIDATE_COLUMNS = (
     _rollouts.c.id,
@@ -45,31 +46,9 @@ _ALL_RUNNING = (
         _rollouts.c.user_id,
     )
     .join(_firmware, _firmware.c.id == _rollouts.c.firmware_id)
+    # A paused rollout still owns its devices: they must not fall back to a
+    # less specific rollout while it is paused.
     .where(_rollouts.c.state.in_(RolloutState.RUNNING))
-)
-_RUNNING_FOR_DEVICE = (
-    select(*_CANDIDATE_COLUMNS)
-    .join(_firmware, _firmware.c.id == _rollouts.c.firmware_id)
-    .where(
-        # A paused rollout still owns its devices: they must not fall back to
-        # a less specific rollout while it is paused.
-        _rollouts.c.state.in_(RolloutState.RUNNING),
-        or_(
-            and_(
-                _rollouts.c.scope == RolloutScope.DEVICE,
-                _rollouts.c.device_id == bindparam("device"),
-            ),
-            and_(
-                _rollouts.c.scope == RolloutScope.PROJECT,
-                _rollouts.c.project_id == bindparam("project"),
-            ),
-            and_(
-                _rollouts.c.scope == RolloutScope.USER,
-                _rollouts.c.user_id == bindparam("user"),
-            ),
-            _rollouts.c.scope == RolloutScope.ALL,
-        ),
-    )
 )
 
 
@@ -152,14 +131,6 @@ class RolloutPlanner:
     The ORM `Rollout` objects passed in are read, never written: a change
     that another process made first leaves the row alone and answers False.
     """
-
-    def rollout_for(
-        self, session: Session, *, device_id: int, project_id: int, user_id: int
-    ) -> Candidate | None:
-        rows = session.execute(
-            _RUNNING_FOR_DEVICE, {"device": device_id, "project": project_id, "user": user_id}
-        ).all()
-        return _most_specific(rows)
 
     def start(
         self,

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 from ..numbers import ROW_ID_MAX, whole_number
 from ..store import Device, Project, RolloutScope, User
 from .errors import OtaRequestError
-from .rollouts import Candidate, RolloutPlanner
+from .rollouts import Candidate, RunningRollouts
 
 __all__ = ["campaign_target", "devices_taken_in"]
 
@@ -42,10 +42,12 @@ def campaign_target(
     return RolloutScope.PROJECT, matches[0].id
 
 
-def devices_taken_in(
-    session: Session, planner: RolloutPlanner, candidate: Candidate, target_id: int | None
-) -> list[dict]:
-    """Devices in the candidate's scope that it would offer now (not yet stored)."""
+def devices_taken_in(session: Session, candidate: Candidate, target_id: int | None) -> list[dict]:
+    """Devices in the candidate's scope that it would offer now (not yet stored).
+
+    Which rollout owns each device is judged in memory, on one read of the
+    running rollouts, as enrolment does: not a query per device.
+    """
     precedence = RolloutScope.BY_PRECEDENCE.index(candidate.scope)
     query = (
         select(Device, Project, User)
@@ -57,11 +59,10 @@ def devices_taken_in(
         query = query.where(User.id == target_id)
     elif candidate.scope == RolloutScope.PROJECT:
         query = query.where(Project.id == target_id)
+    running = RunningRollouts(session)
     devices = []
     for device, project, user in session.execute(query).all():
-        owner = planner.rollout_for(
-            session, device_id=device.id, project_id=project.id, user_id=user.id
-        )
+        owner = running.rollout_for(device_id=device.id, project_id=project.id, user_id=user.id)
         if owner is not None and RolloutScope.BY_PRECEDENCE.index(owner.scope) < precedence:
             continue  # a more specific rollout keeps this device
         taking_part, _, wave = candidate.takes_part(device.token)
