@@ -2,10 +2,14 @@
 
 Run by hand: `python bench/login_storm.py [--devices 2000] [--db-url URL] [--campaign]`
 (`--campaign`: an all-devices rollout is active, so every login is also
-offered the update: its offer recorded, then the `ota` frame written).
+offered the update: its offer recorded, then the `ota` frame written; each
+device waits for its frame, and the time from the info answer to the frame
+is printed as p50/p99. `--concurrency 10000`: every device at once, a
+reconnect storm).
 Prints, for the same server in the same run:
 - the time for N plain TCP connect/close to port 8080 (the reference),
-- the time for N full logins (HW_LOGIN + info message, both answered),
+- the time for N full logins (HW_LOGIN + info message, both answered,
+  and with --campaign the `ota` frame received),
   and the ratio of the two,
 - the server's CPU seconds for those logins, against mosquitto's for N MQTT
   CONNECT/CONNACK handshakes (a C server doing the same work; Debian package
@@ -88,13 +92,19 @@ def bare_connect(port: int) -> None:
     sock.close()
 
 
-def log_in(port: int, token: str, sockets: list) -> None:
+def log_in(port: int, token: str, sockets: list, offers: list | None) -> None:
+    """Log in and report; with `offers`, also wait for the `ota` frame and note how long."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     reader = FrameReader()
     sock.sendall(encode_login(token, 1))
     assert read_frame(sock, reader).status == 200
     sock.sendall(encode_info({"ver": "0.6.1", "h-beat": "60", "build": "Jan  1 2018"}, 2))
     assert read_frame(sock, reader).status == 200
+    if offers is not None:
+        answered = time.perf_counter()
+        frame = read_frame(sock, reader, timeout=DEADLINE)
+        assert frame.words[0] == "ota", frame
+        offers.append(time.perf_counter() - answered)
     sockets.append((sock, reader))
 
 
@@ -141,9 +151,10 @@ def main() -> int:
             baseline_rss = rss_kib(server.process.pid)
             reference = timed_storm(bare_connect, [(port,)] * count, arguments.concurrency)
             sockets: list = []
+            offers: list[float] | None = [] if arguments.campaign else None
             cpu_before = cpu_seconds([server.process.pid])
             logins = timed_storm(
-                log_in, [(port, token, sockets) for token in tokens], arguments.concurrency
+                log_in, [(port, token, sockets, offers) for token in tokens], arguments.concurrency
             )
             login_cpu = cpu_seconds([server.process.pid]) - cpu_before
             connected_rss = rss_kib(server.process.pid)
@@ -156,6 +167,12 @@ def main() -> int:
             print(f"login + info, answered      {logins:.3f} s")
             print(f"ratio login / bare connect  {logins / reference:.1f}x")
             print(f"logins per second           {count / logins:.0f}")
+            if offers:
+                offers.sort()
+                p50, p99 = offers[len(offers) // 2], offers[int(len(offers) * 0.99)]
+                print(
+                    f"info -> ota frame           p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms"
+                )
             print(f"server CPU for the logins   {login_cpu:.2f} s")
             anchor = mosquitto_cpu(count, arguments.concurrency, folder)
             if anchor is None:

@@ -3,6 +3,7 @@ throttle, auto-pause, pause/resume/stop by hand, dryRun= (issue: fleet controls)
 
 import hashlib
 from collections import Counter
+from datetime import datetime
 
 import gevent
 import pytest
@@ -85,6 +86,32 @@ def test_now_true_reaches_connected_devices(server_factory, fleet_of, app):
     assert all(d.build == BUILD_NEW and d.logins == 2 for d in devices)
     (rollout, _) = server.admin("GET", "/admin/ota/status").json()
     assert rollout["push_online"] is True and rollout["counts"]["updated"] == 8
+    assert query(app, "SELECT enrol_due_at FROM rollouts WHERE push_online = :yes", yes=True) == [
+        {"enrol_due_at": None}
+    ]
+
+
+def test_an_enrolment_left_owed_by_a_stopped_process_is_done_by_the_sweeper(
+    server_factory, fleet_of, app
+):
+    """now=true answers before the connected devices are entered; the rollout row
+    records the work as owed until it is done. Here the row is left as a process
+    leaves it when it stops right after answering: the sweeper does the work."""
+    server = server_factory()
+    fleet, tokens = fleet_of(server, 6)
+    devices = fleet.start(tokens)
+    wait_until(lambda: all(d.ready.is_set() for d in devices))
+    server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))  # at the next login only
+    gevent.sleep(0.5)
+    assert states(app) == {} and all(d.ota_urls == [] for d in devices)
+    with app.extensions["blynkota.db"].engine.begin() as connection:
+        connection.execute(
+            sqlalchemy.text("UPDATE rollouts SET push_online = :yes, enrol_due_at = :long_ago"),
+            {"yes": True, "long_ago": datetime(2026, 1, 1)},
+        )
+    wait_until(lambda: list(states(app).values()) == ["updated"] * 6, timeout=30,
+               message="the sweeper to enter the connected devices")  # fmt: skip
+    assert query(app, "SELECT enrol_due_at FROM rollouts") == [{"enrol_due_at": None}]
 
 
 def test_percent_is_a_stable_share_that_expand_widens(server_factory, fleet_of, app):

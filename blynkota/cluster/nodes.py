@@ -20,10 +20,12 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
+from gevent.event import AsyncResult
 from sqlalchemy import Connection, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
@@ -54,6 +56,19 @@ _ONLINE = (
 _SESSIONS_OF = select(_devices.c.id, _devices.c.session_id).where(
     _devices.c.id.in_(bindparam("devices", expanding=True))
 )
+_SESSIONS_ON = select(_devices.c.id, _devices.c.session_id).where(
+    _devices.c.node_id == bindparam("node")
+)
+_ONLINE_IF_FREE = (
+    update(_devices)
+    .where(_devices.c.id == bindparam("device"), _devices.c.node_id.is_(None))
+    .values(
+        online_since=bindparam("since"),
+        last_address=bindparam("address"),
+        node_id=bindparam("node"),
+        session_id=bindparam("session"),
+    )
+)
 _OFFLINE_IF_SESSION = (
     update(_devices)
     .where(_devices.c.id == bindparam("device"), _devices.c.session_id == bindparam("session"))
@@ -77,13 +92,11 @@ class NodeSettings:
         return timedelta(seconds=self.heartbeat * self.missed_beats)
 
 
-@dataclass(frozen=True)
-class LocalSession:
+class LocalSession(Protocol):
     """A logged-in connection of this node, as its presence row should show it."""
 
-    device_id: int
     session_id: int
-    address: str
+    address: str  # the peer's address, without the port
     since: datetime
 
 
@@ -201,11 +214,17 @@ class ClusterNode:
         """Unique across nodes: the node id in the high bits, a counter below."""
         return ((self.id or 0) << 32) | (next(self._serials) & 0xFFFFFFFF)
 
-    def device_online(self, device_id: int, session_id: int, address: str, since: datetime) -> bool:
-        """Record a login that began at `since`; False if a later login already holds the device.
+    def device_online(
+        self, device_id: int, session_id: int, address: str, since: datetime
+    ) -> AsyncResult:
+        """Queue the presence write of a login that began at `since`, without waiting.
 
-        A login that was slow (a busy database) must not take the device back
-        from the connection it opened meanwhile, here or on another node.
+        Presence is soft state, written behind: the device is answered at
+        once, and the result (True, or False if a later login already holds
+        the device) is read before its info message is handled, before
+        anything durable happens for it. A login that was slow (a busy
+        database) must not take the device back from the connection it
+        opened meanwhile, here or on another node.
         """
         self._unwritten_offline.pop(device_id, None)
         values = {
@@ -215,7 +234,7 @@ class ClusterNode:
             "node": self.id,
             "session": session_id,
         }
-        return self._logins.submit(values)
+        return self._logins.submit_later(values)
 
     def _record_logins(self, connection: Connection, logins: Sequence[dict]) -> list[bool]:
         now = utcnow()
@@ -261,49 +280,42 @@ class ClusterNode:
             written += 1
         return written
 
-    def reconcile(self, local: Callable[[], Iterable[LocalSession]]) -> tuple[int, int]:
+    def reconcile(self, local: Callable[[], Mapping[int, LocalSession]]) -> tuple[int, int]:
         """Make the presence rows of this node match its sockets: (cleared, restored).
 
-        `local()` is read after the rows: a connection registers itself before
-        its login is written, so every session in the rows read is then either
-        still among the sockets or really gone.
+        `local()` (device id -> its connection here) is read after the rows: a
+        connection registers itself before its login is written, so every
+        session in the rows read is then either still among the sockets or
+        really gone. With tens of thousands of devices this runs often, so it
+        reads two columns with Core and writes only the rows that differ.
         """
 
-        def work(session: Session) -> tuple[int, int]:
-            recorded = dict(
-                session.execute(
-                    select(Device.id, Device.session_id).where(Device.node_id == self.id)
-                ).all()
-            )
-            mine = {entry.device_id: entry for entry in local()}
-            cleared = 0
-            for device_id, session_id in recorded.items():
-                entry = mine.get(device_id)
-                if entry is None or entry.session_id != session_id:
-                    cleared += session.execute(
-                        update(Device)
-                        .where(Device.id == device_id, Device.session_id == session_id)
-                        .values(**_OFFLINE)
-                    ).rowcount
-            restored = 0
-            for device_id, entry in mine.items():
-                if recorded.get(device_id) == entry.session_id:
-                    continue
-                # Not recorded (the login's write was lost, or a peer reaped this
-                # node): record it, unless another node holds the device now.
-                restored += session.execute(
-                    update(Device)
-                    .where(Device.id == device_id, Device.node_id.is_(None))
-                    .values(
-                        online_since=entry.since,
-                        node_id=self.id,
-                        session_id=entry.session_id,
-                        last_address=entry.address[:64],
-                    )
-                ).rowcount
+        def work(connection: Connection) -> tuple[int, int]:
+            recorded = dict(connection.execute(_SESSIONS_ON, {"node": self.id}).all())
+            mine = local()
+            gone = [
+                {"device": device_id, "session": session_id, "now": utcnow()}
+                for device_id, session_id in recorded.items()
+                if (entry := mine.get(device_id)) is None or entry.session_id != session_id
+            ]
+            cleared = connection.execute(_OFFLINE_IF_SESSION, gone).rowcount if gone else 0
+            # Not recorded (the login's write was lost, or a peer reaped this
+            # node): record it, unless another node holds the device now.
+            missing = [
+                {
+                    "device": device_id,
+                    "since": entry.since,
+                    "node": self.id,
+                    "session": entry.session_id,
+                    "address": entry.address[:64],
+                }
+                for device_id, entry in mine.items()
+                if recorded.get(device_id) != entry.session_id
+            ]
+            restored = connection.execute(_ONLINE_IF_FREE, missing).rowcount if missing else 0
             return cleared, restored
 
-        cleared, restored = self.db.run(work)
+        cleared, restored = self.db.run_core(work)
         if cleared or restored:
             log.info(
                 "presence reconciled: %d device(s) marked offline, %d online again",

@@ -5,7 +5,9 @@ in, then ceil(h-beat x 2.3) between frames, so a device that sends half a
 frame, or one byte at a time, is closed like a silent one. Writes hold a lock
 (the admin API writes from its own greenlet) and a timeout, so a client that
 never reads cannot hold a greenlet forever. Pings are answered from memory:
-the database is touched on login, info message and disconnect only.
+the database is touched on login, info message and disconnect only. A
+login's presence write is soft state, written behind its answer; the info
+message, which can start an update, waits for it.
 
 While the database is away a device gets SERVER_ERROR to its login or info
 message and is closed; the outage is logged once (store.DatabaseHealth), not
@@ -21,6 +23,7 @@ import socket
 import time
 
 import gevent
+from gevent.event import AsyncResult
 from gevent.lock import Semaphore
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -111,6 +114,7 @@ class DeviceSession:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self.peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        self.address = address[0] if isinstance(address, tuple) else str(address)
         self.service = service
         self.online = online
         self.login_timeout = login_timeout
@@ -123,6 +127,7 @@ class DeviceSession:
         self.identity: DeviceIdentity | None = None
         self.device_id: int | None = None
         self.session_id: int | None = None
+        self._presence: AsyncResult | None = None  # the login's presence write, pending
         # When the connection was accepted: of two logins of one device, the
         # later connection holds it, however late a busy node reads its frame.
         self.since = utcnow()
@@ -184,19 +189,30 @@ class DeviceSession:
         if replaced is not None:
             replaced.close("replaced by a new connection")
         self.session_id = self.service.node.new_session_id()
-        try:
-            recorded = self.service.device_online(
-                identity, self.session_id, self.peer.rsplit(":", 1)[0], self.since
-            )
-        except DATABASE_ERRORS:
-            self._try_reply(event.msg_id, Status.SERVER_ERROR)
-            raise
-        if not recorded:
-            raise SessionClosed("closed, the device has logged in again since (on another node)")
+        # Written behind (presence is soft state): answered now, the write's
+        # outcome is read before the info message, in `_presence_settled`.
+        self._presence = self.service.device_online(
+            identity, self.session_id, self.address, self.since
+        )
         self._reply(event.msg_id, Status.OK)
         log.debug("device %s %s: logged in", self.tag, self.peer)
 
+    def _presence_settled(self, *, wait: bool) -> None:
+        """Read the outcome of the login's presence write, once it is known.
+
+        Raises the database's error, or ends the session if a later login
+        (on another node) holds the device.
+        """
+        pending = self._presence
+        if pending is None or not (wait or pending.ready()):
+            return
+        self._presence = None
+        if not pending.get():
+            self.service.login_superseded(self.identity)
+            raise SessionClosed("closed, the device has logged in again since (on another node)")
+
     def _handle(self, event) -> None:
+        self._presence_settled(wait=False)
         if isinstance(event, Ping):
             self._reply(event.msg_id, Status.OK)
         elif isinstance(event, Internal) and event.is_info:
@@ -213,6 +229,11 @@ class DeviceSession:
             pass  # known, not needed for OTA: the Blynk server ignores them too
 
     def _on_info(self, event: Internal) -> None:
+        try:
+            self._presence_settled(wait=True)  # nothing durable before the login is
+        except DATABASE_ERRORS:
+            self._try_reply(event.msg_id, Status.SERVER_ERROR)
+            raise
         info = event.info()
         heartbeat, buff_in = info_number(info.get("h-beat")), info_number(info.get("buff-in"))
         if heartbeat:
@@ -300,11 +321,17 @@ class DeviceSession:
             self.reader.feed(data)
 
     def _write(self, frame: bytes) -> None:
-        with (
-            self._write_lock,
-            gevent.Timeout(WRITE_TIMEOUT, TimeoutError("the device does not read")),
-        ):
-            self.sock.sendall(frame)
+        with self._write_lock:
+            # A frame is a few bytes and the kernel buffer is nearly always
+            # free: one send that never waits (timeout 0.0) is the whole write,
+            # without arming a timer. Only a device slow to read gets one.
+            try:
+                sent = self.sock.send(frame, 0, 0.0)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(frame):
+                with gevent.Timeout(WRITE_TIMEOUT, TimeoutError("the device does not read")):
+                    self.sock.sendall(frame[sent:])
 
     def _reply(self, msg_id: int, status: int) -> None:
         # A v0.6.1 device drops frames with message id 0: such a request goes unanswered.
@@ -316,6 +343,9 @@ class DeviceSession:
             self._reply(msg_id, status)
 
     def _close(self) -> None:
+        if self._presence is not None:
+            # The disconnect is written after the login, never before it.
+            self._presence.wait()
         if self.session_id is not None and self.online.unregister(self):
             try:
                 # Conditional on this session: a newer login elsewhere stays.

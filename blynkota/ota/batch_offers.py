@@ -198,7 +198,7 @@ class BatchOffers:
         offer_all(session, offers, now)
         if offers:
             session.execute(
-                insert(OtaCommand),
+                insert(OtaCommand.__table__),  # Core: skips the ORM's bulk bookkeeping
                 [
                     {
                         "device_id": offer.device_id,

@@ -180,7 +180,8 @@ def devices_in_flight(session: Session, device_ids) -> set[int]:
 
 def log_events(session: Session, events: list[dict]) -> None:
     if events:
-        session.execute(insert(RolloutEvent), events)
+        # On the table: the ORM's bulk path costs more than the rows themselves.
+        session.execute(insert(RolloutEvent.__table__), events)
 
 
 def start_tracking(

@@ -4,11 +4,17 @@ Without a login to look at, the devices are found in the database: those
 online on any node, in the rollout's scope, for which it is the most specific
 running rollout, inside its percentage and with a build it may replace. They
 get pending rows in bulk; each node offers its own as download slots allow.
+
+The request that asks for it (a now=true start, an expand) answers first:
+the rollout row records that the work is owed (`enrol_due_at`), the process
+that answered does it in the background, and the sweeper does it if that
+process stopped first.
 """
 
 import logging
+from datetime import timedelta
 
-from sqlalchemy import exists, select
+from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
 from ..store import (
@@ -44,16 +50,42 @@ class OnlineEnrolment:
         They become pending rows; the node holding each offers it in its next
         fill. In chunks, each its own transaction, so a login entering the same
         device at the same moment costs one chunk a retry, not the whole fleet.
-        Returns how many devices became pending.
+        Then the rollout's `enrol_due_at` is cleared, unless a later request
+        set it again meanwhile. Returns how many devices became pending.
         """
+        began = utcnow()
         ids = self.db.run(lambda session: self._online_targets(session, rollout_id))
         entered = 0
         for start in range(0, len(ids), ENROL_CHUNK):
             chunk = ids[start : start + ENROL_CHUNK]
             entered += self.db.run(lambda session, c=chunk: self._enrol(session, rollout_id, c))
+        self.db.run(
+            lambda session: session.execute(
+                update(Rollout)
+                .where(Rollout.id == rollout_id, Rollout.enrol_due_at <= began)
+                .values(enrol_due_at=None)
+            )
+        )
         if entered:
             log.info("rollout %d: %d connected device(s) entered", rollout_id, entered)
         return entered
+
+    def overdue(self, grace: float) -> list[int]:
+        """Rollouts whose connected devices should have been entered `grace` seconds ago.
+
+        The process that answered the request enters them at once; one that
+        stopped before it finished leaves the mark, and the sweeper does it.
+        """
+        cutoff = utcnow() - timedelta(seconds=grace)
+        return self.db.run(
+            lambda session: list(
+                session.scalars(
+                    select(Rollout.id).where(
+                        Rollout.enrol_due_at < cutoff, Rollout.state.in_(RolloutState.RUNNING)
+                    )
+                ).all()
+            )
+        )
 
     @staticmethod
     def _online_targets(session: Session, rollout_id: int) -> list[int]:

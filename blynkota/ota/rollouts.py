@@ -156,6 +156,7 @@ class RolloutPlanner:
             started_by=started_by,
             started_at=now,
             push_online=controls.push_online,
+            enrol_due_at=now if controls.push_online else None,
             percent=controls.start_percent,
             waves=",".join(map(str, controls.waves)) or None,
             success_percent=controls.success_percent,
@@ -236,7 +237,7 @@ class RolloutPlanner:
                 Rollout.percent == before,
                 Rollout.state.in_(RolloutState.RUNNING),
             )
-            .values(percent=percent)
+            .values(percent=percent, **({"enrol_due_at": utcnow()} if rollout.push_online else {}))
             .execution_options(synchronize_session=False)
         )
         if result.rowcount != 1:

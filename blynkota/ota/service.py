@@ -18,6 +18,7 @@ the database alone, and a login storm's offers share a few transactions.
 import logging
 from collections.abc import Callable, Sequence
 
+import gevent
 from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.orm import Session
 
@@ -84,6 +85,9 @@ _REPORTED = (
         },
     )
 )
+# Seconds an owed enrolment is left to the process that answered the request
+# before the sweeper does it (that process may have stopped).
+ENROLMENT_GRACE = 15.0
 NO_SLOT = "no download slot free (ota.max.concurrent)"
 IN_FLIGHT = "an update is in flight already: this one follows when it ends"
 
@@ -133,11 +137,13 @@ class OtaService(AdminOperations):
         found = {row.token: DeviceIdentity(*row) for row in rows}
         return [found.get(token) for token in tokens]
 
-    def device_online(self, device: DeviceIdentity, session_id: int, address: str, since) -> bool:
-        recorded = self.node.device_online(device.id, session_id, address, since)
-        if not recorded:
-            self.identities.forget(device.token)  # a newer login, or the device is gone
-        return recorded
+    def device_online(self, device: DeviceIdentity, session_id: int, address: str, since):
+        """The login's presence write, queued (cluster/nodes.py): an AsyncResult of bool."""
+        return self.node.device_online(device.id, session_id, address, since)
+
+    def login_superseded(self, device: DeviceIdentity) -> None:
+        """A newer login holds the device, or the device is gone: look it up afresh."""
+        self.identities.forget(device.token)
 
     def device_offline(self, device_id: int, session_id: int) -> None:
         self.node.device_offline(device_id, session_id)
@@ -381,7 +387,8 @@ class OtaService(AdminOperations):
         timed_out, grown = self.db.run(work)
         if timed_out:
             self.wake_fill()
-        entered = sum(self.enrol_online(rollout_id) for rollout_id in grown)
+        owed = set(grown) | set(self.enrolment.overdue(ENROLMENT_GRACE))
+        entered = sum(self.enrol_online(rollout_id) for rollout_id in sorted(owed))
         return timed_out, entered
 
     def fill(self, limit: int = 500) -> int:
@@ -394,3 +401,22 @@ class OtaService(AdminOperations):
         if entered:
             self.wake_fill()
         return entered
+
+    def enrol_in_background(self, rollout_id: int) -> None:
+        """Enter the connected devices after the request has its answer.
+
+        The rollout row says the work is owed (`enrol_due_at`): if this fails,
+        or the process stops, the sweeper does it after ENROLMENT_GRACE.
+        """
+
+        def work() -> None:
+            try:
+                self.enrol_online(rollout_id)
+            except Exception as error:
+                log.warning(
+                    "rollout %d: entering connected devices failed (%s); the sweeper retries",
+                    rollout_id,
+                    error,
+                )
+
+        gevent.spawn(work)

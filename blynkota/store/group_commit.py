@@ -58,11 +58,15 @@ class GroupCommit(Generic[Item, Answer]):
 
     def submit(self, item: Item) -> Answer:
         """Run `item` with whatever else is waiting; its answer, or the batch's error."""
+        return self.submit_later(item).get()
+
+    def submit_later(self, item: Item) -> AsyncResult:
+        """Queue `item` without waiting: its answer (or error) arrives in the result."""
         answer = AsyncResult()
         self._waiting.append((item, answer))
         if self._runner is None:
             self._runner = gevent.spawn(self._run)
-        return answer.get()
+        return answer
 
     def _run(self) -> None:
         try:

@@ -271,6 +271,10 @@ class Rollout(Base):
     success_percent: Mapped[Optional[int]]  # to grow to the next wave
     cohort_seed: Mapped[str] = mapped_column(String(16), default="", server_default="")
     pause_reason: Mapped[Optional[str]] = mapped_column(String(255))
+    # Set when connected devices are to be entered (now=true start, expand, a
+    # grown wave), cleared once they are: the request answers before the
+    # work is done, and the sweeper finishes what a stopped process left.
+    enrol_due_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     # The failure threshold judges only devices that finished after this.
     resumed_at: Mapped[Optional[datetime]]
     # "<scope>:<target id>" while the rollout is running, NULL once it ended:
@@ -328,11 +332,13 @@ class RolloutDevice(Base):
     __table_args__ = (
         UniqueConstraint("rollout_id", "device_id"),
         Index("ix_rollout_devices_state_next_attempt_at", "state", "next_attempt_at"),
+        # A device's open attempts, read for every batch of info messages.
+        Index("ix_rollout_devices_device_id_state", "device_id", "state"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"))
-    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), index=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"))
     state: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(default=0)
     already_current: Mapped[bool] = mapped_column(default=False)
