@@ -346,8 +346,8 @@ class BlynkotaServer:
         log.info("stopped")
 
     def serve_forever(self) -> None:
-        self.start()
         tune_garbage_collection()
+        self.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, lambda: gevent.spawn(self.stop))
         self._stopped.wait()
