@@ -18,7 +18,7 @@ from datetime import datetime
 import gevent
 from gevent.pywsgi import WSGIHandler
 
-from .logsafe import LogBudget, printable
+from .logsafe import LogBudget, printable, token_tag
 
 __all__ = ["HEAD_DEADLINE", "HTTP_IDLE_TIMEOUT", "RequestHandler"]
 
@@ -26,6 +26,7 @@ log = logging.getLogger("blynkota.http")
 
 HTTP_IDLE_TIMEOUT = 60.0  # seconds for a request line to arrive (a keep-alive client's pause)
 HEAD_DEADLINE = 10.0  # seconds for the header lines once the request line is in
+_DEVICE_PATH = "/admin/devices/"
 _BAD_REQUEST_LINES = LogBudget(per_second=20)  # a flood of bad requests is counted, not logged
 _QUERY = re.compile(r"\?[^\s'\"]*")
 
@@ -78,8 +79,12 @@ class RequestHandler(WSGIHandler):
 
 
 def _request_line(line: str) -> str:
-    """`GET /path?query HTTP/1.1` -> `GET /path HTTP/1.1`, escaped."""
+    """`GET /path?query HTTP/1.1` -> `GET /path HTTP/1.1`, escaped; a device's
+    token in the path (DELETE /admin/devices/<token>) shows as its tag."""
     parts = line.split(" ")
     if len(parts) == 3:
-        parts[1] = parts[1].split("?", 1)[0]
+        path = parts[1].split("?", 1)[0]
+        if path.startswith(_DEVICE_PATH):
+            path = _DEVICE_PATH + token_tag(path[len(_DEVICE_PATH) :])
+        parts[1] = path
     return printable(" ".join(parts))

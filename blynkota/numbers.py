@@ -9,10 +9,13 @@ ignored info field).
 
 import re
 
-__all__ = ["ROW_ID_MAX", "whole_number"]
+__all__ = ["ROW_ID_MAX", "fraction", "seconds", "whole_number"]
 
 ROW_ID_MAX = 2**31 - 1  # an INTEGER primary key, on MySQL as on SQLite
 _DIGITS = re.compile(r"[0-9]{1,19}")  # [0-9] is ASCII only; 19 digits cover 64 bits
+_DURATION = re.compile(r"([0-9]{1,9})([smhd]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_FRACTION = re.compile(r"0(\.[0-9]{1,6})?|1(\.0{1,6})?|\.[0-9]{1,6}")
 
 
 def whole_number(text: str | None, *, low: int = 0, high: int = 2**63 - 1) -> int | None:
@@ -21,3 +24,20 @@ def whole_number(text: str | None, *, low: int = 0, high: int = 2**63 - 1) -> in
         return None
     value = int(text)
     return value if low <= value <= high else None
+
+
+def seconds(text: str | None, *, low: int, high: int) -> int | None:
+    """A duration, `90`, `90s`, `15m`, `24h` or `7d`, in seconds from `low` to
+    `high`; None if it is anything else."""
+    match = _DURATION.fullmatch(text or "")
+    if match is None:
+        return None
+    value = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value if low <= value <= high else None
+
+
+def fraction(text: str | None) -> float | None:
+    """A share from 0 to 1 written as a plain decimal (`0.2`, `.25`, `1`); None otherwise."""
+    if text is None or not _FRACTION.fullmatch(text):
+        return None
+    return float(text)

@@ -140,9 +140,10 @@ class ServerProcess:
         files: dict[str, tuple[str, bytes]] | None = None,
         auth: tuple[str, str] | None = (ADMIN_EMAIL, ADMIN_PASS),
         secure: bool = True,
+        headers: dict[str, str] | None = None,
     ) -> HttpAnswer:
         """One request on the admin port (HTTPS, certificate not checked: it is self-signed)."""
-        headers = {}
+        headers = dict(headers or {})
         body = None
         if auth is not None:
             headers["Authorization"] = "Basic " + base64.b64encode(

@@ -159,7 +159,9 @@ def test_project_by_dashboard_id_and_user_campaign(server, simulated, fleet, app
     assert server.curl_upload("?user=ME@example.com", esp32)[0] == 200
     scopes = rows(app, "SELECT scope, state FROM rollouts ORDER BY id")
     assert [tuple(r.values()) for r in scopes] == [("project", "active"), ("user", "active")]
-    devices = {t: simulated(t, BUILD_OLD) for t in (farm, home, other)}
+    # The farm board is an ESP32 (the user's rollout sends it the ESP32 image).
+    boards = {farm: "ESP32", home: "ESP8266", other: "ESP8266"}
+    devices = {t: simulated(t, BUILD_OLD, hardware=boards[t]) for t in (farm, home, other)}
     wait_until(lambda: devices[home].downloads and devices[farm].downloads)
     gevent_pause()
     assert devices[other].ota_urls == []

@@ -13,7 +13,7 @@ from blynkota.store import alembic_config
 
 from .devices import BUILD_NEW
 from .images import esp8266_image
-from .servers import ServerProcess
+from .servers import ServerProcess, wait_until
 
 ESP8266_HEADERS = (
     "User-Agent: ESP8266-http-Update\r\n"
@@ -273,3 +273,45 @@ def test_a_flood_of_bad_requests_is_counted_not_logged_line_by_line(port_server_
     lines = [line for line in server.log().splitlines() if "request from" in line]
     assert len(lines) <= 3 * 20 + 1  # at most 20 a second over the flood's few seconds
     assert "more such lines dropped" in lines[-1]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("family", ["ESP8266", "ESP32"])
+def test_an_updater_already_running_the_file_gets_304_on_both_ports(server, uploaded, family):
+    path, image = uploaded
+    md5 = hashlib.md5(image).hexdigest()
+    same = f"x-{family}-sketch-md5: {md5}\r\n"
+    _, head, body = raw_get(
+        server.http_port, f"GET {path} HTTP/1.1\r\n{same}Connection: close\r\n\r\n"
+    )
+    assert head.startswith(b"HTTP/1.1 304 ") and body == b""
+    assert headers_of(head)["x-md5"] == md5
+    secure = server.admin("GET", path, auth=None, headers={f"x-{family}-sketch-md5": md5})
+    assert secure.status == 304 and secure.body == b""
+    other = f"x-{family}-sketch-md5: {'0' * 32}\r\n"
+    _, head, body = raw_get(server.http_port, f"GET {path} HTTP/1.0\r\n{other}\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and body == image
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_304_counts_the_offered_device_as_already_on_the_firmware(server, simulated, fleet, app):
+    token = fleet.add_device("me@example.com", "Farm")
+    device = simulated(token, "Jan  1 2018 00:00:00", fail="refuse")  # takes the frame only
+    image = esp8266_image(BUILD_NEW, size=50_000)
+    server.upload("/admin/ota/start?now=true", image)
+    wait_until(lambda: device.ota_urls, message="the offer")
+    url = device.ota_urls[0].split(f":{server.http_port}", 1)[1]
+    sketch = f"x-ESP8266-sketch-md5: {hashlib.md5(image).hexdigest()}\r\n"
+    _, head, _ = raw_get(
+        server.http_port, f"GET {url} HTTP/1.1\r\n{sketch}Connection: close\r\n\r\n"
+    )
+    assert head.startswith(b"HTTP/1.1 304 ")
+    with app.extensions["blynkota.db"].engine.connect() as connection:
+        state = connection.execute(
+            sqlalchemy.text("SELECT state, already_current FROM rollout_devices")
+        ).all()
+        (detail,) = connection.execute(
+            sqlalchemy.text("SELECT detail FROM rollout_events WHERE to_state = 'updated'")
+        ).one()
+    assert [tuple(row) for row in state] == [("updated", True)]
+    assert "sketch MD5" in detail

@@ -331,5 +331,8 @@ def test_a_transition_not_in_the_table_raises(app, fleet):
         with pytest.raises(IllegalDeviceTransition):
             start_tracking(session, rollout_id=rollout_id, device_id=device_id,
                            state=DeviceState.OFFERED, at=utcnow())  # fmt: skip
-    assert (DeviceState.FAILED, DeviceState.PENDING) not in TRANSITIONS
+    # A failed device is offered again only through an operator's retry (back
+    # to pending, a fresh set of attempts), never straight away.
+    assert (DeviceState.FAILED, DeviceState.OFFERED) not in TRANSITIONS
     assert (DeviceState.UPDATED, DeviceState.OFFERED) not in TRANSITIONS
+    assert (DeviceState.INCOMPATIBLE, DeviceState.OFFERED) not in TRANSITIONS

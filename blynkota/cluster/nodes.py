@@ -109,6 +109,7 @@ class ClusterNode:
         self.control = control or db
         self.settings = settings
         self.id: int | None = None
+        self.run_number = 0  # which run of this node's slot this is (nodes.runs)
         self.name = ""
         self._serials = itertools.count(1)
         # Disconnects that could not be written (the database was away).
@@ -124,7 +125,7 @@ class ClusterNode:
         now = utcnow()
         self.name = name = name[:128]
 
-        def work(session: Session) -> int:
+        def work(session: Session) -> tuple[int, int]:
             node_id = session.scalar(select(Node.id).where(Node.name == name))
             values = {
                 "host": socket.gethostname()[:255],
@@ -134,15 +135,17 @@ class ClusterNode:
                 "stopped_at": None,
             }
             if node_id is None:
-                session.add(Node(name=name, **values))
+                session.add(Node(name=name, runs=1, **values))
                 session.flush()
-                return session.scalar(select(Node.id).where(Node.name == name))
-            session.execute(update(Node).where(Node.id == node_id).values(**values))
+                return session.scalar(select(Node.id).where(Node.name == name)), 1
+            session.execute(
+                update(Node).where(Node.id == node_id).values(runs=Node.runs + 1, **values)
+            )
             # Sessions of this node's previous run: their sockets died with it.
             session.execute(update(Device).where(Device.node_id == node_id).values(**_OFFLINE))
-            return node_id
+            return node_id, session.scalar(select(Node.runs).where(Node.id == node_id))
 
-        self.id = self.control.run(work)
+        self.id, self.run_number = self.control.run(work)
         log.info("node %s (id %d) registered", name, self.id)
         return self.id
 

@@ -28,7 +28,7 @@ from gevent.lock import Semaphore
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from ..logsafe import token_tag
+from ..logsafe import printable, token_tag
 from ..ota import DeviceIdentity, FrameTooLarge, OfferFailed, OnlineDevices, OtaService
 from ..protocol import (
     NEED_DATA,
@@ -245,8 +245,18 @@ class DeviceSession:
         self._reply(event.msg_id, Status.OK)
         self.machine.advance("info answered")
         try:
-            if self.service.device_reported(self.identity, info):
-                log.debug("device %s: update due, offered with the next batch", self.tag)
+            due = self.service.device_reported(self.identity, info)
+            # One line per login, with what an operator looks for (the token
+            # only as its tag; the device id joins it to the tables).
+            log.info(
+                "device %s (id %d) %s: logged in, build %r, dev %r%s",
+                self.tag,
+                self.device_id,
+                self.peer,
+                printable(info.get("build", ""))[:64],
+                printable(info.get("dev", ""))[:32],
+                ", update due" if due else "",
+            )
         except DATABASE_ERRORS:
             # Answered already; the report is lost, so the device reconnects and repeats it.
             self._try_reply(event.msg_id, Status.SERVER_ERROR)

@@ -1,5 +1,6 @@
 """The OTA domain: firmware, targeting, rollouts. Knows nothing of sockets or HTTP."""
 
+from .admin_ops import Started
 from .admins import AdminDirectory
 from .blynk_data import BlynkDataError, read_blynk_folder
 from .catalog import FirmwareCatalog, FirmwareFile, Upload, served_path
@@ -25,6 +26,7 @@ from .service import OtaService
 
 __all__ = [
     "AdminDirectory",
+    "Started",
     "BlynkDataError",
     "read_blynk_folder",
     "FirmwareCatalog",

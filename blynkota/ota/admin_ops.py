@@ -10,41 +10,69 @@ the rows they leave behind (pending devices that their node offers).
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from ..logsafe import token_tag
-from ..store import Device, DeviceState, Firmware, Rollout, RolloutScope, RolloutState, utcnow
+from ..store import (
+    Device,
+    DeviceState,
+    Firmware,
+    OtaCommand,
+    Rollout,
+    RolloutDevice,
+    RolloutEvent,
+    RolloutScope,
+    RolloutState,
+    utcnow,
+)
 from .catalog import Upload, served_path
 from .cohorts import Controls
-from .device_states import start_tracking
+from .compatibility import incompatibility
+from .device_states import devices_in_flight, load_tracks, move_all, start_tracking
 from .errors import OtaRequestError
 from .firmware import FirmwareRejected, ImageReport
 from .offers import DeviceIdentity, candidate_of, new_offer
 from .online import OfferDeferred, OfferFailed
 from .rollouts import Candidate
 from .status import rollout_detail, rollout_summaries
-from .targeting import campaign_target, devices_taken_in
+from .targeting import campaign_target, devices_in_scope, devices_taken_in
 
-__all__ = ["AdminOperations"]
+__all__ = ["AdminOperations", "Started"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Started:
+    """What a start answers: the file's path (Blynk's plain-text answer), and in
+    JSON also the rollout id every later call needs and the devices it aims at."""
+
+    path: str
+    rollout: int
+    scope: str
+    devices: int  # registered devices in the rollout's scope
+    build: str | None
+
+    def as_json(self) -> dict:
+        return asdict(self)
 
 
 class AdminOperations:
     """The admin half of OtaService (see service.py for the attributes it uses)."""
 
-    def start_for_device(self, token: str, upload: Upload, admin: str, *, queue: bool) -> str:
+    def start_for_device(self, token: str, upload: Upload, admin: str, *, queue: bool) -> Started:
         """Upload and send to one device now (Blynk's ?token=), or at its next login."""
         device = self._device_for_admin(token, queue=queue)
         report = self._inspect(upload)
+        self._refuse_incompatible(device, report.chip)
         return self._device_rollout(
             device, admin, lambda session: self.catalog.add(session, upload, report, admin)
         )
 
-    def resend(self, file_name: str, token: str, admin: str, *, queue: bool) -> str:
+    def resend(self, file_name: str, token: str, admin: str, *, queue: bool) -> Started:
         """Send an already uploaded file to one device (GET ?fileName=&token=)."""
         name = file_name.rsplit("/", 1)[-1].removesuffix(".bin")
         device = self._device_for_admin(token, queue=queue)
@@ -53,6 +81,7 @@ class AdminOperations:
             firmware = self.catalog.by_name(session, name)
             if firmware is None:
                 raise OtaRequestError("Requested file not found.")
+            self._refuse_incompatible(device, firmware.chip, session)
             return firmware
 
         return self._device_rollout(device, admin, uploaded)
@@ -65,7 +94,7 @@ class AdminOperations:
         user: str | None = None,
         project: str | None = None,
         controls: Controls | None = None,
-    ) -> str:
+    ) -> Started:
         """Upload for every device (of a user, of a project) whose build differs.
 
         Offered at each device's next login, or at once to connected devices
@@ -100,7 +129,8 @@ class AdminOperations:
         )
         if rollout.push_online:
             self.enrol_in_background(rollout.id)  # answered first: under a second at 10k
-        return served_path(firmware.name)
+        devices = self.db.run(lambda session: devices_in_scope(session, scope, target_id))
+        return Started(served_path(firmware.name), rollout.id, scope, devices, report.build)
 
     def _campaign_report(self, upload: Upload) -> ImageReport:
         report = self._inspect(upload)
@@ -127,8 +157,11 @@ class AdminOperations:
             percent=controls.start_percent,
             cohort_seed=hashlib.sha256(upload.data).hexdigest()[:16],
             waves=",".join(map(str, controls.waves)) or None,
+            chip=report.chip,
         )
-        devices = self.db.run(lambda session: devices_taken_in(session, candidate, target_id))
+        devices, incompatible = self.db.run(
+            lambda session: devices_taken_in(session, candidate, target_id)
+        )
         return {
             "dry_run": True,
             "scope": scope,
@@ -136,6 +169,7 @@ class AdminOperations:
             "chip": report.chip,
             "percent": candidate.percent,
             "devices": devices,
+            "incompatible": incompatible,
         }
 
     def pause(self, rollout_id: int, admin: str) -> dict:
@@ -159,13 +193,87 @@ class AdminOperations:
             self.enrol_in_background(rollout_id)
         return summary
 
+    def retry(self, rollout_id: int, admin: str) -> dict:
+        """The rollout's failed devices get a fresh set of attempts (hawkBit's retry)."""
+
+        def work(session: Session) -> int:
+            _running(session, rollout_id)
+            failed = load_tracks(
+                session,
+                RolloutDevice.rollout_id == rollout_id,
+                RolloutDevice.state == DeviceState.FAILED,
+                for_update=True,
+            )
+            return move_all(
+                session,
+                failed,
+                DeviceState.PENDING,
+                utcnow(),
+                f"retried by {admin}",
+                attempts=0,
+                next_attempt_at=None,
+            )
+
+        retried = self.db.run(work)
+        log.info("rollout %d: %d failed device(s) retried by %s", rollout_id, retried, admin)
+        if retried:
+            self.wake_fill()
+        return {**self.status(rollout_id)[0], "retried": retried}
+
+    def delete_firmware(self, name: str, admin: str) -> dict:
+        """Stop serving an uploaded file (409 while a running rollout sends it)."""
+        firmware = self.db.run(lambda session: self.catalog.delete(session, name))
+        log.info("firmware %s (%s) deleted by %s", name, firmware.original_name, admin)
+        return {"deleted": name, "original_name": firmware.original_name}
+
+    def delete_device(self, token: str, admin: str) -> dict:
+        """Remove a device and its rows in every rollout (409 while an update is in flight).
+
+        Its single-device rollouts go with it; the rollouts of other devices
+        and their events stay.
+        """
+
+        def work(session: Session) -> int:
+            device_id = session.scalar(select(Device.id).where(Device.token == token))
+            if device_id is None:
+                raise OtaRequestError("No device with that token.", 404)
+            if devices_in_flight(session, [device_id]):
+                raise OtaRequestError(
+                    "An update is in flight to this device: wait for it to end, or stop "
+                    "its rollout.",
+                    409,
+                )
+            own = list(
+                session.scalars(select(Rollout.id).where(Rollout.device_id == device_id)).all()
+            )
+            if own:
+                session.execute(
+                    update(Rollout).where(Rollout.id.in_(own)).values(superseded_by_id=None)
+                )
+            for table, column in (
+                (RolloutEvent, RolloutEvent.device_id),
+                (OtaCommand, OtaCommand.device_id),
+                (RolloutDevice, RolloutDevice.device_id),
+            ):
+                session.execute(delete(table).where(column == device_id))
+                if own:
+                    session.execute(delete(table).where(table.rollout_id.in_(own)))
+            if own:
+                session.execute(delete(Rollout).where(Rollout.id.in_(own)))
+            session.execute(delete(Device).where(Device.id == device_id))
+            return device_id
+
+        device_id = self.db.run(work)
+        self.identities.forget(token)
+        link = self.online.get(token)
+        if link is not None:
+            link.close("device deleted by an operator")
+        log.info("device %s (id %d) deleted by %s", token_tag(token), device_id, admin)
+        return {"deleted": token_tag(token)}
+
     def _change(self, rollout_id: int, change: Callable[[Session, Rollout], bool]) -> dict:
         def work(session: Session) -> None:
-            rollout = session.get(Rollout, rollout_id)
-            if rollout is None:
-                raise OtaRequestError(f"No rollout {rollout_id}.", 404)
-            if rollout.state not in RolloutState.RUNNING:
-                raise OtaRequestError(f"Rollout {rollout_id} is {rollout.state}.", 409)
+            rollout = _running(session, rollout_id)
             if not change(session, rollout):
                 # Changed a moment ago, by another request or the sweeper.
                 state = session.scalar(select(Rollout.state).where(Rollout.id == rollout_id))
@@ -185,13 +293,38 @@ class AdminOperations:
         return stopped
 
     def status(self, rollout_id: int | None = None) -> list[dict]:
-        return self.db.run(lambda session: rollout_summaries(session, rollout_id))
+        def work(session: Session) -> list[dict]:
+            return self._with_outlook(session, rollout_summaries(session, rollout_id))
+
+        return self.db.run(work)
 
     def detail(self, rollout_id: int) -> dict:
-        found = self.db.run(lambda session: rollout_detail(session, rollout_id))
+        def work(session: Session) -> dict | None:
+            found = rollout_detail(session, rollout_id)
+            return found and self._with_outlook(session, [found])[0]
+
+        found = self.db.run(work)
         if found is None:
             raise OtaRequestError(f"No rollout {rollout_id}.", 404)
         return found
+
+    def _with_outlook(self, session: Session, summaries: list[dict]) -> list[dict]:
+        """Add the rollout's limits (its own, or the server's) and `next_wave`:
+        why a running rollout with waves has not grown yet."""
+        fleet, retries = self.guards.policy, self.lifecycle.policy
+        for summary in summaries:
+            rollout = session.get(Rollout, summary["id"])
+            summary["limits"] = {
+                "max_concurrent": rollout.max_concurrent or fleet.max_concurrent,
+                "attempt_timeout": rollout.attempt_timeout or retries.attempt_timeout,
+                "max_attempts": rollout.max_attempts or retries.max_attempts,
+                "abort_ratio": self.guards.abort_ratio(rollout),
+                "wave_delay": rollout.wave_delay,
+            }
+            summary["next_wave"] = None
+            if summary["waves"] and summary["state"] in RolloutState.RUNNING:
+                summary["next_wave"] = self.guards.next_wave(session, rollout)[1]
+        return summaries
 
     def _device_for_admin(self, token: str, *, queue: bool) -> DeviceIdentity:
         device = self.find_device(token)
@@ -200,6 +333,22 @@ class AdminOperations:
         if not queue and not self._in_session(device.id):
             raise OtaRequestError("No device in session.")
         return device
+
+    def _refuse_incompatible(
+        self, device: DeviceIdentity, chip: str | None, session: Session | None = None
+    ) -> None:
+        """A 400 naming both when the device's reported hardware cannot run the image."""
+
+        def check(session: Session) -> None:
+            hardware = session.scalar(select(Device.hardware).where(Device.id == device.id))
+            unfit = incompatibility(hardware, chip)
+            if unfit is not None:
+                raise OtaRequestError(f"Not sent: {unfit}.")
+
+        if session is not None:
+            check(session)
+        else:
+            self.db.run(check)
 
     def _in_session(self, device_id: int) -> bool:
         """Connected to any node (its presence row), not only to this process."""
@@ -216,14 +365,15 @@ class AdminOperations:
 
     def _device_rollout(
         self, device: DeviceIdentity, admin: str, firmware_of: Callable[[Session], Firmware]
-    ) -> str:
+    ) -> Started:
         """A device rollout for the firmware `firmware_of` gives, offered now if online."""
 
         def start(session: Session):
+            firmware = firmware_of(session)
             rollout = self.planner.start(
                 session,
                 scope=RolloutScope.DEVICE,
-                firmware=firmware_of(session),
+                firmware=firmware,
                 started_by=admin,
                 target_id=device.id,
             )
@@ -236,9 +386,9 @@ class AdminOperations:
                 at=utcnow(),
                 detail=f"targeted by {admin}",
             )
-            return new_offer(candidate_of(rollout), device)
+            return new_offer(candidate_of(rollout), device), firmware.build
 
-        offer = self.db.run(start)
+        offer, build = self.db.run(start)
         # Connected here: sent now. Connected to another node: that node sends
         # it in its next fill. Offline: offered after its next info message.
         if self.online.get_ready(device.token) is not None:
@@ -250,4 +400,14 @@ class AdminOperations:
                 raise OtaRequestError(
                     f"The update could not be sent: {error}. It stays pending for the next login."
                 ) from None
-        return offer.path
+        return Started(offer.path, offer.rollout_id, RolloutScope.DEVICE, 1, build)
+
+
+def _running(session: Session, rollout_id: int) -> Rollout:
+    """The rollout, if it is active or paused; a 404 or a 409 otherwise."""
+    rollout = session.get(Rollout, rollout_id)
+    if rollout is None:
+        raise OtaRequestError(f"No rollout {rollout_id}.", 404)
+    if rollout.state not in RolloutState.RUNNING:
+        raise OtaRequestError(f"Rollout {rollout_id} is {rollout.state}.", 409)
+    return rollout

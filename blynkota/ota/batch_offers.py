@@ -195,7 +195,7 @@ class BatchOffers:
             busy.add(device.id)
             chosen.append((item, offer, frame))
             offers.append((track, url))
-        offer_all(session, offers, now)
+        offer_all(session, offers, now, (self.node.id, self.node.run_number))
         if offers:
             session.execute(
                 insert(OtaCommand.__table__),  # Core: skips the ORM's bulk bookkeeping

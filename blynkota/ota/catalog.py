@@ -13,10 +13,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import insert, select
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from ..store import CHUNK_BYTES, Database, Firmware, FirmwareBlob, FirmwareChunk
+from ..store import (
+    CHUNK_BYTES,
+    Database,
+    Firmware,
+    FirmwareBlob,
+    FirmwareChunk,
+    Rollout,
+    RolloutState,
+    utcnow,
+)
+from .errors import OtaRequestError
 from .firmware import ImageReport, inspect_firmware
 from .firmware_store import CacheError, FirmwareCache
 
@@ -169,7 +179,39 @@ class FirmwareCatalog:
     def by_name(session: Session, name: str) -> Firmware | None:
         if not _is_served_name(name):
             return None
-        return session.scalar(select(Firmware).where(Firmware.name == name))
+        return session.scalar(
+            select(Firmware).where(Firmware.name == name, Firmware.deleted_at.is_(None))
+        )
+
+    def delete(self, session: Session, name: str) -> Firmware:
+        """Stop serving `name` and drop its bytes (unless another file has the same).
+
+        Raises OtaRequestError: 404 for no such file, 409 while a running
+        rollout sends it.
+        """
+        firmware = self.by_name(session, name)
+        if firmware is None:
+            raise OtaRequestError("No such firmware.", 404)
+        running = session.scalars(
+            select(Rollout.id).where(
+                Rollout.firmware_id == firmware.id, Rollout.state.in_(RolloutState.RUNNING)
+            )
+        ).all()
+        if running:
+            ids = ", ".join(map(str, running))
+            raise OtaRequestError(f"Firmware {name} is in use by running rollout(s) {ids}.", 409)
+        session.execute(
+            update(Firmware).where(Firmware.id == firmware.id).values(deleted_at=utcnow())
+        )
+        shared = session.scalar(
+            select(func.count(Firmware.id)).where(
+                Firmware.sha256 == firmware.sha256, Firmware.deleted_at.is_(None)
+            )
+        )
+        if not shared:
+            session.execute(delete(FirmwareChunk).where(FirmwareChunk.sha256 == firmware.sha256))
+            session.execute(delete(FirmwareBlob).where(FirmwareBlob.sha256 == firmware.sha256))
+        return firmware
 
     def file(self, name: str) -> FirmwareFile | None:
         if not _is_served_name(name):
@@ -178,14 +220,16 @@ class FirmwareCatalog:
             lambda session: session.execute(
                 select(
                     Firmware.id, Firmware.name, Firmware.size, Firmware.md5, Firmware.sha256
-                ).where(Firmware.name == name)
+                ).where(Firmware.name == name, Firmware.deleted_at.is_(None))
             ).first()
         )
         return None if row is None else FirmwareFile(*row)
 
     def listing(self) -> list[dict]:
         with self.db.begin() as session:
-            rows = session.scalars(select(Firmware).order_by(Firmware.id)).all()
+            rows = session.scalars(
+                select(Firmware).where(Firmware.deleted_at.is_(None)).order_by(Firmware.id)
+            ).all()
             return [
                 {
                     "name": firmware.name,

@@ -45,6 +45,12 @@ class Controls:
     waves: tuple[int, ...] = ()
     success_percent: int | None = None
     dry_run: bool = False
+    # This rollout's own limits; None: the server's setting, read when used.
+    max_concurrent: int | None = None  # ota.max.concurrent
+    attempt_timeout: int | None = None  # seconds, ota.attempt.timeout
+    max_attempts: int | None = None  # ota.max.attempts
+    abort_ratio: float | None = None  # ota.abort.failure.ratio
+    wave_delay: int | None = None  # seconds a wave runs at least before the next opens
 
     def __post_init__(self) -> None:
         if self.percent is not None and not 1 <= self.percent <= 100:
@@ -55,6 +61,8 @@ class Controls:
             raise ControlsError("success must be a percentage from 1 to 100.")
         if self.success_percent is not None and not self.waves:
             raise ControlsError("success needs waves: it is the share that grows a wave.")
+        if self.wave_delay is not None and not self.waves:
+            raise ControlsError("waveDelay needs waves: it is the time between two waves.")
 
     @property
     def start_percent(self) -> int:

@@ -14,6 +14,7 @@ handled as `Track` snapshots, never as ORM objects, so nothing writes a row
 behind the condition's back.
 """
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -39,12 +40,18 @@ __all__ = [
     "tracks_query",
 ]
 
+log = logging.getLogger(__name__)
+
 S = DeviceState
 
 # (from, to) -> why it happens. None as "from" is a device entering a rollout.
 TRANSITIONS: dict[tuple[str | None, str], str] = {
     (None, S.PENDING): "targeted",
     (None, S.UPDATED): "already on the rollout's build when first seen",
+    (None, S.INCOMPATIBLE): "its reported hardware cannot run the image",
+    (S.PENDING, S.INCOMPATIBLE): "reported hardware that cannot run the image",
+    (S.INCOMPATIBLE, S.PENDING): "reported hardware that can run the image",
+    (S.FAILED, S.PENDING): "retried by an operator: a fresh set of attempts",
     (S.PENDING, S.OFFERED): "ota command written",
     (S.PENDING, S.UPDATED): "reported the rollout's build",
     (S.PENDING, S.FAILED): "the device cannot take the ota command",
@@ -54,6 +61,8 @@ TRANSITIONS: dict[tuple[str | None, str], str] = {
     (S.DOWNLOADING, S.DOWNLOADING): "download restarted or cut short",
     (S.DOWNLOADED, S.DOWNLOADING): "downloaded again",
     (S.DOWNLOADING, S.DOWNLOADED): "whole file written",
+    (S.UPDATED, S.PENDING): "reverted: reported another build after updating",
+    (S.UPDATED, S.FAILED): "reverted after updating, no attempts left",
 }
 for _in_flight in DeviceState.IN_FLIGHT:
     TRANSITIONS[(_in_flight, S.UPDATED)] = "logged in reporting the rollout's build"
@@ -72,6 +81,7 @@ _STAMP = {
     S.FAILED: "failed_at",
     S.CANCELLED: "ended_at",
     S.SUPERSEDED: "ended_at",
+    S.INCOMPATIBLE: "ended_at",
 }
 
 
@@ -258,6 +268,8 @@ def move(
     if (before, state) not in TRANSITIONS:
         raise IllegalDeviceTransition(f"{before!r} -> {state!r} for device {track.device_id}")
     changes = {"state": state, _STAMP[state]: at, **values}
+    if state == S.UPDATED:
+        changes.setdefault("last_error", None)  # stale once updated; the events keep it
     result = session.execute(
         update(RolloutDevice)
         .where(
@@ -274,12 +286,24 @@ def move(
         if hasattr(track, name):
             setattr(track, name, value)
     log_events(session, [_event(track, before, state, detail, at)])
+    if state in (S.UPDATED, S.FAILED) or before == S.UPDATED:
+        log.info(
+            "rollout %d: device %d %s -> %s%s",
+            track.rollout_id,
+            track.device_id,
+            before,
+            state,
+            f": {detail}" if detail else "",
+        )
     return True
 
 
-def offer_all(session: Session, offers: list[tuple[Track, str]], at: datetime) -> None:
+def offer_all(
+    session: Session, offers: list[tuple[Track, str]], at: datetime, by: tuple[int, int]
+) -> None:
     """pending -> offered for rows locked with `load_tracks(..., for_update=True)`,
-    one attempt used each, in one statement; `offers` pairs each row with its URL.
+    one attempt used each, in one statement; `offers` pairs each row with its URL,
+    `by` is the offering node's (id, run number).
 
     As in `move_all`, a row that moved anyway voids the whole transaction.
     """
@@ -301,6 +325,8 @@ def offer_all(session: Session, offers: list[tuple[Track, str]], at: datetime) -
                 first_offered_at=func.coalesce(table.c.first_offered_at, at),
                 next_attempt_at=None,
                 bytes_sent=None,
+                offer_node_id=by[0],
+                offer_node_run=by[1],
             )
         )
         if result.rowcount != len(chunk):
@@ -316,7 +342,9 @@ def offer_all(session: Session, offers: list[tuple[Track, str]], at: datetime) -
         log_events(session, events)
 
 
-def move_all(session: Session, tracks: list[Track], state: str, at: datetime, detail: str) -> int:
+def move_all(
+    session: Session, tracks: list[Track], state: str, at: datetime, detail: str, **values
+) -> int:
     """Move rows locked with `load_tracks(..., for_update=True)`, in one statement.
 
     The row locks (MySQL) or the single writer (SQLite) keep them as loaded;
@@ -335,7 +363,7 @@ def move_all(session: Session, tracks: list[Track], state: str, at: datetime, de
             result = session.execute(
                 update(RolloutDevice)
                 .where(RolloutDevice.id.in_([t.id for t in chunk]), RolloutDevice.state == before)
-                .values(state=state, **{_STAMP[state]: at})
+                .values(state=state, **{_STAMP[state]: at}, **values)
                 .execution_options(synchronize_session=False)
             )
             if result.rowcount != len(chunk):

@@ -117,7 +117,14 @@ class OnlineEnrolment:
             return 0
         candidate = candidate_of(rollout)
         devices = session.execute(
-            select(Device.id, Device.token, Device.build, Device.project_id, Project.user_id)
+            select(
+                Device.id,
+                Device.token,
+                Device.build,
+                Device.hardware,
+                Device.project_id,
+                Project.user_id,
+            )
             .join(Project, Project.id == Device.project_id)
             .where(
                 Device.id.in_(device_ids),
@@ -130,11 +137,13 @@ class OnlineEnrolment:
         # chunk, not a query per device.
         running = RunningRollouts(session)
         entries = []
-        for device_id, token, build, project_id, user_id in devices:
+        for device_id, token, build, hardware, project_id, user_id in devices:
             owner = running.rollout_for(device_id=device_id, project_id=project_id, user_id=user_id)
             if owner is None or owner.rollout_id != rollout_id:
                 continue  # a more specific rollout keeps this device
-            entry = rollout_entry(candidate, device_id, token, build, online=True)
+            entry = rollout_entry(
+                candidate, device_id, token, build, hardware=hardware, online=True
+            )
             if entry is not None:
                 entries.append(entry)
         enter_all(session, entries, utcnow())

@@ -8,14 +8,15 @@ processes.
 """
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, case, func, or_, select, true
 from sqlalchemy.orm import Session
 
-from ..store import DeviceState, Rollout, RolloutDevice, RolloutState
-from .cohorts import parse_waves
+from ..store import DeviceState, Rollout, RolloutDevice, RolloutScope, RolloutState, utcnow
+from .cohorts import bucket, parse_waves
 from .rollouts import RolloutPlanner
+from .targeting import tokens_in_scope
 
 __all__ = ["FleetPolicy", "RolloutGuards"]
 
@@ -29,7 +30,7 @@ class FleetPolicy:
     push_online: bool = False  # default of now=
     wave_min_devices: int = 10  # finished devices a wave needs before the next one
     abort_failure_ratio: float = 0.2  # failed / finished above this pauses the rollout
-    abort_min_devices: int = 10  # finished devices before the ratio is judged
+    abort_min_devices: int = 10  # devices with an outcome before the ratio is judged
 
 
 class RolloutGuards:
@@ -38,80 +39,180 @@ class RolloutGuards:
         self.planner = planner
 
     def free_slots(self, session: Session, rollout_id: int | None = None) -> int:
-        """Download slots free server-wide, and in `rollout_id` when given."""
+        """Download slots free server-wide, and in `rollout_id` when given (its
+        own maxConcurrent, or the server's)."""
         in_flight = select(func.count(RolloutDevice.id)).where(RolloutDevice.state.in_(SLOT_STATES))
-        limit = self.policy.max_concurrent
-        free = limit - session.scalar(in_flight)
+        free = self.policy.max_concurrent - session.scalar(in_flight)
         if rollout_id is not None:
+            own = session.scalar(select(Rollout.max_concurrent).where(Rollout.id == rollout_id))
             mine = session.scalar(in_flight.where(RolloutDevice.rollout_id == rollout_id))
-            free = min(free, limit - mine)
+            free = min(free, (own or self.policy.max_concurrent) - mine)
         return max(0, free)
 
+    def abort_ratio(self, rollout: Rollout) -> float:
+        return (
+            rollout.abort_ratio
+            if rollout.abort_ratio is not None
+            else (self.policy.abort_failure_ratio)
+        )
+
     @staticmethod
-    def _finished(
-        session: Session,
-        rollout_id: int,
-        buckets: range | None = None,
-        since: datetime | None = None,
-    ) -> tuple[int, int]:
-        """(updated, failed) among devices that went through an update (not already current)."""
+    def _finished(session: Session, rollout_id: int, buckets: range) -> tuple[int, int]:
+        """(updated, failed) among a wave's devices that went through an update."""
         query = (
             select(RolloutDevice.state, func.count(RolloutDevice.id))
             .where(
                 RolloutDevice.rollout_id == rollout_id,
                 RolloutDevice.state.in_((DeviceState.UPDATED, DeviceState.FAILED)),
                 RolloutDevice.already_current.is_(False),
-            )
-            .group_by(RolloutDevice.state)
-        )
-        if since is not None:
-            query = query.where(
-                func.coalesce(RolloutDevice.updated_at, RolloutDevice.failed_at) > since
-            )
-        if buckets is not None:
-            query = query.where(
                 RolloutDevice.cohort_bucket >= buckets.start,
                 RolloutDevice.cohort_bucket < buckets.stop,
             )
+            .group_by(RolloutDevice.state)
+        )
         counts = dict(session.execute(query).all())
         return counts.get(DeviceState.UPDATED, 0), counts.get(DeviceState.FAILED, 0)
 
     def check_health(self, session: Session, rollout: Rollout) -> bool:
-        """Pause an active rollout whose failure ratio passed the threshold; True if it did."""
+        """Pause an active rollout whose failure ratio passed the threshold; True if it did.
+
+        Judged on devices, as soon as an attempt fails, not once a device has
+        used all its attempts: a bad firmware pauses after the first
+        `ota.abort.min.devices` outcomes, before every device has failed
+        three times. After a resume, only what happened since counts.
+        """
         if rollout.state != RolloutState.ACTIVE:
             return False
-        # After a resume, only what finished since counts: the operator saw the rest.
-        updated, failed = self._finished(session, rollout.id, since=rollout.resumed_at)
-        finished = updated + failed
-        if finished < self.policy.abort_min_devices or finished == 0:
+        updated, failing = self._outcomes(session, rollout.id, rollout.resumed_at)
+        judged = updated + failing
+        if judged < self.policy.abort_min_devices or judged == 0:
             return False
-        ratio = failed / finished
-        if ratio <= self.policy.abort_failure_ratio:
+        ratio, limit = failing / judged, self.abort_ratio(rollout)
+        if ratio <= limit:
             return False
+        setting = "abortRatio" if rollout.abort_ratio is not None else "ota.abort.failure.ratio"
         reason = (
-            f"failure ratio {ratio:.2f} ({failed} of {finished} finished devices failed) "
-            f"is above ota.abort.failure.ratio {self.policy.abort_failure_ratio:g}"
+            f"failure ratio {ratio:.2f} ({failing} of {judged} devices with an outcome "
+            f"failed an attempt) is above {setting} {limit:g}"
         )
         return self.planner.pause(session, rollout, reason)
+
+    @staticmethod
+    def _outcomes(session: Session, rollout_id: int, since: datetime | None) -> tuple[int, int]:
+        """(devices updated, devices whose latest attempt failed) since `since`, in one query.
+
+        A row entering pending stamps `pending_at`, so for a device that was
+        offered before (attempts > 0 while pending, > 1 once offered again)
+        it is when its last attempt failed.
+        """
+        rd = RolloutDevice
+        after = (lambda column: column > since) if since is not None else (lambda column: true())
+        failing = or_(
+            and_(rd.state == DeviceState.FAILED, after(rd.failed_at)),
+            and_(rd.state == DeviceState.PENDING, rd.attempts >= 1, after(rd.pending_at)),
+            and_(rd.state.in_(DeviceState.IN_FLIGHT), rd.attempts >= 2, after(rd.pending_at)),
+            # Back on another build after updating: a failure of the firmware too.
+            and_(rd.state == DeviceState.PENDING, rd.reverts >= 1, after(rd.pending_at)),
+        )
+        updated = and_(
+            rd.state == DeviceState.UPDATED, rd.already_current.is_(False), after(rd.updated_at)
+        )
+        row = session.execute(
+            select(
+                func.coalesce(func.sum(case((updated, 1), else_=0)), 0),
+                func.coalesce(func.sum(case((failing, 1), else_=0)), 0),
+            ).where(rd.rollout_id == rollout_id)
+        ).one()
+        return int(row[0]), int(row[1])
 
     def advance_wave(self, session: Session, rollout: Rollout) -> bool:
         """Grow an active rollout to its next wave when the current one did well enough."""
         if rollout.state != RolloutState.ACTIVE or not rollout.waves:
             return False
-        waves = parse_waves(rollout.waves)
+        share, why = self.next_wave(session, rollout)
+        return share is not None and self.planner.widen(session, rollout, share, why)
+
+    def next_wave(self, session: Session, rollout: Rollout) -> tuple[int | None, str]:
+        """(the share to grow to now, or None; why, in words for the rollout's status).
+
+        A wave is judged on its own devices: it needs `ota.wave.min.devices`
+        finished, or all of them when it has fewer, so a small fleet grows too.
+        """
+        waves = parse_waves(rollout.waves or "")
         following = [share for share in waves if share > rollout.percent]
         if not following:
-            return False
+            return None, "in its last wave"
         # The current wave: the devices the latest widening let in.
         previous = max((share for share in waves if share < rollout.percent), default=0)
         current = range(previous, rollout.percent)
+        label = f"wave {previous}-{rollout.percent}%"
+        size = self._taking_the_update(session, rollout.id, current)
+        if size == 0:
+            members = self._registered_in(session, rollout, current)
+            if not members:
+                # No device hashes into this wave at all: nothing to wait for.
+                return following[0], f"{label} has no device"
+            return None, (
+                f"{label}: none of its {members} device(s) has logged in since the start "
+                "(devices enter when they log in, or at once with now=true)"
+            )
         updated, failed = self._finished(session, rollout.id, current)
         finished = updated + failed
-        if finished < self.policy.wave_min_devices:
-            return False
+        needs = min(self.policy.wave_min_devices, size)
+        wanted = rollout.success_percent if rollout.success_percent is not None else 100
+        if finished < needs:
+            return None, (
+                f"{label}: {finished} of {size} device(s) finished; the next wave opens "
+                f"when {needs} have, with at least {wanted}% updated"
+            )
         success = 100 * updated / finished
-        needed = rollout.success_percent if rollout.success_percent is not None else 100
-        if success < needed:
-            return False
-        why = f"wave reached {success:.0f}% updated of {finished} finished (needs {needed}%)"
-        return self.planner.widen(session, rollout, following[0], why)
+        if success < wanted:
+            left = size - finished
+            outlook = (
+                f"{left} still to finish"
+                if left
+                else "all finished: it cannot grow, retry the failed devices or stop it"
+            )
+            return None, (
+                f"{label}: {success:.0f}% updated of {finished} finished, below the "
+                f"{wanted}% needed ({outlook})"
+            )
+        if rollout.wave_delay and rollout.wave_opened_at is not None:
+            # Phases in time (waveDelay=24h): success alone does not open the next.
+            opens = rollout.wave_opened_at + timedelta(seconds=rollout.wave_delay)
+            if utcnow() < opens:
+                return None, (
+                    f"{label}: {success:.0f}% updated of {finished} finished; the next wave "
+                    f"opens at {opens:%Y-%m-%d %H:%M:%S} UTC (waveDelay)"
+                )
+        why = f"wave reached {success:.0f}% updated of {finished} finished (needs {wanted}%)"
+        return following[0], why
+
+    @staticmethod
+    def _registered_in(session: Session, rollout: Rollout, buckets: range) -> int:
+        """Registered devices of the rollout's scope whose bucket falls in `buckets`.
+
+        Hashes every token of the scope: only asked when no device of the wave
+        has entered the rollout, to tell an empty wave from one still waiting.
+        """
+        target = {
+            RolloutScope.DEVICE: rollout.device_id,
+            RolloutScope.PROJECT: rollout.project_id,
+            RolloutScope.USER: rollout.user_id,
+        }.get(rollout.scope)
+        return sum(
+            bucket(rollout.cohort_seed, token) in buckets
+            for token in tokens_in_scope(session, rollout.scope, target)
+        )
+
+    @staticmethod
+    def _taking_the_update(session: Session, rollout_id: int, buckets: range) -> int:
+        """Devices of these buckets in the rollout that were not already on its build."""
+        return session.scalar(
+            select(func.count(RolloutDevice.id)).where(
+                RolloutDevice.rollout_id == rollout_id,
+                RolloutDevice.already_current.is_(False),
+                RolloutDevice.cohort_bucket >= buckets.start,
+                RolloutDevice.cohort_bucket < buckets.stop,
+            )
+        )

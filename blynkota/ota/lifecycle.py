@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import bindparam
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
-from ..store import DeviceState, Firmware, Rollout, RolloutDevice, RolloutState
+from ..store import DeviceState, Firmware, Node, Rollout, RolloutDevice, RolloutState
+from .compatibility import incompatibility
 from .device_states import (
     Track,
     enter_all,
@@ -101,34 +102,61 @@ class ReportedBuild:
     token: str
     build: str | None
     candidate: "Candidate"
+    hardware: str | None = None  # the `dev` it reported
+
+
+def _offer_outlived(session: Session, track: Track) -> bool:
+    """Whether the node run that made the row's latest offer has ended since."""
+    row = session.execute(
+        select(Node.runs, Node.stopped_at, RolloutDevice.offer_node_run)
+        .join(Node, Node.id == RolloutDevice.offer_node_id)
+        .where(RolloutDevice.id == track.id)
+    ).first()
+    if row is None or row.offer_node_run is None:
+        return False  # offered before runs were recorded: charged as before
+    return row.stopped_at is not None or row.runs != row.offer_node_run
 
 
 def rollout_entry(
-    candidate: "Candidate", device_id: int, token: str, build: str | None, *, online: bool = False
+    candidate: "Candidate",
+    device_id: int,
+    token: str,
+    build: str | None,
+    *,
+    hardware: str | None = None,
+    online: bool = False,
 ) -> dict | None:
     """The row a device enters `candidate` with (for `enter_all`), or None if it
     does not take part: outside the rollout's percentage, or with a build the
-    rollout may not replace. `online`: entered while connected (now=true, expand,
-    a grown wave) rather than at its own login, which its event says.
+    rollout may not replace. A device whose reported hardware (`dev`) cannot
+    run the image enters as incompatible, with the reason, and is never
+    offered it. `online`: entered while connected (now=true, expand, a grown
+    wave) rather than at its own login, which its event says.
     """
     on_target = candidate.build is not None and build == candidate.build
     taking_part, device_bucket, wave = candidate.takes_part(token)
     if not taking_part or not (on_target or candidate.may_offer(build)):
         return None
     wave_detail = None if wave is None else f"wave {wave} (bucket {device_bucket})"
-    if online:
+    unfit = None if on_target else incompatibility(hardware, candidate.chip)
+    if unfit is not None:
+        state, detail = DeviceState.INCOMPATIBLE, unfit
+    elif online:
+        state = DeviceState.UPDATED if on_target else DeviceState.PENDING
         detail = (
             None if on_target else ", ".join(filter(None, ("targeted while online", wave_detail)))
         )
     else:
+        state = DeviceState.UPDATED if on_target else DeviceState.PENDING
         detail = wave_detail
     return {
         "rollout_id": candidate.rollout_id,
         "device_id": device_id,
-        "state": DeviceState.UPDATED if on_target else DeviceState.PENDING,
+        "state": state,
         "detail": detail,
         "cohort_bucket": device_bucket,
         "wave": wave,
+        "last_error": unfit,
     }
 
 
@@ -213,7 +241,19 @@ class UpdateLifecycle:
             return move(
                 session, track, _ENDED_ROLLOUT[rollout_state], now, reason, last_error=error
             )
-        if track.attempts >= self.policy.max_attempts:
+        if track.state != DeviceState.DOWNLOADED and _offer_outlived(session, track):
+            # The run of the node that made the offer ended before the download
+            # completed (a crash, a restart): the server cut it, not the device.
+            return move(
+                session,
+                track,
+                DeviceState.PENDING,
+                now,
+                f"{reason}: not counted, the server stopped before the download completed",
+                attempts=track.attempts - 1,
+                next_attempt_at=None,
+            )
+        if track.attempts >= self.max_attempts(session, track.rollout_id):
             return move(
                 session,
                 track,
@@ -273,7 +313,11 @@ class UpdateLifecycle:
             track = known.get(pair)
             if track is None:
                 entry = rollout_entry(
-                    report.candidate, report.device_id, report.token, report.build
+                    report.candidate,
+                    report.device_id,
+                    report.token,
+                    report.build,
+                    hardware=report.hardware,
                 )
                 if entry is not None:
                     entering.append(entry)
@@ -288,10 +332,20 @@ class UpdateLifecycle:
         enter_all(session, entering, now)
         return due
 
-    @staticmethod
-    def _due(session: Session, track: Track, report: "ReportedBuild", now: datetime) -> bool:
+    def _due(self, session: Session, track: Track, report: "ReportedBuild", now: datetime) -> bool:
         candidate = report.candidate
+        if track.state == DeviceState.UPDATED:
+            return self._reverted(session, track, report, now)
+        unfit = incompatibility(report.hardware, candidate.chip)
+        if track.state == DeviceState.INCOMPATIBLE:
+            if unfit is not None:
+                return False
+            # Another board under the same token, or a corrected `dev`: judged again.
+            move(session, track, DeviceState.PENDING, now, last_error=None)
         if track.state != DeviceState.PENDING:
+            return False
+        if unfit is not None:
+            move(session, track, DeviceState.INCOMPATIBLE, now, unfit, last_error=unfit)
             return False
         if candidate.build is not None and report.build == candidate.build:
             move(session, track, DeviceState.UPDATED, now)
@@ -300,9 +354,39 @@ class UpdateLifecycle:
             return False  # backing off
         return candidate.state == RolloutState.ACTIVE  # paused: it waits, pending
 
+    def _reverted(
+        self, session: Session, track: Track, report: "ReportedBuild", now: datetime
+    ) -> bool:
+        """An updated device back on another build (a rollback, a re-flash by hand)
+        while its rollout still owns it: recorded, and offered again under the
+        same attempt rules. True if an offer is due now."""
+        candidate = report.candidate
+        if candidate.build is None or not report.build or report.build == candidate.build:
+            return False  # still on the target, or nothing to judge by
+        reason = f"reverted: came back with build {report.build} after updating"
+        changes = {
+            "last_error": reason[:255],
+            "reverts": RolloutDevice.reverts + 1,
+            "already_current": False,  # it needs the update now, and is judged on it
+        }
+        if track.attempts >= self.max_attempts(session, track.rollout_id):
+            detail = f"{reason}; all {track.attempts} attempt(s) used"
+            move(session, track, DeviceState.FAILED, now, detail, **changes)
+            return False
+        # A device that updated through an attempt backs off as after a failed
+        # one; one that was on the build from the start is offered at once.
+        retry_at = self.policy.next_attempt_at(track.attempts, now) if track.attempts else None
+        moved = move(
+            session, track, DeviceState.PENDING, now, reason, next_attempt_at=retry_at, **changes
+        )
+        return moved and retry_at is None and candidate.state == RolloutState.ACTIVE
+
     @staticmethod
-    def offer_made(session: Session, track: Track, now: datetime, url: str) -> bool:
-        """pending -> offered, one attempt used; False if the row was no longer pending."""
+    def offer_made(
+        session: Session, track: Track, now: datetime, url: str, by: tuple[int, int]
+    ) -> bool:
+        """pending -> offered, one attempt used; False if the row was no longer pending.
+        `by`: the offering node's (id, run number)."""
         return move(
             session,
             track,
@@ -313,21 +397,33 @@ class UpdateLifecycle:
             first_offered_at=track.first_offered_at or now,
             next_attempt_at=None,
             bytes_sent=None,
+            offer_node_id=by[0],
+            offer_node_run=by[1],
         )
 
+    def max_attempts(self, session: Session, rollout_id: int) -> int:
+        """The rollout's own maxAttempts, or the server's ota.max.attempts."""
+        own = session.scalar(select(Rollout.max_attempts).where(Rollout.id == rollout_id))
+        return own or self.policy.max_attempts
+
     def time_out_attempts(self, session: Session, now: datetime) -> int:
-        """Fail the attempts whose device did not come back updated in time."""
-        deadline = now - timedelta(seconds=self.policy.attempt_timeout)
+        """Fail the attempts whose device did not come back updated in time
+        (the rollout's own attemptTimeout, or ota.attempt.timeout)."""
+        shortest = session.scalar(
+            select(func.min(Rollout.attempt_timeout)).where(Rollout.state.in_(RolloutState.RUNNING))
+        )
+        default = self.policy.attempt_timeout
         rows = load_tracks(
             session,
             Rollout.id == RolloutDevice.rollout_id,
             RolloutDevice.state.in_(DeviceState.IN_FLIGHT),
-            RolloutDevice.offered_at < deadline,
-            extra=(Rollout.state,),
+            RolloutDevice.offered_at < now - timedelta(seconds=min(default, shortest or default)),
+            extra=(Rollout.state, Rollout.attempt_timeout, RolloutDevice.offered_at),
         )
         return sum(
             self.fail_attempt(session, track, rollout_state, "timed out", now)
-            for track, rollout_state in rows
+            for track, rollout_state, timeout, offered_at in rows
+            if offered_at < now - timedelta(seconds=timeout or default)
         )
 
     @staticmethod

@@ -66,4 +66,5 @@ def candidate_of(rollout: Rollout) -> Candidate:
         percent=rollout.percent,
         cohort_seed=rollout.cohort_seed,
         waves=rollout.waves,
+        chip=firmware.chip,
     )

@@ -1,6 +1,8 @@
 """Which rollout applies to a device, and when it is offered.
 
-The most specific active rollout wins: device > project > user > all devices.
+The most specific running rollout wins: device > project > user > all
+devices; a single-device rollout counts only until its device's row has
+ended (updated, failed or cancelled).
 The Blynk server checks "all devices" first, so a user-level and an
 all-devices update ping-pong a board between two builds; here a device only
 ever looks at the one rollout that targets it most closely.
@@ -8,10 +10,19 @@ ever looks at the one rollout that targets it most closely.
 
 from dataclasses import dataclass
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import exists, insert, select, update
 from sqlalchemy.orm import Session
 
-from ..store import DeviceState, Firmware, Rollout, RolloutEvent, RolloutScope, RolloutState, utcnow
+from ..store import (
+    DeviceState,
+    Firmware,
+    Rollout,
+    RolloutDevice,
+    RolloutEvent,
+    RolloutScope,
+    RolloutState,
+    utcnow,
+)
 from .cohorts import Controls, bucket, parse_waves, wave_of
 from .lifecycle import UpdateLifecycle
 
@@ -26,7 +37,7 @@ _TARGET_COLUMN = {
 # Built once, on the tables (no ORM compile per run): this runs for every
 # batch of logins and offers, and building the expression costs more than
 # running it.
-_rollouts, _firmware = Rollout.__table__, Firmware.__table__
+_rollouts, _firmware, _rd = Rollout.__table__, Firmware.__table__, RolloutDevice.__table__
 _CANDIDATE_COLUMNS = (
     _rollouts.c.id,
     _rollouts.c.scope,
@@ -37,6 +48,7 @@ _CANDIDATE_COLUMNS = (
     _rollouts.c.percent,
     _rollouts.c.cohort_seed,
     _rollouts.c.waves,
+    _firmware.c.chip,
 )
 _ALL_RUNNING = (
     select(
@@ -48,7 +60,16 @@ _ALL_RUNNING = (
     .join(_firmware, _firmware.c.id == _rollouts.c.firmware_id)
     # A paused rollout still owns its devices: they must not fall back to a
     # less specific rollout while it is paused.
-    .where(_rollouts.c.state.in_(RolloutState.RUNNING))
+    .where(
+        _rollouts.c.state.in_(RolloutState.RUNNING),
+        # A single-device rollout lets its device go once the device's row
+        # has ended (updated, failed, cancelled): a later campaign reaches it.
+        ~exists().where(
+            _rd.c.rollout_id == _rollouts.c.id,
+            _rd.c.device_id == _rollouts.c.device_id,
+            _rd.c.state.in_(DeviceState.ENDED),
+        ),
+    )
 )
 
 
@@ -65,6 +86,7 @@ class Candidate:
     percent: int = 100
     cohort_seed: str = ""
     waves: str | None = None
+    chip: str | None = None  # what the image was built for (esptool's name)
 
     def takes_part(self, token: str) -> tuple[bool, int, int | None]:
         """(in the rollout now, the device's bucket, its wave) for a partial rollout."""
@@ -161,6 +183,12 @@ class RolloutPlanner:
             waves=",".join(map(str, controls.waves)) or None,
             success_percent=controls.success_percent,
             cohort_seed=firmware.sha256[:16],
+            max_concurrent=controls.max_concurrent,
+            attempt_timeout=controls.attempt_timeout,
+            max_attempts=controls.max_attempts,
+            abort_ratio=controls.abort_ratio,
+            wave_delay=controls.wave_delay,
+            wave_opened_at=now if controls.waves else None,
         )
         if scope in _TARGET_COLUMN:
             setattr(rollout, _TARGET_COLUMN[scope].key, target_id)
@@ -237,7 +265,11 @@ class RolloutPlanner:
                 Rollout.percent == before,
                 Rollout.state.in_(RolloutState.RUNNING),
             )
-            .values(percent=percent, **({"enrol_due_at": utcnow()} if rollout.push_online else {}))
+            .values(
+                percent=percent,
+                wave_opened_at=utcnow(),
+                **({"enrol_due_at": utcnow()} if rollout.push_online else {}),
+            )
             .execution_options(synchronize_session=False)
         )
         if result.rowcount != 1:
@@ -299,6 +331,15 @@ def _describe(controls: Controls) -> str:
             parts.append(f"success={controls.success_percent}")
     elif controls.percent is not None:
         parts.append(f"percent={controls.percent}")
+    for name, value in (
+        ("maxConcurrent", controls.max_concurrent),
+        ("attemptTimeout", controls.attempt_timeout),
+        ("maxAttempts", controls.max_attempts),
+        ("abortRatio", controls.abort_ratio),
+        ("waveDelay", controls.wave_delay),
+    ):
+        if value is not None:
+            parts.append(f"{name}={value:g}")
     return f" ({', '.join(parts)})" if parts else ""
 
 

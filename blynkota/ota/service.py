@@ -192,7 +192,12 @@ class OtaService(AdminOperations):
             )
             if candidate is not None:
                 judged.append(
-                    (index, ReportedBuild(device.id, device.token, report["build"], candidate))
+                    (
+                        index,
+                        ReportedBuild(
+                            device.id, device.token, report["build"], candidate, report["hardware"]
+                        ),
+                    )
                 )
         if judged:
             offers = self.lifecycle.rows_to_offer(connection, [entry for _, entry in judged], now)
@@ -230,7 +235,8 @@ class OtaService(AdminOperations):
                 return "already offered"
             if self.guards.free_slots(session, offer.rollout_id) <= 0:
                 return NO_SLOT
-            if not self.lifecycle.offer_made(session, found[0], now, url):
+            by = (self.node.id, self.node.run_number)
+            if not self.lifecycle.offer_made(session, found[0], now, url, by):
                 return "already offered"
             session.add(
                 OtaCommand(
@@ -298,24 +304,9 @@ class OtaService(AdminOperations):
 
         def work(session: Session) -> DownloadTicket | None:
             now = utcnow()
-            command = session.execute(
-                select(OtaCommand.rollout_id, OtaCommand.device_id, OtaCommand.firmware_id).where(
-                    OtaCommand.offer_key == key[:16]
-                )
-            ).first()
-            if command is None or command.firmware_id != firmware.id:
+            track = _attempt_of_offer(session, firmware, key)
+            if track is None:
                 return None
-            if command.rollout_id is None:
-                return None
-            found = load_tracks(
-                session,
-                RolloutDevice.rollout_id == command.rollout_id,
-                RolloutDevice.device_id == command.device_id,
-                RolloutDevice.state.in_(DeviceState.IN_FLIGHT),
-            )
-            if not found:
-                return None
-            track = found[0]
             if track.state not in SLOT_STATES:
                 # Downloading again after a complete download takes a slot back.
                 lock_offer_slots(session)
@@ -330,6 +321,27 @@ class OtaService(AdminOperations):
         if ticket is not None:
             self._downloads[ticket.row_id] = ticket
         return ticket
+
+    def already_running(self, firmware: FirmwareFile, key: str | None) -> None:
+        """The updater's request says it runs this very file (its sketch MD5 is
+        the file's): answered 304, nothing downloaded. The offer's attempt ends
+        with the device counted as already on the firmware."""
+        if not key:
+            return
+
+        def work(session: Session) -> bool:
+            track = _attempt_of_offer(session, firmware, key)
+            return track is not None and move(
+                session,
+                track,
+                DeviceState.UPDATED,
+                utcnow(),
+                "the updater runs this firmware already (its sketch MD5 is the file's): 304",
+                already_current=True,
+            )
+
+        if self.db.run(work):
+            self.wake_fill()  # a download slot freed
 
     def download_finished(self, ticket: DownloadTicket, complete: bool) -> None:
         """The response ended: every byte written, or cut short at `written_until`."""
@@ -420,3 +432,21 @@ class OtaService(AdminOperations):
                 )
 
         gevent.spawn(work)
+
+
+def _attempt_of_offer(session: Session, firmware: FirmwareFile, key: str):
+    """The attempt in flight that the offer key of a download URL names, if any."""
+    command = session.execute(
+        select(OtaCommand.rollout_id, OtaCommand.device_id, OtaCommand.firmware_id).where(
+            OtaCommand.offer_key == key[:16]
+        )
+    ).first()
+    if command is None or command.firmware_id != firmware.id or command.rollout_id is None:
+        return None
+    found = load_tracks(
+        session,
+        RolloutDevice.rollout_id == command.rollout_id,
+        RolloutDevice.device_id == command.device_id,
+        RolloutDevice.state.in_(DeviceState.IN_FLIGHT),
+    )
+    return found[0] if found else None

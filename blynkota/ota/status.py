@@ -46,6 +46,7 @@ def rollout_summaries(session: Session, rollout_id: int | None = None) -> list[d
         row["rollout_id"]: row
         for row in session.execute(text("SELECT * FROM rollout_progress")).mappings()
     }
+
     summaries = []
     for rollout in rollouts:
         counts = progress.get(rollout.id, {})
@@ -76,6 +77,8 @@ def rollout_summaries(session: Session, rollout_id: int | None = None) -> list[d
                 "device_count": int(counts.get("devices") or 0),
                 "counts": {state: int(counts.get(state) or 0) for state in DeviceState.ALL},
                 "already_up_to_date": int(counts.get("already_up_to_date") or 0),
+                # Devices that came back on another build after updating, at least once.
+                "reverted": int(counts.get("reverted") or 0),
             }
         )
     return summaries
@@ -98,6 +101,7 @@ def rollout_detail(session: Session, rollout_id: int) -> dict | None:
             "name": name,
             "state": row.state,
             "attempts": row.attempts,
+            "reverts": row.reverts,
             "last_error": row.last_error,
             "bytes_sent": row.bytes_sent,
             "already_up_to_date": row.already_current,

@@ -6,10 +6,11 @@ from sqlalchemy.orm import Session
 
 from ..numbers import ROW_ID_MAX, whole_number
 from ..store import Device, Project, RolloutScope, User
+from .compatibility import incompatibility
 from .errors import OtaRequestError
 from .rollouts import Candidate, RunningRollouts
 
-__all__ = ["campaign_target", "devices_taken_in"]
+__all__ = ["campaign_target", "devices_in_scope", "devices_taken_in", "tokens_in_scope"]
 
 
 def campaign_target(
@@ -42,8 +43,32 @@ def campaign_target(
     return RolloutScope.PROJECT, matches[0].id
 
 
-def devices_taken_in(session: Session, candidate: Candidate, target_id: int | None) -> list[dict]:
-    """Devices in the candidate's scope that it would offer now (not yet stored).
+def _in_scope(query, scope: str, target_id: int | None):
+    query = query.join(Project, Project.id == Device.project_id)
+    if scope == RolloutScope.USER:
+        return query.where(Project.user_id == target_id)
+    if scope == RolloutScope.PROJECT:
+        return query.where(Project.id == target_id)
+    if scope == RolloutScope.DEVICE:
+        return query.where(Device.id == target_id)
+    return query
+
+
+def devices_in_scope(session: Session, scope: str, target_id: int | None) -> int:
+    """How many registered devices a campaign of `scope` and target reaches."""
+    return session.scalar(_in_scope(select(func.count(Device.id)), scope, target_id)) or 0
+
+
+def tokens_in_scope(session: Session, scope: str, target_id: int | None) -> list[str]:
+    """The tokens of every registered device a rollout of `scope` and target reaches."""
+    return list(session.scalars(_in_scope(select(Device.token), scope, target_id)).all())
+
+
+def devices_taken_in(
+    session: Session, candidate: Candidate, target_id: int | None
+) -> tuple[list[dict], list[dict]]:
+    """Devices in the candidate's scope that it would offer now (not yet stored),
+    and those it would take in but never offer: their hardware cannot run it.
 
     Which rollout owns each device is judged in memory, on one read of the
     running rollouts, as enrolment does: not a query per device.
@@ -60,24 +85,28 @@ def devices_taken_in(session: Session, candidate: Candidate, target_id: int | No
     elif candidate.scope == RolloutScope.PROJECT:
         query = query.where(Project.id == target_id)
     running = RunningRollouts(session)
-    devices = []
+    devices, incompatible = [], []
     for device, project, user in session.execute(query).all():
         owner = running.rollout_for(device_id=device.id, project_id=project.id, user_id=user.id)
         if owner is not None and RolloutScope.BY_PRECEDENCE.index(owner.scope) < precedence:
             continue  # a more specific rollout keeps this device
         taking_part, _, wave = candidate.takes_part(device.token)
         if taking_part and candidate.may_offer(device.build):
-            devices.append(
-                {
-                    "token": device.token,
-                    "user": user.email,
-                    "project": project.name,
-                    "build": device.build,
-                    "online": device.node_id is not None,
-                    "wave": wave,
-                }
-            )
-    return devices
+            entry = {
+                "token": device.token,
+                "user": user.email,
+                "project": project.name,
+                "build": device.build,
+                "hardware": device.hardware,
+                "online": device.node_id is not None,
+                "wave": wave,
+            }
+            unfit = incompatibility(device.hardware, candidate.chip)
+            if unfit is None:
+                devices.append(entry)
+            else:
+                incompatible.append({**entry, "reason": unfit})
+    return devices, incompatible
 
 
 def _dash_id(project_ref: str) -> int:

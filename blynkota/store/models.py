@@ -11,6 +11,7 @@ from typing import Optional
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     LargeBinary,
@@ -152,6 +153,9 @@ class Firmware(Base):
     chip: Mapped[Optional[str]] = mapped_column(String(32))
     uploaded_by: Mapped[str] = mapped_column(String(255))
     uploaded_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Deleted by an operator: no longer served, its bytes gone; the row stays
+    # for the rollouts that name it in their history.
+    deleted_at: Mapped[Optional[datetime]]
 
 
 # Firmware bytes live in the database, so that every node can serve every
@@ -193,6 +197,8 @@ class Node(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(PreciseDateTime, default=utcnow)
     # Set by the node on a clean stop, or by a peer when its lease ran out.
     stopped_at: Mapped[Optional[datetime]]
+    # Counts the runs of this slot: an offer remembers the run that made it.
+    runs: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class LoginLimit(Base):
@@ -275,6 +281,15 @@ class Rollout(Base):
     # grown wave), cleared once they are: the request answers before the
     # work is done, and the sweeper finishes what a stopped process left.
     enrol_due_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
+    # This rollout's own limits (maxConcurrent=, attemptTimeout=, maxAttempts=,
+    # abortRatio=, waveDelay=); NULL: the server's setting.
+    max_concurrent: Mapped[Optional[int]]
+    attempt_timeout: Mapped[Optional[int]]  # seconds
+    max_attempts: Mapped[Optional[int]]
+    abort_ratio: Mapped[Optional[float]] = mapped_column(Float)
+    wave_delay: Mapped[Optional[int]]  # seconds
+    # When the current wave opened: with wave_delay, the next one waits for it.
+    wave_opened_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     # The failure threshold judges only devices that finished after this.
     resumed_at: Mapped[Optional[datetime]]
     # "<scope>:<target id>" while the rollout is running, NULL once it ended:
@@ -312,6 +327,7 @@ class DeviceState:
     FAILED = "failed"  # attempts exhausted: never offered this rollout again
     CANCELLED = "cancelled"  # the rollout was stopped
     SUPERSEDED = "superseded"  # the rollout was replaced
+    INCOMPATIBLE = "incompatible"  # its reported hardware cannot run the image
     ALL = (
         PENDING,
         OFFERED,
@@ -321,8 +337,11 @@ class DeviceState:
         FAILED,
         CANCELLED,
         SUPERSEDED,
+        INCOMPATIBLE,
     )
     IN_FLIGHT = (OFFERED, DOWNLOADING, DOWNLOADED)
+    # Nothing more will happen to the row unless an operator retries it.
+    ENDED = (UPDATED, FAILED, CANCELLED, SUPERSEDED, INCOMPATIBLE)
 
 
 class RolloutDevice(Base):
@@ -343,6 +362,14 @@ class RolloutDevice(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     already_current: Mapped[bool] = mapped_column(default=False)
     last_error: Mapped[Optional[str]] = mapped_column(String(255))
+    # Times the device came back on another build after it had updated (a
+    # rollback, a re-flash by hand): each one re-offers the rollout.
+    reverts: Mapped[int] = mapped_column(default=0, server_default="0")
+    # The node (and its run) that made the latest offer: when that run ended
+    # before the download completed, the server cut the attempt short, and
+    # the device is not charged for it.
+    offer_node_id: Mapped[Optional[int]]
+    offer_node_run: Mapped[Optional[int]]
     bytes_sent: Mapped[Optional[int]]  # of the latest download
     # Microseconds on MySQL too (0005): a backoff is kept to the fraction of a
     # second, and the times read in the order the steps happened.

@@ -5,8 +5,8 @@ from datetime import datetime
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from ..numbers import ROW_ID_MAX, whole_number
-from ..ota import Controls, ControlsError, OtaRequestError, Upload
+from ..numbers import ROW_ID_MAX, fraction, seconds, whole_number
+from ..ota import Controls, ControlsError, OtaRequestError, Started, Upload
 from ..ota.cohorts import parse_waves
 from ..ota.login_limits import TooManyAttempts
 from .auth import auth, guard_admin_request
@@ -79,19 +79,28 @@ def start_ota() -> Response:
                 "GET /admin/ota/start re-sends an uploaded file: give fileName and token "
                 "(upload a new file with POST)."
             )
-        return _text(service.resend(file_name, token, who, queue=queue))
+        return _started(service.resend(file_name, token, who, queue=queue))
     if token is not None:
         # Checked before the upload is read, as the Blynk server does.
-        return _text(service.start_for_device(token, _uploaded_file(), who, queue=queue))
+        return _started(service.start_for_device(token, _uploaded_file(), who, queue=queue))
     user, project = request.args.get("user"), request.args.get("project")
     controls = _controls()
     if controls.dry_run:
         return jsonify(
             service.dry_run(_uploaded_file(), user=user, project=project, controls=controls)
         )
-    return _text(
+    return _started(
         service.start_campaign(_uploaded_file(), who, user=user, project=project, controls=controls)
     )
+
+
+def _started(started: Started) -> Response:
+    """Blynk's answer (the file's path, plain text) unless the client asks for JSON."""
+    if request.accept_mimetypes.best_match(["text/plain", "application/json"]) == (
+        "application/json"
+    ):
+        return jsonify(started.as_json())
+    return _text(started.path)
 
 
 def _number(name: str, low: int, high: int) -> int | None:
@@ -112,8 +121,31 @@ def _rollout(value: str) -> int:
     return number
 
 
+def _duration(name: str, low: int, high: int) -> int | None:
+    value = request.args.get(name)
+    if value is None:
+        return None
+    number = seconds(value, low=low, high=high)
+    if number is None:
+        raise OtaRequestError(
+            f"{name} must be a duration from {low} to {high} seconds (90, 90s, 15m, 24h, 7d), "
+            f"not {value!r}."
+        )
+    return number
+
+
+def _ratio(name: str) -> float | None:
+    value = request.args.get(name)
+    if value is None:
+        return None
+    number = fraction(value)
+    if number is None:
+        raise OtaRequestError(f"{name} must be a share from 0 to 1 (0.2), not {value!r}.")
+    return number
+
+
 def _controls() -> Controls:
-    """now=, percent=, waves=, success=, dryRun= of a campaign."""
+    """now=, percent=, waves=, success=, dryRun= and the rollout's own limits."""
     try:
         waves = request.args.get("waves")
         return Controls(
@@ -122,6 +154,11 @@ def _controls() -> Controls:
             waves=parse_waves(waves) if waves is not None else (),
             success_percent=_number("success", 1, 100),
             dry_run=_flag("dryRun"),
+            max_concurrent=_number("maxConcurrent", 1, 1_000_000),
+            attempt_timeout=_duration("attemptTimeout", 1, 7 * 86400),
+            max_attempts=_number("maxAttempts", 1, 100),
+            abort_ratio=_ratio("abortRatio"),
+            wave_delay=_duration("waveDelay", 1, 90 * 86400),
         )
     except ControlsError as error:
         raise OtaRequestError(str(error)) from None
@@ -186,6 +223,14 @@ def expand_rollout(rollout_id: str) -> Response:
     return jsonify(_service().expand(rollout, percent, auth.current_user()))
 
 
+@admin.post("/ota/rollouts/<rollout_id>/retry")
+@auth.login_required
+def retry_rollout(rollout_id: str) -> Response:
+    """The rollout's failed devices get a fresh set of attempts."""
+    rollout = _rollout(rollout_id)
+    return jsonify(_service().retry(rollout, auth.current_user()))
+
+
 def _jsonable(row: dict) -> dict:
     return {
         key: value.isoformat() + "Z" if isinstance(value, datetime) else value
@@ -210,3 +255,17 @@ def list_devices() -> Response:
 @auth.login_required
 def list_firmware() -> Response:
     return jsonify(_service().catalog.listing())
+
+
+@admin.delete("/firmware/<name>")
+@auth.login_required
+def delete_firmware(name: str) -> Response:
+    """Stop serving an uploaded file; 409 while a running rollout sends it."""
+    return jsonify(_service().delete_firmware(name, auth.current_user()))
+
+
+@admin.delete("/devices/<token>")
+@auth.login_required
+def delete_device(token: str) -> Response:
+    """Remove a device and its rows in every rollout; 409 while an update is in flight."""
+    return jsonify(_service().delete_device(token, auth.current_user()))

@@ -2,7 +2,8 @@
 
 What the tiny updaters need (SPEC §4): a Content-Length, octet-stream, an
 `x-MD5` in lowercase hex, no chunking, no redirect. Range requests are
-answered too, so an interrupted download can resume.
+answered too, so an interrupted download can resume. An updater whose
+sketch MD5 header is the file's MD5 runs it already: 304 ("no update").
 
 A URL from an `ota` command carries the offer's key (`?o=`): the body is then
 counted as it is written, so the rollout learns that the device is
@@ -14,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from flask import Blueprint, Response, current_app, request, send_file
 
 from ..ota import DownloadTicket, OtaService
-from .file_sender import single_range
+from .file_sender import runs_this_file, single_range
 
 __all__ = ["downloads"]
 
@@ -48,6 +49,14 @@ def firmware_file(name: str) -> Response:
     firmware = service.catalog.file(name)
     if firmware is None:
         return Response("No such firmware.\n", 404, mimetype="text/plain")
+    sketch = {name.lower(): value for name, value in request.headers.items()}
+    if runs_this_file(sketch, firmware.md5):
+        if request.method == "GET":
+            service.already_running(firmware, request.args.get("o"))
+        answer = Response(status=304)
+        answer.headers["x-MD5"] = firmware.md5
+        answer.headers["ETag"] = f'"{firmware.md5}"'
+        return answer
     if single_range(request.headers.get("Range")) is None:
         # Several ranges, or a malformed one: ignored, the whole file goes
         # (werkzeug would answer 416), as on the fast path (file_sender.py).

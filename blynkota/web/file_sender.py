@@ -12,6 +12,8 @@ name, no body, at most one byte range, no conditional headers. Anything else
 (another path, If-None-Match, several ranges, a malformed head) is handed to
 the Flask app untouched, which answers it as before (web/downloads.py); so
 every rule of HTTP that is rare for updaters still has one implementation.
+The updaters' own conditional header (their sketch MD5) is common, and is
+answered here: 304 when it is the file's MD5.
 Keep-alive requests are answered in a loop, each peeked the same way.
 
 Bytes are accounted as the kernel reports them: what `sendfile` handed over.
@@ -36,7 +38,7 @@ from ..ota import OtaService
 from ..ota.catalog import FirmwareFile
 from ..peeking import peek_waits
 
-__all__ = ["FirmwareSender", "HEAD_LIMIT", "single_range"]
+__all__ = ["FirmwareSender", "HEAD_LIMIT", "runs_this_file", "single_range"]
 
 log = logging.getLogger("blynkota.http")
 
@@ -48,6 +50,7 @@ SEND_CHUNK = 1 << 20  # bytes per sendfile call at most, then other greenlets ge
 # milliseconds, and a device's login (a few turns) hundreds. The kernel
 # sends no faster with more of them at once.
 SENDERS_AT_ONCE = 16
+RECHECK_EVERY = 5.0  # seconds between two looks whether an open file was deleted
 
 _REQUEST_LINE = re.compile(
     rb"(GET|HEAD) (/static/ota/([0-9a-f]{24})\.bin)(?:\?([^ #]*))? HTTP/1\.([01])"
@@ -86,10 +89,12 @@ class FirmwareSender:
         self.service = service
         self.idle_timeout = idle_timeout
         # One descriptor per firmware file served here, bounded by the uploads.
-        # A served name never changes what it names (firmware rows are never
-        # updated or removed), so every download after the first skips the
-        # database. An unknown name is not remembered: another node may add it.
+        # A served name never changes what it names, so downloads skip the
+        # database, but for a look every RECHECK_EVERY seconds whether an
+        # operator deleted the file (on any node). An unknown name is not
+        # remembered: another node may add it.
         self._open: dict[str, _OpenFile] = {}
+        self._checked: dict[str, float] = {}
         self._senders = Semaphore(SENDERS_AT_ONCE)
 
     def serve(self, sock: socket.socket, address) -> bool:
@@ -122,11 +127,18 @@ class FirmwareSender:
 
     def _opened(self, name: str) -> _OpenFile | None:
         served = self._open.get(name)
-        if served is not None:
+        now = time.monotonic()
+        if served is not None and now - self._checked.get(name, 0.0) < RECHECK_EVERY:
             return served
         firmware = self.service.catalog.file(name)
+        self._checked[name] = now
         if firmware is None:
+            if served is not None:  # deleted since: the next request gets the app's 404
+                del self._open[name]
+                os.close(served.fd)
             return None
+        if served is not None:
+            return served
         path = self.service.catalog.local_file(firmware)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         headers = (
@@ -168,6 +180,14 @@ class FirmwareSender:
                 _KEEP_ALIVE if request.keep_alive else _CLOSE,
             )
         )
+        if runs_this_file(request.headers, firmware.md5):
+            sock.sendall(b"".join((b"HTTP/1.1 304 Not Modified\r\n", served.headers, date, _CLOSE)))
+            if request.method == "GET":
+                self.service.already_running(firmware, request.offer_key)
+            log.info(
+                "%s:%s %s %s: 304, runs it already", *address[:2], request.method, firmware.name
+            )
+            return False
         ticket = None
         if request.method == "GET":
             ticket = self.service.download_started(firmware, request.offer_key, start)
@@ -257,6 +277,7 @@ class _Request:
         self.keep_alive = "keep-alive" in connection if minor == 0 else "close" not in connection
         self.range = single_range(headers.get("range"))
         self.ranged = self.range is not None
+        self.headers = headers
 
     def span(self, size: int) -> tuple[int, int]:
         """[start, end) of the body to send."""
@@ -296,6 +317,17 @@ def _parse(head: bytes) -> _Request:
     return _Request(
         method.decode(), name.decode(), (query or b"").decode("latin-1"), int(minor), headers
     )
+
+
+# What the Arduino updaters (ESP8266httpUpdate, ESP32 HTTPUpdate) send: the
+# MD5 of the sketch running now, in lowercase hex.
+_SKETCH_MD5_HEADERS = ("x-esp8266-sketch-md5", "x-esp32-sketch-md5")
+
+
+def runs_this_file(headers, md5: str) -> bool:
+    """True when an updater says it runs the very file asked for: answer 304,
+    which it reports as "no update" (SPEC §4). `headers`: lowercase names."""
+    return any((headers.get(name) or "").strip().lower() == md5 for name in _SKETCH_MD5_HEADERS)
 
 
 def single_range(value: str | None) -> tuple[int, int | None, int | None] | None:

@@ -18,12 +18,23 @@ def _query(name: str, description: str, schema: dict | None = None) -> dict:
     }
 
 
+def _path(name: str, description: str) -> dict:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
 def _answers(ok: dict, *errors: int) -> dict:
     reasons = {
         400: "a wrong request: the reason in one line",
         401: "no credentials",
         403: "wrong credentials, plain HTTP, or an address not allowed",
-        404: "no such rollout",
+        404: "no such rollout, device or file",
+        409: "not now: in use, or in a state that does not allow it",
         413: "the file is larger than ota.max.size",
         429: "too many failed logins: wait Retry-After seconds",
     }
@@ -36,7 +47,28 @@ def _answers(ok: dict, *errors: int) -> dict:
 
 _TEXT_OK = {"description": "done", "content": {"text/plain": {"schema": {"type": "string"}}}}
 _JSON_OK = {"description": "done", "content": {"application/json": {"schema": {}}}}
+# A start answers the path as text (Blynk's answer), or JSON on Accept: application/json.
+_STARTED = {
+    "description": "started: the file's path, or with Accept: application/json "
+    "{path, rollout, scope, devices, build}",
+    "content": {
+        "text/plain": {"schema": {"type": "string"}},
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "path": {"type": "string"},
+                    "rollout": {"type": "integer"},
+                    "scope": {"type": "string"},
+                    "devices": {"type": "integer"},
+                    "build": {"type": "string", "nullable": True},
+                },
+            }
+        },
+    },
+}
 _FLAG = {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]}
+_INT = {"type": "integer"}
 _ROLLOUT = {
     "name": "rollout_id",
     "in": "path",
@@ -66,6 +98,11 @@ _CAMPAIGN = [
     _query("waves", "growing shares, e.g. 10,50,100"),
     _query("success", "with waves: the share updated that grows a wave", {"type": "integer"}),
     _query("dryRun", "list the devices it would target; nothing is stored", _FLAG),
+    _query("maxConcurrent", "download slots of this rollout (ota.max.concurrent)", _INT),
+    _query("attemptTimeout", "seconds (or 15m, 24h) an attempt may take (ota.attempt.timeout)"),
+    _query("maxAttempts", "attempts per device (ota.max.attempts)", _INT),
+    _query("abortRatio", "failure share that pauses it, 0 to 1 (ota.abort.failure.ratio)"),
+    _query("waveDelay", "with waves: the least time (90s, 15m, 24h) between two waves"),
 ]
 
 
@@ -94,7 +131,7 @@ OPENAPI = {
                 "summary": "Upload a firmware and start its rollout (the Blynk answer: the path)",
                 "parameters": _CAMPAIGN,
                 "requestBody": _FIRMWARE_UPLOAD,
-                "responses": _answers(_TEXT_OK, 413),
+                "responses": _answers(_STARTED, 413),
             },
             "get": {
                 "summary": "Send an uploaded file again to one device",
@@ -103,7 +140,7 @@ OPENAPI = {
                     _query("token", "the device"),
                     _query("queue", "keep it pending for an offline device", _FLAG),
                 ],
-                "responses": _answers(_TEXT_OK),
+                "responses": _answers(_STARTED),
             },
         },
         "/admin/ota/stop": {
@@ -127,13 +164,30 @@ OPENAPI = {
         "/admin/ota/rollouts/{rollout_id}/pause": _rollout_action("Pause a rollout"),
         "/admin/ota/rollouts/{rollout_id}/resume": _rollout_action("Resume a paused rollout"),
         "/admin/ota/rollouts/{rollout_id}/stop": _rollout_action("Stop one rollout"),
+        "/admin/ota/rollouts/{rollout_id}/retry": _rollout_action(
+            "Give the rollout's failed devices a fresh set of attempts"
+        ),
         "/admin/ota/rollouts/{rollout_id}/expand": _rollout_action(
             "Widen a rollout's share",
             {**_query("percent", "the new share", {"type": "integer"}), "required": True},
         ),
         "/admin/devices": {"get": {"summary": "Every device", "responses": _answers(_JSON_OK)}},
+        "/admin/devices/{token}": {
+            "delete": {
+                "summary": "Remove a device and its rows in every rollout",
+                "parameters": [_path("token", "the device's token")],
+                "responses": _answers(_JSON_OK, 404, 409),
+            }
+        },
         "/admin/firmware": {
             "get": {"summary": "Every uploaded firmware", "responses": _answers(_JSON_OK)}
+        },
+        "/admin/firmware/{name}": {
+            "delete": {
+                "summary": "Stop serving an uploaded file (its rows stay for history)",
+                "parameters": [_path("name", "the served name (24 hex digits)")],
+                "responses": _answers(_JSON_OK, 404, 409),
+            }
         },
         "/admin/openapi.json": {
             "get": {"summary": "This description", "responses": _answers(_JSON_OK)}
