@@ -40,6 +40,12 @@ GUNICORN_APP_LOAD_ERROR = 4
 
 
 def _configure_logging(app) -> None:
+    # No thread or process fields in the format: without these, every record
+    # asks threading.current_thread(), which under gevent builds a dummy
+    # thread object for each new greenlet (each device session's first line).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.basicConfig(
         level=app.config["SETTINGS"].log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -9,6 +9,7 @@ connected devices is a few dozen transactions, not forty thousand.
 """
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ __all__ = ["BatchOffers"]
 
 log = logging.getLogger(__name__)
 
+HEALTH_EVERY = 0.5  # seconds between two judgements of a rollout's failure ratio here
+
 
 @dataclass(frozen=True)
 class _Waiting:
@@ -60,6 +63,9 @@ class BatchOffers:
     ) -> None:
         self.db, self.guards, self.online, self.node = db, guards, online, node
         self._undelivered = undelivered  # an offer whose frame could not be written
+        # When each rollout was last judged healthy here: a campaign's fills
+        # come many a second, and judging reads every row of the rollout.
+        self._judged_at: dict[int, float] = {}
 
     def fill(self, limit: int) -> int:
         """Offer the pending devices connected to this node, while slots are free;
@@ -116,6 +122,19 @@ class BatchOffers:
             sent += 1
         return sent
 
+    def _healthy(self, session: Session, rollout: Rollout) -> bool:
+        """Not past its failure threshold (pausing it if it is), judged at most
+        every HEALTH_EVERY seconds here. A pause is a row change, read by every
+        fill; the sweeper judges too, so a threshold passed meanwhile pauses
+        the rollout within a fraction of a second."""
+        now = time.monotonic()
+        if now - self._judged_at.get(rollout.id, -HEALTH_EVERY) < HEALTH_EVERY:
+            return True
+        if self.guards.check_health(session, rollout):
+            return False
+        self._judged_at[rollout.id] = now
+        return True
+
     def _claim_batch(self, session: Session, waiting: list["_Waiting"]) -> list:
         """Offers for as many of `waiting` as the download slots allow, recorded.
 
@@ -136,8 +155,7 @@ class BatchOffers:
         healthy = {
             rollout_id
             for rollout_id, rollout in rollouts.items()
-            if rollout.state == RolloutState.ACTIVE
-            and not self.guards.check_health(session, rollout)
+            if rollout.state == RolloutState.ACTIVE and self._healthy(session, rollout)
         }
         lock_offer_slots(session)
         running = RunningRollouts(session)

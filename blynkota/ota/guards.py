@@ -50,11 +50,10 @@ class RolloutGuards:
         return max(0, free)
 
     def abort_ratio(self, rollout: Rollout) -> float:
-        return (
-            rollout.abort_ratio
-            if rollout.abort_ratio is not None
-            else (self.policy.abort_failure_ratio)
-        )
+        """The rollout's own abortRatio, or the server's ota.abort.failure.ratio."""
+        if rollout.abort_ratio is not None:
+            return rollout.abort_ratio
+        return self.policy.abort_failure_ratio
 
     @staticmethod
     def _finished(session: Session, rollout_id: int, buckets: range) -> tuple[int, int]:

@@ -344,11 +344,11 @@ class UpdateLifecycle:
             move(session, track, DeviceState.PENDING, now, last_error=None)
         if track.state != DeviceState.PENDING:
             return False
-        if unfit is not None:
-            move(session, track, DeviceState.INCOMPATIBLE, now, unfit, last_error=unfit)
-            return False
         if candidate.build is not None and report.build == candidate.build:
             move(session, track, DeviceState.UPDATED, now)
+            return False
+        if unfit is not None:
+            move(session, track, DeviceState.INCOMPATIBLE, now, unfit, last_error=unfit)
             return False
         if track.next_attempt_at is not None and track.next_attempt_at > now:
             return False  # backing off

@@ -19,6 +19,7 @@ Keep-alive requests are answered in a loop, each peeked the same way.
 Bytes are accounted as the kernel reports them: what `sendfile` handed over.
 """
 
+import contextlib
 import logging
 import os
 import re
@@ -103,6 +104,12 @@ class FirmwareSender:
         Returns True when the connection is finished with, False to hand it,
         its next request unread, to the WSGI server.
         """
+        # The head goes with MSG_MORE and the body by sendfile: without
+        # TCP_NODELAY, Nagle holds a body's last partial segment until the
+        # client acknowledges the previous ones, and a keep-alive client waits
+        # for it (nginx sets it on keep-alive connections too).
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         while True:
             try:
                 head = self._peek_head(sock)
