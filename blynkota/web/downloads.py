@@ -49,8 +49,8 @@ def firmware_file(name: str) -> Response:
     firmware = service.catalog.file(name)
     if firmware is None:
         return Response("No such firmware.\n", 404, mimetype="text/plain")
-    sketch = {name.lower(): value for name, value in request.headers.items()}
-    if runs_this_file(sketch, firmware.md5):
+    headers = {header.lower(): value for header, value in request.headers.items()}
+    if runs_this_file(headers, firmware.md5):
         if request.method == "GET":
             service.already_running(firmware, request.args.get("o"))
         answer = Response(status=304)

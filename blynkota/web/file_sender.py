@@ -135,15 +135,15 @@ class FirmwareSender:
     def _opened(self, name: str) -> _OpenFile | None:
         served = self._open.get(name)
         now = time.monotonic()
-        if served is not None and now - self._checked.get(name, 0.0) < RECHECK_EVERY:
+        if served is not None and now - self._checked[name] < RECHECK_EVERY:
             return served
         firmware = self.service.catalog.file(name)
-        self._checked[name] = now
         if firmware is None:
             if served is not None:  # deleted since: the next request gets the app's 404
-                del self._open[name]
+                del self._open[name], self._checked[name]
                 os.close(served.fd)
-            return None
+            return None  # and not remembered: names asked for at random cost no memory
+        self._checked[name] = now
         if served is not None:
             return served
         path = self.service.catalog.local_file(firmware)
@@ -168,9 +168,17 @@ class FirmwareSender:
     def _answer(self, sock, address, request: "_Request", served: _OpenFile) -> bool:
         """Send one response; True if the connection stays open for another."""
         firmware = served.firmware
+        date = _http_date()
+        if runs_this_file(request.headers, firmware.md5):
+            sock.sendall(b"".join((b"HTTP/1.1 304 Not Modified\r\n", served.headers, date, _CLOSE)))
+            if request.method == "GET":
+                self.service.already_running(firmware, request.offer_key)
+            log.info(
+                "%s:%s %s %s: 304, runs it already", *address[:2], request.method, firmware.name
+            )
+            return False
         start, end = request.span(firmware.size)
         length = end - start
-        date = _http_date()
         if request.ranged:
             status = (
                 "HTTP/1.1 206 Partial Content\r\n"
@@ -187,14 +195,6 @@ class FirmwareSender:
                 _KEEP_ALIVE if request.keep_alive else _CLOSE,
             )
         )
-        if runs_this_file(request.headers, firmware.md5):
-            sock.sendall(b"".join((b"HTTP/1.1 304 Not Modified\r\n", served.headers, date, _CLOSE)))
-            if request.method == "GET":
-                self.service.already_running(firmware, request.offer_key)
-            log.info(
-                "%s:%s %s %s: 304, runs it already", *address[:2], request.method, firmware.name
-            )
-            return False
         ticket = None
         if request.method == "GET":
             ticket = self.service.download_started(firmware, request.offer_key, start)
