@@ -24,14 +24,14 @@ from ..store import (
     Project,
     Rollout,
     RolloutDevice,
-    RolloutScope,
     RolloutState,
     utcnow,
 )
 from .device_states import enter_all
 from .lifecycle import rollout_entry
 from .offers import candidate_of
-from .rollouts import RunningRollouts
+from .rollouts import RunningRollouts, target_of
+from .targeting import in_scope
 
 __all__ = ["OnlineEnrolment"]
 
@@ -93,8 +93,7 @@ class OnlineEnrolment:
         if rollout is None or rollout.state not in RolloutState.RUNNING:
             return []
         query = (
-            select(Device.id)
-            .join(Project, Project.id == Device.project_id)
+            in_scope(select(Device.id), rollout.scope, target_of(rollout))
             .where(
                 Device.node_id.is_not(None),
                 ~exists().where(
@@ -103,12 +102,6 @@ class OnlineEnrolment:
             )
             .order_by(Device.id)
         )
-        if rollout.scope == RolloutScope.DEVICE:
-            query = query.where(Device.id == rollout.device_id)
-        elif rollout.scope == RolloutScope.PROJECT:
-            query = query.where(Device.project_id == rollout.project_id)
-        elif rollout.scope == RolloutScope.USER:
-            query = query.where(Project.user_id == rollout.user_id)
         return list(session.scalars(query).all())
 
     def _enrol(self, session: Session, rollout_id: int, device_ids: list[int]) -> int:

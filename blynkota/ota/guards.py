@@ -13,9 +13,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, case, func, or_, select, true
 from sqlalchemy.orm import Session
 
-from ..store import DeviceState, Rollout, RolloutDevice, RolloutScope, RolloutState, utcnow
+from ..store import DeviceState, Rollout, RolloutDevice, RolloutState, utcnow
 from .cohorts import bucket, parse_waves
-from .rollouts import RolloutPlanner
+from .rollouts import RolloutPlanner, target_of
 from .targeting import tokens_in_scope
 
 __all__ = ["FleetPolicy", "RolloutGuards"]
@@ -194,14 +194,9 @@ class RolloutGuards:
         Hashes every token of the scope: only asked when no device of the wave
         has entered the rollout, to tell an empty wave from one still waiting.
         """
-        target = {
-            RolloutScope.DEVICE: rollout.device_id,
-            RolloutScope.PROJECT: rollout.project_id,
-            RolloutScope.USER: rollout.user_id,
-        }.get(rollout.scope)
         return sum(
             bucket(rollout.cohort_seed, token) in buckets
-            for token in tokens_in_scope(session, rollout.scope, target)
+            for token in tokens_in_scope(session, rollout.scope, target_of(rollout))
         )
 
     @staticmethod

@@ -26,7 +26,7 @@ from ..store import (
 from .cohorts import Controls, bucket, parse_waves, wave_of
 from .lifecycle import UpdateLifecycle
 
-__all__ = ["Candidate", "RolloutPlanner", "RunningRollouts", "running_key"]
+__all__ = ["Candidate", "RolloutPlanner", "RunningRollouts", "running_key", "target_of"]
 
 _TARGET_COLUMN = {
     RolloutScope.DEVICE: Rollout.device_id,
@@ -129,8 +129,7 @@ class RunningRollouts:
             if row.scope == RolloutScope.ALL:
                 self._everyone.append(row)
             else:
-                target = getattr(row, _TARGET_COLUMN[row.scope].key)
-                self._by_target.setdefault((row.scope, target), []).append(row)
+                self._by_target.setdefault((row.scope, target_of(row)), []).append(row)
 
     def rollout_for(self, *, device_id: int, project_id: int, user_id: int) -> Candidate | None:
         rows = [
@@ -140,6 +139,13 @@ class RunningRollouts:
             *self._by_target.get((RolloutScope.USER, user_id), ()),
         ]
         return _most_specific(rows)
+
+
+def target_of(rollout) -> int | None:
+    """The id a rollout (or a row with its columns) is aimed at: device, project
+    or user; None for all devices."""
+    column = _TARGET_COLUMN.get(rollout.scope)
+    return None if column is None else getattr(rollout, column.key)
 
 
 def running_key(scope: str, target_id: int | None) -> str:

@@ -10,7 +10,13 @@ from .compatibility import incompatibility
 from .errors import OtaRequestError
 from .rollouts import Candidate, RunningRollouts
 
-__all__ = ["campaign_target", "devices_in_scope", "devices_taken_in", "tokens_in_scope"]
+__all__ = [
+    "campaign_target",
+    "devices_in_scope",
+    "devices_taken_in",
+    "in_scope",
+    "tokens_in_scope",
+]
 
 
 def campaign_target(
@@ -43,7 +49,9 @@ def campaign_target(
     return RolloutScope.PROJECT, matches[0].id
 
 
-def _in_scope(query, scope: str, target_id: int | None):
+def in_scope(query, scope: str, target_id: int | None):
+    """`query` (on devices) joined to their projects and narrowed to the
+    devices a rollout of `scope` and target reaches."""
     query = query.join(Project, Project.id == Device.project_id)
     if scope == RolloutScope.USER:
         return query.where(Project.user_id == target_id)
@@ -56,12 +64,12 @@ def _in_scope(query, scope: str, target_id: int | None):
 
 def devices_in_scope(session: Session, scope: str, target_id: int | None) -> int:
     """How many registered devices a campaign of `scope` and target reaches."""
-    return session.scalar(_in_scope(select(func.count(Device.id)), scope, target_id)) or 0
+    return session.scalar(in_scope(select(func.count(Device.id)), scope, target_id)) or 0
 
 
 def tokens_in_scope(session: Session, scope: str, target_id: int | None) -> list[str]:
     """The tokens of every registered device a rollout of `scope` and target reaches."""
-    return list(session.scalars(_in_scope(select(Device.token), scope, target_id)).all())
+    return list(session.scalars(in_scope(select(Device.token), scope, target_id)).all())
 
 
 def devices_taken_in(
@@ -75,15 +83,10 @@ def devices_taken_in(
     """
     precedence = RolloutScope.BY_PRECEDENCE.index(candidate.scope)
     query = (
-        select(Device, Project, User)
-        .join(Project, Project.id == Device.project_id)
+        in_scope(select(Device, Project, User), candidate.scope, target_id)
         .join(User, User.id == Project.user_id)
         .order_by(Device.id)
     )
-    if candidate.scope == RolloutScope.USER:
-        query = query.where(User.id == target_id)
-    elif candidate.scope == RolloutScope.PROJECT:
-        query = query.where(Project.id == target_id)
     running = RunningRollouts(session)
     devices, incompatible = [], []
     for device, project, user in session.execute(query).all():
