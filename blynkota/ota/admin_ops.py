@@ -315,10 +315,10 @@ class AdminOperations:
         for summary in summaries:
             rollout = session.get(Rollout, summary["id"])
             summary["limits"] = {
-                "max_concurrent": rollout.max_concurrent or fleet.max_concurrent,
-                "attempt_timeout": rollout.attempt_timeout or retries.attempt_timeout,
-                "max_attempts": rollout.max_attempts or retries.max_attempts,
-                "abort_ratio": self.guards.abort_ratio(rollout),
+                "max_concurrent": fleet.concurrent_for(rollout.max_concurrent),
+                "attempt_timeout": retries.timeout_for(rollout.attempt_timeout),
+                "max_attempts": retries.attempts_for(rollout.max_attempts),
+                "abort_ratio": fleet.abort_ratio_for(rollout.abort_ratio),
                 "wave_delay": rollout.wave_delay,
             }
             summary["next_wave"] = None

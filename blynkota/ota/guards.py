@@ -32,6 +32,13 @@ class FleetPolicy:
     abort_failure_ratio: float = 0.2  # failed / finished above this pauses the rollout
     abort_min_devices: int = 10  # devices with an outcome before the ratio is judged
 
+    # A rollout's own limit where it set one (maxConcurrent=, abortRatio=), else these.
+    def concurrent_for(self, own: int | None) -> int:
+        return self.max_concurrent if own is None else own
+
+    def abort_ratio_for(self, own: float | None) -> float:
+        return self.abort_failure_ratio if own is None else own
+
 
 class RolloutGuards:
     def __init__(self, policy: FleetPolicy, planner: RolloutPlanner) -> None:
@@ -46,14 +53,8 @@ class RolloutGuards:
         if rollout_id is not None:
             own = session.scalar(select(Rollout.max_concurrent).where(Rollout.id == rollout_id))
             mine = session.scalar(in_flight.where(RolloutDevice.rollout_id == rollout_id))
-            free = min(free, (own or self.policy.max_concurrent) - mine)
+            free = min(free, self.policy.concurrent_for(own) - mine)
         return max(0, free)
-
-    def abort_ratio(self, rollout: Rollout) -> float:
-        """The rollout's own abortRatio, or the server's ota.abort.failure.ratio."""
-        if rollout.abort_ratio is not None:
-            return rollout.abort_ratio
-        return self.policy.abort_failure_ratio
 
     @staticmethod
     def _finished(session: Session, rollout_id: int, buckets: range) -> tuple[int, int]:
@@ -86,7 +87,7 @@ class RolloutGuards:
         judged = updated + failing
         if judged < self.policy.abort_min_devices or judged == 0:
             return False
-        ratio, limit = failing / judged, self.abort_ratio(rollout)
+        ratio, limit = failing / judged, self.policy.abort_ratio_for(rollout.abort_ratio)
         if ratio <= limit:
             return False
         setting = "abortRatio" if rollout.abort_ratio is not None else "ota.abort.failure.ratio"

@@ -58,6 +58,13 @@ class RetryPolicy:
     def next_attempt_at(self, attempts_used: int, now: datetime) -> datetime:
         return now + timedelta(seconds=self.backoff * 2 ** max(0, attempts_used - 1))
 
+    # A rollout's own limit where it set one (maxAttempts=, attemptTimeout=), else these.
+    def attempts_for(self, own: int | None) -> int:
+        return self.max_attempts if own is None else own
+
+    def timeout_for(self, own: float | None) -> float:
+        return self.attempt_timeout if own is None else own
+
 
 # What a failed attempt turns into when its rollout no longer offers anything.
 _ENDED_ROLLOUT = {
@@ -404,14 +411,14 @@ class UpdateLifecycle:
     def max_attempts(self, session: Session, rollout_id: int) -> int:
         """The rollout's own maxAttempts, or the server's ota.max.attempts."""
         own = session.scalar(select(Rollout.max_attempts).where(Rollout.id == rollout_id))
-        return own or self.policy.max_attempts
+        return self.policy.attempts_for(own)
 
     def time_out_attempts(self, session: Session, now: datetime) -> int:
         """Fail the attempts whose device did not come back updated in time
         (the rollout's own attemptTimeout, or ota.attempt.timeout)."""
-        shortest = session.scalar(
-            select(func.min(Rollout.attempt_timeout)).where(Rollout.state.in_(RolloutState.RUNNING))
-        )
+        # Attempts in flight may belong to a stopped rollout too: the shortest
+        # timeout of any rollout bounds the rows read, each is judged on its own.
+        shortest = session.scalar(select(func.min(Rollout.attempt_timeout)))
         default = self.policy.attempt_timeout
         rows = load_tracks(
             session,
@@ -423,7 +430,7 @@ class UpdateLifecycle:
         return sum(
             self.fail_attempt(session, track, rollout_state, "timed out", now)
             for track, rollout_state, timeout, offered_at in rows
-            if offered_at < now - timedelta(seconds=timeout or default)
+            if offered_at < now - timedelta(seconds=self.policy.timeout_for(timeout))
         )
 
     @staticmethod
