@@ -28,6 +28,7 @@ import time
 
 from blynkota import create_app
 from blynkota.config import ConfigError
+from blynkota.logs import configure_logging
 
 __all__ = ["app", "create_app", "main"]
 
@@ -40,17 +41,8 @@ GUNICORN_APP_LOAD_ERROR = 4
 
 
 def _configure_logging(app) -> None:
-    # No thread or process fields in the format: without these, every record
-    # asks threading.current_thread(), which under gevent builds a dummy
-    # thread object for each new greenlet (each device session's first line).
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    logging.basicConfig(
-        level=app.config["SETTINGS"].log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    settings = app.config["SETTINGS"]
+    configure_logging(settings.log_level, settings.log_format)
 
 
 def _refuse_sqlite(app, mode: str) -> None:

@@ -1,5 +1,6 @@
 """The Flask application factory (flaskr style)."""
 
+import logging
 from collections.abc import Mapping
 
 from flask import Flask
@@ -20,6 +21,8 @@ from .store import Database
 
 __all__ = ["create_app"]
 
+log = logging.getLogger("blynkota")
+
 # multipart boundaries and headers around the file; the file itself is checked
 # against ota.max.size exactly.
 _FORM_OVERHEAD = 64 * 1024
@@ -28,6 +31,8 @@ _FORM_OVERHEAD = 64 * 1024
 def create_app(config: Mapping[str, object] | None = None) -> Flask:
     """Defaults, then config/ files and BLYNKOTA_CONFIG, then environment, then `config`."""
     settings = load_settings(config)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     app = Flask("blynkota", static_folder=None)
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.ota_max_size + _FORM_OVERHEAD

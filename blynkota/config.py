@@ -7,11 +7,16 @@ the environment as BLYNKOTA_<KEY> with dots and dashes as underscores
 every entry point: the server, the `flask` CLI and `alembic`.
 """
 
+import difflib
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import javaproperties
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 __all__ = [
     "DEFAULTS",
@@ -23,6 +28,10 @@ __all__ = [
 ]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# In a checkout the data folder sits beside wsgi.py, whatever the working
+# directory: `flask --app main/wsgi.py` from the parent finds the same fleet.
+# Installed as a package, ./data of the working directory (as Blynk does).
+_DEFAULT_DATA = str(PROJECT_ROOT / "data") if (PROJECT_ROOT / "wsgi.py").is_file() else "./data"
 
 DEFAULTS: dict[str, str] = {
     "http.port": "8080",
@@ -34,7 +43,7 @@ DEFAULTS: dict[str, str] = {
     "admin.pass": "admin",
     "allowed.administrator.ips": "0.0.0.0/0,::/0",
     "hard.socket.idle.timeout": "10",
-    "data.folder": "./data",
+    "data.folder": _DEFAULT_DATA,
     "db.url": "",
     "db.pool.size": "20",
     "server.ssl.cert": "",
@@ -56,6 +65,8 @@ DEFAULTS: dict[str, str] = {
     "http.max.connections": "1024",
     "shutdown.grace.seconds": "5",
     "log.level": "INFO",
+    "log.format": "text",
+    "allowed.metrics.ips": "127.0.0.1/32,::1/128",
     "node.name": "",
     "node.heartbeat.interval": "2",
     "node.poll.interval": "0.25",
@@ -63,6 +74,15 @@ DEFAULTS: dict[str, str] = {
 }
 
 DEFAULT_ADMIN_PASS = DEFAULTS["admin.pass"]
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+# Keys holding a path: in a properties file, relative to that file's folder.
+PATH_KEYS = ("data.folder", "server.ssl.cert", "server.ssl.key")
+# Databases the server runs on, with the driver that yields to gevent.
+DATABASES = {
+    "sqlite": "sqlite:///path/to/blynkota.db",
+    "mysql": "mysql+pymysql://user:pass@host/db",
+}
 
 
 class ConfigError(ValueError):
@@ -70,24 +90,33 @@ class ConfigError(ValueError):
 
 
 def parse_properties(text: str) -> dict[str, str]:
-    """Java properties as the Blynk server writes them: key=value, # and ! comments."""
-    values: dict[str, str] = {}
-    pending = ""
-    for raw in text.splitlines():
-        line = pending + raw.strip()
-        pending = ""
-        if not line or line[0] in "#!":
-            continue
-        if line.endswith("\\") and not line.endswith("\\\\"):
-            pending = line[:-1]
-            continue
-        cut = min((i for i in (line.find("="), line.find(":")) if i >= 0), default=-1)
-        if cut < 0:
-            key, value = line, ""
-        else:
-            key, value = line[:cut], line[cut + 1 :]
-        values[key.strip()] = value.strip()
-    return values
+    """Java properties as the Blynk server reads them (java.util.Properties):
+    `key=value`, `key: value`, `key value`, # and ! comments, continuation
+    lines, backslash escapes and \\uXXXX."""
+    try:
+        return javaproperties.loads(text)
+    except ValueError as error:  # a malformed \\u escape
+        raise ConfigError(f"cannot read the properties: {error}") from None
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, DEFAULTS, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _read_file(path: Path, warnings: list[str]) -> dict[str, str]:
+    """One properties file's values, its paths made absolute from its folder."""
+    try:
+        values = parse_properties(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"properties file {path}: cannot read it ({error})") from None
+    for key in values:
+        if key not in DEFAULTS:
+            warnings.append(f"{path}: unknown key {key!r} ignored{_did_you_mean(key)}")
+    for key in PATH_KEYS:
+        if values.get(key):
+            values[key] = str((path.parent / Path(values[key]).expanduser()).absolute())
+    return {key: value for key, value in values.items() if key in DEFAULTS}
 
 
 def _env_name(key: str) -> str:
@@ -132,7 +161,11 @@ class Settings:
     node_heartbeat: float
     node_poll_interval: float
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    log_format: str  # text or json
+    allowed_metrics_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     source: str  # which properties file was read, for the start-up log
+    # Keys that were ignored (a typo, say), one line each, for the start-up log.
+    warnings: tuple[str, ...] = field(default=())
 
     @property
     def firmware_folder(self) -> Path:
@@ -187,6 +220,48 @@ def _networks(values: Mapping[str, str], key: str):
     return tuple(networks)
 
 
+def _choice(values: Mapping[str, str], key: str, choices: tuple[str, ...], *, upper: bool) -> str:
+    value = values[key].strip()
+    value = value.upper() if upper else value.lower()
+    if value not in choices:
+        raise ConfigError(f"{key}: {values[key]!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _address(values: Mapping[str, str], key: str) -> str:
+    text = values[key].strip()
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(
+            f"{key}: {values[key]!r} is not an IP address (0.0.0.0 for all, 127.0.0.1, ::)"
+        ) from None
+    return text
+
+
+def _database_url(text: str) -> str:
+    try:
+        url = make_url(text)
+    except ArgumentError:
+        raise ConfigError(
+            f"db.url: {text.split('://')[0]!r}... is not a database URL (e.g. {DATABASES['mysql']})"
+        ) from None
+    backend = url.get_backend_name()
+    if backend == "mariadb":
+        backend = "mysql"
+    if backend not in DATABASES:
+        raise ConfigError(
+            f"db.url: {backend!r} is not a supported database; use SQLite "
+            f"({DATABASES['sqlite']}) or MySQL/MariaDB ({DATABASES['mysql']})"
+        )
+    if backend == "mysql" and url.get_driver_name() != "pymysql":
+        raise ConfigError(
+            f"db.url: the {url.get_driver_name()!r} driver blocks the server's event loop; "
+            f"use mysql+pymysql:// ({DATABASES['mysql']})"
+        )
+    return text
+
+
 def load_settings(
     overrides: Mapping[str, object] | None = None,
     *,
@@ -195,15 +270,17 @@ def load_settings(
 ) -> Settings:
     environ = os.environ if environ is None else environ
     values = dict(DEFAULTS)
-    sources = []
-    template = PROJECT_ROOT / "config" / "server.properties"
+    sources, warnings = [], []
+    template = PROJECT_ROOT / "config" / "server.properties"  # absent when installed
     chosen = properties_file or environ.get("BLYNKOTA_CONFIG")
-    for path in (template, Path(chosen) if chosen else None):
-        if path is None:
-            continue
+    if template.is_file():
+        values.update(_read_file(template, warnings))
+        sources.append(str(template))
+    if chosen:
+        path = Path(chosen).expanduser()
         if not path.is_file():
             raise ConfigError(f"properties file {path} does not exist")
-        values.update(parse_properties(path.read_text(encoding="utf-8")))
+        values.update(_read_file(path, warnings))
         sources.append(str(path))
     for key in DEFAULTS:
         if _env_name(key) in environ:
@@ -212,12 +289,16 @@ def load_settings(
         values[key] = str(value)
 
     data_folder = Path(values["data.folder"]).expanduser().absolute()
-    db_url = values["db.url"] or f"sqlite:///{data_folder / 'blynkota.db'}"
+    db_url = (
+        _database_url(values["db.url"])
+        if values["db.url"]
+        else (f"sqlite:///{data_folder / 'blynkota.db'}")
+    )
     tls_folder = data_folder / "tls"
     return Settings(
         http_port=_integer(values, "http.port", 0, 65535),
         https_port=_integer(values, "https.port", 0, 65535),
-        listen_address=values["listen.address"],
+        listen_address=_address(values, "listen.address"),
         server_host=values["server.host"],
         server_http_port=_integer(values, "server.http.port", 0, 65535),
         admin_email=values["admin.email"],
@@ -246,10 +327,13 @@ def load_settings(
         max_messages_per_sec=_integer(values, "hardware.max.messages.per.sec", 1, 1_000_000),
         max_http_connections=_integer(values, "http.max.connections", 1, 1_000_000),
         shutdown_grace=_integer(values, "shutdown.grace.seconds", 0, 3600),
-        log_level=values["log.level"].upper(),
+        log_level=_choice(values, "log.level", LOG_LEVELS, upper=True),
         node_name=values["node.name"].strip(),
         node_heartbeat=_number(values, "node.heartbeat.interval", 0.05, 600),
         node_poll_interval=_number(values, "node.poll.interval", 0.01, 60),
         trusted_proxies=_networks(values, "trusted.proxies"),
+        log_format=_choice(values, "log.format", LOG_FORMATS, upper=False),
+        allowed_metrics_networks=_networks(values, "allowed.metrics.ips"),
         source=", ".join(sources) or "built-in defaults",
+        warnings=tuple(warnings),
     )

@@ -14,6 +14,7 @@ for the admin API (see wsgi.py).
 """
 
 import contextlib
+import errno
 import gc
 import logging
 import resource
@@ -30,7 +31,9 @@ from gevent.pywsgi import WSGIServer
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .cluster import Lease, LocalSession, default_node_name
+from .config import ConfigError
 from .hardware import HTTP_IDLE_TIMEOUT, DeviceSession, SharedPortServer
+from .metrics import DATABASE_ERRORS, SWEEPS
 from .store import is_outage, upgrade
 from .tls import check_certificate
 from .web import AdminHttpsServer, FirmwareSender
@@ -66,6 +69,17 @@ def tune_garbage_collection() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def _bind_error(key: str, address: str, port: int, error: OSError) -> ConfigError:
+    """A listener that cannot bind, as the one-line setting error it is."""
+    if error.errno == errno.EADDRINUSE:
+        return ConfigError(f"{key}: {address}:{port} is in use by another process")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"listen.address: {address} is not an address of this machine")
+    if error.errno == errno.EACCES:
+        return ConfigError(f"{key}: {port} needs privileges to bind (use a port above 1023)")
+    return ConfigError(f"{key}: cannot listen on {address}:{port} ({error.strerror})")
+
+
 def device_listener(
     address: str, port: int, *, backlog: int = 4096, reuse_port: bool = False
 ) -> socket.socket:
@@ -75,7 +89,11 @@ def device_listener(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((address, port))
+    try:
+        sock.bind((address, port))
+    except OSError as error:
+        sock.close()
+        raise _bind_error("http.port", address, port, error) from None
     sock.listen(backlog)
     return sock
 
@@ -140,6 +158,12 @@ class BlynkotaServer:
         self.service.wake_fill = self._wake_fill.set
         self.db.health.recovered = self._wake_presence.set
         self._clocks: list[gevent.Greenlet] = []
+        self._readiness = app.extensions["blynkota.readiness"]
+        # Not ready until each listener this process runs is up (GET /readyz).
+        if serve_devices:
+            self._readiness.listeners["devices"] = False
+        if serve_admin:
+            self._readiness.listeners["admin"] = False
 
     def start(self) -> None:
         settings = self.settings
@@ -178,6 +202,7 @@ class BlynkotaServer:
         port = listener.getsockname()[1]
         self.node.register(settings.node_name or default_node_name(port, self.worker))
         self.device_port.start()
+        self._readiness.listeners["devices"] = True
         log.info(
             "listening for devices and firmware downloads (HTTP) on %s:%d",
             settings.listen_address,
@@ -209,7 +234,13 @@ class BlynkotaServer:
             error_log=logging.getLogger("blynkota.https"),
             environ={"SERVER_NAME": "blynkota"},
         )
-        self.admin_port.start()
+        try:
+            self.admin_port.start()
+        except OSError as error:
+            raise _bind_error(
+                "https.port", settings.listen_address, settings.https_port, error
+            ) from None
+        self._readiness.listeners["admin"] = True
         log.info(
             "listening for the admin API (HTTPS) on %s:%d",
             settings.listen_address,
@@ -238,6 +269,7 @@ class BlynkotaServer:
                 if is_outage(error) or self.db.health.down:
                     self.db.health.failed(error)
                 elif isinstance(error, PoolTimeout):
+                    DATABASE_ERRORS.labels("pool_timeout").inc()
                     log.warning("%s: no database connection free (db.pool.size); later", name)
                 else:
                     log.exception("%s failed", name)
@@ -290,7 +322,8 @@ class BlynkotaServer:
             if time.monotonic() >= next_tidy:
                 next_tidy = time.monotonic() + TIDY_EVERY
                 self.app.extensions["blynkota.admins"].limits.forget_quiet()
-            timed_out, entered = self.service.sweep()
+            with SWEEPS.time():
+                timed_out, entered = self.service.sweep()
             if timed_out or entered:
                 log.info(
                     "sweep: %d attempt(s) timed out, %d device(s) entered a grown wave",
@@ -327,6 +360,8 @@ class BlynkotaServer:
         # report of each connection it then throws away is expected, not news.
         logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
         self._stopping = True
+        for name in self._readiness.listeners:  # a load balancer stops sending new work
+            self._readiness.listeners[name] = False
         self._wake_fill.set()
         self._wake_presence.set()
         gevent.joinall(self._clocks, timeout=grace + 1)
@@ -347,7 +382,12 @@ class BlynkotaServer:
 
     def serve_forever(self) -> None:
         tune_garbage_collection()
-        self.start()
+        try:
+            self.start()
+        except ConfigError:
+            if self.device_port is not None:  # the admin port failed: leave the fleet cleanly
+                self.stop()
+            raise
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, lambda: gevent.spawn(self.stop))
         self._stopped.wait()

@@ -29,6 +29,7 @@ from gevent.event import AsyncResult
 from sqlalchemy import Connection, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
+from ..logs import set_node_name
 from ..store import Database, Device, GroupCommit, Node, utcnow
 
 __all__ = ["ClusterNode", "NodeSettings", "LocalSession", "default_node_name"]
@@ -146,6 +147,7 @@ class ClusterNode:
             return node_id, session.scalar(select(Node.runs).where(Node.id == node_id))
 
         self.id, self.run_number = self.control.run(work)
+        set_node_name(name)
         log.info("node %s (id %d) registered", name, self.id)
         return self.id
 

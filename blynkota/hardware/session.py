@@ -28,6 +28,8 @@ from gevent.lock import Semaphore
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from .. import metrics
+from ..logs import DEVICE_TAG
 from ..logsafe import printable, token_tag
 from ..ota import DeviceIdentity, FrameTooLarge, OfferFailed, OnlineDevices, OtaService
 from ..protocol import (
@@ -145,6 +147,8 @@ class DeviceSession:
             while True:
                 self._handle(self._next_event(self.read_timeout))
         except DATABASE_ERRORS as error:
+            if isinstance(error, PoolTimeout):
+                metrics.DATABASE_ERRORS.labels("pool_timeout").inc()
             # One line per outage comes from the database's health; this one is quiet.
             log.debug("device %s %s: closed, database error (%s)", self.tag, self.peer, error)
         except SessionClosed as reason:
@@ -166,25 +170,34 @@ class DeviceSession:
             self._close()
 
     def _log_in(self) -> None:
-        event = self._next_event(self.login_timeout)
+        try:
+            event = self._next_event(self.login_timeout)
+        except TimeoutError:
+            metrics.LOGIN_FAILURES.labels("no_login").inc()
+            raise
         if not isinstance(event, Login):
+            metrics.LOGIN_FAILURES.labels("no_login").inc()
             raise SessionClosed(f"closed, {type(event).__name__.lower()} before login")
         try:
             identity = self.service.find_device(event.token)
         except DATABASE_ERRORS:
+            metrics.LOGIN_FAILURES.labels("database").inc()
             self._try_reply(event.msg_id, Status.SERVER_ERROR)
             raise
         if identity is None:
+            metrics.LOGIN_FAILURES.labels("invalid_token").inc()
             self._reply(event.msg_id, Status.INVALID_TOKEN)
             raise SessionClosed(f"closed, invalid token ({token_tag(event.token)})")
         self.identity = identity
         self.token, self.device_id = identity.token, identity.id
         self.tag = token_tag(identity.token)
+        DEVICE_TAG.set(self.tag)  # every log line of this greenlet names the device (logs.py)
         self.machine.advance("login accepted")
         # Registered before the database hears of it: the connection this one
         # replaces then finds itself unregistered and leaves the device online.
         registered, replaced = self.online.register(self)
         if not registered:
+            metrics.LOGIN_FAILURES.labels("newer_connection").inc()
             raise SessionClosed("closed, the device has opened a newer connection")
         if replaced is not None:
             replaced.close("replaced by a new connection")
@@ -195,6 +208,7 @@ class DeviceSession:
             identity, self.session_id, self.address, self.since
         )
         self._reply(event.msg_id, Status.OK)
+        metrics.LOGINS.inc()
         log.debug("device %s %s: logged in", self.tag, self.peer)
 
     def _presence_settled(self, *, wait: bool) -> None:

@@ -37,7 +37,7 @@ from .firmware import FirmwareRejected, ImageReport
 from .offers import DeviceIdentity, candidate_of, new_offer
 from .online import OfferDeferred, OfferFailed
 from .rollouts import Candidate
-from .status import rollout_detail, rollout_summaries
+from .status import fleet_overview, rollout_detail, rollout_devices_page, rollout_summaries
 from .targeting import campaign_target, devices_in_scope, devices_taken_in
 
 __all__ = ["AdminOperations", "Started"]
@@ -297,6 +297,16 @@ class AdminOperations:
             return self._with_outlook(session, rollout_summaries(session, rollout_id))
 
         return self.db.run(work)
+
+    def devices_page(
+        self, rollout_id: int, state: str | None, offset: int, limit: int
+    ) -> tuple[list[dict], int]:
+        return self.db.run(
+            lambda session: rollout_devices_page(session, rollout_id, state, offset, limit)
+        )
+
+    def fleet_overview(self) -> dict:
+        return self.db.run(fleet_overview)
 
     def detail(self, rollout_id: int) -> dict:
         def work(session: Session) -> dict | None:

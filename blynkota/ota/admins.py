@@ -9,6 +9,7 @@ budget (login_limits.py) first.
 """
 
 import hashlib
+import hmac
 import logging
 import secrets
 
@@ -54,6 +55,15 @@ class AdminDirectory:
 
         self._db.run(work)
         self._verified.clear()
+
+    def csrf_token(self, email: str) -> str | None:
+        """A token for the dashboard's forms: an HMAC keyed by the admin's stored
+        hash, so every process computes the same one, and a new password voids it."""
+        with self._db.begin() as session:
+            stored = session.scalar(select(Admin.password_hash).where(Admin.email == email))
+        if stored is None:
+            return None
+        return hmac.new(stored.encode(), b"blynkota-csrf:" + email.encode(), "sha256").hexdigest()
 
     def check(self, email: str, password: str, address: str) -> bool:
         """Raises TooManyAttempts when the address or the account has no attempt left."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from .. import metrics
 from ..cluster import ClusterNode, lock_offer_slots
 from ..logsafe import token_tag
 from ..store import (
@@ -118,7 +119,13 @@ class BatchOffers:
                 self._undelivered(offer, str(error))
                 log.warning("device %s: not offered: %s", token_tag(offer.token), error)
                 continue
-            log.info("device %s: sent ota %s", token_tag(offer.token), offer.url_path)
+            metrics.OFFERS.inc()
+            log.info(
+                "device %s: sent ota %s",
+                token_tag(offer.token),
+                offer.url_path,
+                extra={"device": token_tag(offer.token), "rollout": offer.rollout_id},
+            )
             sent += 1
         return sent
 

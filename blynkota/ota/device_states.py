@@ -294,6 +294,7 @@ def move(
             before,
             state,
             f": {detail}" if detail else "",
+            extra={"rollout": track.rollout_id},
         )
     return True
 

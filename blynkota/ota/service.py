@@ -22,6 +22,7 @@ import gevent
 from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.orm import Session
 
+from .. import metrics
 from ..cluster import ClusterNode, lock_offer_slots
 from ..logsafe import token_tag
 from ..protocol import info_number
@@ -273,7 +274,13 @@ class OtaService(AdminOperations):
         except OfferFailed as error:
             self._offer_undelivered(offer, str(error))
             raise
-        log.info("device %s: sent ota %s", token_tag(offer.token), url)
+        metrics.OFFERS.inc()
+        log.info(
+            "device %s: sent ota %s",
+            token_tag(offer.token),
+            url,
+            extra={"device": token_tag(offer.token), "rollout": offer.rollout_id},
+        )
         return url
 
     def _offer_undelivered(self, offer: Offer, reason: str) -> None:

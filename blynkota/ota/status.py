@@ -4,13 +4,22 @@ Counts come from the `rollout_progress` view, the same numbers an operator
 gets with `SELECT * FROM rollout_progress`.
 """
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from ..store import Device, DeviceState, Project, Rollout, RolloutDevice, RolloutScope, User
+from ..store import (
+    Device,
+    DeviceState,
+    Node,
+    Project,
+    Rollout,
+    RolloutDevice,
+    RolloutScope,
+    User,
+)
 from .catalog import iso, served_path
 
-__all__ = ["rollout_detail", "rollout_summaries"]
+__all__ = ["fleet_overview", "rollout_detail", "rollout_devices_page", "rollout_summaries"]
 
 _TIMESTAMPS = (
     "pending_at",
@@ -84,31 +93,76 @@ def rollout_summaries(session: Session, rollout_id: int | None = None) -> list[d
     return summaries
 
 
+def _device_row(row: RolloutDevice, token: str, name: str) -> dict:
+    return {
+        "token": token,
+        "name": name,
+        "state": row.state,
+        "attempts": row.attempts,
+        "reverts": row.reverts,
+        "last_error": row.last_error,
+        "bytes_sent": row.bytes_sent,
+        "already_up_to_date": row.already_current,
+        "bucket": row.cohort_bucket,
+        "wave": row.wave,
+        **{stamp: iso(getattr(row, stamp)) for stamp in _TIMESTAMPS},
+    }
+
+
+def _devices_of(rollout_id: int):
+    return (
+        select(RolloutDevice, Device.token, Device.name)
+        .join(Device, Device.id == RolloutDevice.device_id)
+        .where(RolloutDevice.rollout_id == rollout_id)
+    )
+
+
 def rollout_detail(session: Session, rollout_id: int) -> dict | None:
     summaries = rollout_summaries(session, rollout_id)
     if not summaries:
         return None
-    rows = session.execute(
-        select(RolloutDevice, Device.token, Device.name)
-        .join(Device, Device.id == RolloutDevice.device_id)
-        .where(RolloutDevice.rollout_id == rollout_id)
-        .order_by(RolloutDevice.id)
-    ).all()
+    rows = session.execute(_devices_of(rollout_id).order_by(RolloutDevice.id)).all()
     detail = summaries[0]
-    detail["devices"] = [
-        {
-            "token": token,
-            "name": name,
-            "state": row.state,
-            "attempts": row.attempts,
-            "reverts": row.reverts,
-            "last_error": row.last_error,
-            "bytes_sent": row.bytes_sent,
-            "already_up_to_date": row.already_current,
-            "bucket": row.cohort_bucket,
-            "wave": row.wave,
-            **{stamp: iso(getattr(row, stamp)) for stamp in _TIMESTAMPS},
-        }
-        for row, token, name in rows
-    ]
+    detail["devices"] = [_device_row(*row) for row in rows]
     return detail
+
+
+def rollout_devices_page(
+    session: Session, rollout_id: int, state: str | None, offset: int, limit: int
+) -> tuple[list[dict], int]:
+    """One page of a rollout's devices (in a state, if given), and how many there are."""
+    query = _devices_of(rollout_id)
+    if state is not None:
+        query = query.where(RolloutDevice.state == state)
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    rows = session.execute(query.order_by(RolloutDevice.id).offset(offset).limit(limit)).all()
+    return [_device_row(*row) for row in rows], total
+
+
+def fleet_overview(session: Session) -> dict:
+    """Devices online per node, and the builds the fleet reports (with how many are online)."""
+    online = session.execute(
+        select(Node.name, func.count(Device.id))
+        .join(Device, Device.node_id == Node.id)
+        .where(Device.online_since.is_not(None))
+        .group_by(Node.name)
+        .order_by(Node.name)
+    ).all()
+    builds = session.execute(
+        select(
+            Device.build,
+            func.count(Device.id),
+            func.count(Device.online_since),
+        )
+        .group_by(Device.build)
+        .order_by(func.count(Device.id).desc())
+    ).all()
+    return {
+        "devices": sum(count for _build, count, _online in builds),
+        "online": sum(online_count for _build, _count, online_count in builds),
+        "nodes": [{"node": node, "online": count} for node, count in online],
+        "builds": [
+            {"build": build, "devices": count, "online": online_count}
+            for build, count, online_count in builds
+        ],
+    }

@@ -21,6 +21,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..metrics import DATABASE_ERRORS
+
 __all__ = [
     "Database",
     "DatabaseHealth",
@@ -153,6 +155,7 @@ class DatabaseHealth:
         return self.down_since is not None
 
     def failed(self, error: BaseException) -> None:
+        DATABASE_ERRORS.labels("unreachable").inc()
         if self.down_since is None:
             self.down_since = time.monotonic()
             reason = getattr(error, "orig", None) or error

@@ -4,12 +4,14 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from .admin import admin
+from .dashboard import dashboard
 from .downloads import downloads
 from .file_sender import FirmwareSender
 from .https_server import AdminHttpsServer
+from .ops import Readiness, ops
 from .proxies import TrustedProxies
 
-__all__ = ["AdminHttpsServer", "FirmwareSender", "init_app"]
+__all__ = ["AdminHttpsServer", "FirmwareSender", "Readiness", "init_app"]
 
 
 def _one_line_error(error: HTTPException) -> Response:
@@ -23,6 +25,9 @@ def _one_line_error(error: HTTPException) -> Response:
 
 def init_app(app: Flask) -> None:
     app.register_blueprint(admin)
+    app.register_blueprint(dashboard)
     app.register_blueprint(downloads)
+    app.register_blueprint(ops)
+    app.extensions["blynkota.readiness"] = Readiness()
     app.register_error_handler(HTTPException, _one_line_error)
     app.wsgi_app = TrustedProxies(app.wsgi_app, app.config["SETTINGS"].trusted_proxies)

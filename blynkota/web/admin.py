@@ -10,6 +10,7 @@ from ..ota import Controls, ControlsError, OtaRequestError, Started, Upload
 from ..ota.cohorts import parse_waves
 from ..ota.login_limits import TooManyAttempts
 from .auth import auth, guard_admin_request
+from .csrf import check_csrf
 from .openapi import OPENAPI
 
 __all__ = ["admin"]
@@ -27,7 +28,7 @@ def _service():
 
 @admin.before_request
 def _guard():
-    return guard_admin_request()
+    return guard_admin_request() or check_csrf()
 
 
 @admin.errorhandler(TooManyAttempts)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 
 from flask import Blueprint, Response, current_app, request, send_file
 
+from .. import metrics
 from ..ota import DownloadTicket, OtaService
 from .file_sender import runs_this_file, single_range
 
@@ -23,24 +24,33 @@ downloads = Blueprint("downloads", __name__)
 
 
 class _CountedBody:
-    """The response body, reporting how far it got when the server closes it."""
+    """The response body, reporting how far it got when the server closes it.
 
-    def __init__(self, body: Iterable[bytes], ticket: DownloadTicket, service: OtaService):
+    With an offer's ticket the rollout learns it too; every body is counted
+    in the metrics.
+    """
+
+    def __init__(self, body: Iterable[bytes], ticket: DownloadTicket | None, service: OtaService):
         self._body, self._ticket, self._service = body, ticket, service
+        self._sent = 0
         self._finished = False
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._body:
             yield chunk
             # Asked for the next chunk: the server wrote this one.
-            self._ticket.written_until += len(chunk)
+            self._sent += len(chunk)
+            if self._ticket is not None:
+                self._ticket.written_until += len(chunk)
         self._finished = True
 
     def close(self) -> None:
         close = getattr(self._body, "close", None)
         if close is not None:
             close()
-        self._service.download_finished(self._ticket, complete=self._finished)
+        metrics.count_download(self._sent, complete=self._finished)
+        if self._ticket is not None:
+            self._service.download_finished(self._ticket, complete=self._finished)
 
 
 @downloads.route("/static/ota/<name>.bin", methods=["GET", "HEAD"])
@@ -74,6 +84,6 @@ def firmware_file(name: str) -> Response:
     if request.method == "GET" and response.status_code in (200, 206):
         start = response.content_range.start if response.status_code == 206 else 0
         ticket = service.download_started(firmware, request.args.get("o"), start)
-        if ticket is not None:
-            response.response = _CountedBody(response.response, ticket, service)
+        metrics.DOWNLOADS_STARTED.inc()
+        response.response = _CountedBody(response.response, ticket, service)
     return response

@@ -34,6 +34,7 @@ from gevent.lock import Semaphore
 from gevent.socket import wait_write
 from sqlalchemy.exc import SQLAlchemyError
 
+from .. import metrics
 from ..http_handler import HEAD_DEADLINE
 from ..ota import OtaService
 from ..ota.catalog import FirmwareFile
@@ -199,6 +200,8 @@ class FirmwareSender:
         if request.method == "GET":
             ticket = self.service.download_started(firmware, request.offer_key, start)
         sent = 0
+        if request.method == "GET":
+            metrics.DOWNLOADS_STARTED.inc()
         try:
             flags = socket.MSG_MORE if request.method == "GET" and length else 0
             sock.sendall(head, flags)
@@ -208,6 +211,8 @@ class FirmwareSender:
             log.info("download %s to %s:%s cut short (%s)", firmware.name, *address[:2], error)
             return False
         finally:
+            if request.method == "GET":
+                metrics.count_download(sent, complete=sent == length)
             if ticket is not None:
                 self.service.download_finished(ticket, complete=sent == length)
         if ticket is not None or log.isEnabledFor(logging.DEBUG):

@@ -1,0 +1,71 @@
+"""This process's Prometheus counters: logins, offers, downloads, sweeps, database errors.
+
+Each process counts what it did and exposes its own, as Prometheus expects
+of a scrape target. What spans processes (devices online per node, rollout
+devices by state) is read from the database at each scrape (web/ops.py).
+This module imports nothing of the project, so every layer may count.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+__all__ = [
+    "DATABASE_ERRORS",
+    "DOWNLOAD_BYTES",
+    "DOWNLOADS_COMPLETED",
+    "DOWNLOADS_INTERRUPTED",
+    "DOWNLOADS_STARTED",
+    "LOGIN_FAILURES",
+    "LOGINS",
+    "OFFERS",
+    "PROCESS",
+    "SWEEPS",
+    "count_download",
+]
+
+PROCESS = CollectorRegistry(auto_describe=True)
+
+LOGINS = Counter("blynkota_logins", "Device logins accepted.", registry=PROCESS)
+LOGIN_FAILURES = Counter(
+    "blynkota_login_failures",
+    "Device logins refused or abandoned, by reason.",
+    ["reason"],
+    registry=PROCESS,
+)
+OFFERS = Counter("blynkota_offers", "ota commands written to devices.", registry=PROCESS)
+DOWNLOADS_STARTED = Counter(
+    "blynkota_downloads_started", "Firmware bodies (GET 200/206) begun.", registry=PROCESS
+)
+DOWNLOADS_COMPLETED = Counter(
+    "blynkota_downloads_completed", "Firmware bodies sent to their last byte.", registry=PROCESS
+)
+DOWNLOADS_INTERRUPTED = Counter(
+    "blynkota_downloads_interrupted", "Firmware bodies cut short.", registry=PROCESS
+)
+DOWNLOAD_BYTES = Counter(
+    "blynkota_download_bytes",
+    "Firmware bytes handed to the kernel (what sendfile reported).",
+    registry=PROCESS,
+)
+SWEEPS = Histogram(
+    "blynkota_sweep_seconds",
+    "Rollout sweeps run by this process (while it holds the sweeper lease), and their durations.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=PROCESS,
+)
+DATABASE_ERRORS = Counter(
+    "blynkota_database_errors",
+    "Database operations that failed: the database away, or no pooled connection free.",
+    ["kind"],
+    registry=PROCESS,
+)
+
+for reason in ("invalid_token", "no_login", "database", "newer_connection"):
+    LOGIN_FAILURES.labels(reason)  # present at 0 from the start, as rates need
+for kind in ("unreachable", "pool_timeout"):
+    DATABASE_ERRORS.labels(kind)
+
+
+def count_download(sent: int, *, complete: bool) -> None:
+    """A firmware body ended: `sent` bytes went to the kernel, all of them or not."""
+    DOWNLOAD_BYTES.inc(sent)
+    (DOWNLOADS_COMPLETED if complete else DOWNLOADS_INTERRUPTED).inc()

@@ -1,0 +1,175 @@
+"""The dashboard at /admin/ (HTTPS, the same admins): rollouts, one rollout's devices,
+the fleet, firmware upload. Server-rendered with Jinja; a little plain
+JavaScript (static/dashboard.js) refreshes the numbers from the JSON API and
+shows the upload's progress. No build step.
+
+Every button is a form carrying the CSRF token (csrf.py); the upload goes
+to the API's /admin/ota/start with the token in a header.
+"""
+
+from urllib.parse import urlencode
+
+from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
+
+from ..numbers import ROW_ID_MAX, whole_number
+from ..ota import OtaRequestError
+from ..store import DeviceState
+from .auth import auth, guard_admin_request
+from .csrf import check_csrf, csrf_token
+
+__all__ = ["dashboard"]
+
+dashboard = Blueprint(
+    "dashboard",
+    __name__,
+    url_prefix="/admin",
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/static",
+)
+
+PAGE_SIZE = 50  # devices per page of a rollout
+ACTIONS = ("pause", "resume", "stop", "retry", "expand")
+# The progress bar's segments, in order, with the states each one adds up.
+SEGMENTS = (
+    ("updated", (DeviceState.UPDATED,)),
+    ("in-flight", DeviceState.IN_FLIGHT),
+    ("pending", (DeviceState.PENDING,)),
+    ("failed", (DeviceState.FAILED,)),
+    ("incompatible", (DeviceState.INCOMPATIBLE,)),
+    ("ended", (DeviceState.CANCELLED, DeviceState.SUPERSEDED)),
+)
+
+
+@dashboard.before_request
+def _guard():
+    return guard_admin_request() or check_csrf()
+
+
+@dashboard.context_processor
+def _helpers() -> dict:
+    return {"csrf_token": csrf_token, "segments": segments}
+
+
+@dashboard.app_template_filter("when")
+def when(stamp: str | None) -> str:
+    """An API timestamp (2026-11-28T18:59:31.032473Z) as people read it, to the second."""
+    if not stamp:
+        return ""
+    return stamp[:19].replace("T", " ") + " UTC"
+
+
+def segments(rollout: dict) -> list[dict]:
+    """The bar of one rollout: each segment's name, count and share of its devices."""
+    total = rollout["device_count"] or 0
+    parts = []
+    for name, states in SEGMENTS:
+        count = sum(rollout["counts"].get(state, 0) for state in states)
+        parts.append(
+            {"name": name, "count": count, "share": 100.0 * count / total if total else 0.0}
+        )
+    return parts
+
+
+def _service():
+    return current_app.extensions["blynkota"]
+
+
+def _rollout_id(value: str) -> int:
+    number = whole_number(value, low=1, high=ROW_ID_MAX)
+    if number is None:
+        raise OtaRequestError(f"rollout must be a rollout id (a whole number), not {value!r}.")
+    return number
+
+
+@dashboard.errorhandler(OtaRequestError)
+def _request_error(error: OtaRequestError) -> Response:
+    return Response(str(error).rstrip("\n") + "\n", error.status, mimetype="text/plain")
+
+
+@dashboard.get("/")
+@auth.login_required
+def rollouts() -> str:
+    return render_template(
+        "dashboard/rollouts.html", rollouts=_service().status(), notice=request.args.get("notice")
+    )
+
+
+@dashboard.get("/rollouts/<rollout_id>")
+@auth.login_required
+def rollout(rollout_id: str) -> str:
+    number = _rollout_id(rollout_id)
+    found = _service().status(number)
+    if not found:
+        raise OtaRequestError(f"No rollout {number}.", 404)
+    state = request.args.get("state") or None
+    if state is not None and state not in DeviceState.ALL:
+        raise OtaRequestError(f"state must be one of {', '.join(DeviceState.ALL)}, not {state!r}.")
+    page = whole_number(request.args.get("page", "1"), low=1, high=10**9)
+    if page is None:
+        raise OtaRequestError("page must be a whole number from 1.")
+    devices, total = _service().devices_page(number, state, (page - 1) * PAGE_SIZE, PAGE_SIZE)
+    pages = max(1, -(-total // PAGE_SIZE))
+
+    def page_url(to: int) -> str:
+        query = {"page": to, **({"state": state} if state else {})}
+        return url_for("dashboard.rollout", rollout_id=number) + "?" + urlencode(query)
+
+    return render_template(
+        "dashboard/rollout.html",
+        rollout=found[0],
+        devices=devices,
+        total=total,
+        state=state,
+        states=DeviceState.ALL,
+        page=page,
+        pages=pages,
+        page_url=page_url,
+        notice=request.args.get("notice"),
+    )
+
+
+@dashboard.post("/rollouts/<rollout_id>/action")
+@auth.login_required
+def rollout_action(rollout_id: str) -> Response:
+    number = _rollout_id(rollout_id)
+    action = request.form.get("action", "")
+    if action not in ACTIONS:
+        raise OtaRequestError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}.")
+    service, who = _service(), auth.current_user()
+    try:
+        if action == "pause":
+            service.pause(number, who)
+        elif action == "resume":
+            service.resume(number, who)
+        elif action == "stop":
+            service.stop(who, number)
+        elif action == "retry":
+            service.retry(number, who)
+        else:
+            percent = whole_number(request.form.get("percent", ""), low=1, high=100)
+            if percent is None:
+                raise OtaRequestError("expand needs a percent from 1 to 100.")
+            service.expand(number, percent, who)
+        notice = f"Rollout {number}: {action} done."
+    except OtaRequestError as error:
+        notice = f"Rollout {number}: {action} refused: {str(error).strip()}"
+    target = url_for("dashboard.rollout", rollout_id=number) + "?" + urlencode({"notice": notice})
+    return redirect(target, 303)
+
+
+@dashboard.get("/fleet")
+@auth.login_required
+def fleet() -> str:
+    return render_template("dashboard/fleet.html", fleet=_service().fleet_overview())
+
+
+@dashboard.get("/upload")
+@auth.login_required
+def firmware() -> str:
+    settings = current_app.config["SETTINGS"]
+    return render_template(
+        "dashboard/firmware.html",
+        files=_service().catalog.listing(),
+        max_size=settings.ota_max_size,
+    )

@@ -1,0 +1,147 @@
+"""What monitoring asks: /healthz, /readyz and /metrics, on both ports.
+
+/healthz says the process answers; /readyz that it can do its work (the
+database answers, its listeners are up), for a load balancer's check.
+/metrics is for Prometheus: without a password only from
+`allowed.metrics.ips` (loopback by default); from elsewhere, on the HTTPS
+port, with an admin's basic auth.
+"""
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+
+import gevent
+from flask import Blueprint, Response, current_app, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..metrics import PROCESS
+from ..store import Database, Device, Node, Rollout, RolloutDevice, RolloutState
+from .auth import auth, guard_admin_request
+
+__all__ = ["Readiness", "ops"]
+
+log = logging.getLogger("blynkota.http")
+
+ops = Blueprint("ops", __name__)
+
+READY_DEADLINE = 2.0  # seconds the database gets to answer a readiness check
+
+
+@dataclass
+class Readiness:
+    """Which of this process's listeners are up; set by the runner as they start and stop.
+
+    A process without listeners of its own (a gunicorn worker) is ready when
+    its database answers.
+    """
+
+    listeners: dict[str, bool] = field(default_factory=dict)
+
+
+class FleetCollector:
+    """The fleet's numbers, read from the database at each scrape."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect(self):
+        up = GaugeMetricFamily("blynkota_database_up", "1 if the database answered this scrape.")
+        try:
+            online, states = self.db.run(self._read)
+        except SQLAlchemyError as error:
+            log.info("metrics: the database did not answer (%s)", type(error).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        connected = GaugeMetricFamily(
+            "blynkota_devices_connected",
+            "Devices logged in, by the node (process) holding each connection.",
+            labels=["node"],
+        )
+        for node, count in online:
+            connected.add_metric([node], count)
+        yield connected
+        by_state = GaugeMetricFamily(
+            "blynkota_rollout_devices",
+            "Devices of each running (active or paused) rollout, by state.",
+            labels=["rollout", "state"],
+        )
+        for rollout_id, state, count in states:
+            by_state.add_metric([str(rollout_id), state], count)
+        yield by_state
+
+    @staticmethod
+    def _read(session):
+        online = session.execute(
+            select(Node.name, func.count(Device.id))
+            .join(Device, Device.node_id == Node.id)
+            .where(Device.online_since.is_not(None))
+            .group_by(Node.name)
+        ).all()
+        states = session.execute(
+            select(RolloutDevice.rollout_id, RolloutDevice.state, func.count())
+            .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
+            .where(Rollout.state.in_(RolloutState.RUNNING))
+            .group_by(RolloutDevice.rollout_id, RolloutDevice.state)
+        ).all()
+        return online, states
+
+
+def _text(body: str, status: int) -> Response:
+    return Response(body, status, mimetype="text/plain")
+
+
+@ops.get("/healthz")
+def healthz() -> Response:
+    return _text("ok\n", 200)
+
+
+@ops.get("/readyz")
+def readyz() -> Response:
+    db: Database = current_app.extensions["blynkota.db"]
+    readiness: Readiness = current_app.extensions["blynkota.readiness"]
+    try:
+        with gevent.Timeout(READY_DEADLINE), db.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        database = "ok"
+    except (SQLAlchemyError, gevent.Timeout) as error:
+        database = f"unreachable ({type(error).__name__})"
+    ready = database == "ok" and all(readiness.listeners.values())
+    return jsonify({"ready": ready, "database": database, "listeners": readiness.listeners}), (
+        200 if ready else 503
+    )
+
+
+def _from_allowed_address() -> bool:
+    networks = current_app.config["SETTINGS"].allowed_metrics_networks
+    try:
+        address = ipaddress.ip_address((request.remote_addr or "").split("%")[0])
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+@ops.get("/metrics")
+def metrics() -> Response:
+    if not _from_allowed_address():
+        if not request.is_secure:
+            return _text(
+                f"Address {request.remote_addr} is not in allowed.metrics.ips "
+                "(or scrape the HTTPS port with an admin's basic auth).\n",
+                403,
+            )
+        refused = guard_admin_request() or auth.login_required(lambda: None)()
+        if refused is not None:
+            return refused
+    fleet = CollectorRegistry(auto_describe=False)
+    fleet.register(FleetCollector(current_app.extensions["blynkota.db"]))
+    body = generate_latest(PROCESS) + generate_latest(fleet)
+    return Response(body, 200, content_type=CONTENT_TYPE_LATEST)

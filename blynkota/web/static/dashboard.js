@@ -1,0 +1,165 @@
+// blynkota dashboard: refresh the numbers from the JSON API, confirm stops,
+// and upload firmware with a progress bar (dry run first). Plain JavaScript.
+"use strict";
+
+const POLL_MS = 2000;
+const csrf = () => document.querySelector('meta[name="csrf-token"]').content;
+const SEGMENTS = {
+  "updated": ["updated"],
+  "in-flight": ["offered", "downloading", "downloaded"],
+  "pending": ["pending"],
+  "failed": ["failed"],
+  "incompatible": ["incompatible"],
+  "ended": ["cancelled", "superseded"],
+};
+
+function showRollout(section, rollout) {
+  const total = rollout.device_count || 0;
+  for (const [name, states] of Object.entries(SEGMENTS)) {
+    const count = states.reduce((sum, state) => sum + (rollout.counts[state] || 0), 0);
+    const seg = section.querySelector(`[data-seg="${name}"]`);
+    if (seg) seg.style.width = (total ? (100 * count) / total : 0) + "%";
+    const number = section.querySelector(`[data-count="${name}"]`);
+    if (number) number.textContent = count;
+  }
+  const all = section.querySelector('[data-count="total"]');
+  if (all) all.textContent = total;
+  const state = section.querySelector('[data-field="state"]');
+  if (state) { state.textContent = rollout.state; state.className = "state " + rollout.state; }
+  const reason = section.querySelector('[data-field="pause_reason"]');
+  if (reason) {
+    reason.textContent = reason.classList.contains("reason")
+      ? (rollout.pause_reason ? " · paused: " + rollout.pause_reason : "")
+      : (rollout.pause_reason || "-");
+  }
+  const wave = section.querySelector('[data-field="next_wave"]');
+  if (wave) wave.textContent = rollout.next_wave || "-";
+}
+
+async function refreshDevices(table) {
+  // The rollout's page: the same page again, its device table taken over.
+  const answer = await fetch(window.location.href, { headers: { Accept: "text/html" } });
+  if (!answer.ok) return;
+  const page = new DOMParser().parseFromString(await answer.text(), "text/html");
+  const fresh = page.querySelector("#devices tbody");
+  if (fresh) table.replaceWith(fresh);
+}
+
+async function poll() {
+  try {
+    const table = document.querySelector("#devices tbody");
+    if (table) await refreshDevices(table);
+    const answer = await fetch("/admin/ota/status", { headers: { Accept: "application/json" } });
+    if (answer.ok) {
+      const byId = new Map((await answer.json()).map((rollout) => [String(rollout.id), rollout]));
+      document.querySelectorAll("[data-rollout]").forEach((section) => {
+        const rollout = byId.get(section.dataset.rollout);
+        if (rollout) showRollout(section, rollout);
+      });
+    }
+  } catch (error) {
+    // The server restarting: the next poll tries again.
+  }
+  setTimeout(poll, POLL_MS);
+}
+
+function query(form) {
+  const data = new FormData(form);
+  const params = new URLSearchParams();
+  const scope = data.get("scope");
+  if (scope === "device") {
+    params.set("token", data.get("token").trim());
+  } else if (scope === "user") {
+    params.set("user", data.get("user").trim());
+    if (data.get("project").trim()) params.set("project", data.get("project").trim());
+  }
+  if (scope !== "device") {
+    for (const name of ["percent", "waves", "success", "maxConcurrent", "maxAttempts",
+                        "attemptTimeout", "abortRatio"]) {
+      const value = (data.get(name) || "").trim();
+      if (value) params.set(name, value);
+    }
+  }
+  if (data.get("now")) params.set(scope === "device" ? "queue" : "now", "true");
+  return params;
+}
+
+function send(form, params, onDone) {
+  const progress = document.getElementById("upload-progress");
+  const result = document.getElementById("upload-result");
+  const file = form.elements.file.files[0];
+  const body = new FormData();
+  body.append("file", file, file.name);
+  const request = new XMLHttpRequest();
+  request.open("POST", "/admin/ota/start?" + params.toString());
+  request.setRequestHeader("Accept", "application/json");
+  request.setRequestHeader("X-CSRF-Token", csrf());
+  progress.hidden = false;
+  progress.value = 0;
+  request.upload.onprogress = (event) => {
+    if (event.lengthComputable) progress.value = (100 * event.loaded) / event.total;
+  };
+  request.onload = () => {
+    progress.value = 100;
+    if (request.status >= 200 && request.status < 300) {
+      onDone(JSON.parse(request.responseText));
+    } else {
+      result.innerHTML = "";
+      const line = document.createElement("span");
+      line.className = "error";
+      line.textContent = `${request.status}: ${request.responseText.trim()}`;
+      result.append(line);
+    }
+  };
+  request.onerror = () => { result.textContent = "The upload failed: the server did not answer."; };
+  request.send(body);
+}
+
+function setUpUpload(form) {
+  const start = document.getElementById("start");
+  const result = document.getElementById("upload-result");
+  // Any change after a dry run asks for a new one.
+  form.addEventListener("input", () => { start.disabled = true; });
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const file = form.elements.file.files[0];
+    if (!file) return;
+    if (file.size > Number(form.dataset.maxSize)) {
+      result.textContent = `The file is larger than ota.max.size (${form.dataset.maxSize} bytes).`;
+      return;
+    }
+    const params = query(form);
+    if (event.submitter && event.submitter.value === "start") {
+      send(form, params, (started) => {
+        window.location = `/admin/rollouts/${started.rollout}?notice=` +
+          encodeURIComponent(`Rollout ${started.rollout} started: ${started.devices} device(s).`);
+      });
+      return;
+    }
+    if (params.has("token")) {
+      result.textContent = `One device (${params.get("token").slice(0, 8)}…): ` +
+        "its update starts when you press Start rollout.";
+      start.disabled = false;
+      return;
+    }
+    params.set("dryRun", "true");
+    send(form, params, (plan) => {
+      result.textContent = `Dry run: build ${plan.build || "?"} for ${plan.chip || "any chip"}, ` +
+        `${plan.devices.length} device(s) would be taken in now` +
+        (plan.incompatible.length ? `, ${plan.incompatible.length} incompatible` : "") +
+        `. Nothing was started.`;
+      start.disabled = false;
+    });
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  if (document.querySelector("[data-poll]")) setTimeout(poll, POLL_MS);
+  document.querySelectorAll("[data-confirm]").forEach((button) => {
+    button.addEventListener("click", (event) => {
+      if (!window.confirm(button.dataset.confirm)) event.preventDefault();
+    });
+  });
+  const form = document.getElementById("upload");
+  if (form) setUpUpload(form);
+});

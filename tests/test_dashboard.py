@@ -1,0 +1,271 @@
+"""The dashboard (/admin/) in real headless Chromium, against a running server whose
+devices are simulated in another process: upload through the form (dry run
+first), watch the bar reach 100 %, pause and resume, read a failed device's
+reason. A screenshot of every page is kept under pytest's temporary folder.
+
+Needs Debian's `chromium` and `chromium-driver`; without them the tests skip
+with that reason (BLYNKOTA_REQUIRE_BROWSER=1, set by CI, makes it a failure).
+"""
+
+import base64
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from blynkota import create_app
+from blynkota.store import upgrade
+
+from .images import esp8266_image
+from .servers import ADMIN_EMAIL, ADMIN_PASS, ROOT, ServerProcess, wait_until
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+OLD, NEW, NEWER = "Jan  1 2026 00:00:00", "Nov 28 2026 10:00:00", "Nov 28 2026 11:00:00"
+GOOD_DEVICES = 5
+WAIT = 60  # seconds for anything the page should show
+
+if not (CHROMIUM and CHROMEDRIVER):
+    reason = "Chromium and ChromeDriver are not installed (apt install chromium chromium-driver)"
+    if os.environ.get("BLYNKOTA_REQUIRE_BROWSER") == "1":
+        raise RuntimeError(reason + "; BLYNKOTA_REQUIRE_BROWSER=1 asks for them")
+    pytest.skip(reason, allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fleet_server(tmp_path_factory):
+    """One server, a user with five good boards and a user with one that never takes an update."""
+    folder = tmp_path_factory.mktemp("dashboard")
+    db_url = f"sqlite:///{folder / 'fleet.db'}"
+    upgrade(db_url)
+    app = create_app({"db.url": db_url, "data.folder": folder / "data"})
+    registry = app.extensions["blynkota.fleet"]
+    good = [
+        registry.add_device("good@example.com", "Garden", name=f"sensor-{n}")
+        for n in range(GOOD_DEVICES)
+    ]
+    bad = registry.add_device("bad@example.com", "Shed", name="stubborn")
+    app.extensions["blynkota.db"].dispose()
+    server = ServerProcess(
+        folder, db_url, **{"ota.retry.backoff": 0.2, "ota.abort.failure.ratio": 1}
+    ).start()
+    devices = [
+        _simulator(server, good, "none", folder / "good.log"),
+        _simulator(server, [bad], "old-build", folder / "bad.log"),
+    ]
+    wait_until(
+        lambda: (
+            sum(row["online"] for row in server.admin("GET", "/admin/devices").json())
+            == GOOD_DEVICES + 1
+        ),
+        timeout=WAIT,
+        message="every simulated board online",
+    )
+    yield server, folder
+    for process in devices:
+        process.terminate()
+        process.wait(10)
+    server.stop()
+
+
+def _simulator(server: ServerProcess, tokens: list[str], fail: str, log_path):
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [
+                sys.executable, "-m", "blynkota.simulator", "--port", str(server.http_port),
+                "--token", ",".join(tokens), "--build", OLD, "--fail", fail,
+                "--heartbeat", "5", "--duration", "300",
+            ],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser(fleet_server):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # CI runs as root
+        "--disable-dev-shm-usage",
+        "--ignore-certificate-errors",  # the admin port's certificate is self-signed
+        "--window-size=1280,1000",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    # The browser sends the admin's basic auth with every request, as one that
+    # has been given the password does.
+    credentials = base64.b64encode(f"{ADMIN_EMAIL}:{ADMIN_PASS}".encode()).decode()
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd(
+        "Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {credentials}"}}
+    )
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("screenshots")
+    print(f"\nscreenshots in {folder}")
+    return folder
+
+
+def _wait(driver, condition, message: str):
+    WebDriverWait(driver, WAIT, poll_frequency=0.2).until(
+        lambda _: condition(), message=f"{message} within {WAIT}s"
+    )
+
+
+def _press(driver, selector: str) -> None:
+    """Press a button that posts a form, and wait for the page it leads to."""
+    page = driver.find_element(By.TAG_NAME, "html")
+    driver.find_element(By.CSS_SELECTOR, selector).click()
+    WebDriverWait(driver, WAIT).until(staleness_of(page), message="the next page")
+
+
+def _notice(driver) -> str:
+    """The page's notice line, once the page that shows it has loaded."""
+    found = []
+    _wait(
+        driver,
+        lambda: found.extend(driver.find_elements(By.CSS_SELECTOR, ".notice")) or found,
+        "a notice",
+    )
+    return found[0].text
+
+
+def _count(driver, name: str) -> int:
+    return int(driver.find_element(By.CSS_SELECTOR, f'[data-count="{name}"]').text)
+
+
+def _bar_share(driver, name: str) -> float:
+    """The segment's width as a share of the whole bar, as the browser laid it out."""
+    return driver.execute_script(
+        "const bar = document.querySelector('.bar');"
+        "const seg = bar.querySelector(`[data-seg='${arguments[0]}']`);"
+        "return seg.getBoundingClientRect().width / bar.getBoundingClientRect().width;",
+        name,
+    )
+
+
+def _upload(driver, server, folder, build: str, fields: dict[str, str], screenshots, shot: str):
+    image = folder / f"{shot}.bin"
+    image.write_bytes(esp8266_image(build, size=64 * 1024))
+    driver.get(f"https://127.0.0.1:{server.https_port}/admin/upload")
+    driver.find_element(By.NAME, "file").send_keys(str(image))
+    for name, value in fields.items():
+        element = (
+            driver.find_element(By.CSS_SELECTOR, f'[name="{name}"][value="{value}"]')
+            if (name == "scope")
+            else driver.find_element(By.NAME, name)
+        )
+        if element.get_attribute("type") in ("radio", "checkbox"):
+            element.click()
+        else:
+            element.clear()
+            element.send_keys(value)
+    start = driver.find_element(By.ID, "start")
+    assert not start.is_enabled()  # a dry run comes first
+    driver.find_element(By.ID, "dry-run").click()
+    _wait(driver, start.is_enabled, "the dry run's answer")
+    result = driver.find_element(By.ID, "upload-result").text
+    assert result.startswith("Dry run: build " + build), result
+    progress = driver.find_element(By.ID, "upload-progress")
+    assert float(progress.get_attribute("value")) == 100
+    driver.save_screenshot(str(screenshots / f"{shot}-dry-run.png"))
+    start.click()
+    _wait(driver, lambda: "/admin/rollouts/" in driver.current_url, "the rollout's page")
+    return result
+
+
+def test_upload_watch_pause_resume_and_a_failed_device(fleet_server, browser, screenshots):
+    server, folder = fleet_server
+    driver = browser
+
+    plan = _upload(
+        driver, server, folder, NEW,
+        {"scope": "user", "user": "good@example.com", "now": "true"},
+        screenshots, "upload-good",
+    )  # fmt: skip
+    assert f"{GOOD_DEVICES} device(s) would be taken in now" in plan
+    assert "started" in _notice(driver)
+    # Live: the page is not reloaded; the numbers and the bar follow the API.
+    driver.execute_script("window.notReloaded = true")
+    _wait(driver, lambda: _count(driver, "updated") == GOOD_DEVICES, "every good board updated")
+    assert driver.execute_script("return window.notReloaded") is True
+    _wait(driver, lambda: _bar_share(driver, "updated") > 0.99, "the bar at 100 %")
+    assert _count(driver, "total") == GOOD_DEVICES and _count(driver, "failed") == 0
+    driver.save_screenshot(str(screenshots / "rollout-complete.png"))
+
+    # The stubborn board: paused before it is offered, resumed, then it fails with a reason.
+    _upload(
+        driver, server, folder, NEWER,
+        {"scope": "user", "user": "bad@example.com", "maxAttempts": "1", "now": "true"},
+        screenshots, "upload-bad",
+    )  # fmt: skip
+    _press(driver, "button.pause")
+    assert "pause done" in _notice(driver)
+    assert driver.find_element(By.CSS_SELECTOR, '[data-field="state"]').text == "paused"
+    assert driver.find_element(By.CSS_SELECTOR, '[data-field="pause_reason"]').text.startswith(
+        "by "
+    )
+    _press(driver, "button.resume")
+    assert "resume done" in _notice(driver)
+    assert driver.find_element(By.CSS_SELECTOR, '[data-field="state"]').text == "active"
+    _wait(driver, lambda: _count(driver, "failed") == 1, "the stubborn board failed")
+    rollout_page = driver.current_url.split("?")[0]
+    driver.get(rollout_page + "?state=failed")
+    error = driver.find_element(By.CSS_SELECTOR, 'tr[data-device-state="failed"] td.error').text
+    # (HTML shows the build's two spaces as one)
+    assert error == "came back with build " + " ".join(OLD.split())
+    driver.save_screenshot(str(screenshots / "rollout-failed-device.png"))
+
+
+def test_every_page_renders_on_a_laptop_and_a_phone(fleet_server, browser, screenshots):
+    server, _ = fleet_server
+    driver = browser
+    base = f"https://127.0.0.1:{server.https_port}/admin"
+    for size, (width, height) in {"laptop": (1280, 1000), "phone": (390, 844)}.items():
+        driver.set_window_size(width, height)
+        for page, heading in (("/", "Rollouts"), ("/fleet", "Fleet"), ("/upload", "Firmware")):
+            driver.get(base + page)
+            assert driver.find_element(By.TAG_NAME, "h1").text == heading
+            # Nothing wider than the screen: tables scroll inside their cards.
+            overflow = driver.execute_script(
+                "return document.documentElement.scrollWidth - window.innerWidth"
+            )
+            assert overflow <= 0, f"{page} is {overflow}px wider than a {size} screen"
+            driver.save_screenshot(str(screenshots / f"{size}-{page.strip('/') or 'rollouts'}.png"))
+    driver.set_window_size(1280, 1000)
+    driver.get(base + "/fleet")
+    assert "devices online" in driver.find_element(By.CSS_SELECTOR, ".big").text
+
+
+def test_a_form_without_the_token_is_refused(fleet_server, browser):
+    """A page on another site cannot make the browser press a button: a browser's
+    state-changing request needs the page's token, a script's (no Origin) does not."""
+    server, _ = fleet_server
+    driver = browser
+    driver.get(f"https://127.0.0.1:{server.https_port}/admin/")
+    post = (
+        "const done = arguments[arguments.length - 1];"
+        "const headers = arguments[0] ? {'X-CSRF-Token': arguments[0]} : {};"
+        "fetch('/admin/ota/stop?rollout=999', {method: 'POST', headers})"
+        ".then(async r => done([r.status, await r.text()]));"
+    )
+    status, body = driver.execute_async_script(post, "")
+    assert status == 403 and "csrf_token" in body
+    token = driver.find_element(By.CSS_SELECTOR, 'meta[name="csrf-token"]').get_attribute("content")
+    assert len(token) == 64
+    status, body = driver.execute_async_script(post, token)
+    assert (status, body) == (404, "No rollout 999.")  # past the check: the route's own answer
+    assert server.admin("POST", "/admin/ota/stop?rollout=999").status == 404  # a script: no token
