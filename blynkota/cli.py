@@ -1,12 +1,23 @@
-"""Operator commands: `flask --app wsgi devices add|list`, `import-blynk`, `ota status`."""
+"""Operator commands on the database, no server needed: `devices add|list|import-csv|
+export-csv`, `import-blynk`, `ota status`.
 
+The same commands serve `flask --app wsgi ...` and `blynkota ...` (console.py).
+"""
+
+import csv
 from pathlib import Path
 
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
-from .ota import BlynkDataError, OtaRequestError, ProvisioningError, read_blynk_folder
+from .ota import (
+    BlynkDataError,
+    NewDevice,
+    OtaRequestError,
+    ProvisioningError,
+    read_blynk_folder,
+)
 from .store import DeviceState, upgrade
 
 __all__ = ["init_app"]
@@ -54,6 +65,76 @@ def list_devices() -> None:
             for row in rows
         ]
     )
+
+
+CSV_COLUMNS = ("token", "user", "project", "name")
+EXPORT_COLUMNS = (*CSV_COLUMNS, "build", "online", "last_seen_at")
+CSV_MAX_ROWS = 1_000_000
+
+
+def _csv_devices(path: Path) -> list[NewDevice]:
+    """Rows of `token,user,project,name` (a header line names them; token may be empty)."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = {"user", "project"} - set(reader.fieldnames or ())
+            if missing:
+                raise click.ClickException(
+                    f"{path}: the header line needs the columns {', '.join(CSV_COLUMNS)} "
+                    f"(token and name may be empty); missing: {', '.join(sorted(missing))}"
+                )
+            devices = []
+            for row in reader:
+                if len(devices) >= CSV_MAX_ROWS:
+                    raise click.ClickException(f"{path}: more than {CSV_MAX_ROWS} rows")
+                devices.append(
+                    NewDevice(
+                        email=(row.get("user") or "").strip(),
+                        project=(row.get("project") or "").strip(),
+                        name=(row.get("name") or "").strip(),
+                        token=(row.get("token") or "").strip() or None,
+                    )
+                )
+            return devices
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise click.ClickException(f"{path}: cannot read it ({error})") from None
+
+
+@devices.command("import-csv")
+@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def import_csv(csv_file: Path) -> None:
+    """Add the devices of a CSV file (token,user,project,name), all or none."""
+    rows = _csv_devices(csv_file)
+    try:
+        tokens = _fleet().add_devices(rows)
+    except ProvisioningError as error:
+        # Devices count from the first line after the header.
+        raise click.ClickException(f"{csv_file}: nothing added: {error}") from None
+    generated = sum(row.token is None for row in rows)
+    click.echo(
+        f"Added {len(tokens)} device(s), {generated} with a new token "
+        "(devices export-csv lists them with their tokens)."
+    )
+
+
+@devices.command("export-csv")
+@click.argument("csv_file", type=click.File("w", encoding="utf-8"), default="-")
+def export_csv(csv_file) -> None:
+    """Write every device as CSV (to CSV_FILE, or standard output); import-csv reads it back."""
+    writer = csv.writer(csv_file, lineterminator="\n")
+    writer.writerow(EXPORT_COLUMNS)
+    for row in _fleet().list_devices():
+        writer.writerow(
+            (
+                row.token,
+                row.user,
+                row.project,
+                row.name,
+                row.build or "",
+                "yes" if row.online else "no",
+                row.last_seen_at.isoformat() + "Z" if row.last_seen_at else "",
+            )
+        )
 
 
 @click.command("import-blynk")

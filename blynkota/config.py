@@ -24,6 +24,7 @@ __all__ = [
     "Settings",
     "load_settings",
     "parse_properties",
+    "IN_CHECKOUT",
     "PROJECT_ROOT",
 ]
 
@@ -31,7 +32,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # In a checkout the data folder sits beside wsgi.py, whatever the working
 # directory: `flask --app main/wsgi.py` from the parent finds the same fleet.
 # Installed as a package, ./data of the working directory (as Blynk does).
-_DEFAULT_DATA = str(PROJECT_ROOT / "data") if (PROJECT_ROOT / "wsgi.py").is_file() else "./data"
+IN_CHECKOUT = (PROJECT_ROOT / "wsgi.py").is_file() and (PROJECT_ROOT / "blynkota").is_dir()
+_DEFAULT_DATA = str(PROJECT_ROOT / "data") if IN_CHECKOUT else "./data"
 
 DEFAULTS: dict[str, str] = {
     "http.port": "8080",
@@ -271,9 +273,9 @@ def load_settings(
     environ = os.environ if environ is None else environ
     values = dict(DEFAULTS)
     sources, warnings = [], []
-    template = PROJECT_ROOT / "config" / "server.properties"  # absent when installed
+    template = PROJECT_ROOT / "config" / "server.properties"
     chosen = properties_file or environ.get("BLYNKOTA_CONFIG")
-    if template.is_file():
+    if IN_CHECKOUT and template.is_file():
         values.update(_read_file(template, warnings))
         sources.append(str(template))
     if chosen:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from blynkota.config import ConfigError, load_settings, parse_properties
+from blynkota.config import PROJECT_ROOT, ConfigError, load_settings, parse_properties
 
 
 def test_properties_format():
@@ -58,3 +58,88 @@ def test_bad_values_name_the_key(key, value, message):
 def test_missing_properties_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(environ={"BLYNKOTA_CONFIG": str(tmp_path / "nope.properties")})
+
+
+def test_java_properties_syntax():
+    """What java.util.Properties accepts: space or colon as separator, escapes, \\uXXXX."""
+    text = (
+        "http.port 8081\n"
+        "server.host : ota.example\n"
+        "admin.pass = p\\u00e4ss\\=word\n"
+        "allowed.administrator.ips = 10.0.0.0/8,\\\n"
+        "    192.168.0.0/16\n"
+        "admin.email=ops\\@example.com\n"
+    )
+    assert parse_properties(text) == {
+        "http.port": "8081",
+        "server.host": "ota.example",
+        "admin.pass": "päss=word",
+        "allowed.administrator.ips": "10.0.0.0/8,192.168.0.0/16",
+        "admin.email": "ops@example.com",
+    }
+
+
+def test_unknown_keys_are_named_with_the_closest_known_key(tmp_path):
+    properties = tmp_path / "server.properties"
+    properties.write_text("htpp.port=8081\nhttps.port=9444\nmy.own.key=1\n")
+    settings = load_settings(properties_file=properties, environ={})
+    assert settings.http_port == 8080 and settings.https_port == 9444  # the typo is not taken
+    assert settings.warnings == (
+        f"{properties}: unknown key 'htpp.port' ignored (did you mean http.port?)",
+        f"{properties}: unknown key 'my.own.key' ignored",
+    )
+
+
+def test_relative_paths_are_from_the_properties_files_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    properties = folder / "server.properties"
+    properties.write_text(
+        "data.folder=fleet\nserver.ssl.cert=tls/c.pem\nserver.ssl.key=tls/k.pem\n"
+    )
+    monkeypatch.chdir(tmp_path)  # elsewhere: the working directory plays no part
+    settings = load_settings(properties_file=properties, environ={})
+    assert settings.data_folder == folder / "fleet"
+    assert settings.db_url == f"sqlite:///{folder / 'fleet' / 'blynkota.db'}"
+    assert (settings.ssl_cert, settings.ssl_key) == (folder / "tls/c.pem", folder / "tls/k.pem")
+
+
+def test_the_default_data_folder_is_the_checkouts_whatever_the_working_directory(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(environ={})
+    assert settings.data_folder == PROJECT_ROOT / "data"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("log.level", "LOUD", "log.level: 'LOUD' is not one of DEBUG, INFO, WARNING"),
+        ("log.format", "xml", "log.format: 'xml' is not one of text, json"),
+        ("listen.address", "not-an-ip", "listen.address: 'not-an-ip' is not an IP address"),
+        ("db.url", "postgres://x", "db.url: 'postgres' is not a supported database"),
+        ("db.url", "mysql://root@h/db", "db.url: the 'mysqldb' driver blocks"),
+        ("db.url", "nonsense", "db.url: 'nonsense'... is not a database URL"),
+        ("allowed.metrics.ips", "everyone", "allowed.metrics.ips: 'everyone' is not a CIDR"),
+    ],
+)
+def test_each_setting_is_checked_by_type(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings({key: value}, environ={})
+
+
+def test_good_values_of_the_checked_keys(tmp_path):
+    settings = load_settings(
+        {
+            "data.folder": tmp_path,
+            "log.level": "debug",
+            "log.format": "JSON",
+            "listen.address": "::1",
+            "db.url": "mysql+pymysql://root@127.0.0.1/blynkota",
+        },
+        environ={},
+    )
+    assert (settings.log_level, settings.log_format) == ("DEBUG", "json")
+    assert settings.listen_address == "::1"
+    assert [str(net) for net in settings.allowed_metrics_networks] == ["127.0.0.1/32", "::1/128"]

@@ -204,6 +204,14 @@ def test_upload_watch_pause_resume_and_a_failed_device(fleet_server, browser, sc
     assert driver.execute_script("return window.notReloaded") is True
     _wait(driver, lambda: _bar_share(driver, "updated") > 0.99, "the bar at 100 %")
     assert _count(driver, "total") == GOOD_DEVICES and _count(driver, "failed") == 0
+    # The device table follows too, without a reload.
+    _wait(
+        driver,
+        lambda: len(driver.find_elements(By.CSS_SELECTOR, 'tr[data-device-state="updated"]'))
+        == GOOD_DEVICES,
+        "every row of the table updated",
+    )
+    assert driver.execute_script("return window.notReloaded") is True
     driver.save_screenshot(str(screenshots / "rollout-complete.png"))
 
     # The stubborn board: paused before it is offered, resumed, then it fails with a reason.

@@ -60,10 +60,17 @@ def test_a_database_outage_refuses_logins_cleanly_and_presence_recovers(
         log = server.log()
         assert log.count("database unreachable") == 1, log
         assert "Traceback" not in log
+        # A load balancer's check says so, and so does Prometheus.
+        ready = server.admin("GET", "/readyz", auth=None, secure=False)
+        assert ready.status == 503 and ready.json()["database"].startswith("unreachable")
+        metrics = server.admin("GET", "/metrics", auth=None, secure=False).text
+        assert "blynkota_database_up 0.0" in metrics
+        assert 'blynkota_database_errors_total{kind="unreachable"} 0.0' not in metrics
 
         proxy.restore()
         wait_until(lambda: "database reachable again" in server.log(), timeout=60,
                    message="the server to see the database back")  # fmt: skip
+        assert server.admin("GET", "/readyz", auth=None, secure=False).status == 200
         wait_until(lambda: not online(engine)[leaving], timeout=10,
                    message="the device that left during the outage to be offline")  # fmt: skip
         device = RawDevice(server.http_port)

@@ -3,6 +3,7 @@
 import os
 import re
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -177,3 +178,76 @@ def test_broken_tls_files_stop_the_start_in_one_line(tmp_path, case, message):
     assert "Traceback" not in result.stderr + result.stdout
     assert "listening" not in result.stderr + result.stdout
     assert not (tmp_path / "data" / "tls").exists()  # nothing generated beside a given pair
+
+
+@pytest.mark.parametrize("port_key", ["http.port", "https.port"])
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path, port_key):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    config = write_properties(
+        tmp_path / "server.properties",
+        {
+            "http.port": 0,
+            "https.port": 0,
+            "listen.address": "127.0.0.1",
+            "data.folder": tmp_path / "data",
+            port_key: port,
+        },
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "wsgi.py", "-serverConfig", str(config)],
+            cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        taken.close()
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"blynkota: {port_key}: 127.0.0.1:{port} is in use by another process"
+    assert "Traceback" not in result.stderr
+
+
+def test_a_typo_in_a_key_is_named_at_start(tmp_path):
+    config = tmp_path / "server.properties"
+    config.write_text(
+        f"htpp.port=8081\nhttp.port 0\nhttps.port:0\nlisten.address=127.0.0.1\n"
+        f"data.folder={tmp_path / 'data'}\n"
+    )
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "wsgi.py", "-serverConfig", str(config)],
+            cwd=ROOT, env=clean_env(), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        ports = wait_for_ports(process, log_path)
+        assert ports["devices"] != 8081  # `http.port 0` (a space) was read; the typo was not
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(15)
+    assert "unknown key 'htpp.port' ignored (did you mean http.port?)" in log_path.read_text()
+
+
+def test_the_flask_cli_from_another_folder_uses_the_configured_fleet(tmp_path):
+    """A relative data.folder is the config file's, not the working directory's; and
+    flask, with python-dotenv installed, prints no tip about it."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "server.properties").write_text("data.folder=fleet\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = clean_env(BLYNKOTA_CONFIG=folder / "server.properties")
+    added = subprocess.run(
+        ["flask", "--app", str(ROOT / "wsgi.py"), "devices", "add", "--user", "a@b.c",
+         "--project", "P"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    with sqlite3.connect(folder / "fleet" / "blynkota.db") as connection:
+        assert connection.execute("SELECT token FROM devices").fetchall() == [
+            (added.stdout.strip(),)
+        ]
+    assert not (elsewhere / "data").exists()
+    assert "dotenv" not in added.stderr

@@ -9,7 +9,14 @@ from .device_states import TRANSITIONS, IllegalDeviceTransition
 from .errors import OtaRequestError
 from .firmware import FirmwareRejected, ImageReport, inspect_firmware, read_build
 from .firmware_store import CacheError, FirmwareCache
-from .fleet import DeviceRow, FleetRegistry, ImportCounts, ProvisioningError, new_token
+from .fleet import (
+    DeviceRow,
+    FleetRegistry,
+    ImportCounts,
+    NewDevice,
+    ProvisioningError,
+    new_token,
+)
 from .guards import FleetPolicy, RolloutGuards
 from .lifecycle import RetryPolicy, UpdateLifecycle
 from .offers import DeviceIdentity, DownloadTicket, Offer
@@ -50,6 +57,7 @@ __all__ = [
     "DeviceRow",
     "FleetRegistry",
     "ImportCounts",
+    "NewDevice",
     "ProvisioningError",
     "new_token",
     "RetryPolicy",

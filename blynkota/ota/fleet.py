@@ -11,7 +11,17 @@ from ..logsafe import token_tag
 from ..store import Database, Device, Project, User
 from .blynk_data import BlynkUser
 
-__all__ = ["DeviceRow", "FleetRegistry", "ImportCounts", "ProvisioningError", "new_token"]
+__all__ = [
+    "DeviceRow",
+    "FleetRegistry",
+    "ImportCounts",
+    "NewDevice",
+    "ProvisioningError",
+    "new_token",
+]
+
+
+TEXT_LIMIT = 255  # characters of an e-mail, a project or a device name (their columns)
 
 
 class ProvisioningError(ValueError):
@@ -57,6 +67,27 @@ def _user(session: Session, email: str) -> User:
     return user
 
 
+@dataclass(frozen=True)
+class NewDevice:
+    """A device to provision: owner's e-mail, project name, device name, token (or None)."""
+
+    email: str
+    project: str
+    name: str = ""
+    token: str | None = None
+
+    def check(self) -> None:
+        """Bounded to the columns; a clear reason where not."""
+        if not self.email or len(self.email) > TEXT_LIMIT or "@" not in self.email:
+            raise ProvisioningError(f"{self.email!r} is not an e-mail address.")
+        if not self.project.strip() or len(self.project) > TEXT_LIMIT:
+            raise ProvisioningError(f"A project name is 1 to {TEXT_LIMIT} characters.")
+        if len(self.name) > TEXT_LIMIT:
+            raise ProvisioningError(f"A device name is at most {TEXT_LIMIT} characters.")
+        if self.token is not None and (not self.token.isalnum() or len(self.token) > 64):
+            raise ProvisioningError("A token is 1 to 64 letters and digits.")
+
+
 class FleetRegistry:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -64,17 +95,38 @@ class FleetRegistry:
     def add_device(
         self, email: str, project_name: str, *, name: str = "", token: str | None = None
     ) -> str:
-        token = token or new_token()
-        if not token.isalnum() or len(token) > 64:
-            raise ProvisioningError("A token is 1 to 64 letters and digits.")
+        return self.add_devices([NewDevice(email, project_name, name, token)])[0]
+
+    def add_devices(self, devices: list["NewDevice"]) -> list[str]:
+        """Add every device in one transaction, or none (ProvisioningError names the first
+        that cannot be added, by its position from 1); their tokens, in order."""
+        tokens = []
         with self._db.begin() as session:
-            if session.scalar(select(Device.id).where(Device.token == token)) is not None:
-                raise ProvisioningError(f"Token {token} already belongs to a device.")
-            user = _user(session, email)
+            projects: dict[tuple[str, str], Project] = {}
+            for number, device in enumerate(devices, start=1):
+                where = f"device {number}: " if len(devices) > 1 else ""
+                try:
+                    if device.token is not None and device.token in tokens:
+                        raise ProvisioningError(f"Token {device.token} is given twice.")
+                    tokens.append(self._add(session, device, projects))
+                except ProvisioningError as error:
+                    raise ProvisioningError(f"{where}{error}") from None
+        return tokens
+
+    @staticmethod
+    def _add(session: Session, device: "NewDevice", projects: dict) -> str:
+        device.check()
+        token = device.token or new_token()
+        if session.scalar(select(Device.id).where(Device.token == token)) is not None:
+            raise ProvisioningError(f"Token {token} already belongs to a device.")
+        key = (device.email, device.project.lower())
+        project = projects.get(key)
+        if project is None:
+            user = _user(session, device.email)
             project = session.scalar(
                 select(Project).where(
                     Project.user_id == user.id,
-                    func.lower(Project.name) == project_name.lower(),
+                    func.lower(Project.name) == device.project.lower(),
                 )
             )
             if project is None:
@@ -83,10 +135,11 @@ class FleetRegistry:
                         Project.user_id == user.id
                     )
                 )
-                project = Project(user_id=user.id, dash_id=next_id, name=project_name)
+                project = Project(user_id=user.id, dash_id=next_id, name=device.project)
                 session.add(project)
                 session.flush()
-            session.add(Device(project_id=project.id, name=name, token=token))
+            projects[key] = project
+        session.add(Device(project_id=project.id, name=device.name, token=token))
         return token
 
     def import_blynk(self, users: list[BlynkUser]) -> ImportCounts:

@@ -29,6 +29,7 @@ dashboard = Blueprint(
 )
 
 PAGE_SIZE = 50  # devices per page of a rollout
+ROLLOUTS_SHOWN = 50  # newest rollouts on the first page
 ACTIONS = ("pause", "resume", "stop", "retry", "expand")
 # The progress bar's segments, in order, with the states each one adds up.
 SEGMENTS = (
@@ -90,8 +91,12 @@ def _request_error(error: OtaRequestError) -> Response:
 @dashboard.get("/")
 @auth.login_required
 def rollouts() -> str:
+    every = _service().status()  # newest first
     return render_template(
-        "dashboard/rollouts.html", rollouts=_service().status(), notice=request.args.get("notice")
+        "dashboard/rollouts.html",
+        rollouts=every[:ROLLOUTS_SHOWN],
+        hidden=len(every) - ROLLOUTS_SHOWN,
+        notice=request.args.get("notice"),
     )
 
 

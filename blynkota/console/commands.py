@@ -1,0 +1,316 @@
+"""The `blynkota` command group (see console/__init__.py for what each part talks to)."""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+from flask.cli import ScriptInfo
+
+from ..cli import devices, import_blynk
+from ..config import ConfigError, load_settings
+from .client import AdminClient, AdminError, Target
+
+__all__ = ["blynkota"]
+
+IN_FLIGHT = ("offered", "downloading", "downloaded")
+BAR_WIDTH = 40
+SEGMENTS = (  # (label, states, character) of the text progress bar
+    ("updated", ("updated",), "#"),
+    ("in flight", IN_FLIGHT, ">"),
+    ("pending", ("pending",), "."),
+    ("failed", ("failed",), "x"),
+    ("incompatible", ("incompatible",), "!"),
+)
+
+
+class BadSettings(click.ClickException):
+    """A setting that cannot be used: one line, exit code 2 (as `python wsgi.py`)."""
+
+    exit_code = 2
+
+
+def _settings():
+    try:
+        return load_settings()
+    except ConfigError as error:
+        raise BadSettings(str(error)) from None
+
+
+def _create_app():
+    from ..app import create_app
+
+    try:
+        return create_app()
+    except ConfigError as error:
+        raise BadSettings(str(error)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="BLYNKOTA_CONFIG",
+    help="server.properties file (env BLYNKOTA_CONFIG); relative paths in it are from its folder.",
+)
+@click.option(
+    "--data-folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="data folder (as data.folder): the SQLite database, firmware, TLS pair.",
+)
+@click.pass_context
+def blynkota(ctx: click.Context, config: Path | None, data_folder: Path | None) -> None:
+    """blynkota: over-the-air firmware updates for Blynk devices (ESP8266/ESP32)."""
+    # Read by load_settings in every part (the server, the database commands).
+    if config is not None:
+        os.environ["BLYNKOTA_CONFIG"] = str(config.absolute())
+    if data_folder is not None:
+        os.environ["BLYNKOTA_DATA_FOLDER"] = str(data_folder.absolute())
+    # The database commands are the `flask` CLI's: they find the app here.
+    ctx.obj = ScriptInfo(create_app=_create_app, set_debug_flag=False)
+
+
+# --- the server -------------------------------------------------------------------
+
+
+@blynkota.command(context_settings={"ignore_unknown_options": True})
+@click.argument("role", type=click.Choice(["all", "devices"]), default="all")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, help="device processes")
+def serve(role: str, workers: int) -> None:
+    """Run the server: everything in one process (all), or the device port only (devices)."""
+    from ..serving import main
+
+    argv = [role] + (["--workers", str(workers)] if workers != 1 else [])
+    sys.exit(main(argv))
+
+
+# --- provisioning, on the database ----------------------------------------------------
+
+devices.add_command(import_blynk)  # also `blynkota devices import-blynk`
+blynkota.add_command(devices)
+
+
+# --- through a running server's admin API -----------------------------------------------
+
+
+def _connection_options(command):
+    options = [
+        click.option(
+            "--url",
+            envvar="BLYNKOTA_URL",
+            help="admin API, e.g. https://ota.example.com:9443 (env BLYNKOTA_URL; "
+            "default: this machine's https.port)",
+        ),
+        click.option(
+            "--admin",
+            "email",
+            help="admin e-mail (default: admin.email of the configuration, "
+            "env BLYNKOTA_ADMIN_EMAIL)",
+        ),
+        click.option(
+            "--password",
+            help="admin password (default: admin.pass, env BLYNKOTA_ADMIN_PASS)",
+        ),
+        click.option(
+            "--ca-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="BLYNKOTA_CA_FILE",
+            help="CA or certificate to trust (env BLYNKOTA_CA_FILE; default: the "
+            "server's own certificate when it is on this machine)",
+        ),
+        click.option("--insecure", is_flag=True, help="do not check the server's certificate"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _client(url, email, password, ca_file, insecure) -> AdminClient:
+    """Flags first, then the environment, then the configuration (BLYNKOTA_CONFIG)."""
+    settings = _settings()
+    if url is None:
+        host = settings.listen_address
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        url = f"https://{f'[{host}]' if ':' in host else host}:{settings.https_port}"
+    if ca_file is None and not insecure and settings.ssl_cert.is_file():
+        ca_file = settings.ssl_cert  # self-signed: the certificate is its own CA
+    try:
+        return AdminClient(
+            Target(
+                url=url.rstrip("/"),
+                email=email or settings.admin_email,
+                password=password or settings.admin_pass,
+                ca_file=ca_file,
+                insecure=insecure,
+            )
+        )
+    except AdminError as error:
+        raise click.UsageError(str(error)) from None
+
+
+def _call(action):
+    try:
+        return action()
+    except AdminError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@blynkota.group()
+def firmware() -> None:
+    """Upload firmware and start its rollout (through the admin API)."""
+
+
+@firmware.command("upload")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--token", help="one device: its update starts now (or at its next login)")
+@click.option("--user", help="a user's devices (e-mail)")
+@click.option("--project", help="with --user: one project (name or dashboard id)")
+@click.option("--dry-run", is_flag=True, help="say which devices it would take in; start nothing")
+@click.option("--now", is_flag=True, default=None, help="offer connected devices at once")
+@click.option("--queue", is_flag=True, help="with --token: keep it for an offline device")
+@click.option("--percent", type=click.IntRange(1, 100), help="share of the devices")
+@click.option("--waves", help="growing shares, e.g. 1,10,50,100")
+@click.option("--success", type=click.IntRange(1, 100), help="%% of a wave updated to go on")
+@click.option("--max-concurrent", type=click.IntRange(1, 1_000_000))
+@click.option("--max-attempts", type=click.IntRange(1, 100))
+@click.option("--attempt-timeout", help="90, 15m, 24h")
+@click.option("--abort-ratio", help="pause above this failure share, e.g. 0.2")
+@click.option("--wave-delay", help="time between waves: 30m, 1d")
+@_connection_options
+def upload(file: Path, token, user, project, dry_run, now, queue, percent, waves, success,
+           max_concurrent, max_attempts, attempt_timeout, abort_ratio, wave_delay,
+           **connection) -> None:  # fmt: skip
+    """Upload FILE and roll it out; prints the rollout id."""
+    if token and (user or project):
+        raise click.UsageError("give --token (one device) or --user/--project, not both")
+    if token and dry_run:
+        raise click.UsageError("--dry-run is for campaigns (--user/--project or everyone)")
+    query = {
+        "token": token,
+        "user": user,
+        "project": project,
+        "dryRun": "true" if dry_run else None,
+        "now": None if now is None else "true",
+        "queue": "true" if queue else None,
+        "percent": percent,
+        "waves": waves,
+        "success": success,
+        "maxConcurrent": max_concurrent,
+        "maxAttempts": max_attempts,
+        "attemptTimeout": attempt_timeout,
+        "abortRatio": abort_ratio,
+        "waveDelay": wave_delay,
+    }
+    client = _client(**connection)
+    size = file.stat().st_size
+    with click.progressbar(length=size, label=f"Uploading {file.name}", file=sys.stderr) as bar:
+        answer = _call(lambda: client.upload("/admin/ota/start", query, file, bar.update))
+    if dry_run:
+        incompatible = answer["incompatible"]
+        click.echo(
+            f"Dry run: build {answer['build']} ({answer['chip'] or 'any chip'}), "
+            f"{len(answer['devices'])} device(s) would be taken in now"
+            + (f", {len(incompatible)} incompatible" if incompatible else "")
+            + ". Nothing was started."
+        )
+        return
+    click.echo(
+        f"Rollout {answer['rollout']} started: {answer['devices']} device(s), "
+        f"build {answer['build']}, file {answer['path']}"
+    )
+
+
+@blynkota.group()
+def rollout() -> None:
+    """Look at and steer rollouts (through the admin API)."""
+
+
+def _bar(summary: dict) -> str:
+    total = summary["device_count"] or 0
+    counts = summary["counts"]
+    cells, labels = "", []
+    for label, states, mark in SEGMENTS:
+        count = sum(counts.get(state, 0) for state in states)
+        cells += mark * (round(BAR_WIDTH * count / total) if total else 0)
+        labels.append(f"{label} {count}")
+    cells = cells[:BAR_WIDTH].ljust(BAR_WIDTH)
+    share = 100 * counts.get("updated", 0) // total if total else 0
+    return f"[{cells}] {share:3d}%  " + "  ".join(labels) + f"  of {total}"
+
+
+def _describe(summary: dict) -> str:
+    lines = [
+        f"rollout {summary['id']}  {summary['state']}  build {summary['firmware']['build']}  "
+        f"target {summary['target']}  started by {summary['started_by']} {summary['started_at']}",
+        _bar(summary),
+    ]
+    if summary.get("pause_reason"):
+        lines.append(f"paused: {summary['pause_reason']}")
+    if summary.get("next_wave"):
+        lines.append(f"waiting: {summary['next_wave']}")
+    return "\n".join(lines)
+
+
+def _finished(summary: dict) -> bool:
+    counts = summary["counts"]
+    busy = counts.get("pending", 0) + sum(counts.get(state, 0) for state in IN_FLIGHT)
+    return summary["state"] in ("stopped", "superseded") or busy == 0
+
+
+@rollout.command("status")
+@click.argument("rollout_id", type=click.IntRange(1), required=False)
+@click.option("--watch", is_flag=True, help="refresh until the rollout has nothing left to do")
+@click.option("--interval", type=click.FloatRange(0.2, 3600), default=2.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(0), default=0, help="stop watching after N s")
+@_connection_options
+def status(rollout_id, watch, interval, timeout, **connection) -> None:
+    """Every rollout, or ROLLOUT_ID's, with a progress bar; --watch follows it live."""
+    client = _client(**connection)
+
+    def summaries() -> list[dict]:
+        found = _call(lambda: client.request("GET", "/admin/ota/status"))
+        if rollout_id is None:
+            return found
+        chosen = [summary for summary in found if summary["id"] == rollout_id]
+        if not chosen:
+            raise click.ClickException(f"No rollout {rollout_id}.")
+        return chosen
+
+    started = time.monotonic()
+    while True:
+        shown = summaries()
+        text = "\n\n".join(_describe(summary) for summary in shown) or "No rollout yet."
+        if watch and sys.stdout.isatty():
+            click.clear()
+        click.echo(text)
+        if not watch or all(_finished(summary) for summary in shown):
+            return
+        if timeout and time.monotonic() - started >= timeout:
+            raise click.ClickException(f"still running after {timeout:g} s")
+        time.sleep(interval)
+        if not sys.stdout.isatty():
+            click.echo("")
+
+
+def _steer(action: str, help_text: str):
+    @rollout.command(action, help=help_text)
+    @click.argument("rollout_id", type=click.IntRange(1))
+    @_connection_options
+    def command(rollout_id: int, **connection) -> None:
+        client = _client(**connection)
+        summary = _call(
+            lambda: client.request("POST", f"/admin/ota/rollouts/{rollout_id}/{action}")
+        )
+        click.echo(_describe(summary))
+
+    return command
+
+
+for _action, _help in (
+    ("pause", "Pause ROLLOUT_ID: no new offers until it is resumed."),
+    ("resume", "Resume ROLLOUT_ID."),
+    ("stop", "Stop ROLLOUT_ID: its pending devices are cancelled."),
+    ("retry", "Give ROLLOUT_ID's failed devices a fresh set of attempts."),
+):
+    _steer(_action, _help)
