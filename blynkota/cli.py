@@ -11,6 +11,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
+from .config import ConfigError
 from .ota import (
     BlynkDataError,
     NewDevice,
@@ -20,7 +21,23 @@ from .ota import (
 )
 from .store import DeviceState, upgrade
 
-__all__ = ["init_app"]
+__all__ = ["BadSettings", "create_app_for_commands", "init_app"]
+
+
+class BadSettings(click.ClickException):
+    """A setting that cannot be used: one line, exit code 2 (as `python wsgi.py`)."""
+
+    exit_code = 2
+
+
+def create_app_for_commands() -> Flask:
+    """The app as `flask --app wsgi` and `blynkota` load it: a bad setting is one line."""
+    from .app import create_app
+
+    try:
+        return create_app()
+    except ConfigError as error:
+        raise BadSettings(str(error)) from None
 
 
 def _fleet():

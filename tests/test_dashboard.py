@@ -207,8 +207,10 @@ def test_upload_watch_pause_resume_and_a_failed_device(fleet_server, browser, sc
     # The device table follows too, without a reload.
     _wait(
         driver,
-        lambda: len(driver.find_elements(By.CSS_SELECTOR, 'tr[data-device-state="updated"]'))
-        == GOOD_DEVICES,
+        lambda: (
+            len(driver.find_elements(By.CSS_SELECTOR, 'tr[data-device-state="updated"]'))
+            == GOOD_DEVICES
+        ),
         "every row of the table updated",
     )
     assert driver.execute_script("return window.notReloaded") is True

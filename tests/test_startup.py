@@ -251,3 +251,15 @@ def test_the_flask_cli_from_another_folder_uses_the_configured_fleet(tmp_path):
         ]
     assert not (elsewhere / "data").exists()
     assert "dotenv" not in added.stderr
+
+
+def test_a_bad_setting_is_one_line_for_the_flask_cli_too(tmp_path):
+    result = subprocess.run(
+        ["flask", "--app", "wsgi", "devices", "list"],
+        cwd=ROOT, env=clean_env(BLYNKOTA_LOG_LEVEL="LOUD"), capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == (
+        "Error: log.level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL\n"
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from flask.cli import ScriptInfo
 
-from ..cli import devices, import_blynk
+from ..cli import BadSettings, create_app_for_commands, devices, import_blynk
 from ..config import ConfigError, load_settings
 from .client import AdminClient, AdminError, Target
 
@@ -25,24 +25,9 @@ SEGMENTS = (  # (label, states, character) of the text progress bar
 )
 
 
-class BadSettings(click.ClickException):
-    """A setting that cannot be used: one line, exit code 2 (as `python wsgi.py`)."""
-
-    exit_code = 2
-
-
 def _settings():
     try:
         return load_settings()
-    except ConfigError as error:
-        raise BadSettings(str(error)) from None
-
-
-def _create_app():
-    from ..app import create_app
-
-    try:
-        return create_app()
     except ConfigError as error:
         raise BadSettings(str(error)) from None
 
@@ -68,7 +53,7 @@ def blynkota(ctx: click.Context, config: Path | None, data_folder: Path | None) 
     if data_folder is not None:
         os.environ["BLYNKOTA_DATA_FOLDER"] = str(data_folder.absolute())
     # The database commands are the `flask` CLI's: they find the app here.
-    ctx.obj = ScriptInfo(create_app=_create_app, set_debug_flag=False)
+    ctx.obj = ScriptInfo(create_app=create_app_for_commands, set_debug_flag=False)
 
 
 # --- the server -------------------------------------------------------------------
