@@ -45,6 +45,44 @@ class HttpAnswer:
         return json.loads(self.body)
 
 
+def clean_env(**values) -> dict[str, str]:
+    """This environment without BLYNKOTA_ settings, plus `values`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLYNKOTA_")}
+    env.update({k: str(v) for k, v in values.items()})
+    return env
+
+
+def wait_for_ports(process: subprocess.Popen, log_path: Path, timeout: float = 30) -> dict:
+    """The ports a server started outside ServerProcess printed, by listener."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = dict(_LISTENING.findall(log_path.read_text()))
+        if len(found) == 2:
+            return {kind: int(port) for kind, port in found.items()}
+        assert process.poll() is None, log_path.read_text()
+        time.sleep(0.05)
+    raise AssertionError(f"no listening lines:\n{log_path.read_text()}")
+
+
+def sqlite_fleet(folder: Path, devices: list[tuple[str, str, str]]) -> tuple[str, list[str]]:
+    """A migrated SQLite database in `folder` with `devices` (e-mail, project, name) added:
+    its URL and their tokens, in order."""
+    from blynkota import create_app
+    from blynkota.ota import NewDevice
+    from blynkota.store import upgrade
+
+    db_url = f"sqlite:///{folder / 'fleet.db'}"
+    upgrade(db_url)
+    app = create_app({"db.url": db_url, "data.folder": folder / "cli"})
+    try:
+        tokens = app.extensions["blynkota.fleet"].add_devices(
+            [NewDevice(email, project, name) for email, project, name in devices]
+        )
+    finally:
+        app.extensions["blynkota.db"].dispose()
+    return db_url, tokens
+
+
 def write_properties(path: Path, values: dict[str, object]) -> Path:
     path.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
     return path

@@ -9,17 +9,15 @@ with that reason (BLYNKOTA_REQUIRE_BROWSER=1, set by CI, makes it a failure).
 
 import base64
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from blynkota import create_app
-from blynkota.store import upgrade
-
 from .images import esp8266_image
-from .servers import ADMIN_EMAIL, ADMIN_PASS, ROOT, ServerProcess, wait_until
+from .servers import ADMIN_EMAIL, ADMIN_PASS, ROOT, ServerProcess, sqlite_fleet, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -36,7 +34,10 @@ if not (CHROMIUM and CHROMEDRIVER):
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
+from selenium.webdriver.support.expected_conditions import (  # noqa: E402
+    alert_is_present,
+    staleness_of,
+)
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
@@ -44,16 +45,11 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 def fleet_server(tmp_path_factory):
     """One server, a user with five good boards and a user with one that never takes an update."""
     folder = tmp_path_factory.mktemp("dashboard")
-    db_url = f"sqlite:///{folder / 'fleet.db'}"
-    upgrade(db_url)
-    app = create_app({"db.url": db_url, "data.folder": folder / "data"})
-    registry = app.extensions["blynkota.fleet"]
-    good = [
-        registry.add_device("good@example.com", "Garden", name=f"sensor-{n}")
-        for n in range(GOOD_DEVICES)
-    ]
-    bad = registry.add_device("bad@example.com", "Shed", name="stubborn")
-    app.extensions["blynkota.db"].dispose()
+    db_url, (*good, bad) = sqlite_fleet(
+        folder,
+        [("good@example.com", "Garden", f"sensor-{n}") for n in range(GOOD_DEVICES)]
+        + [("bad@example.com", "Shed", "stubborn")],
+    )
     server = ServerProcess(
         folder, db_url, **{"ota.retry.backoff": 0.2, "ota.abort.failure.ratio": 1}
     ).start()
@@ -179,6 +175,8 @@ def _upload(driver, server, folder, build: str, fields: dict[str, str], screensh
     _wait(driver, start.is_enabled, "the dry run's answer")
     result = driver.find_element(By.ID, "upload-result").text
     assert result.startswith("Dry run: build " + build), result
+    planned = driver.find_elements(By.CSS_SELECTOR, "#upload-result .plan tbody tr")
+    assert len(planned) == int(re.search(r"(\d+) device\(s\) would be", result).group(1))
     progress = driver.find_element(By.ID, "upload-progress")
     assert float(progress.get_attribute("value")) == 100
     driver.save_screenshot(str(screenshots / f"{shot}-dry-run.png"))
@@ -238,6 +236,24 @@ def test_upload_watch_pause_resume_and_a_failed_device(fleet_server, browser, sc
     # (HTML shows the build's two spaces as one)
     assert error == "came back with build " + " ".join(OLD.split())
     driver.save_screenshot(str(screenshots / "rollout-failed-device.png"))
+
+    # Retry gives it a fresh attempt (which fails the same way); stop asks first.
+    _press(driver, "button.retry")
+    assert "retry done" in _notice(driver)
+    _wait(driver, lambda: _count(driver, "failed") == 1, "the retried board failed again")
+    page = driver.find_element(By.TAG_NAME, "html")
+    driver.find_element(By.CSS_SELECTOR, "button.stop").click()
+    alert = WebDriverWait(driver, WAIT).until(alert_is_present(), message="the confirmation")
+    assert alert.text.startswith("Stop rollout ")
+    alert.accept()
+    WebDriverWait(driver, WAIT).until(staleness_of(page), message="the next page")
+    assert "stop done" in _notice(driver)
+    assert driver.find_element(By.CSS_SELECTOR, '[data-field="state"]').text == "stopped"
+    page = driver.find_element(By.TAG_NAME, "html")
+    driver.find_element(By.CSS_SELECTOR, "button.stop").click()
+    WebDriverWait(driver, WAIT).until(alert_is_present()).accept()
+    WebDriverWait(driver, WAIT).until(staleness_of(page), message="the next page")
+    assert "stop refused: it is not running." in _notice(driver)
 
 
 def test_every_page_renders_on_a_laptop_and_a_phone(fleet_server, browser, screenshots):

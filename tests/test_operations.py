@@ -13,7 +13,7 @@ from blynkota.store import upgrade
 
 from .devices import RawDevice
 from .images import esp8266_image
-from .servers import ServerProcess, wait_until
+from .servers import ServerProcess, sqlite_fleet, wait_until
 
 OLD, NEW = "Jan  1 2026 00:00:00", "Nov 28 2026 10:00:00"
 IMAGE_SIZE = 100_000
@@ -23,11 +23,7 @@ IMAGE_SIZE = 100_000
 def monitored(tmp_path_factory):
     """A server logging JSON, whose /metrics only 10.0.0.0/8 reaches without a password."""
     folder = tmp_path_factory.mktemp("operations")
-    db_url = f"sqlite:///{folder / 'fleet.db'}"
-    upgrade(db_url)
-    app = create_app({"db.url": db_url, "data.folder": folder / "cli"})
-    token = app.extensions["blynkota.fleet"].add_device("ops@example.com", "Plant")
-    app.extensions["blynkota.db"].dispose()
+    db_url, (token,) = sqlite_fleet(folder, [("ops@example.com", "Plant", "")])
     server = ServerProcess(
         folder, db_url, **{"log.format": "json", "allowed.metrics.ips": "10.0.0.0/8"}
     ).start()

@@ -10,17 +10,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from .images import esp8266_image
-from .servers import ROOT
+from .servers import ROOT, wait_for_ports
 
 OLD, NEW = "Jan  1 2026 00:00:00", "Nov 28 2026 10:00:00"
-LISTENING = re.compile(r"listening for (devices|the admin API).* on [^:]+:(\d+)")
 
 
 def _requirement_names(lines: list[str]) -> set[str]:
@@ -111,7 +109,7 @@ def test_serve_upload_and_watch_a_rollout(blynkota_command, tmp_path):
         )  # fmt: skip
     device = None
     try:
-        ports = _wait_for_ports(server, log_path)
+        ports = wait_for_ports(server, log_path)
         # The CLI finds the port in the configuration: written here once the kernel chose it.
         admin_port = ports["the admin API"]
         config.write_text(config.read_text().replace("https.port=0", f"https.port={admin_port}"))
@@ -154,14 +152,3 @@ def test_serve_upload_and_watch_a_rollout(blynkota_command, tmp_path):
         server.send_signal(signal.SIGTERM)
         assert server.wait(20) == 0
     assert "Traceback" not in log_path.read_text()
-
-
-def _wait_for_ports(process: subprocess.Popen, log_path: Path) -> dict[str, int]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        found = dict(LISTENING.findall(log_path.read_text()))
-        if len(found) == 2:
-            return {kind: int(port) for kind, port in found.items()}
-        assert process.poll() is None, log_path.read_text()
-        time.sleep(0.05)
-    raise AssertionError(f"no listening lines:\n{log_path.read_text()}")

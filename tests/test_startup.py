@@ -1,6 +1,5 @@
 """Starting the server as operators do: a fresh folder, Blynk's flags, the CLI, alembic, honcho."""
 
-import os
 import re
 import signal
 import socket
@@ -8,7 +7,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 from alembic.script import ScriptDirectory
@@ -16,27 +14,10 @@ from alembic.script import ScriptDirectory
 from blynkota.store import alembic_config
 from blynkota.tls import ensure_certificate
 
-from .servers import ROOT, ServerProcess, write_properties
+from .servers import ROOT, ServerProcess, clean_env, wait_for_ports, write_properties
 
 HEAD = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 LISTENING = re.compile(r"listening for (devices|the admin API).* on [^:]+:(\d+)")
-
-
-def clean_env(**values) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BLYNKOTA_")}
-    env.update({k: str(v) for k, v in values.items()})
-    return env
-
-
-def wait_for_ports(process: subprocess.Popen, log_path, timeout: float = 30) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = dict(LISTENING.findall(log_path.read_text()))
-        if len(found) == 2:
-            return {kind: int(port) for kind, port in found.items()}
-        assert process.poll() is None, log_path.read_text()
-        time.sleep(0.05)
-    raise AssertionError(f"no listening lines:\n{log_path.read_text()}")
 
 
 def test_fresh_start_with_nothing_configured(tmp_path):

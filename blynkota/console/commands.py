@@ -59,7 +59,7 @@ def blynkota(ctx: click.Context, config: Path | None, data_folder: Path | None) 
 # --- the server -------------------------------------------------------------------
 
 
-@blynkota.command(context_settings={"ignore_unknown_options": True})
+@blynkota.command()
 @click.argument("role", type=click.Choice(["all", "devices"]), default="all")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, help="device processes")
 def serve(role: str, workers: int) -> None:

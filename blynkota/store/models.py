@@ -5,7 +5,7 @@ Rows that tell history (firmware, rollouts, ota_commands) are never deleted:
 a replaced or stopped rollout changes state and keeps its row.
 """
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Optional
 
 from sqlalchemy import (
@@ -61,7 +61,7 @@ PreciseDateTime = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):

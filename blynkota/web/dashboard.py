@@ -148,7 +148,8 @@ def rollout_action(rollout_id: str) -> Response:
         elif action == "resume":
             service.resume(number, who)
         elif action == "stop":
-            service.stop(who, number)
+            if not service.stop(who, number):
+                raise OtaRequestError("it is not running.", 409)
         elif action == "retry":
             service.retry(number, who)
         else:

@@ -115,6 +115,43 @@ function send(form, params, onDone) {
   request.send(body);
 }
 
+const PLAN_ROWS = 20; // devices listed under a dry run's summary
+
+function planTable(plan) {
+  // The first devices the rollout would take in, and those it cannot update.
+  const rows = plan.devices.slice(0, PLAN_ROWS).map((device) => [
+    device.token.slice(0, 8) + "…", device.user, device.project, device.build || "-",
+    device.online ? "online" : "offline", device.wave ?? "",
+  ]).concat(plan.incompatible.slice(0, PLAN_ROWS).map((device) => [
+    device.token.slice(0, 8) + "…", device.user, device.project, device.build || "-",
+    "incompatible", device.reason,
+  ]));
+  const wrapper = document.createElement("div");
+  wrapper.className = "scroll plan";
+  if (!rows.length) return wrapper;
+  const table = document.createElement("table");
+  const head = table.createTHead().insertRow();
+  for (const title of ["Device", "User", "Project", "Build now", "", "Wave / reason"]) {
+    const cell = document.createElement("th");
+    cell.textContent = title;
+    head.append(cell);
+  }
+  const body = table.createTBody();
+  for (const values of rows) {
+    const row = body.insertRow();
+    for (const value of values) row.insertCell().textContent = String(value);
+  }
+  wrapper.append(table);
+  const more = plan.devices.length + plan.incompatible.length - rows.length;
+  if (more > 0) {
+    const note = document.createElement("p");
+    note.className = "empty";
+    note.textContent = `and ${more} more`;
+    wrapper.append(note);
+  }
+  return wrapper;
+}
+
 function setUpUpload(form) {
   const start = document.getElementById("start");
   const result = document.getElementById("upload-result");
@@ -148,6 +185,7 @@ function setUpUpload(form) {
         `${plan.devices.length} device(s) would be taken in now` +
         (plan.incompatible.length ? `, ${plan.incompatible.length} incompatible` : "") +
         `. Nothing was started.`;
+      result.append(planTable(plan));
       start.disabled = false;
     });
   });
