@@ -10,7 +10,7 @@ leaves the fleet, then the process exits.
 Roles: `python wsgi.py` runs everything in one process (the embedded
 default); `python wsgi.py devices` only the device port, `--workers N` as N
 processes sharing it (SO_REUSEPORT), beside `gunicorn -k gevent wsgi:app`
-for the admin API (see wsgi.py).
+for the admin API (see serving.py).
 """
 
 import contextlib

@@ -84,8 +84,13 @@ def test_now_true_reaches_connected_devices(server_factory, fleet_of, app):
     assert server.upload("/admin/ota/start?now=true", esp8266_image(BUILD_NEW)).status == 200
     wait_until(lambda: list(states(app).values()) == ["updated"] * 8, timeout=30)
     assert all(d.build == BUILD_NEW and d.logins == 2 for d in devices)
-    (rollout, _) = server.admin("GET", "/admin/ota/status").json()
+    (rollout, older) = server.admin("GET", "/admin/ota/status").json()  # newest first
     assert rollout["push_online"] is True and rollout["counts"]["updated"] == 8
+    # One rollout, or the newest N (what the dashboard polls):
+    assert server.admin("GET", "/admin/ota/status?limit=1").json() == [rollout]
+    assert server.admin("GET", f"/admin/ota/status?rollout={older['id']}").json() == [older]
+    refused = server.admin("GET", "/admin/ota/status?limit=0")
+    assert refused.status == 400 and refused.text.startswith("limit must be a whole number")
     assert query(app, "SELECT enrol_due_at FROM rollouts WHERE push_online = :yes", yes=True) == [
         {"enrol_due_at": None}
     ]

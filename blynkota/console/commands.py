@@ -254,13 +254,10 @@ def status(rollout_id, watch, interval, timeout, **connection) -> None:
     client = _client(**connection)
 
     def summaries() -> list[dict]:
-        found = _call(lambda: client.request("GET", "/admin/ota/status"))
-        if rollout_id is None:
-            return found
-        chosen = [summary for summary in found if summary["id"] == rollout_id]
-        if not chosen:
+        found = _call(lambda: client.request("GET", "/admin/ota/status", {"rollout": rollout_id}))
+        if rollout_id is not None and not found:
             raise click.ClickException(f"No rollout {rollout_id}.")
-        return chosen
+        return found
 
     started = time.monotonic()
     while True:

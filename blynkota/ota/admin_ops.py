@@ -292,9 +292,9 @@ class AdminOperations:
         log.info("%d rollout(s) stopped by %s", stopped, admin)
         return stopped
 
-    def status(self, rollout_id: int | None = None) -> list[dict]:
+    def status(self, rollout_id: int | None = None, *, limit: int | None = None) -> list[dict]:
         def work(session: Session) -> list[dict]:
-            return self._with_outlook(session, rollout_summaries(session, rollout_id))
+            return self._with_outlook(session, rollout_summaries(session, rollout_id, limit))
 
         return self.db.run(work)
 

@@ -46,10 +46,15 @@ def _target(session: Session, rollout: Rollout) -> str:
     return "all devices"
 
 
-def rollout_summaries(session: Session, rollout_id: int | None = None) -> list[dict]:
+def rollout_summaries(
+    session: Session, rollout_id: int | None = None, limit: int | None = None
+) -> list[dict]:
+    """Newest first: every rollout, one (`rollout_id`), or the newest `limit`."""
     query = select(Rollout).order_by(Rollout.id.desc())
     if rollout_id is not None:
         query = query.where(Rollout.id == rollout_id)
+    if limit is not None:
+        query = query.limit(limit)
     rollouts = session.scalars(query).all()
     progress = {
         row["rollout_id"]: row

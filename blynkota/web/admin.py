@@ -17,6 +17,8 @@ __all__ = ["admin"]
 
 admin = Blueprint("admin", __name__, url_prefix="/admin")
 
+STATUS_LIMIT = 100_000  # largest ?limit= of /admin/ota/status
+
 
 def _text(body: str, status: int = 200) -> Response:
     return Response(body, status, mimetype="text/plain")
@@ -181,7 +183,8 @@ def stop_ota() -> Response:
 @admin.get("/ota/status")
 @auth.login_required
 def ota_status() -> Response:
-    return jsonify(_service().status())
+    """Newest first; ?rollout=ID for one, ?limit=N for the newest N (the dashboard polls it)."""
+    return jsonify(_service().status(_rollout_id(), limit=_number("limit", 1, STATUS_LIMIT)))
 
 
 @admin.get("/ota/rollouts/<rollout_id>")

@@ -91,11 +91,12 @@ def _request_error(error: OtaRequestError) -> Response:
 @dashboard.get("/")
 @auth.login_required
 def rollouts() -> str:
-    every = _service().status()  # newest first
+    newest = _service().status(limit=ROLLOUTS_SHOWN + 1)  # one more: are there older ones?
     return render_template(
         "dashboard/rollouts.html",
-        rollouts=every[:ROLLOUTS_SHOWN],
-        hidden=len(every) - ROLLOUTS_SHOWN,
+        rollouts=newest[:ROLLOUTS_SHOWN],
+        older=len(newest) > ROLLOUTS_SHOWN,
+        poll=f"/admin/ota/status?limit={ROLLOUTS_SHOWN}",
         notice=request.args.get("notice"),
     )
 
@@ -130,6 +131,7 @@ def rollout(rollout_id: str) -> str:
         page=page,
         pages=pages,
         page_url=page_url,
+        poll=f"/admin/ota/status?rollout={number}",
         notice=request.args.get("notice"),
     )
 

@@ -152,7 +152,14 @@ OPENAPI = {
             for method in ("get", "post")
         },
         "/admin/ota/status": {
-            "get": {"summary": "Every rollout with its counts", "responses": _answers(_JSON_OK)}
+            "get": {
+                "summary": "Every rollout with its counts, newest first",
+                "parameters": [
+                    _query("rollout", "only this rollout", {"type": "integer"}),
+                    _query("limit", "only the newest N", {"type": "integer"}),
+                ],
+                "responses": _answers(_JSON_OK),
+            }
         },
         "/admin/ota/rollouts/{rollout_id}": {
             "get": {

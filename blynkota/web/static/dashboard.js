@@ -49,7 +49,9 @@ async function poll() {
   try {
     const table = document.querySelector("#devices tbody");
     if (table) await refreshDevices(table);
-    const answer = await fetch("/admin/ota/status", { headers: { Accept: "application/json" } });
+    // Only the rollouts on this page: /admin/ota/status?limit=… or ?rollout=…
+    const url = document.querySelector("[data-poll]").dataset.poll;
+    const answer = await fetch(url, { headers: { Accept: "application/json" } });
     if (answer.ok) {
       const byId = new Map((await answer.json()).map((rollout) => [String(rollout.id), rollout]));
       document.querySelectorAll("[data-rollout]").forEach((section) => {
