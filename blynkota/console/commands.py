@@ -10,15 +10,15 @@ from flask.cli import ScriptInfo
 
 from ..cli import BadSettings, create_app_for_commands, devices, import_blynk
 from ..config import ConfigError, load_settings
+from ..store import DeviceState
 from .client import AdminClient, AdminError, Target
 
 __all__ = ["blynkota"]
 
-IN_FLIGHT = ("offered", "downloading", "downloaded")
 BAR_WIDTH = 40
 SEGMENTS = (  # (label, states, character) of the text progress bar
     ("updated", ("updated",), "#"),
-    ("in flight", IN_FLIGHT, ">"),
+    ("in flight", DeviceState.IN_FLIGHT, ">"),
     ("pending", ("pending",), "."),
     ("failed", ("failed",), "x"),
     ("incompatible", ("incompatible",), "!"),
@@ -239,7 +239,7 @@ def _describe(summary: dict) -> str:
 
 def _finished(summary: dict) -> bool:
     counts = summary["counts"]
-    busy = counts.get("pending", 0) + sum(counts.get(state, 0) for state in IN_FLIGHT)
+    busy = counts.get("pending", 0) + sum(counts.get(state, 0) for state in DeviceState.IN_FLIGHT)
     return summary["state"] in ("stopped", "superseded") or busy == 0
 
 

@@ -19,7 +19,13 @@ from ..store import (
 )
 from .catalog import iso, served_path
 
-__all__ = ["fleet_overview", "rollout_detail", "rollout_devices_page", "rollout_summaries"]
+__all__ = [
+    "fleet_overview",
+    "online_per_node",
+    "rollout_detail",
+    "rollout_devices_page",
+    "rollout_summaries",
+]
 
 _TIMESTAMPS = (
     "pending_at",
@@ -144,15 +150,20 @@ def rollout_devices_page(
     return [_device_row(*row) for row in rows], total
 
 
-def fleet_overview(session: Session) -> dict:
-    """Devices online per node, and the builds the fleet reports (with how many are online)."""
-    online = session.execute(
+def online_per_node(session: Session) -> list[tuple[str, int]]:
+    """(node name, devices logged in there), by name."""
+    return session.execute(
         select(Node.name, func.count(Device.id))
         .join(Device, Device.node_id == Node.id)
         .where(Device.online_since.is_not(None))
         .group_by(Node.name)
         .order_by(Node.name)
     ).all()
+
+
+def fleet_overview(session: Session) -> dict:
+    """Devices online per node, and the builds the fleet reports (with how many are online)."""
+    online = online_per_node(session)
     builds = session.execute(
         select(
             Device.build,

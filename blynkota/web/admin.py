@@ -13,7 +13,7 @@ from .auth import auth, guard_admin_request
 from .csrf import check_csrf
 from .openapi import OPENAPI
 
-__all__ = ["admin"]
+__all__ = ["admin", "parse_rollout_id"]
 
 admin = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -116,7 +116,7 @@ def _number(name: str, low: int, high: int) -> int | None:
     return number
 
 
-def _rollout(value: str) -> int:
+def parse_rollout_id(value: str) -> int:
     """A rollout id from the path or the query; a 400 naming it if it cannot be one."""
     number = whole_number(value, low=1, high=ROW_ID_MAX)
     if number is None:
@@ -169,7 +169,7 @@ def _controls() -> Controls:
 
 def _rollout_id() -> int | None:
     value = request.args.get("rollout")
-    return None if value is None else _rollout(value)
+    return None if value is None else parse_rollout_id(value)
 
 
 @admin.route("/ota/stop", methods=["GET", "POST"])
@@ -190,28 +190,28 @@ def ota_status() -> Response:
 @admin.get("/ota/rollouts/<rollout_id>")
 @auth.login_required
 def rollout_detail(rollout_id: str) -> Response:
-    rollout = _rollout(rollout_id)
+    rollout = parse_rollout_id(rollout_id)
     return jsonify(_service().detail(rollout))
 
 
 @admin.post("/ota/rollouts/<rollout_id>/pause")
 @auth.login_required
 def pause_rollout(rollout_id: str) -> Response:
-    rollout = _rollout(rollout_id)
+    rollout = parse_rollout_id(rollout_id)
     return jsonify(_service().pause(rollout, auth.current_user()))
 
 
 @admin.post("/ota/rollouts/<rollout_id>/resume")
 @auth.login_required
 def resume_rollout(rollout_id: str) -> Response:
-    rollout = _rollout(rollout_id)
+    rollout = parse_rollout_id(rollout_id)
     return jsonify(_service().resume(rollout, auth.current_user()))
 
 
 @admin.post("/ota/rollouts/<rollout_id>/stop")
 @auth.login_required
 def stop_rollout(rollout_id: str) -> Response:
-    rollout = _rollout(rollout_id)
+    rollout = parse_rollout_id(rollout_id)
     service = _service()
     service.stop(auth.current_user(), rollout)
     return jsonify(service.status(rollout)[0])
@@ -220,7 +220,7 @@ def stop_rollout(rollout_id: str) -> Response:
 @admin.post("/ota/rollouts/<rollout_id>/expand")
 @auth.login_required
 def expand_rollout(rollout_id: str) -> Response:
-    rollout = _rollout(rollout_id)
+    rollout = parse_rollout_id(rollout_id)
     percent = _number("percent", 1, 100)
     if percent is None:
         raise OtaRequestError("expand needs ?percent=N (the new share of devices, up to 100).")
@@ -231,7 +231,7 @@ def expand_rollout(rollout_id: str) -> Response:
 @auth.login_required
 def retry_rollout(rollout_id: str) -> Response:
     """The rollout's failed devices get a fresh set of attempts."""
-    rollout = _rollout(rollout_id)
+    rollout = parse_rollout_id(rollout_id)
     return jsonify(_service().retry(rollout, auth.current_user()))
 
 

@@ -1,9 +1,9 @@
 """Who may use /admin: HTTPS only, allowed addresses only, basic auth against the admins table."""
 
-import ipaddress
-
 from flask import Response, current_app, request
 from flask_httpauth import HTTPBasicAuth
+
+from .addresses import address_in, client_address
 
 __all__ = ["auth", "guard_admin_request"]
 
@@ -40,21 +40,13 @@ def guard_admin_request() -> Response | None:
             403,
             mimetype="text/plain",
         )
-    try:
-        address = ipaddress.ip_address((request.remote_addr or "").split("%")[0])
-    except ValueError:
-        address = None
-    if address is not None and address.version == 6 and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    if address is None or not any(
-        address in network for network in settings.allowed_admin_networks
-    ):
+    if not address_in(request.remote_addr, settings.allowed_admin_networks):
         return Response(
             f"Address {request.remote_addr} is not in allowed.administrator.ips.\n",
             403,
             mimetype="text/plain",
         )
-    if settings.uses_default_password and not address.is_loopback:
+    if settings.uses_default_password and not client_address(request.remote_addr).is_loopback:
         # Everyone knows the default: only this machine may use it.
         return Response(
             "admin.pass is still the default: set it in server.properties, "

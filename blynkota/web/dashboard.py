@@ -11,9 +11,10 @@ from urllib.parse import urlencode
 
 from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
 
-from ..numbers import ROW_ID_MAX, whole_number
+from ..numbers import whole_number
 from ..ota import OtaRequestError
 from ..store import DeviceState
+from .admin import parse_rollout_id
 from .auth import auth, guard_admin_request
 from .csrf import check_csrf, csrf_token
 
@@ -76,13 +77,6 @@ def _service():
     return current_app.extensions["blynkota"]
 
 
-def _rollout_id(value: str) -> int:
-    number = whole_number(value, low=1, high=ROW_ID_MAX)
-    if number is None:
-        raise OtaRequestError(f"rollout must be a rollout id (a whole number), not {value!r}.")
-    return number
-
-
 @dashboard.errorhandler(OtaRequestError)
 def _request_error(error: OtaRequestError) -> Response:
     return Response(str(error).rstrip("\n") + "\n", error.status, mimetype="text/plain")
@@ -104,7 +98,7 @@ def rollouts() -> str:
 @dashboard.get("/rollouts/<rollout_id>")
 @auth.login_required
 def rollout(rollout_id: str) -> str:
-    number = _rollout_id(rollout_id)
+    number = parse_rollout_id(rollout_id)
     found = _service().status(number)
     if not found:
         raise OtaRequestError(f"No rollout {number}.", 404)
@@ -139,7 +133,7 @@ def rollout(rollout_id: str) -> str:
 @dashboard.post("/rollouts/<rollout_id>/action")
 @auth.login_required
 def rollout_action(rollout_id: str) -> Response:
-    number = _rollout_id(rollout_id)
+    number = parse_rollout_id(rollout_id)
     action = request.form.get("action", "")
     if action not in ACTIONS:
         raise OtaRequestError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}.")

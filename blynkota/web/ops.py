@@ -7,7 +7,6 @@ database answers, its listeners are up), for a load balancer's check.
 port, with an admin's basic auth.
 """
 
-import ipaddress
 import logging
 from dataclasses import dataclass, field
 
@@ -19,7 +18,9 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..metrics import PROCESS
-from ..store import Database, Device, Node, Rollout, RolloutDevice, RolloutState
+from ..ota.status import online_per_node
+from ..store import Database, Rollout, RolloutDevice, RolloutState
+from .addresses import address_in
 from .auth import auth, guard_admin_request
 
 __all__ = ["Readiness", "ops"]
@@ -78,12 +79,7 @@ class FleetCollector:
 
     @staticmethod
     def _read(session):
-        online = session.execute(
-            select(Node.name, func.count(Device.id))
-            .join(Device, Device.node_id == Node.id)
-            .where(Device.online_since.is_not(None))
-            .group_by(Node.name)
-        ).all()
+        online = online_per_node(session)
         states = session.execute(
             select(RolloutDevice.rollout_id, RolloutDevice.state, func.count())
             .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
@@ -118,20 +114,9 @@ def readyz() -> Response:
     )
 
 
-def _from_allowed_address() -> bool:
-    networks = current_app.config["SETTINGS"].allowed_metrics_networks
-    try:
-        address = ipaddress.ip_address((request.remote_addr or "").split("%")[0])
-    except ValueError:
-        return False
-    if address.version == 6 and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
-
-
 @ops.get("/metrics")
 def metrics() -> Response:
-    if not _from_allowed_address():
+    if not address_in(request.remote_addr, current_app.config["SETTINGS"].allowed_metrics_networks):
         if not request.is_secure:
             return _text(
                 f"Address {request.remote_addr} is not in allowed.metrics.ips "
