@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import (
+    SHIPPED_TIMINGS,
     child_pids,
     cpu_seconds,
     free_port,
@@ -180,7 +181,7 @@ def main() -> int:
         probes = int(arguments.seconds / PROBE_GAP) * 2 + 10
         tokens = [fleet.add_device("bench@example.com", "Bench") for _ in range(2 * probes)]
         image = esp8266_image(BUILD, size=arguments.size)
-        server = ServerProcess(folder, db_url).start()
+        server = ServerProcess(folder, db_url, **SHIPPED_TIMINGS).start()
         nginx = None
         try:
             path = server.upload("/admin/ota/start?queue=true", image).text.strip()

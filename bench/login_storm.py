@@ -32,7 +32,7 @@ from gevent import socket
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cpu_seconds, free_port, read_frame, rss_kib, wait_for_port  # noqa: E402
+from bench.common import SHIPPED_TIMINGS, cpu_split, free_port, read_frame, rss_kib, wait_for_port  # noqa: E402
 from blynkota import create_app  # noqa: E402
 from blynkota.protocol import (  # noqa: E402
     FrameReader,
@@ -67,8 +67,8 @@ def mqtt_connect(port: int, client: int) -> None:
         sock.close()
 
 
-def mosquitto_cpu(count: int, concurrency: int, folder: str) -> float | None:
-    """Mosquitto's CPU seconds for `count` handshakes, or None without mosquitto."""
+def mosquitto_cpu(count: int, concurrency: int, folder: str) -> tuple[float, float] | None:
+    """Mosquitto's (user, system) CPU seconds for `count` handshakes, or None without it."""
     if shutil.which("mosquitto") is None:
         return None
     port = free_port()
@@ -79,12 +79,20 @@ def mosquitto_cpu(count: int, concurrency: int, folder: str) -> float | None:
     )
     try:
         wait_for_port(port)
-        before = cpu_seconds([broker.pid])
+        before = cpu_split([broker.pid])
         timed_storm(mqtt_connect, [(port, i) for i in range(count)], concurrency)
-        return cpu_seconds([broker.pid]) - before
+        return cpu_used(before, cpu_split([broker.pid]))
     finally:
         broker.terminate()
         broker.wait(timeout=10)
+
+
+def cpu_used(before: tuple[float, float], after: tuple[float, float]) -> tuple[float, float]:
+    return after[0] - before[0], after[1] - before[1]
+
+
+def cpu_line(split: tuple[float, float]) -> str:
+    return f"{sum(split):.2f} s (user {split[0]:.2f}, system {split[1]:.2f})"
 
 
 def bare_connect(port: int) -> None:
@@ -143,7 +151,9 @@ def main() -> int:
         app = create_app({"db.url": db_url, "data.folder": folder})
         fleet = app.extensions["blynkota.fleet"]
         tokens = [fleet.add_device("bench@example.com", "Bench") for _ in range(count)]
-        server = ServerProcess(Path(folder), db_url, **{"ota.max.concurrent": count}).start()
+        server = ServerProcess(
+            Path(folder), db_url, **SHIPPED_TIMINGS, **{"ota.max.concurrent": count}
+        ).start()
         try:
             if arguments.campaign:
                 server.upload("/admin/ota/start?queue=true", esp8266_image("Mar  3 2019 03:03:03"))
@@ -152,11 +162,11 @@ def main() -> int:
             reference = timed_storm(bare_connect, [(port,)] * count, arguments.concurrency)
             sockets: list = []
             offers: list[float] | None = [] if arguments.campaign else None
-            cpu_before = cpu_seconds([server.process.pid])
+            cpu_before = cpu_split([server.process.pid])
             logins = timed_storm(
                 log_in, [(port, token, sockets, offers) for token in tokens], arguments.concurrency
             )
-            login_cpu = cpu_seconds([server.process.pid]) - cpu_before
+            login_cpu = cpu_used(cpu_before, cpu_split([server.process.pid]))
             connected_rss = rss_kib(server.process.pid)
             rounds = 5
             started = time.perf_counter()
@@ -173,13 +183,14 @@ def main() -> int:
                 print(
                     f"info -> ota frame           p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms"
                 )
-            print(f"server CPU for the logins   {login_cpu:.2f} s")
+            print(f"server CPU for the logins   {cpu_line(login_cpu)}")
             anchor = mosquitto_cpu(count, arguments.concurrency, folder)
             if anchor is None:
                 print("mosquitto missing (apt-get install mosquitto): no CPU ratio")
             else:
-                print(f"mosquitto CPU, N handshakes {anchor:.2f} s")
-                print(f"ratio CPU / mosquitto       {login_cpu / max(anchor, 0.01):.1f}x")
+                print(f"mosquitto CPU, N handshakes {cpu_line(anchor)}")
+                ratio = sum(login_cpu) / max(sum(anchor), 0.01)
+                print(f"ratio CPU / mosquitto       {ratio:.1f}x")
             print(f"pings answered per second   {count * rounds / ping_time:.0f}")
             per_device = (connected_rss - baseline_rss) / count
             print(f"server memory per device    {per_device:.1f} KiB (RSS delta)")

@@ -30,7 +30,7 @@ from sqlalchemy import Connection, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from ..logs import set_node_name
-from ..store import Database, Device, GroupCommit, Node, utcnow
+from ..store import Database, Device, GroupCommit, ManyRows, Node, utcnow
 
 __all__ = ["ClusterNode", "NodeSettings", "LocalSession", "default_node_name"]
 
@@ -40,7 +40,7 @@ _OFFLINE = {"online_since": None, "node_id": None, "session_id": None}
 
 # The two writes of every login and disconnect, built once, on the table.
 _devices = Device.__table__
-_ONLINE = (
+_ONLINE = ManyRows(
     update(_devices)
     .where(
         _devices.c.id == bindparam("device"),
@@ -70,7 +70,7 @@ _ONLINE_IF_FREE = (
         session_id=bindparam("session"),
     )
 )
-_OFFLINE_IF_SESSION = (
+_OFFLINE_IF_SESSION = ManyRows(
     update(_devices)
     .where(_devices.c.id == bindparam("device"), _devices.c.session_id == bindparam("session"))
     .values(last_seen_at=bindparam("now"), **_OFFLINE)
@@ -245,7 +245,7 @@ class ClusterNode:
         now = utcnow()
         # Two logins of one device in a batch: the later connection is written last.
         ordered = sorted(logins, key=lambda values: (values["device"], values["since"]))
-        connection.execute(_ONLINE, [{**values, "now": now} for values in ordered])
+        _ONLINE.execute(connection, [{**values, "now": now} for values in ordered])
         # Whose session the rows hold now, in this transaction: each login's answer.
         holders = dict(
             connection.execute(
@@ -272,7 +272,7 @@ class ClusterNode:
     def _record_logouts(self, connection: Connection, logouts: Sequence[dict]) -> list[None]:
         now = utcnow()
         ordered = sorted(logouts, key=lambda values: values["device"])
-        connection.execute(_OFFLINE_IF_SESSION, [{**values, "now": now} for values in ordered])
+        _OFFLINE_IF_SESSION.execute(connection, [{**values, "now": now} for values in ordered])
         return [None] * len(logouts)
 
     def flush_offline(self) -> int:
@@ -303,7 +303,7 @@ class ClusterNode:
                 for device_id, session_id in recorded.items()
                 if (entry := mine.get(device_id)) is None or entry.session_id != session_id
             ]
-            cleared = connection.execute(_OFFLINE_IF_SESSION, gone).rowcount if gone else 0
+            cleared = _OFFLINE_IF_SESSION.execute(connection, gone)
             # Not recorded (the login's write was lost, or a peer reaped this
             # node): record it, unless another node holds the device now.
             missing = [

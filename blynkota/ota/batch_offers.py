@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .. import metrics
@@ -28,6 +28,7 @@ from ..store import (
     Rollout,
     RolloutDevice,
     RolloutState,
+    insert_many,
     utcnow,
 )
 from .device_states import devices_in_flight, load_tracks, move, offer_all
@@ -67,6 +68,11 @@ class BatchOffers:
         # When each rollout was last judged healthy here: a campaign's fills
         # come many a second, and judging reads every row of the rollout.
         self._judged_at: dict[int, float] = {}
+        # Slots free server-wide after the last claim here, or None: while it is
+        # positive, `due` takes it as its budget instead of counting the rows in
+        # flight again (thousands, in a large campaign). Only a hint: the claim
+        # counts under the offer-slots lock, whatever it says.
+        self._free_hint: int | None = None
 
     def fill(self, limit: int) -> int:
         """Offer the pending devices connected to this node, while slots are free;
@@ -74,7 +80,7 @@ class BatchOffers:
         node_id = self.node.id
 
         def due(session: Session) -> list:
-            budget = self.guards.free_slots(session)
+            budget = self._free_hint or self.guards.free_slots(session)
             if budget <= 0:
                 return []
             now = utcnow()
@@ -110,6 +116,7 @@ class BatchOffers:
             ready.append(_Waiting(row_id, rollout_id, device, link))
         if not ready:
             return 0
+        self._free_hint = None  # until this claim has counted
         claimed = self.db.run(lambda session: self._claim_batch(session, ready))
         sent = 0
         for waiting, offer, frame in claimed:
@@ -166,8 +173,8 @@ class BatchOffers:
         }
         lock_offer_slots(session)
         running = RunningRollouts(session)
-        free = {rollout_id: self.guards.free_slots(session, rollout_id) for rollout_id in healthy}
-        server_free = self.guards.free_slots(session)
+        server_free, free = self.guards.slot_counts(session, healthy)
+        self._free_hint = server_free
         # One `ota` in flight per device, whatever rollouts name it.
         busy = devices_in_flight(session, [w.device.id for w in waiting])
         tracks = {
@@ -217,13 +224,15 @@ class BatchOffers:
                 continue  # the connection closed meanwhile: offered at its next login
             free[item.rollout_id] -= 1
             server_free -= 1
+            self._free_hint = server_free
             busy.add(device.id)
             chosen.append((item, offer, frame))
             offers.append((track, url))
         offer_all(session, offers, now, (self.node.id, self.node.run_number))
         if offers:
-            session.execute(
-                insert(OtaCommand.__table__),  # Core: skips the ORM's bulk bookkeeping
+            insert_many(
+                session,
+                OtaCommand.__table__,
                 [
                     {
                         "device_id": offer.device_id,

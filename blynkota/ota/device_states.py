@@ -21,7 +21,7 @@ from datetime import datetime
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from ..store import DeviceState, RolloutDevice, RolloutEvent
+from ..store import DeviceState, RolloutDevice, RolloutEvent, insert_many
 
 __all__ = [
     "ConcurrentChange",
@@ -191,7 +191,7 @@ def devices_in_flight(session: Session, device_ids) -> set[int]:
 def log_events(session: Session, events: list[dict]) -> None:
     if events:
         # On the table: the ORM's bulk path costs more than the rows themselves.
-        session.execute(insert(RolloutEvent.__table__), events)
+        insert_many(session, RolloutEvent.__table__, events)
 
 
 def start_tracking(
@@ -240,6 +240,7 @@ def enter_all(session: Session, entries: list[dict], at: datetime) -> None:
         rows.append(
             {
                 "attempts": 0,
+                "reverts": 0,
                 "already_current": state == S.UPDATED,
                 "pending_at": at,
                 **{stamp: (at if stamp == _STAMP[state] else None) for stamp in _ENTRY_STAMPS},
@@ -247,7 +248,7 @@ def enter_all(session: Session, entries: list[dict], at: datetime) -> None:
             }
         )
         events.append(_event_of(values["rollout_id"], values["device_id"], None, state, detail, at))
-    session.execute(insert(RolloutDevice.__table__), rows)
+    insert_many(session, RolloutDevice.__table__, rows)
     log_events(session, events)
 
 

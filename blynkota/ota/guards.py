@@ -7,6 +7,7 @@ offer-slots row is locked (cluster/leases.py), so the count holds across
 processes.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -48,13 +49,39 @@ class RolloutGuards:
     def free_slots(self, session: Session, rollout_id: int | None = None) -> int:
         """Download slots free server-wide, and in `rollout_id` when given (its
         own maxConcurrent, or the server's)."""
-        in_flight = select(func.count(RolloutDevice.id)).where(RolloutDevice.state.in_(SLOT_STATES))
-        free = self.policy.max_concurrent - session.scalar(in_flight)
-        if rollout_id is not None:
-            own = session.scalar(select(Rollout.max_concurrent).where(Rollout.id == rollout_id))
-            mine = session.scalar(in_flight.where(RolloutDevice.rollout_id == rollout_id))
-            free = min(free, self.policy.concurrent_for(own) - mine)
-        return max(0, free)
+        server, per_rollout = self.slot_counts(session, [] if rollout_id is None else [rollout_id])
+        return server if rollout_id is None else per_rollout[rollout_id]
+
+    def slot_counts(
+        self, session: Session, rollout_ids: Iterable[int]
+    ) -> tuple[int, dict[int, int]]:
+        """(slots free server-wide, slots free in each of `rollout_ids`), from one
+        scan of the index entries of the rows holding a slot.
+
+        A rollout's free slots are never more than the server's.
+        """
+        held = dict(
+            session.execute(
+                select(RolloutDevice.rollout_id, func.count())
+                .where(RolloutDevice.state.in_(SLOT_STATES))
+                .group_by(RolloutDevice.rollout_id)
+            ).all()
+        )
+        server = max(0, self.policy.max_concurrent - sum(held.values()))
+        wanted = set(rollout_ids)
+        if not wanted:
+            return server, {}
+        own = dict(
+            session.execute(
+                select(Rollout.id, Rollout.max_concurrent).where(Rollout.id.in_(wanted))
+            ).all()
+        )
+        limit = self.policy.concurrent_for
+        per_rollout = {
+            rollout_id: max(0, min(server, limit(own.get(rollout_id)) - held.get(rollout_id, 0)))
+            for rollout_id in wanted
+        }
+        return server, per_rollout
 
     @staticmethod
     def _finished(session: Session, rollout_id: int, buckets: range) -> tuple[int, int]:

@@ -31,6 +31,7 @@ from ..store import (
     Device,
     DeviceState,
     GroupCommit,
+    ManyRows,
     OtaCommand,
     Project,
     Rollout,
@@ -75,7 +76,7 @@ _devices = Device.__table__
 # Reported strings are cut to their columns: a long `ver` must not fail the login.
 _LIMITS = {column: _devices.c[column].type.length for column in _INFO_COLUMNS.values()}
 # What an info message writes: every reported column, and when (built once, on the table).
-_REPORTED = (
+_REPORTED = ManyRows(
     update(_devices)
     .where(_devices.c.id == bindparam("device"))
     .values(
@@ -205,7 +206,7 @@ class OtaService(AdminOperations):
             for (index, _), is_due in zip(judged, offers, strict=True):
                 due[index] = is_due
         rows = [{"device": device.id, "now": now, **report} for device, report in reports]
-        connection.execute(_REPORTED, sorted(rows, key=lambda row: row["device"]))
+        _REPORTED.execute(connection, sorted(rows, key=lambda row: row["device"]))
         return list(zip(settled, due, strict=True))
 
     def _claim_offer(self, offer: Offer, url: str) -> str | None:

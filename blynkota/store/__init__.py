@@ -2,6 +2,7 @@
 
 from .db import Database, DatabaseHealth, is_outage, is_transient, make_engine
 from .group_commit import GroupCommit
+from .many_rows import ManyRows, insert_many
 from .migrate import alembic_config, upgrade
 from .models import (
     CHUNK_BYTES,
@@ -30,6 +31,8 @@ __all__ = [
     "Database",
     "DatabaseHealth",
     "GroupCommit",
+    "ManyRows",
+    "insert_many",
     "is_outage",
     "is_transient",
     "make_engine",

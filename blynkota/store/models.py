@@ -353,6 +353,8 @@ class RolloutDevice(Base):
         Index("ix_rollout_devices_state_next_attempt_at", "state", "next_attempt_at"),
         # A device's open attempts, read for every batch of info messages.
         Index("ix_rollout_devices_device_id_state", "device_id", "state"),
+        # Download slots in use, per rollout: counted for every batch of offers.
+        Index("ix_rollout_devices_state_rollout_id", "state", "rollout_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

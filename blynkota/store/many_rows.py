@@ -1,0 +1,102 @@
+"""The hot multi-row writes, run on the driver's cursor.
+
+For a statement run with many rows, SQLAlchemy builds each row's parameters
+in Python (the compiled statement's parameter map, then each type's bind
+processor, row by row). For the few writes a login storm makes for every
+device (presence, info reports, rollout entries and their events, offers)
+that costs more than the database's own work. Here such a statement is
+compiled once per dialect; each row becomes a tuple through the same bind
+processors SQLAlchemy would apply, and the rows go to the driver's
+`executemany` through `Connection.exec_driver_sql`, inside the caller's
+transaction. PyMySQL turns an INSERT's rows into one multi-row statement.
+
+Only for statements whose parameters are all named rows' values: no
+expanding IN, no column defaults computed in Python (a column left out of
+an INSERT must have a server default or be nullable).
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Table, insert
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import ClauseElement
+
+__all__ = ["ManyRows", "insert_many"]
+
+_FROM_ROW = object()  # the parameter is a row's value, by its name
+
+
+class ManyRows:
+    """One statement run with many rows of named values."""
+
+    def __init__(self, statement: ClauseElement, column_keys: Sequence[str] | None = None) -> None:
+        self.statement = statement
+        self.column_keys = list(column_keys) if column_keys is not None else None
+        # dialect name -> (SQL text, positional?, for each parameter: its name,
+        # its fixed value or _FROM_ROW, the type's bind processor or None)
+        self._compiled: dict[str, tuple[str, bool, list[tuple[str, Any, Any]]]] = {}
+
+    def execute(self, target: Connection | Session, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Run the statement once per row, in one round of the driver; rows matched."""
+        if not rows:
+            return 0
+        connection = target.connection() if isinstance(target, Session) else target
+        sql, positional, plan = self._for(connection.dialect)
+        if positional:  # SQLite's `?` markers: a tuple, a name may come twice
+            values: list = [
+                tuple(_value(row, name, fixed, convert) for name, fixed, convert in plan)
+                for row in rows
+            ]
+        else:  # PyMySQL's %(name)s markers: a dict
+            values = [
+                {name: _value(row, name, fixed, convert) for name, fixed, convert in plan}
+                for row in rows
+            ]
+        return connection.exec_driver_sql(sql, values).rowcount
+
+    def _for(self, dialect: Dialect) -> tuple[str, bool, list[tuple[str, Any, Any]]]:
+        known = self._compiled.get(dialect.name)
+        if known is None:
+            compiled = self.statement.compile(dialect=dialect, column_keys=self.column_keys)
+            positional = compiled.positiontup is not None
+            names = compiled.positiontup if positional else list(compiled.binds)
+            plan = []
+            for name in names:
+                bind = compiled.binds[name]
+                # A value written into the statement (.values(x=None)) is the same for every row.
+                from_row = bind.required or name in (self.column_keys or ())
+                fixed = _FROM_ROW if from_row else bind.effective_value
+                plan.append((name, fixed, bind.type.dialect_impl(dialect).bind_processor(dialect)))
+            known = self._compiled[dialect.name] = (compiled.string, positional, plan)
+        return known
+
+
+def _value(row: Mapping[str, Any], name: str, fixed: Any, convert: Any) -> Any:
+    value = row[name] if fixed is _FROM_ROW else fixed
+    return value if convert is None else convert(value)
+
+
+_INSERTS: dict[tuple[Table, tuple[str, ...]], ManyRows] = {}
+
+
+def insert_many(
+    target: Connection | Session, table: Table, rows: Sequence[Mapping[str, Any]]
+) -> int:
+    """INSERT `rows` (dicts with the same keys) into `table` on the driver's cursor."""
+    if not rows:
+        return 0
+    keys = tuple(rows[0])
+    statement = _INSERTS.get((table, keys))
+    if statement is None:
+        _check_defaults(table, keys)
+        statement = _INSERTS[(table, keys)] = ManyRows(insert(table), keys)
+    return statement.execute(target, rows)
+
+
+def _check_defaults(table: Table, keys: tuple[str, ...]) -> None:
+    """A column left out whose default is computed in Python would be left NULL here."""
+    for column in table.columns:
+        if column.key not in keys and column.default is not None and not column.primary_key:
+            raise ValueError(f"{table.name}.{column.key} has a Python default: name it in the rows")

@@ -1,0 +1,133 @@
+"""Hot multi-row writes on the driver's cursor (store/many_rows.py) store exactly what
+SQLAlchemy's own executemany stores, on both real databases."""
+
+from datetime import datetime
+
+import pytest
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    and_,
+    bindparam,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+
+from blynkota.store import Database, ManyRows, insert_many
+
+metadata = MetaData()
+
+
+def _table(name: str) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("label", String(16), nullable=False),
+        Column("seen_at", DateTime, nullable=True),
+        Column("flag", Boolean, nullable=False),
+        Column("count", Integer, nullable=False, server_default="7"),
+    )
+
+
+ours, theirs = _table("many_rows_ours"), _table("many_rows_theirs")
+with_default = Table(
+    "many_rows_defaulted",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("label", String(16), default="none"),
+)
+
+ROWS = [
+    # Whole seconds and microseconds: SQLite compares the stored strings.
+    {"id": 1, "label": "whole", "seen_at": datetime(2026, 11, 28, 12, 0, 0), "flag": True},
+    {"id": 2, "label": "micro", "seen_at": datetime(2026, 11, 28, 12, 0, 0, 123), "flag": False},
+    {"id": 3, "label": "none", "seen_at": None, "flag": True},
+]
+
+
+@pytest.fixture
+def db(db_url):
+    database = Database(db_url)
+    metadata.drop_all(database.engine)
+    metadata.create_all(database.engine)
+    yield database
+    metadata.drop_all(database.engine)
+    database.dispose()
+
+
+def stored(connection, table: Table) -> list[tuple]:
+    """The rows as the database holds them, read past SQLAlchemy's types."""
+    return connection.exec_driver_sql(
+        f"SELECT id, label, seen_at, flag, count FROM {table.name} ORDER BY id"
+    ).all()
+
+
+def test_an_insert_stores_what_sqlalchemy_stores(db):
+    with db.engine.begin() as connection:
+        assert insert_many(connection, ours, ROWS) == 3
+        connection.execute(insert(theirs), ROWS)
+        mine, reference = stored(connection, ours), stored(connection, theirs)
+
+    assert mine == reference
+    assert [row[4] for row in mine] == [7, 7, 7]  # the left-out column took its server default
+
+
+def test_an_update_with_a_repeated_and_a_fixed_parameter(db):
+    with db.engine.begin() as connection:
+        connection.execute(insert(ours), ROWS)
+        connection.execute(insert(theirs), ROWS)
+    # `since` appears twice; `label` is written into the statement for every row.
+    statement = (
+        update(ours)
+        .where(
+            ours.c.id == bindparam("key"),
+            or_(ours.c.seen_at.is_(None), ours.c.seen_at <= bindparam("since")),
+        )
+        .values(seen_at=bindparam("since"), label="moved")
+    )
+    later = datetime(2026, 11, 28, 13, 0, 0, 5)
+    earlier = datetime(2026, 11, 27, 0, 0, 0)
+    changes = [
+        {"key": 1, "since": later},  # moves: stored 12:00 <= 13:00
+        {"key": 2, "since": earlier},  # stays: stored 12:00.000123 > yesterday
+        {"key": 3, "since": later},  # moves: NULL
+        {"key": 9, "since": later},  # no such row
+    ]
+    with db.engine.begin() as connection:
+        matched = ManyRows(statement).execute(connection, changes)
+        reference = update(theirs).where(
+            and_(
+                theirs.c.id == bindparam("key"),
+                or_(theirs.c.seen_at.is_(None), theirs.c.seen_at <= bindparam("since")),
+            )
+        )
+        connection.execute(reference.values(seen_at=bindparam("since"), label="moved"), changes)
+        mine, expected = stored(connection, ours), stored(connection, theirs)
+        labels = connection.execute(select(ours.c.label).order_by(ours.c.id)).scalars().all()
+
+    assert matched == 2
+    assert mine == expected
+    assert labels == ["moved", "micro", "moved"]
+
+
+def test_a_column_with_a_python_default_must_be_named(db):
+    with db.engine.begin() as connection:
+        with pytest.raises(ValueError, match="many_rows_defaulted.label has a Python default"):
+            insert_many(connection, with_default, [{"id": 1}])
+        assert insert_many(connection, with_default, [{"id": 1, "label": "given"}]) == 1
+        assert connection.execute(text("SELECT label FROM many_rows_defaulted")).scalar() == "given"
+
+
+def test_no_rows_is_no_statement(db):
+    with db.engine.begin() as connection:
+        assert insert_many(connection, ours, []) == 0
+        assert ManyRows(update(ours).values(label="x")).execute(connection, []) == 0
