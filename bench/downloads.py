@@ -232,15 +232,16 @@ def main() -> int:
                 server.http_port, tokens[probes:], arguments.seconds
             )
             load.join(timeout=arguments.seconds + 90)
-            print("devices during wrk -c256 downloads (p99, ms):")
+            print("devices during wrk -c256 downloads (p99, and p50 in brackets, ms):")
             for label, idle, busy in (
                 ("login + info", idle_logins, busy_logins),
                 ("ping round trip", idle_pings, busy_pings),
             ):
                 quiet, loaded = percentile(idle, 0.99) * 1e3, percentile(busy, 0.99) * 1e3
+                medians = f"({percentile(idle, 0.5) * 1e3:.1f} / {percentile(busy, 0.5) * 1e3:.1f})"
                 print(
                     f"  {label:<16} idle {quiet:7.1f}  loaded {loaded:7.1f}  "
-                    f"ratio {loaded / quiet:.1f}x  ({len(idle)}/{len(busy)} samples)"
+                    f"ratio {loaded / quiet:.1f}x {medians}  ({len(idle)}/{len(busy)} samples)"
                 )
         finally:
             if nginx is not None:
