@@ -24,6 +24,21 @@ SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 MYSQL_SERVER_URL = os.environ.get("BLYNKOTA_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/")
 
 
+@contextlib.contextmanager
+def tables_on(db_url: str, metadata: sqlalchemy.MetaData):
+    """A Database on `db_url` holding a test's own tables, dropped afterwards."""
+    from blynkota.store import Database
+
+    database = Database(db_url)
+    metadata.drop_all(database.engine)
+    metadata.create_all(database.engine)
+    try:
+        yield database
+    finally:
+        metadata.drop_all(database.engine)
+        database.dispose()
+
+
 @pytest.fixture
 def shared_dir() -> Path:
     if not (SHARED / "fixtures").is_dir():

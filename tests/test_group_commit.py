@@ -8,6 +8,8 @@ from sqlalchemy.exc import IntegrityError
 
 from blynkota.store import Database, GroupCommit
 
+from .conftest import tables_on
+
 metadata = MetaData()
 notes = Table(
     "group_commit_notes",
@@ -19,12 +21,8 @@ notes = Table(
 
 @pytest.fixture
 def db(db_url):
-    database = Database(db_url)
-    metadata.drop_all(database.engine)
-    metadata.create_all(database.engine)
-    yield database
-    metadata.drop_all(database.engine)
-    database.dispose()
+    with tables_on(db_url, metadata) as database:
+        yield database
 
 
 def write_notes(connection, items):

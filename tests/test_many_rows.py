@@ -21,7 +21,9 @@ from sqlalchemy import (
     update,
 )
 
-from blynkota.store import Database, ManyRows, insert_many
+from blynkota.store import ManyRows, insert_many
+
+from .conftest import tables_on
 
 metadata = MetaData()
 
@@ -56,12 +58,8 @@ ROWS = [
 
 @pytest.fixture
 def db(db_url):
-    database = Database(db_url)
-    metadata.drop_all(database.engine)
-    metadata.create_all(database.engine)
-    yield database
-    metadata.drop_all(database.engine)
-    database.dispose()
+    with tables_on(db_url, metadata) as database:
+        yield database
 
 
 def stored(connection, table: Table) -> list[tuple]:

@@ -127,11 +127,12 @@ class BatchOffers:
                 log.warning("device %s: not offered: %s", token_tag(offer.token), error)
                 continue
             metrics.OFFERS.inc()
+            tag = token_tag(offer.token)
             log.info(
                 "device %s: sent ota %s",
-                token_tag(offer.token),
+                tag,
                 offer.url_path,
-                extra={"device": token_tag(offer.token), "rollout": offer.rollout_id},
+                extra={"device": tag, "rollout": offer.rollout_id},
             )
             sent += 1
         return sent
