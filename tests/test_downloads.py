@@ -321,33 +321,42 @@ def test_a_download_lets_ready_device_work_go_first_but_is_never_stalled():
     """Between chunks a download waits for an idle event loop, bounded by a timer."""
     import gevent
 
-    from blynkota.web.file_sender import DEVICES_FIRST_AT_MOST, _devices_first
+    from blynkota.web.file_sender import DEVICES_FIRST_AT_MOST, _DevicesFirst
+
+    turns = _DevicesFirst()
 
     # A quiet loop: the download goes on at once.
     started = time.monotonic()
-    _devices_first()
+    turns.wait()
     assert time.monotonic() - started < DEVICES_FIRST_AT_MOST
 
     # Device work ready: it runs before the download's next chunk.
     ran = []
     gevent.spawn(ran.append, "device frame")
-    _devices_first()
+    turns.wait()
     assert ran == ["device frame"]
 
     # A loop that never goes idle (a storm): the timer lets the download go on.
-    turns, busy = [0], [True]
+    spins, busy = [0], [True]
 
     def storm():
         while busy[0]:
-            turns[0] += 1
+            spins[0] += 1
             gevent.sleep(0)
 
     spinner = gevent.spawn(storm)
     gevent.sleep(0)
     started = time.monotonic()
-    _devices_first()
+    turns.wait()
     waited = time.monotonic() - started
     busy[0] = False
     spinner.join(timeout=5)
-    assert turns[0] > 1  # the storm's work ran meanwhile
+    assert spins[0] > 1  # the storm's work ran meanwhile
     assert DEVICES_FIRST_AT_MOST * 0.5 <= waited < 5  # by the timer, not for ever
+
+    # Once more with the same watchers: a chunk after a timed-out wait.
+    ran.clear()
+    gevent.spawn(ran.append, "next frame")
+    turns.wait()
+    turns.close()
+    assert ran == ["next frame"]

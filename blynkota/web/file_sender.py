@@ -234,23 +234,29 @@ class FirmwareSender:
     def _send_body(self, sock, file_fd: int, start: int, length: int, ticket) -> int:
         out = sock.fileno()
         sent = 0
-        while sent < length:
-            # A turn: one chunk, then every other ready greenlet runs once
-            # before this one gives its place to a waiting download.
-            with self._senders:
-                try:
-                    count = os.sendfile(out, file_fd, start + sent, min(SEND_CHUNK, length - sent))
-                except BlockingIOError:
-                    count = None
-                else:
-                    if count == 0:
-                        raise OSError("the cache file ended early")
-                    sent += count
-                    if ticket is not None:
-                        ticket.written_until = ticket.start + sent
-                    _devices_first()
-            if count is None:  # the socket's buffer is full: wait outside the turns
-                wait_write(out, timeout=self.idle_timeout, timeout_exc=TimeoutError("stalled"))
+        turns = _DevicesFirst()
+        try:
+            while sent < length:
+                # A turn: one chunk, then ready device work runs before this
+                # download gives its place to a waiting one.
+                with self._senders:
+                    try:
+                        count = os.sendfile(
+                            out, file_fd, start + sent, min(SEND_CHUNK, length - sent)
+                        )
+                    except BlockingIOError:
+                        count = None
+                    else:
+                        if count == 0:
+                            raise OSError("the cache file ended early")
+                        sent += count
+                        if ticket is not None:
+                            ticket.written_until = ticket.start + sent
+                        turns.wait()
+                if count is None:  # the socket's buffer is full: wait outside the turns
+                    wait_write(out, timeout=self.idle_timeout, timeout_exc=TimeoutError("stalled"))
+        finally:
+            turns.close()
         return sent
 
     def _peek_head(self, sock) -> bytes | None:
@@ -380,22 +386,33 @@ def _http_date() -> bytes:
     return _date_cache[1]
 
 
-def _devices_first() -> None:
-    """Wait until the event loop is idle, or DEVICES_FIRST_AT_MOST seconds.
+class _DevicesFirst:
+    """Between two chunks of one download: wait until the event loop is idle,
+    or DEVICES_FIRST_AT_MOST seconds.
 
     A plain `sleep(0)` gives every ready greenlet one turn, downloads
     included, so under a download flood a device's login waits behind a
     whole round of sendfile calls at each of its steps. libev runs an idle
     watcher only when no other event is pending: the device's step runs
-    first, and the timer keeps a busy loop from stalling the download.
+    first, and the timer keeps a busy loop from stalling the download. The
+    two watchers are made once per download and restarted at each chunk.
     """
-    hub = get_hub()
-    waiter = Waiter(hub)
-    idle, timer = hub.loop.idle(), hub.loop.timer(DEVICES_FIRST_AT_MOST)
-    idle.start(waiter.switch, None)
-    timer.start(waiter.switch, None)
-    try:
-        waiter.get()
-    finally:
-        idle.close()
-        timer.close()
+
+    def __init__(self) -> None:
+        self.hub = get_hub()
+        self.idle = self.hub.loop.idle()
+        self.timer = self.hub.loop.timer(DEVICES_FIRST_AT_MOST)
+
+    def wait(self) -> None:
+        waiter = Waiter(self.hub)
+        self.idle.start(waiter.switch, None)
+        self.timer.start(waiter.switch, None)
+        try:
+            waiter.get()
+        finally:
+            self.idle.stop()
+            self.timer.stop()
+
+    def close(self) -> None:
+        self.idle.close()
+        self.timer.close()
