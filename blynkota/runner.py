@@ -44,7 +44,10 @@ log = logging.getLogger("blynkota")
 
 ADMIN_CONNECTIONS = 100
 FILL_MIN_GAP = 0.05  # seconds between two fills woken by freed download slots
-FILL_BATCH = 500  # offers claimed in one transaction
+# Offers claimed in one transaction. In a storm of thousands of logins each
+# turn of the event loop is long, and the fill runs once a turn: a batch must
+# take all that came due meanwhile, or offers fall behind the logins.
+FILL_BATCH = 2000
 TIDY_EVERY = 600.0  # seconds between two clean-ups of old login-limit rows
 RECONCILE_EVERY = 5  # heartbeats between two presence reconciliations
 MAX_BACKOFF = 30.0  # seconds a clock waits at most while the database is away
