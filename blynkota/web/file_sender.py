@@ -252,7 +252,11 @@ class FirmwareSender:
                         sent += count
                         if ticket is not None:
                             ticket.written_until = ticket.start + sent
-                        turns.wait()
+                        if sent < length:
+                            # Not after the last chunk: the download's end is
+                            # recorded at once, before the device, rebooted on
+                            # the new build, can log in and report it.
+                            turns.wait()
                 if count is None:  # the socket's buffer is full: wait outside the turns
                     wait_write(out, timeout=self.idle_timeout, timeout_exc=TimeoutError("stalled"))
         finally:
