@@ -175,7 +175,6 @@ class BatchOffers:
         lock_offer_slots(session)
         running = RunningRollouts(session)
         server_free, free = self.guards.slot_counts(session, healthy)
-        self._free_hint = server_free
         # One `ota` in flight per device, whatever rollouts name it.
         busy = devices_in_flight(session, [w.device.id for w in waiting])
         tracks = {
@@ -225,10 +224,10 @@ class BatchOffers:
                 continue  # the connection closed meanwhile: offered at its next login
             free[item.rollout_id] -= 1
             server_free -= 1
-            self._free_hint = server_free
             busy.add(device.id)
             chosen.append((item, offer, frame))
             offers.append((track, url))
+        self._free_hint = server_free
         offer_all(session, offers, now, (self.node.id, self.node.run_number))
         if offers:
             insert_many(

@@ -5,7 +5,7 @@ in Python (the compiled statement's parameter map, then each type's bind
 processor, row by row). For the few writes a login storm makes for every
 device (presence, info reports, rollout entries and their events, offers)
 that costs more than the database's own work. Here such a statement is
-compiled once per dialect; each row becomes a tuple through the same bind
+compiled once per dialect; each row's values go through the same bind
 processors SQLAlchemy would apply, and the rows go to the driver's
 `executemany` through `Connection.exec_driver_sql`, inside the caller's
 transaction. PyMySQL turns an INSERT's rows into one multi-row statement.
