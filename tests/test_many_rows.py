@@ -1,5 +1,6 @@
-"""Hot multi-row writes on the driver's cursor (store/many_rows.py) store exactly what
-SQLAlchemy's own executemany stores, on both real databases."""
+"""Hot multi-row writes and reads on the driver's cursor (store/many_rows.py,
+store/hot_reads.py) store and read exactly what SQLAlchemy's own executemany and
+execute do, on both real databases."""
 
 from datetime import datetime
 
@@ -21,7 +22,7 @@ from sqlalchemy import (
     update,
 )
 
-from blynkota.store import ManyRows, insert_many
+from blynkota.store import HotQuery, ManyRows, insert_many
 
 from .conftest import tables_on
 
@@ -129,3 +130,33 @@ def test_no_rows_is_no_statement(db):
     with db.engine.begin() as connection:
         assert insert_many(connection, ours, []) == 0
         assert ManyRows(update(ours).values(label="x")).execute(connection, []) == 0
+
+
+def test_a_hot_read_answers_what_sqlalchemy_answers(db):
+    with db.engine.begin() as connection:
+        connection.execute(insert(ours), ROWS)
+    # An IN list given at each call, a fixed IN list, a plain parameter and a
+    # datetime result (text on SQLite: its result processor makes it a datetime).
+    statement = (
+        select(ours.c.id, ours.c.label, ours.c.seen_at, ours.c.flag)
+        .where(
+            ours.c.id.in_(bindparam("ids", expanding=True)),
+            ours.c.label.in_(["whole", "micro", "none"]),
+            ours.c.count == bindparam("count"),
+        )
+        .order_by(ours.c.id)
+    )
+    query = HotQuery(statement)
+    with db.engine.begin() as connection:
+        for ids in ([1, 2, 3], [2], [3, 1, 9], [1, 2]):  # lengths repeat: the cached text
+            expected = [
+                tuple(row) for row in connection.execute(statement, {"ids": ids, "count": 7})
+            ]
+            assert query.rows(connection, ids=ids, count=7) == expected
+        assert query.rows(connection, ids=[1, 2], count=8) == []
+        assert query.rows(connection, ids=[], count=7) == []  # IN (): nothing matches
+
+    with db.engine.connect() as connection:
+        whole, micro = query.rows(connection, ids=[1, 2], count=7)
+    assert whole == (1, "whole", datetime(2026, 11, 28, 12, 0, 0), True)
+    assert isinstance(micro[2], datetime)  # MySQL's DATETIME keeps whole seconds

@@ -14,16 +14,19 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from ..store import Database, Lock, utcnow
+from ..store import Database, HotQuery, Lock, utcnow
 
 __all__ = ["Lease", "lock_offer_slots"]
 
 OFFER_SLOTS = "offer-slots"
 
 
+_LOCK_OFFER_SLOTS = HotQuery(select(Lock.name).where(Lock.name == OFFER_SLOTS).with_for_update())
+
+
 def lock_offer_slots(session: Session) -> None:
     """Hold the offer mutex until the transaction ends."""
-    session.execute(select(Lock.name).where(Lock.name == OFFER_SLOTS).with_for_update())
+    _LOCK_OFFER_SLOTS.rows(session)
 
 
 class Lease:

@@ -30,7 +30,7 @@ from sqlalchemy import Connection, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from ..logs import set_node_name
-from ..store import Database, Device, GroupCommit, ManyRows, Node, utcnow
+from ..store import Database, Device, GroupCommit, HotQuery, ManyRows, Node, utcnow
 
 __all__ = ["ClusterNode", "NodeSettings", "LocalSession", "default_node_name"]
 
@@ -54,8 +54,10 @@ _ONLINE = ManyRows(
         session_id=bindparam("session"),
     )
 )
-_SESSIONS_OF = select(_devices.c.id, _devices.c.session_id).where(
-    _devices.c.id.in_(bindparam("devices", expanding=True))
+_SESSIONS_OF = HotQuery(
+    select(_devices.c.id, _devices.c.session_id).where(
+        _devices.c.id.in_(bindparam("devices", expanding=True))
+    )
 )
 _SESSIONS_ON = select(_devices.c.id, _devices.c.session_id).where(
     _devices.c.node_id == bindparam("node")
@@ -248,9 +250,7 @@ class ClusterNode:
         _ONLINE.execute(connection, [{**values, "now": now} for values in ordered])
         # Whose session the rows hold now, in this transaction: each login's answer.
         holders = dict(
-            connection.execute(
-                _SESSIONS_OF, {"devices": sorted({values["device"] for values in logins})}
-            ).all()
+            _SESSIONS_OF.rows(connection, devices=sorted({values["device"] for values in logins}))
         )
         return [holders.get(values["device"]) == values["session"] for values in logins]
 

@@ -13,16 +13,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import Integer, bindparam, select
 from sqlalchemy.orm import Session
 
 from .. import metrics
 from ..cluster import ClusterNode, lock_offer_slots
-from ..logsafe import token_tag
+from ..logs import PER_TURN
 from ..store import (
     Database,
     Device,
     DeviceState,
+    HotQuery,
     OtaCommand,
     Project,
     Rollout,
@@ -31,7 +32,7 @@ from ..store import (
     insert_many,
     utcnow,
 )
-from .device_states import devices_in_flight, load_tracks, move, offer_all
+from .device_states import devices_in_flight, move, offer_all, run_tracks_query, tracks_query
 from .guards import RolloutGuards
 from .offers import DeviceIdentity, Offer, new_offer
 from .online import DeviceLink, FrameTooLarge, OfferFailed, OnlineDevices
@@ -42,6 +43,39 @@ __all__ = ["BatchOffers"]
 log = logging.getLogger(__name__)
 
 HEALTH_EVERY = 0.5  # seconds between two judgements of a rollout's failure ratio here
+
+# The pending devices due on a node, oldest first (built once: a campaign fills many a second).
+_DUE = HotQuery(
+    select(
+        RolloutDevice.id,
+        RolloutDevice.rollout_id,
+        Device.id,
+        Device.token,
+        Device.project_id,
+        Project.user_id,
+    )
+    .join(Device, Device.id == RolloutDevice.device_id)
+    .join(Project, Project.id == Device.project_id)
+    .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
+    .where(
+        RolloutDevice.state == DeviceState.PENDING,
+        (RolloutDevice.next_attempt_at.is_(None))
+        | (RolloutDevice.next_attempt_at <= bindparam("now")),
+        Rollout.state == RolloutState.ACTIVE,
+        Device.node_id == bindparam("node"),
+    )
+    .order_by(RolloutDevice.pending_at, RolloutDevice.id)
+    .limit(bindparam("limit", type_=Integer))
+)
+# A claim's rows, locked while they are judged, and its devices' reported builds.
+_PENDING_ROWS = tracks_query(
+    RolloutDevice.id.in_(bindparam("rows", expanding=True)),
+    RolloutDevice.state == DeviceState.PENDING,
+    for_update=True,
+)
+_BUILDS = HotQuery(
+    select(Device.id, Device.build).where(Device.id.in_(bindparam("devices", expanding=True)))
+)
 
 
 @dataclass(frozen=True)
@@ -83,29 +117,7 @@ class BatchOffers:
             budget = self._free_hint or self.guards.free_slots(session)
             if budget <= 0:
                 return []
-            now = utcnow()
-            return session.execute(
-                select(
-                    RolloutDevice.id,
-                    RolloutDevice.rollout_id,
-                    Device.id,
-                    Device.token,
-                    Device.project_id,
-                    Project.user_id,
-                )
-                .join(Device, Device.id == RolloutDevice.device_id)
-                .join(Project, Project.id == Device.project_id)
-                .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
-                .where(
-                    RolloutDevice.state == DeviceState.PENDING,
-                    (RolloutDevice.next_attempt_at.is_(None))
-                    | (RolloutDevice.next_attempt_at <= now),
-                    Rollout.state == RolloutState.ACTIVE,
-                    Device.node_id == node_id,
-                )
-                .order_by(RolloutDevice.pending_at, RolloutDevice.id)
-                .limit(min(limit, 2 * budget + 10))
-            ).all()
+            return _DUE.rows(session, now=utcnow(), node=node_id, limit=min(limit, 2 * budget + 10))
 
         ready = []
         for row_id, rollout_id, device_id, token, project_id, user_id in self.db.run(due):
@@ -124,15 +136,15 @@ class BatchOffers:
                 waiting.link.write_frame(frame)
             except OfferFailed as error:
                 self._undelivered(offer, str(error))
-                log.warning("device %s: not offered: %s", token_tag(offer.token), error)
+                log.warning("device %s: not offered: %s", waiting.link.tag, error)
                 continue
             metrics.OFFERS.inc()
-            tag = token_tag(offer.token)
+            tag = waiting.link.tag
             log.info(
                 "device %s: sent ota %s",
                 tag,
                 offer.url_path,
-                extra={"device": tag, "rollout": offer.rollout_id},
+                extra={"device": tag, "rollout": offer.rollout_id, **PER_TURN},
             )
             sent += 1
         return sent
@@ -177,20 +189,11 @@ class BatchOffers:
         server_free, free = self.guards.slot_counts(session, healthy)
         # One `ota` in flight per device, whatever rollouts name it.
         busy = devices_in_flight(session, [w.device.id for w in waiting])
+        rows = sorted(w.row_id for w in waiting)
         tracks = {
-            track.id: track
-            for track in load_tracks(
-                session,
-                RolloutDevice.id.in_([w.row_id for w in waiting]),
-                RolloutDevice.state == DeviceState.PENDING,
-                for_update=True,
-            )
+            track.id: track for track in run_tracks_query(session, _PENDING_ROWS, {"rows": rows})
         }
-        builds = dict(
-            session.execute(
-                select(Device.id, Device.build).where(Device.id.in_([w.device.id for w in waiting]))
-            ).all()
-        )
+        builds = dict(_BUILDS.rows(session, devices=sorted({w.device.id for w in waiting})))
         chosen, offers = [], []
         for item in waiting:
             track = tracks.get(item.row_id)

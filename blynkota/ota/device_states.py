@@ -18,10 +18,10 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from ..store import DeviceState, RolloutDevice, RolloutEvent, insert_many
+from ..store import DeviceState, HotQuery, RolloutDevice, RolloutEvent, insert_many
 
 __all__ = [
     "ConcurrentChange",
@@ -133,17 +133,18 @@ def load_tracks(session: Session, *conditions, extra=(), for_update: bool = Fals
     return _snapshots(session.execute(query).all(), bool(extra))
 
 
-def tracks_query(*conditions, extra=()):
+def tracks_query(*conditions, extra=(), for_update: bool = False) -> HotQuery:
     """`load_tracks`'s query on the table's columns, to build once for a hot path
-    (with bindparams) and run with `run_tracks_query`."""
+    (with bindparams) and run with `run_tracks_query`, on the driver's cursor."""
     table = RolloutDevice.__table__
     columns = [table.c[column.key] for column in _TRACK_COLUMNS]
-    return select(*columns, *extra).where(*conditions).order_by(table.c.id)
+    query = select(*columns, *extra).where(*conditions).order_by(table.c.id)
+    return HotQuery(query.with_for_update() if for_update else query)
 
 
-def run_tracks_query(session: Session, query, parameters: dict) -> list:
-    with_extra = len(query.selected_columns) > len(_TRACK_COLUMNS)
-    return _snapshots(session.execute(query, parameters).all(), with_extra)
+def run_tracks_query(session: Session | Connection, query: HotQuery, parameters: dict) -> list:
+    with_extra = len(query.statement.selected_columns) > len(_TRACK_COLUMNS)
+    return _snapshots(query.rows(session, **parameters), with_extra)
 
 
 def _snapshots(rows, with_extra: bool) -> list:
@@ -168,7 +169,7 @@ def _event_of(rollout_id, device_id, before, after, detail, at) -> dict:
     }
 
 
-_DEVICES_IN_FLIGHT = (
+_DEVICES_IN_FLIGHT = HotQuery(
     select(RolloutDevice.__table__.c.device_id)
     .where(
         RolloutDevice.__table__.c.device_id.in_(bindparam("devices", expanding=True)),
@@ -184,8 +185,8 @@ def devices_in_flight(session: Session, device_ids) -> set[int]:
     Asked under the offer-slots lock, once per batch of offers: a device has
     at most one `ota` in flight, however many uploads name it.
     """
-    rows = session.execute(_DEVICES_IN_FLIGHT, {"devices": sorted(set(device_ids))})
-    return set(rows.scalars())
+    rows = _DEVICES_IN_FLIGHT.rows(session, devices=sorted(set(device_ids)))
+    return {device_id for (device_id,) in rows}
 
 
 def log_events(session: Session, events: list[dict]) -> None:

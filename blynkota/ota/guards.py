@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, case, func, or_, select, true
+from sqlalchemy import and_, bindparam, case, func, or_, select, true
 from sqlalchemy.orm import Session
 
-from ..store import DeviceState, Rollout, RolloutDevice, RolloutState, utcnow
+from ..store import DeviceState, HotQuery, Rollout, RolloutDevice, RolloutState, utcnow
 from .cohorts import bucket, parse_waves
 from .rollouts import RolloutPlanner, target_of
 from .targeting import tokens_in_scope
@@ -23,6 +23,17 @@ __all__ = ["FleetPolicy", "RolloutGuards"]
 
 # Holding a download slot: offered and not yet done downloading.
 SLOT_STATES = (DeviceState.OFFERED, DeviceState.DOWNLOADING)
+# Every offer counts the slots held, per rollout: one scan of an index (0010).
+_SLOTS_HELD = HotQuery(
+    select(RolloutDevice.rollout_id, func.count())
+    .where(RolloutDevice.state.in_(SLOT_STATES))
+    .group_by(RolloutDevice.rollout_id)
+)
+_OWN_LIMITS = HotQuery(
+    select(Rollout.id, Rollout.max_concurrent).where(
+        Rollout.id.in_(bindparam("rollouts", expanding=True))
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -60,22 +71,12 @@ class RolloutGuards:
 
         A rollout's free slots are never more than the server's.
         """
-        held = dict(
-            session.execute(
-                select(RolloutDevice.rollout_id, func.count())
-                .where(RolloutDevice.state.in_(SLOT_STATES))
-                .group_by(RolloutDevice.rollout_id)
-            ).all()
-        )
+        held = dict(_SLOTS_HELD.rows(session))
         server = max(0, self.policy.max_concurrent - sum(held.values()))
         wanted = set(rollout_ids)
         if not wanted:
             return server, {}
-        own = dict(
-            session.execute(
-                select(Rollout.id, Rollout.max_concurrent).where(Rollout.id.in_(wanted))
-            ).all()
-        )
+        own = dict(_OWN_LIMITS.rows(session, rollouts=sorted(wanted)))
         limit = self.policy.concurrent_for
         per_rollout = {
             rollout_id: max(0, min(server, limit(own.get(rollout_id)) - held.get(rollout_id, 0)))

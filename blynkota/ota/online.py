@@ -37,6 +37,7 @@ class NoDownloadSlot(OfferDeferred):
 
 class DeviceLink(Protocol):
     token: str
+    tag: str  # what the log shows of the token (logsafe.token_tag)
     serial: int  # connection order: a later connection has a larger serial
     device_id: int | None
     session_id: int | None  # as recorded in the device's presence row

@@ -31,6 +31,7 @@ from ..store import (
     Device,
     DeviceState,
     GroupCommit,
+    HotQuery,
     ManyRows,
     OtaCommand,
     Project,
@@ -67,7 +68,7 @@ _INFO_COLUMNS = {
 _INFO_NUMBERS = {"h-beat": "heartbeat", "buff-in": "buff_in"}
 
 # Built once: this runs for every batch of device logins.
-_DEVICES_BY_TOKEN = (
+_DEVICES_BY_TOKEN = HotQuery(
     select(Device.id, Device.token, Device.project_id, Project.user_id)
     .join(Project, Project.id == Device.project_id)
     .where(Device.token.in_(bindparam("tokens", expanding=True)))
@@ -135,8 +136,8 @@ class OtaService(AdminOperations):
         return identity
 
     def _find_all(self, connection: Connection, tokens: Sequence[str]) -> list:
-        rows = connection.execute(_DEVICES_BY_TOKEN, {"tokens": sorted(set(tokens))})
-        found = {row.token: DeviceIdentity(*row) for row in rows}
+        rows = _DEVICES_BY_TOKEN.rows(connection, tokens=sorted(set(tokens)))
+        found = {row[1]: DeviceIdentity(*row) for row in rows}
         return [found.get(token) for token in tokens]
 
     def device_online(self, device: DeviceIdentity, session_id: int, address: str, since):

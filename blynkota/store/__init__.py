@@ -2,6 +2,7 @@
 
 from .db import Database, DatabaseHealth, is_outage, is_transient, make_engine
 from .group_commit import GroupCommit
+from .hot_reads import HotQuery
 from .many_rows import ManyRows, insert_many
 from .migrate import alembic_config, upgrade
 from .models import (
@@ -31,6 +32,7 @@ __all__ = [
     "Database",
     "DatabaseHealth",
     "GroupCommit",
+    "HotQuery",
     "ManyRows",
     "insert_many",
     "is_outage",

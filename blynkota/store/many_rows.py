@@ -44,16 +44,14 @@ class ManyRows:
             return 0
         connection = target.connection() if isinstance(target, Session) else target
         sql, positional, plan = self._for(connection.dialect)
+        # Column by column: a value every row shares (a batch's `now`) is
+        # converted once, and no generator runs per row.
+        columns = [_converted(rows, name, fixed, convert) for name, fixed, convert in plan]
         if positional:  # SQLite's `?` markers: a tuple, a name may come twice
-            values: list = [
-                tuple(_value(row, name, fixed, convert) for name, fixed, convert in plan)
-                for row in rows
-            ]
+            values: list = list(zip(*columns, strict=True))
         else:  # PyMySQL's %(name)s markers: a dict
-            values = [
-                {name: _value(row, name, fixed, convert) for name, fixed, convert in plan}
-                for row in rows
-            ]
+            names = [name for name, _, _ in plan]
+            values = [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
         return connection.exec_driver_sql(sql, values).rowcount
 
     def _for(self, dialect: Dialect) -> tuple[str, bool, list[tuple[str, Any, Any]]]:
@@ -73,9 +71,19 @@ class ManyRows:
         return known
 
 
-def _value(row: Mapping[str, Any], name: str, fixed: Any, convert: Any) -> Any:
-    value = row[name] if fixed is _FROM_ROW else fixed
-    return value if convert is None else convert(value)
+def _converted(rows: Sequence[Mapping[str, Any]], name: str, fixed: Any, convert: Any) -> list:
+    """One parameter's value for every row, through its bind processor."""
+    if fixed is not _FROM_ROW:
+        return [fixed if convert is None else convert(fixed)] * len(rows)
+    values = [row[name] for row in rows]
+    if convert is None:
+        return values
+    out, last, last_out = [], _FROM_ROW, None
+    for value in values:
+        if value is not last:  # the same object as the row before: converted already
+            last, last_out = value, convert(value)
+        out.append(last_out)
+    return out
 
 
 _INSERTS: dict[tuple[Table, tuple[str, ...]], ManyRows] = {}
