@@ -342,8 +342,8 @@ class BlynkotaServer:
 
     # --- devices --------------------------------------------------------------------
 
-    def _serve_device(self, sock, address) -> None:
-        DeviceSession(
+    def _serve_device(self, sock, address, ended) -> bool:
+        return DeviceSession(
             sock,
             address,
             self.service,
@@ -352,6 +352,7 @@ class BlynkotaServer:
             max_messages_per_sec=self.settings.max_messages_per_sec,
             server_host=self.settings.server_host,
             public_port=self.settings.server_http_port or self.device_port.server_port,
+            ended=ended,
         ).run()
 
     # --- stopping -------------------------------------------------------------------

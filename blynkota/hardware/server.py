@@ -72,7 +72,8 @@ class SharedPortServer(WSGIServer):
         # Answers firmware requests itself; False hands the rest to WSGI, unread.
         self.file_sender = file_sender
         self.max_devices = max_connections
-        self.devices = 0  # device sessions running now
+        self.devices = 0  # device sessions open now, parked ones included
+        self._kept: set = set()  # sockets of sessions that parked, until do_close
         self.max_http = max_http_connections
         self.http_clients = 0  # HTTP connections open now
         self._warned: dict[str, float] = {}  # a warning's key -> when it was last logged
@@ -113,15 +114,26 @@ class SharedPortServer(WSGIServer):
             self.start_accepting()
 
     def handle(self, sock, address):
+        kept = False  # a parked device session owns its socket from now on
         try:
             kind = self._sniff(sock)
             if kind is True:
                 self._serve_http(sock, address)
             elif kind is False:
-                self._serve_device(sock, address)
+                kept = self._serve_device(sock, address)
         except OSError as error:
             log.info("connection %s:%s lost before it said anything (%s)", *address[:2], error)
         finally:
+            if kept:
+                self._kept.add(sock)
+            else:
+                sock.close()
+
+    def do_close(self, sock, *args):
+        """After `handle`: close the connection unless a parked session owns it."""
+        if sock in self._kept:
+            self._kept.discard(sock)
+        else:
             sock.close()
 
     def _serve_http(self, sock, address) -> None:
@@ -139,7 +151,8 @@ class SharedPortServer(WSGIServer):
         finally:
             self.http_clients -= 1
 
-    def _serve_device(self, sock, address) -> None:
+    def _serve_device(self, sock, address) -> bool:
+        """Run the device's session; True if it parked, keeping the connection."""
         if self.devices >= self.max_devices:
             self._warn_now_and_then(
                 "full",
@@ -147,12 +160,19 @@ class SharedPortServer(WSGIServer):
                 "which come back later",
                 self.devices,
             )
-            return  # closed by handle(): the device's library tries again
+            return False  # closed by handle(): the device's library tries again
         self.devices += 1
+        kept = False
         try:
-            self.device_handler(sock, address)
+            kept = self.device_handler(sock, address, self._device_ended)
         finally:
-            self.devices -= 1
+            if not kept:
+                self.devices -= 1
+        return kept
+
+    def _device_ended(self) -> None:
+        """A parked session is over (its handler returned long ago)."""
+        self.devices -= 1
 
     def _sniff(self, sock) -> bool | None:
         deadline = time.monotonic() + self.sniff_timeout

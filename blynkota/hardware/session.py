@@ -9,6 +9,13 @@ the database is touched on login, info message and disconnect only. A
 login's presence write is soft state, written behind its answer; the info
 message, which can start an update, waits for it.
 
+An idle device holds no greenlet. Once its info message is answered and no
+frame is left to read, the session parks: the event loop watches its socket
+(an io watcher) and its deadline (a timer), and the greenlet ends. A frame
+wakes it in a new greenlet, which handles what arrived and parks again; the
+deadline's timer closes it. A greenlet costs about 8 KiB however little it
+holds, which is more than the rest of an idle session.
+
 While the database is away a device gets SERVER_ERROR to its login or info
 message and is closed; the outage is logged once (store.DatabaseHealth), not
 once per device. A disconnect that could not be written is written when the
@@ -21,15 +28,17 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Callable
 
 import gevent
+from gevent import get_hub
 from gevent.event import AsyncResult
 from gevent.lock import Semaphore
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .. import metrics
-from ..logs import DEVICE_TAG
+from ..logs import DEVICE_TAG, PER_TURN
 from ..logsafe import printable, token_tag
 from ..ota import DeviceIdentity, FrameTooLarge, OfferFailed, OnlineDevices, OtaService
 from ..protocol import (
@@ -110,7 +119,9 @@ class DeviceSession:
         max_messages_per_sec: int = DEFAULT_MESSAGES_PER_SEC,
         server_host: str = "",
         public_port: int | None = None,
+        ended: Callable[[], None] = lambda: None,
     ) -> None:
+        """`ended` is called when a session that parked (`run` answered True) is over."""
         self.sock = sock
         self.serial = next(_SERIALS)
         with contextlib.suppress(OSError):
@@ -138,14 +149,36 @@ class DeviceSession:
         self._write_lock = Semaphore()
         self._extra_logins = 0
         self.rate = FrameRate(max_messages_per_sec)
+        self._ended = ended
+        self._parked = False  # the loop watches the socket; no greenlet runs the session
+        self._has_parked = False  # the connection outlived `run`: `_close` calls `ended`
+        self._wake_watch = None  # made at the first park, reused
+        self._deadline_timer = None  # made again only when the deadline changes
 
     # --- the greenlet --------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Serve the device until it closes, or until it parks: True if it parked
+        (the connection stays open, owned by the session from then on)."""
+        return self._guarded(self._from_login)
+
+    def _from_login(self) -> bool:
+        self._log_in()
+        return self._serve()
+
+    def _serve(self) -> bool:
+        """Handle frames until none is left to read once ready: then park (True)."""
+        while True:
+            if self.machine.state is SessionState.READY and not self.reader.buffered:
+                self._park()
+                return True
+            self._handle(self._next_event(self.read_timeout))
+
+    def _guarded(self, body: Callable[[], bool]) -> bool:
+        """Run `body`; every way a session ends is logged here, and closed."""
+        parked = False
         try:
-            self._log_in()
-            while True:
-                self._handle(self._next_event(self.read_timeout))
+            parked = body()
         except DATABASE_ERRORS as error:
             if isinstance(error, PoolTimeout):
                 metrics.DATABASE_ERRORS.labels("pool_timeout").inc()
@@ -167,7 +200,53 @@ class DeviceSession:
         except Exception:
             log.exception("device %s %s: closed after an internal error", self.tag, self.peer)
         finally:
-            self._close()
+            if not parked:
+                self._close()
+        return parked
+
+    # --- parked: no greenlet while the device is idle ----------------------------
+
+    def _park(self) -> None:
+        loop = get_hub().loop
+        if self._wake_watch is None:
+            self._wake_watch = loop.io(self.sock.fileno(), 1)  # 1: readable
+        if self._deadline_timer is None or self._deadline_timer.at != self.read_timeout:
+            # The deadline between frames, as a blocking read has it (`_next_event`);
+            # a new info message may change it. `again` restarts it after `repeat`.
+            if self._deadline_timer is not None:
+                self._deadline_timer.close()
+            self._deadline_timer = loop.timer(self.read_timeout, self.read_timeout)
+        self._wake_watch.start(self._woken)
+        self._deadline_timer.again(self._silent_too_long)
+        self._parked = self._has_parked = True
+
+    def _unpark(self) -> bool:
+        """Stop watching; True if the session was parked."""
+        if not self._parked:
+            return False
+        self._parked = False
+        self._wake_watch.stop()
+        self._deadline_timer.stop()
+        return True
+
+    def _woken(self) -> None:
+        # Called by the event loop itself: nothing here may wait.
+        if self._unpark():
+            gevent.spawn(self._guarded, self._resume)
+
+    def _silent_too_long(self) -> None:
+        if self._unpark():
+            gevent.spawn(self._guarded, self._expire)
+
+    def _resume(self) -> bool:
+        DEVICE_TAG.set(self.tag)  # a new greenlet: its log lines name the device again
+        # The socket is readable (a frame, or the end): read before parking again.
+        self._handle(self._next_event(self.read_timeout))
+        return self._serve()
+
+    def _expire(self) -> bool:
+        DEVICE_TAG.set(self.tag)
+        raise TimeoutError
 
     def _log_in(self) -> None:
         try:
@@ -270,6 +349,7 @@ class DeviceSession:
                 printable(info.get("build", ""))[:64],
                 printable(info.get("dev", ""))[:32],
                 ", update due" if due else "",
+                extra=PER_TURN,
             )
         except DATABASE_ERRORS:
             # Answered already; the report is lost, so the device reconnects and repeats it.
@@ -301,9 +381,13 @@ class DeviceSession:
     def close(self, reason: str) -> None:
         log.info("device %s %s: %s", self.tag, self.peer, reason)
         self.machine.advance("close")
+        # Parked, nobody reads the socket to notice: the cleanup gets a greenlet.
+        parked = self._unpark()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        if parked:
+            gevent.spawn(self._close)
 
     # --- plumbing ------------------------------------------------------------------
 
@@ -378,4 +462,10 @@ class DeviceSession:
                 log.debug("device %s: disconnect kept until the database is back", self.tag)
         if self.machine.state is not SessionState.CLOSED:
             self.machine.advance("close")
+        self._unpark()
+        for watcher in (self._wake_watch, self._deadline_timer):
+            if watcher is not None:
+                watcher.close()
         self.sock.close()
+        if self._has_parked:
+            self._ended()

@@ -1,0 +1,29 @@
+"""An idle device holds no greenlet: its session parks on the event loop.
+
+Each scenario (tests/parked_scenarios.py) runs the device server in a process
+of its own, monkey-patched as in production, so that it can count the
+greenlets alive in the server's process while devices sit idle.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .parked_scenarios import SCENARIOS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_parked_sessions(scenario):
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.parked_scenarios", scenario],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
