@@ -150,6 +150,7 @@ class DeviceSession:
         self._extra_logins = 0
         self.rate = FrameRate(max_messages_per_sec)
         self._ended = ended
+        self._url_base: str | None = None  # http://host:port of the download URLs
         self._parked = False  # the loop watches the socket; no greenlet runs the session
         self._has_parked = False  # the connection outlived `run`: `_close` calls `ended`
         self._wake_watch = None  # made at the first park, reused
@@ -392,12 +393,14 @@ class DeviceSession:
     # --- plumbing ------------------------------------------------------------------
 
     def _url(self, path: str) -> str:
-        host, port = self.sock.getsockname()[:2]
-        if self.server_host:
-            host = self.server_host
-        elif ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.public_port or port}{path}"
+        if self._url_base is None:  # the connection's own address: asked once
+            host, port = self.sock.getsockname()[:2]
+            if self.server_host:
+                host = self.server_host
+            elif ":" in host:
+                host = f"[{host}]"
+            self._url_base = f"http://{host}:{self.public_port or port}"
+        return self._url_base + path
 
     def _next_event(self, timeout: float):
         deadline = time.monotonic() + timeout
