@@ -317,6 +317,26 @@ def test_a_304_counts_the_offered_device_as_already_on_the_firmware(server, simu
     assert "sketch MD5" in detail
 
 
+def test_waiting_downloads_go_one_per_idle_turn_of_the_loop():
+    """However many downloads wait, one sends per idle turn: device work that
+    arrives meanwhile runs between two downloads' chunks, not after all of them."""
+    import gevent
+
+    from blynkota.web.file_sender import _DevicesFirst
+
+    turns = _DevicesFirst()
+    order = []
+
+    def download(name: str) -> None:
+        turns.wait()
+        order.append(name)  # its chunk
+        gevent.spawn(order.append, f"frame after {name}")  # a device's frame arrives
+
+    gevent.joinall([gevent.spawn(download, name) for name in "abc"], timeout=5)
+    turns.close()
+    assert order == ["a", "frame after a", "b", "frame after b", "c", "frame after c"]
+
+
 def test_a_download_lets_ready_device_work_go_first_but_is_never_stalled():
     """Between chunks a download waits for an idle event loop, bounded by a timer."""
     import gevent

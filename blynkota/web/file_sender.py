@@ -25,6 +25,7 @@ import os
 import re
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass
 from email.utils import formatdate
 from urllib.parse import parse_qsl
@@ -103,6 +104,7 @@ class FirmwareSender:
         self._open: dict[str, _OpenFile] = {}
         self._checked: dict[str, float] = {}
         self._senders = Semaphore(SENDERS_AT_ONCE)
+        self._turns = _DevicesFirst()  # one queue for every download of this process
 
     def serve(self, sock: socket.socket, address) -> bool:
         """Answer the firmware requests at the head of `sock`.
@@ -121,6 +123,9 @@ class FirmwareSender:
                 head = self._peek_head(sock)
                 if head is None:
                     return True  # closed, or silent past the idle timeout
+                # A request's work, its first chunk included, waits for its turn:
+                # under a flood of requests, devices go first.
+                self._turns.wait()
                 request = _parse(head)
                 served = self._opened(request.name)
                 if served is None:
@@ -234,33 +239,26 @@ class FirmwareSender:
     def _send_body(self, sock, file_fd: int, start: int, length: int, ticket) -> int:
         out = sock.fileno()
         sent = 0
-        turns = _DevicesFirst()
-        try:
-            while sent < length:
-                # A turn: one chunk, then ready device work runs before this
-                # download gives its place to a waiting one.
-                with self._senders:
-                    try:
-                        count = os.sendfile(
-                            out, file_fd, start + sent, min(SEND_CHUNK, length - sent)
-                        )
-                    except BlockingIOError:
-                        count = None
-                    else:
-                        if count == 0:
-                            raise OSError("the cache file ended early")
-                        sent += count
-                        if ticket is not None:
-                            ticket.written_until = ticket.start + sent
-                        if sent < length:
-                            # Not after the last chunk: the download's end is
-                            # recorded at once, before the device, rebooted on
-                            # the new build, can log in and report it.
-                            turns.wait()
-                if count is None:  # the socket's buffer is full: wait outside the turns
-                    wait_write(out, timeout=self.idle_timeout, timeout_exc=TimeoutError("stalled"))
-        finally:
-            turns.close()
+        while sent < length:
+            # Before every chunk after the first (the request waited for its
+            # turn): ready device work runs first. Nothing waits after the
+            # last chunk, so the download's end is recorded at once, before
+            # the device, rebooted on the new build, can log in and report it.
+            if sent:
+                self._turns.wait()
+            with self._senders:
+                try:
+                    count = os.sendfile(out, file_fd, start + sent, min(SEND_CHUNK, length - sent))
+                except BlockingIOError:
+                    count = None
+                else:
+                    if count == 0:
+                        raise OSError("the cache file ended early")
+                    sent += count
+                    if ticket is not None:
+                        ticket.written_until = ticket.start + sent
+            if count is None:  # the socket's buffer is full: wait outside the turns
+                wait_write(out, timeout=self.idle_timeout, timeout_exc=TimeoutError("stalled"))
         return sent
 
     def _peek_head(self, sock) -> bytes | None:
@@ -391,29 +389,55 @@ def _http_date() -> bytes:
 
 
 class _DevicesFirst:
-    """Between two chunks of one download: wait until the event loop is idle,
-    or DEVICES_FIRST_AT_MOST seconds.
+    """Before each chunk of a download: wait until the event loop is idle, one
+    download per idle turn, or at most DEVICES_FIRST_AT_MOST seconds.
 
     A plain `sleep(0)` gives every ready greenlet one turn, downloads
     included, so under a download flood a device's login waits behind a
     whole round of sendfile calls at each of its steps. libev runs an idle
-    watcher only when no other event is pending: the device's step runs
-    first, and the timer keeps a busy loop from stalling the download. The
-    two watchers are made once per download and restarted at each chunk.
+    watcher only when no other event is pending, and here it lets one
+    waiting download send one chunk per turn: the loop looks for device
+    frames, logins and admin requests again between two chunks, however
+    many downloads wait. The timer lets a few go on each time it fires, so
+    a loop that is never idle slows downloads without stalling them. One per
+    process, shared by every download: a request waits for its turn before
+    its work, and again before each of its chunks after the first.
     """
 
     def __init__(self) -> None:
         self.hub = get_hub()
         self.idle = self.hub.loop.idle()
-        self.timer = self.hub.loop.timer(DEVICES_FIRST_AT_MOST)
+        self.timer = self.hub.loop.timer(DEVICES_FIRST_AT_MOST, DEVICES_FIRST_AT_MOST)
+        self._waiting: deque[Waiter] = deque()
 
     def wait(self) -> None:
         waiter = Waiter(self.hub)
-        self.idle.start(waiter.switch, None)
-        self.timer.start(waiter.switch, None)
+        self._waiting.append(waiter)
+        if len(self._waiting) == 1:
+            self.idle.start(self._let_one_go)
+            self.timer.again(self._let_some_go)
         try:
             waiter.get()
         finally:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(waiter)  # killed while waiting
+            self._stop_when_nobody_waits()
+
+    def _let_one_go(self) -> None:
+        if self._waiting:
+            self._waiting.popleft().switch(None)
+
+    def _let_some_go(self) -> None:
+        # A loop never idle for that long: a few go on, as many as may send at
+        # once, so a storm slows downloads without stalling them, and one
+        # tick does not run every waiting download in one turn.
+        for _ in range(SENDERS_AT_ONCE):
+            if not self._waiting:
+                return
+            self._waiting.popleft().switch(None)
+
+    def _stop_when_nobody_waits(self) -> None:
+        if not self._waiting:
             self.idle.stop()
             self.timer.stop()
 
