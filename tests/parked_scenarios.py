@@ -21,19 +21,13 @@ from pathlib import Path
 import gevent
 import greenlet
 import sqlalchemy
-from gevent import socket
 
 from blynkota import create_app
-from blynkota.protocol import (
-    NEED_DATA,
-    FrameReader,
-    Response,
-    Status,
-    encode_info,
-    encode_login,
-    encode_ping,
-)
+from blynkota.protocol import Response, Status, encode_ping
 from blynkota.runner import BlynkotaServer
+from tests.devices import RawDevice
+
+OK_LOGIN = (Response(1, Status.OK), Response(2, Status.OK))
 
 DEVICES = 40
 
@@ -51,27 +45,6 @@ def in_process(folder: Path):
     server = BlynkotaServer(app, serve_admin=False)
     server.start()
     return app, server
-
-
-class Device:
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.reader = FrameReader()
-
-    def ask(self, frame: bytes):
-        self.sock.sendall(frame)
-        while (event := self.reader.next_event()) is NEED_DATA:
-            data = self.sock.recv(4096)
-            if not data:
-                return None
-            self.reader.feed(data)
-        return event
-
-    def log_in(self, token: str) -> None:
-        assert self.ask(encode_login(token, 1)) == Response(1, Status.OK)
-        assert self.ask(encode_info({"h-beat": "10", "build": "Jan  1 2018"}, 2)) == Response(
-            2, Status.OK
-        )
 
 
 def live_greenlets() -> int:
@@ -98,8 +71,10 @@ def idle_devices_hold_no_greenlet_and_still_answer(app, server) -> None:
     gevent.sleep(0.2)
     before = live_greenlets()
 
-    devices = [Device(port) for _ in tokens]
-    gevent.joinall([gevent.spawn(d.log_in, t) for d, t in zip(devices, tokens, strict=True)])
+    devices = [RawDevice(port) for _ in tokens]
+    logins = [gevent.spawn(d.log_in, t) for d, t in zip(devices, tokens, strict=True)]
+    gevent.joinall(logins)
+    assert [login.value for login in logins] == [OK_LOGIN] * DEVICES
     wait_for(lambda: online_rows(app) == DEVICES)
     gevent.sleep(0.2)
 
@@ -109,13 +84,14 @@ def idle_devices_hold_no_greenlet_and_still_answer(app, server) -> None:
     # A frame wakes the session, which answers and parks again.
     for round_ in range(3):
         for number, device in enumerate(devices):
-            assert device.ask(encode_ping(10 + round_)) == Response(10 + round_, Status.OK), number
+            device.send(encode_ping(10 + round_))
+            assert device.event() == Response(10 + round_, Status.OK), number
     gevent.sleep(0.2)
     assert live_greenlets() - before < 5
 
     # A device that hangs up wakes its session to end it: offline, uncounted.
     for device in devices[: DEVICES // 2]:
-        device.sock.close()
+        device.close()
     wait_for(lambda: server.device_port.devices == DEVICES // 2)
     wait_for(lambda: online_rows(app) == DEVICES // 2)
 
@@ -123,32 +99,30 @@ def idle_devices_hold_no_greenlet_and_still_answer(app, server) -> None:
 def a_parked_session_closed_by_the_server_is_cleaned_up(app, server) -> None:
     token = app.extensions["blynkota.fleet"].add_device("owner@example.com", "Farm")
     port = server.device_port.server_port
-    first = Device(port)
-    first.log_in(token)
+    first = RawDevice(port)
+    assert first.log_in(token) == OK_LOGIN
     wait_for(lambda: online_rows(app) == 1)
 
     # A second login of the token closes the first, parked, connection.
-    second = Device(port)
-    second.log_in(token)
-    first.sock.settimeout(5)
-    assert first.sock.recv(4096) == b""  # closed by the server
+    second = RawDevice(port)
+    assert second.log_in(token) == OK_LOGIN
+    assert first.closed_within(5)  # closed by the server
     wait_for(lambda: server.device_port.devices == 1)
-    assert second.ask(encode_ping(3)) == Response(3, Status.OK)
+    second.send(encode_ping(3))
+    assert second.event() == Response(3, Status.OK)
     assert online_rows(app) == 1  # the first one's cleanup left the newer login's row
 
-    second.sock.close()
+    second.close()
     wait_for(lambda: server.device_port.devices == 0)
     wait_for(lambda: online_rows(app) == 0)
 
 
 def a_parked_device_past_its_deadline_is_closed(app, server) -> None:
     token = app.extensions["blynkota.fleet"].add_device("owner@example.com", "Farm")
-    device = Device(server.device_port.server_port)
-    assert device.ask(encode_login(token, 1)) == Response(1, Status.OK)
-    assert device.ask(encode_info({"h-beat": "1"}, 2)) == Response(2, Status.OK)
+    device = RawDevice(server.device_port.server_port)
+    assert device.log_in(token, **{"h-beat": "1"}) == OK_LOGIN
     started = time.monotonic()
-    device.sock.settimeout(10)
-    assert device.sock.recv(4096) == b""  # ceil(1 x 2.3) = 3 s of silence
+    assert device.closed_within(10)  # after ceil(1 x 2.3) = 3 s of silence
     assert 2.5 <= time.monotonic() - started < 8
     wait_for(lambda: server.device_port.devices == 0)
     wait_for(lambda: online_rows(app) == 0)
