@@ -152,8 +152,7 @@ class DeviceSession:
         self._ended = ended
         self._url_base: str | None = None  # http://host:port of the download URLs
         self._parked = False  # the loop watches the socket; no greenlet runs the session
-        self._has_parked = False  # the connection outlived `run`: `_close` calls `ended`
-        self._wake_watch = None  # made at the first park, reused
+        self._wake_watch = None  # made at the first park, reused: once set, `run` has returned
         self._deadline_timer = None  # made again only when the deadline changes
 
     # --- the greenlet --------------------------------------------------------
@@ -219,7 +218,7 @@ class DeviceSession:
             self._deadline_timer = loop.timer(self.read_timeout, self.read_timeout)
         self._wake_watch.start(self._woken)
         self._deadline_timer.again(self._silent_too_long)
-        self._parked = self._has_parked = True
+        self._parked = True
 
     def _unpark(self) -> bool:
         """Stop watching; True if the session was parked."""
@@ -470,5 +469,5 @@ class DeviceSession:
             if watcher is not None:
                 watcher.close()
         self.sock.close()
-        if self._has_parked:
+        if self._wake_watch is not None:  # it parked: its handler returned long ago
             self._ended()

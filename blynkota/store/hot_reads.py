@@ -19,9 +19,10 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
+from .many_rows import GIVEN, bound_parameters
+
 __all__ = ["HotQuery"]
 
-_FROM_CALL = object()  # the parameter's value is passed to `rows`
 _TEXTS_KEPT = 1024  # SQL texts kept per query and dialect, one per combination of lengths
 
 
@@ -30,15 +31,7 @@ class _Compiled:
 
     def __init__(self, statement: Select, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect)
-        self.positional = compiled.positiontup is not None
-        names = compiled.positiontup if self.positional else list(compiled.binds)
-        # Each parameter: name, fixed value or _FROM_CALL, expanding?, bind processor.
-        self.parameters: list[tuple[str, Any, bool, Any]] = []
-        for name in names:
-            bind = compiled.binds[name]
-            fixed = _FROM_CALL if bind.required or bind.callable else bind.effective_value
-            convert = bind.type.dialect_impl(dialect).bind_processor(dialect)
-            self.parameters.append((name, fixed, bool(bind.expanding), convert))
+        self.positional, self.parameters = bound_parameters(compiled, dialect)
         self.text = compiled.string
         self.paramstyle = dialect.paramstyle
         self._texts: dict[tuple[int, ...], str] = {}
@@ -53,7 +46,7 @@ class _Compiled:
         text = self._texts.get(lengths)
         if text is None:
             text = self.text
-            expanding = [name for name, _, is_list, _ in self.parameters if is_list]
+            expanding = [name for name, _, _, is_list in self.parameters if is_list]
             for name, length in zip(expanding, lengths, strict=True):
                 markers = ", ".join(self._marker(name, index) for index in range(length))
                 text = text.replace(f"(__[POSTCOMPILE_{name}])", f"({markers})")
@@ -97,8 +90,8 @@ class HotQuery:
         lengths: list[int] = []
         positional: list = []
         named: dict[str, Any] = {}
-        for name, fixed, is_list, convert in compiled.parameters:
-            value = values[name] if fixed is _FROM_CALL else fixed
+        for name, fixed, convert, is_list in compiled.parameters:
+            value = values[name] if fixed is GIVEN else fixed
             if is_list:
                 value = list(value)
                 if not value:

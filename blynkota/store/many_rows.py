@@ -15,17 +15,18 @@ expanding IN, no column defaults computed in Python (a column left out of
 an INSERT must have a server default or be nullable).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Table, insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
-__all__ = ["ManyRows", "insert_many"]
+__all__ = ["GIVEN", "ManyRows", "bound_parameters", "insert_many"]
 
-_FROM_ROW = object()  # the parameter is a row's value, by its name
+GIVEN = object()  # the parameter's value is passed at each run (a row's, by its name)
 
 
 class ManyRows:
@@ -35,7 +36,7 @@ class ManyRows:
         self.statement = statement
         self.column_keys = list(column_keys) if column_keys is not None else None
         # dialect name -> (SQL text, positional?, for each parameter: its name,
-        # its fixed value or _FROM_ROW, the type's bind processor or None)
+        # its fixed value or GIVEN, the type's bind processor or None)
         self._compiled: dict[str, tuple[str, bool, list[tuple[str, Any, Any]]]] = {}
 
     def execute(self, target: Connection | Session, rows: Sequence[Mapping[str, Any]]) -> int:
@@ -58,27 +59,43 @@ class ManyRows:
         known = self._compiled.get(dialect.name)
         if known is None:
             compiled = self.statement.compile(dialect=dialect, column_keys=self.column_keys)
-            positional = compiled.positiontup is not None
-            names = compiled.positiontup if positional else list(compiled.binds)
-            plan = []
-            for name in names:
-                bind = compiled.binds[name]
-                # A value written into the statement (.values(x=None)) is the same for every row.
-                from_row = bind.required or name in (self.column_keys or ())
-                fixed = _FROM_ROW if from_row else bind.effective_value
-                plan.append((name, fixed, bind.type.dialect_impl(dialect).bind_processor(dialect)))
+            positional, parameters = bound_parameters(compiled, dialect, self.column_keys or ())
+            plan = [(name, fixed, convert) for name, fixed, convert, _ in parameters]
             known = self._compiled[dialect.name] = (compiled.string, positional, plan)
         return known
 
 
+def bound_parameters(
+    compiled: SQLCompiler, dialect: Dialect, given: Collection[str] = ()
+) -> tuple[bool, list[tuple[str, Any, Any, bool]]]:
+    """How to bind a compiled statement's parameters on the driver's cursor.
+
+    Returns (positional?, and in the markers' order, for each parameter: its
+    name, its value fixed in the statement or GIVEN when each run passes it
+    (a bindparam without a value, or one named in `given`), its type's bind
+    processor or None, and whether it is an expanding IN list).
+    """
+    positional = compiled.positiontup is not None
+    names = compiled.positiontup if positional else list(compiled.binds)
+    parameters = []
+    for name in names:
+        bind = compiled.binds[name]
+        # A value written into the statement (.values(x=None), a fixed IN list)
+        # is the same at every run.
+        fixed = GIVEN if bind.required or name in given else bind.effective_value
+        convert = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        parameters.append((name, fixed, convert, bool(bind.expanding)))
+    return positional, parameters
+
+
 def _converted(rows: Sequence[Mapping[str, Any]], name: str, fixed: Any, convert: Any) -> list:
     """One parameter's value for every row, through its bind processor."""
-    if fixed is not _FROM_ROW:
+    if fixed is not GIVEN:
         return [fixed if convert is None else convert(fixed)] * len(rows)
     values = [row[name] for row in rows]
     if convert is None:
         return values
-    out, last, last_out = [], _FROM_ROW, None
+    out, last, last_out = [], GIVEN, None  # GIVEN: no row holds it, so none is `last`
     for value in values:
         if value is not last:  # the same object as the row before: converted already
             last, last_out = value, convert(value)

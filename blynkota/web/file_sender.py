@@ -418,9 +418,11 @@ class _DevicesFirst:
             self.timer.again(self._let_some_go)
         try:
             waiter.get()
-        finally:
+        except BaseException:  # killed while waiting: leave the queue
             with contextlib.suppress(ValueError):
-                self._waiting.remove(waiter)  # killed while waiting
+                self._waiting.remove(waiter)
+            raise
+        finally:
             self._stop_when_nobody_waits()
 
     def _let_one_go(self) -> None:
