@@ -96,6 +96,36 @@ def idle_devices_hold_no_greenlet_and_still_answer(app, server) -> None:
     wait_for(lambda: online_rows(app) == DEVICES // 2)
 
 
+def pings_are_answered_by_the_event_loop_without_a_greenlet(app, server) -> None:
+    fleet = app.extensions["blynkota.fleet"]
+    tokens = [fleet.add_device("owner@example.com", "Farm") for _ in range(DEVICES)]
+    devices = [RawDevice(server.device_port.server_port) for _ in tokens]
+    for device, token in zip(devices, tokens, strict=True):
+        assert device.log_in(token) == OK_LOGIN
+    wait_for(lambda: online_rows(app) == DEVICES)
+    gevent.sleep(0.2)
+
+    alive = {o for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead}
+    entered: set = set()  # every greenlet switched into while the pings are answered
+
+    def trace(event: str, args: tuple) -> None:
+        if event in ("switch", "throw"):
+            entered.add(args[1])
+
+    previous = greenlet.settrace(trace)
+    try:
+        for round_ in range(3):
+            for number, device in enumerate(devices):
+                device.send(encode_ping(10 + round_))
+                assert device.event() == Response(10 + round_, Status.OK), number
+    finally:
+        greenlet.settrace(previous)
+    # 120 pings: a greenlet each if the loop handed them over; the background
+    # clocks (fill, heartbeat, presence) may start a few of their own.
+    started = [g for g in entered if g not in alive]
+    assert len(started) < 10, f"{len(started)} greenlets started for {3 * DEVICES} pings"
+
+
 def a_parked_session_closed_by_the_server_is_cleaned_up(app, server) -> None:
     token = app.extensions["blynkota.fleet"].add_device("owner@example.com", "Farm")
     port = server.device_port.server_port
@@ -132,6 +162,7 @@ SCENARIOS = {
     function.__name__: function
     for function in (
         idle_devices_hold_no_greenlet_and_still_answer,
+        pings_are_answered_by_the_event_loop_without_a_greenlet,
         a_parked_session_closed_by_the_server_is_cleaned_up,
         a_parked_device_past_its_deadline_is_closed,
     )

@@ -7,14 +7,22 @@ frame, or one byte at a time, is closed like a silent one. Writes hold a lock
 never reads cannot hold a greenlet forever. Pings are answered from memory:
 the database is touched on login, info message and disconnect only. A
 login's presence write is soft state, written behind its answer; the info
-message, which can start an update, waits for it.
+message, which can start an update, waits for it. The info message's
+report is written behind its answer too: the session goes idle at once,
+hears the outcome from the event loop, and handles a later frame only once
+the report is durable.
 
-An idle device holds no greenlet. Once its info message is answered and no
-frame is left to read, the session parks: the event loop watches its socket
-(an io watcher) and its deadline (a timer), and the greenlet ends. A frame
-wakes it in a new greenlet, which handles what arrived and parks again; the
-deadline's timer closes it. A greenlet costs about 8 KiB however little it
-holds, which is more than the rest of an idle session.
+An idle device holds no greenlet. Once its login is answered and no frame
+is left to read, the session parks: the event loop watches its socket (an
+io watcher) and its deadline (a timer), and the greenlet ends. When a frame
+arrives the loop reads it and, where nothing about it must wait (a ping,
+an info message once the login is written, anything ignored), answers it
+with a send that never waits: a fleet's heartbeats and a storm's info
+messages take no greenlet. Anything else (a frame that must wait for the
+database, a second login, a bad frame, the end) goes to a new greenlet,
+which goes on as a logged-in session does and parks again. The deadline's
+timer closes a silent device. A greenlet costs about 8 KiB however little
+it holds, which is more than the rest of an idle session.
 
 While the database is away a device gets SERVER_ERROR to its login or info
 message and is closed; the outage is logged once (store.DatabaseHealth), not
@@ -23,9 +31,11 @@ database is back (cluster/nodes.py).
 """
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -99,6 +109,10 @@ class FrameRate:
         return self._count > self.limit
 
 
+# Logged in, waiting for the info message or the next frame: the loop can watch.
+_PARKABLE = frozenset((SessionState.LOGGED_IN, SessionState.READY))
+
+
 class SessionClosed(Exception):
     """Ends the session quietly; the message is the one log line."""
 
@@ -141,6 +155,8 @@ class DeviceSession:
         self.device_id: int | None = None
         self.session_id: int | None = None
         self._presence: AsyncResult | None = None  # the login's presence write, pending
+        self._report: AsyncResult | None = None  # the last info message's report, pending
+        self._report_msg_id = 0  # and the info message's id, to answer SERVER_ERROR
         # When the connection was accepted: of two logins of one device, the
         # later connection holds it, however late a busy node reads its frame.
         self.since = utcnow()
@@ -167,9 +183,11 @@ class DeviceSession:
         return self._serve()
 
     def _serve(self) -> bool:
-        """Handle frames until none is left to read once ready: then park (True)."""
+        """Handle frames until none is left to read once logged in: then park (True)."""
         while True:
-            if self.machine.state is SessionState.READY and not self.reader.buffered:
+            if self.machine.state in _PARKABLE and not self.reader.buffered:
+                if self._report is not None and self._report.ready():
+                    self._report_settled()  # failed: raises (once done, `_reported` clears it)
                 self._park()
                 return True
             self._handle(self._next_event(self.read_timeout))
@@ -207,18 +225,22 @@ class DeviceSession:
     # --- parked: no greenlet while the device is idle ----------------------------
 
     def _park(self) -> None:
-        loop = get_hub().loop
         if self._wake_watch is None:
-            self._wake_watch = loop.io(self.sock.fileno(), 1)  # 1: readable
-        if self._deadline_timer is None or self._deadline_timer.at != self.read_timeout:
-            # The deadline between frames, as a blocking read has it (`_next_event`);
-            # a new info message may change it. `again` restarts it after `repeat`.
-            if self._deadline_timer is not None:
-                self._deadline_timer.close()
-            self._deadline_timer = loop.timer(self.read_timeout, self.read_timeout)
+            self._wake_watch = get_hub().loop.io(self.sock.fileno(), 1)  # 1: readable
         self._wake_watch.start(self._woken)
-        self._deadline_timer.again(self._silent_too_long)
+        self._arm_deadline()
         self._parked = True
+
+    def _arm_deadline(self) -> None:
+        """(Re)start the deadline between frames, as a blocking read has it
+        (`_next_event`); an info message may have changed it."""
+        timer = self._deadline_timer
+        if timer is None or timer.at != self.read_timeout:
+            if timer is not None:
+                timer.close()
+            timer = get_hub().loop.timer(self.read_timeout, self.read_timeout)
+            self._deadline_timer = timer
+        timer.again(self._silent_too_long)  # `again` restarts it after `repeat`
 
     def _unpark(self) -> bool:
         """Stop watching; True if the session was parked."""
@@ -230,23 +252,109 @@ class DeviceSession:
         return True
 
     def _woken(self) -> None:
-        # Called by the event loop itself: nothing here may wait.
-        if self._unpark():
-            gevent.spawn(self._guarded, self._resume)
+        """The parked socket is readable. Called by the event loop itself:
+        nothing here may wait. What arrived is read and, where it needs no
+        wait (a ping, an info message once the login is written, anything
+        ignored), handled here; the rest goes to a new greenlet."""
+        if not self._parked:
+            return
+        try:
+            # The socket is non-blocking (gevent's): a plain read never waits.
+            data = os.read(self._wake_watch.fd, 4096)
+        except BlockingIOError:
+            return  # woken for nothing: still parked
+        except OSError as error:
+            self._hand_over(error=error)
+            return
+        if not data:
+            closed = "closed mid-frame by the device" if self.reader.buffered else "disconnected"
+            self._hand_over(error=SessionClosed(closed))
+            return
+        self.reader.feed(data)
+        handled = False
+        while True:
+            try:
+                event = self._take_event()
+                if event is NEED_DATA:
+                    break
+                unsent = self._handled_here(event)
+            except Exception as error:  # a flood, a bad frame: the greenlet ends it
+                self._hand_over(error=error)
+                return
+            if unsent is not None:
+                self._hand_over(event=None if unsent else event, unsent=unsent or None)
+                return
+            handled = True
+        if handled:  # the deadline is between whole frames: a trickle does not move it
+            self._arm_deadline()
 
-    def _silent_too_long(self) -> None:
+    def _hand_over(self, *, event=None, error: BaseException | None = None, unsent=None) -> None:
+        """Unpark, and let a new greenlet go on from here."""
         if self._unpark():
-            gevent.spawn(self._guarded, self._expire)
+            gevent.spawn(self._guarded, functools.partial(self._resume, event, error, unsent))
 
-    def _resume(self) -> bool:
+    def _resume(self, event, error: BaseException | None, unsent: bytes | None) -> bool:
         DEVICE_TAG.set(self.tag)  # a new greenlet: its log lines name the device again
-        # The socket is readable (a frame, or the end): read before parking again.
-        self._handle(self._next_event(self.read_timeout))
+        if error is not None:
+            raise error
+        if unsent is not None:
+            try:
+                self._send_all(unsent)
+            finally:
+                self._write_lock.release()  # taken when the part that went was sent
+        if event is not None:
+            self._handle(event)
         return self._serve()
 
-    def _expire(self) -> bool:
-        DEVICE_TAG.set(self.tag)
-        raise TimeoutError
+    def _handled_here(self, event) -> bytes | None:
+        """Handle `event` from the loop if nothing about it must wait.
+
+        None: handled. b"": not touched, a greenlet handles it. Otherwise the
+        part of an answer the kernel did not take (a device that stopped
+        reading): a greenlet writes it, with the write lock held until then.
+        """
+        if self._write_lock.locked():
+            return b""  # another greenlet is in the middle of a write
+        presence = self._presence
+        if presence is not None:
+            if presence.ready():
+                if not (presence.successful() and presence.value):
+                    return b""  # superseded, or failed: the greenlet says so and closes
+                self._presence = None
+            elif isinstance(event, Internal) and event.is_info:
+                return b""  # nothing durable before the login is
+        report = self._report
+        if report is not None:
+            if not (report.ready() and report.successful()):
+                return b""
+            self._report = None
+        if isinstance(event, Ping):
+            return self._reply_here(event.msg_id, Status.OK)
+        if isinstance(event, Internal) and event.is_info:
+            return self._on_info(event, reply=self._reply_here)
+        if isinstance(event, (Internal, Ignored, Response)):
+            return None
+        return b""  # a second login, an unknown command: the greenlet
+
+    def _reply_here(self, msg_id: int, status: int) -> bytes | None:
+        """Send a reply without waiting: None if it all went, else what did not
+        (b"": nothing went). A part that went holds the write lock."""
+        if not msg_id:
+            return None
+        frame = encode_response(msg_id, status)
+        try:
+            sent = self.sock.send(frame, 0, 0.0)
+        except OSError:
+            sent = 0  # a full buffer, or a broken connection the greenlet finds
+        if sent == len(frame):
+            return None
+        if not sent:
+            return b""
+        self._write_lock.acquire(blocking=False)  # free: checked before handling
+        return frame[sent:]
+
+    def _silent_too_long(self) -> None:
+        self._hand_over(error=TimeoutError("silent too long"))
 
     def _log_in(self) -> None:
         try:
@@ -306,6 +414,7 @@ class DeviceSession:
 
     def _handle(self, event) -> None:
         self._presence_settled(wait=False)
+        self._report_settled()
         if isinstance(event, Ping):
             self._reply(event.msg_id, Status.OK)
         elif isinstance(event, Internal) and event.is_info:
@@ -321,7 +430,9 @@ class DeviceSession:
         elif isinstance(event, (Internal, Ignored, Response)):
             pass  # known, not needed for OTA: the Blynk server ignores them too
 
-    def _on_info(self, event: Internal) -> None:
+    def _on_info(self, event: Internal, reply: Callable | None = None) -> bytes | None:
+        """Answer and record an info message. `reply` (from the loop, `_reply_here`)
+        answers what it could not send; b"" stops here, for a greenlet to redo."""
         try:
             self._presence_settled(wait=True)  # nothing durable before the login is
         except DATABASE_ERRORS:
@@ -335,26 +446,66 @@ class DeviceSession:
             self.buff_in = buff_in
         # The answer goes out before any `ota`: the PyPI client reads the reply
         # to its info message as the first frame it receives.
-        self._reply(event.msg_id, Status.OK)
+        unsent = (reply or self._reply)(event.msg_id, Status.OK)
+        if unsent == b"":
+            return unsent
         self.machine.advance("info answered")
-        try:
-            due = self.service.device_reported(self.identity, info)
-            # One line per login, with what an operator looks for (the token
-            # only as its tag; the device id joins it to the tables).
-            log.info(
-                "device %s (id %d) %s: logged in, build %r, dev %r%s",
-                self.tag,
-                self.device_id,
-                self.peer,
+        # The report joins the next group commit, and the session goes idle
+        # without waiting for it: its outcome comes back from the event loop.
+        # A frame the device sends meanwhile is handled once it is durable.
+        self._report, self._report_msg_id = (
+            self.service.report_later(self.identity, info),
+            event.msg_id,
+        )
+        self._report.rawlink(
+            functools.partial(
+                self._reported,
                 printable(info.get("build", ""))[:64],
                 printable(info.get("dev", ""))[:32],
-                ", update due" if due else "",
-                extra=PER_TURN,
             )
-        except DATABASE_ERRORS:
-            # Answered already; the report is lost, so the device reconnects and repeats it.
-            self._try_reply(event.msg_id, Status.SERVER_ERROR)
-            raise
+        )
+        return unsent
+
+    def _reported(self, build: str, hardware: str, report: AsyncResult) -> None:
+        """The info message's report committed, or failed. Called by the event
+        loop itself: nothing here may wait."""
+        if not report.successful():
+            # Read by the session's greenlet (`_report_settled`); parked, it has none.
+            if self._unpark():
+                gevent.spawn(self._guarded, self._settle_and_serve)
+            return
+        if self._report is report:
+            self._report = None
+        # One line per login, with what an operator looks for (the token
+        # only as its tag; the device id joins it to the tables).
+        log.info(
+            "device %s (id %d) %s: logged in, build %r, dev %r%s",
+            self.tag,
+            self.device_id,
+            self.peer,
+            build,
+            hardware,
+            ", update due" if report.value[1] else "",
+            extra={"device": self.tag, **PER_TURN},
+        )
+
+    def _report_settled(self) -> None:
+        """Wait for the last info message's report; raise its error, after
+        telling the device (answered OK already, its report is lost: it
+        reconnects and repeats it)."""
+        pending = self._report
+        if pending is None:
+            return
+        pending.wait()
+        self._report = None
+        if not pending.successful():
+            self._try_reply(self._report_msg_id, Status.SERVER_ERROR)
+            raise pending.exception
+
+    def _settle_and_serve(self) -> bool:
+        DEVICE_TAG.set(self.tag)
+        self._report_settled()
+        return self._serve()
 
     # --- DeviceLink, called from other greenlets too ---------------------------
 
@@ -401,16 +552,21 @@ class DeviceSession:
             self._url_base = f"http://{host}:{self.public_port or port}"
         return self._url_base + path
 
+    def _take_event(self):
+        """The next whole frame in the buffer, or NEED_DATA; counted against the rate."""
+        event = self.reader.next_event()
+        if event is not NEED_DATA and self.rate.over():
+            raise SessionClosed(
+                f"closed, more than {self.rate.limit} frames in a second "
+                "(hardware.max.messages.per.sec)"
+            )
+        return event
+
     def _next_event(self, timeout: float):
         deadline = time.monotonic() + timeout
         while True:
-            event = self.reader.next_event()
+            event = self._take_event()
             if event is not NEED_DATA:
-                if self.rate.over():
-                    raise SessionClosed(
-                        f"closed, more than {self.rate.limit} frames in a second "
-                        "(hardware.max.messages.per.sec)"
-                    )
                 if self.reader.buffered:
                     # More frames wait in the buffer: let every other greenlet
                     # run first, or a flood from one device holds the loop.
@@ -432,16 +588,22 @@ class DeviceSession:
 
     def _write(self, frame: bytes) -> None:
         with self._write_lock:
-            # A frame is a few bytes and the kernel buffer is nearly always
-            # free: one send that never waits (timeout 0.0) is the whole write,
-            # without arming a timer. Only a device slow to read gets one.
-            try:
-                sent = self.sock.send(frame, 0, 0.0)
-            except BlockingIOError:
-                sent = 0
-            if sent < len(frame):
-                with gevent.Timeout(WRITE_TIMEOUT, TimeoutError("the device does not read")):
-                    self.sock.sendall(frame[sent:])
+            self._send_all(frame)
+
+    def _send_all(self, frame: bytes) -> None:
+        # A frame is a few bytes and the kernel buffer is nearly always
+        # free: one send that never waits (timeout 0.0) is the whole write,
+        # without arming a timer. Only a device slow to read gets one.
+        try:
+            sent = self.sock.send(frame, 0, 0.0)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(frame):
+            # The socket's own timeout is what the last read left (the login's,
+            # when the loop answered since): the write has a deadline of its own.
+            self.sock.settimeout(None)
+            with gevent.Timeout(WRITE_TIMEOUT, TimeoutError("the device does not read")):
+                self.sock.sendall(frame[sent:])
 
     def _reply(self, msg_id: int, status: int) -> None:
         # A v0.6.1 device drops frames with message id 0: such a request goes unanswered.
@@ -456,6 +618,8 @@ class DeviceSession:
         if self._presence is not None:
             # The disconnect is written after the login, never before it.
             self._presence.wait()
+        if self._report is not None:
+            self._report.wait()  # and after the report, as when the session waited for it
         if self.session_id is not None and self.online.unregister(self):
             try:
                 # Conditional on this session: a newer login elsewhere stays.

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 import gevent
+from gevent.event import AsyncResult
 from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.orm import Session
 
@@ -160,14 +161,25 @@ class OtaService(AdminOperations):
         else is due (batch_offers.py), so a login storm's offers share a few
         transactions instead of taking the offer lock one by one.
         """
+        settled, due = self.report_later(device, info).get()
+        return due
+
+    def report_later(self, device: DeviceIdentity, info: dict[str, str]) -> AsyncResult:
+        """`device_reported` without waiting: an AsyncResult of (settled, due),
+        or of the database's error. A device session goes idle at once and
+        hears the outcome from the event loop (`AsyncResult.rawlink`)."""
         report = {column: (info.get(key) or None) for key, column in _INFO_COLUMNS.items()}
         report = {column: value and value[: _LIMITS[column]] for column, value in report.items()}
         for key, column in _INFO_NUMBERS.items():
             report[column] = info_number(info.get(key))
-        settled, due = self._reports.submit((device, report))
-        if settled or due:
-            self.wake_fill()
-        return due
+        pending = self._reports.submit_later((device, report))
+        pending.rawlink(self._after_report)
+        return pending
+
+    def _after_report(self, pending: AsyncResult) -> None:
+        # Linked first, so the fill is woken before the session hears the outcome.
+        if pending.successful() and any(pending.value):
+            self.wake_fill()  # an attempt ended (a slot freed), or an offer is due
 
     def _record_reports(
         self, connection: Connection, reports: Sequence[tuple[DeviceIdentity, dict]]
