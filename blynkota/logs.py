@@ -138,6 +138,9 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    # Nor the caller's file and line, which no format here shows: finding
+    # them walks the stack for every record (the logging HOWTO's optimisation).
+    logging._srcfile = None
     handler = LinesPerTurn(sys.stderr)
     handler.setFormatter(JsonLines() if log_format == "json" else TextLines())
     logging.basicConfig(level=level, handlers=[handler], force=True)

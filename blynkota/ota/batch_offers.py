@@ -119,17 +119,22 @@ class BatchOffers:
                 return []
             return _DUE.rows(session, now=utcnow(), node=node_id, limit=min(limit, 2 * budget + 10))
 
-        ready = []
-        for row_id, rollout_id, device_id, token, project_id, user_id in self.db.run(due):
-            link = self.online.get_ready(token)
-            if link is None:
-                continue  # not yet answered its info message: offered at login
-            device = DeviceIdentity(device_id, token, project_id, user_id)
-            ready.append(_Waiting(row_id, rollout_id, device, link))
-        if not ready:
-            return 0
-        self._free_hint = None  # until this claim has counted
-        claimed = self.db.run(lambda session: self._claim_batch(session, ready))
+        def find_and_claim(session: Session) -> list:
+            # One transaction: the due rows are read before the offer-slots
+            # lock (taken by the claim), as one offer judges before it.
+            ready = []
+            for row_id, rollout_id, device_id, token, project_id, user_id in due(session):
+                link = self.online.get_ready(token)
+                if link is None:
+                    continue  # not yet answered its info message: offered at login
+                device = DeviceIdentity(device_id, token, project_id, user_id)
+                ready.append(_Waiting(row_id, rollout_id, device, link))
+            if not ready:
+                return []
+            self._free_hint = None  # until this claim has counted
+            return self._claim_batch(session, ready)
+
+        claimed = self.db.run(find_and_claim)
         sent = 0
         for waiting, offer, frame in claimed:
             try:
