@@ -96,6 +96,8 @@ class FrameRate:
     """Frames a device sent in the current second, against its limit (the Blynk
     server's message quota): a fixed one-second window, one clock read a frame."""
 
+    __slots__ = ("limit", "_window", "_count")
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._window = 0.0
@@ -122,6 +124,41 @@ DATABASE_ERRORS = (DBAPIError, PoolTimeout)
 
 
 class DeviceSession:
+    # Tens of thousands are alive at once: slots instead of a dict each
+    # (past 30 attributes an instance's dict is no longer a compact one).
+    __slots__ = (
+        "sock",
+        "serial",
+        "peer",
+        "address",
+        "service",
+        "online",
+        "login_timeout",
+        "server_host",
+        "public_port",
+        "machine",
+        "reader",
+        "token",
+        "tag",
+        "identity",
+        "device_id",
+        "session_id",
+        "_presence",
+        "_report",
+        "_report_msg_id",
+        "since",
+        "buff_in",
+        "read_timeout",
+        "_write_lock",
+        "_extra_logins",
+        "rate",
+        "_ended",
+        "_url_base",
+        "_parked",
+        "_wake_watch",
+        "_deadline_timer",
+    )
+
     def __init__(
         self,
         sock: socket.socket,

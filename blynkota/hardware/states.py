@@ -31,6 +31,8 @@ class IllegalTransition(RuntimeError):
 
 
 class SessionStateMachine:
+    __slots__ = ("state",)
+
     def __init__(self) -> None:
         self.state = SessionState.AWAITING_LOGIN
 
