@@ -304,8 +304,7 @@ class DeviceSession:
             self._hand_over(error=error)
             return
         if not data:
-            closed = "closed mid-frame by the device" if self.reader.buffered else "disconnected"
-            self._hand_over(error=SessionClosed(closed))
+            self._hand_over(error=self._closed_by_device())
             return
         self.reader.feed(data)
         handled = False
@@ -618,10 +617,14 @@ class DeviceSession:
             except TimeoutError:
                 raise TimeoutError from None
             if not data:
-                if self.reader.buffered:
-                    raise SessionClosed("closed mid-frame by the device")
-                raise SessionClosed("disconnected")
+                raise self._closed_by_device()
             self.reader.feed(data)
+
+    def _closed_by_device(self) -> SessionClosed:
+        """The device closed its end: mid-frame, or between frames (routine)."""
+        if self.reader.buffered:
+            return SessionClosed("closed mid-frame by the device")
+        return SessionClosed("disconnected")
 
     def _write(self, frame: bytes) -> None:
         with self._write_lock:
