@@ -156,6 +156,8 @@ class BlynkotaServer:
         self.admin_port: WSGIServer | None = None
         self._stopped = Event()
         self._stopping = False
+        # Set at stop: a clock asleep between ticks ends at once, not after its interval.
+        self._stop_requested = Event()
         self._wake_fill = Event()
         self._wake_presence = Event()
         self.service.wake_fill = self._wake_fill.set
@@ -261,7 +263,7 @@ class BlynkotaServer:
                 wake.wait(delay)
                 wake.clear()
             else:
-                gevent.sleep(delay)
+                self._stop_requested.wait(delay)
             if self._stopping:
                 return
             try:
@@ -364,6 +366,7 @@ class BlynkotaServer:
         # report of each connection it then throws away is expected, not news.
         logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
         self._stopping = True
+        self._stop_requested.set()
         for name in self._readiness.listeners:  # a load balancer stops sending new work
             self._readiness.listeners[name] = False
         self._wake_fill.set()

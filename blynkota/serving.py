@@ -15,9 +15,9 @@ the entry point (wsgi.py, `blynkota`), or below when a worker runs this module.
 
 if __name__ == "__main__":
     # Before anything imports socket: PyMySQL's queries must yield to the hub.
-    from gevent import monkey
+    from blynkota.patching import patch_for_gevent
 
-    monkey.patch_all()
+    patch_for_gevent()
 
 import argparse
 import logging

@@ -8,9 +8,9 @@ Each prints "ok" when every check passed; a failed check exits non-zero.
 """
 
 if __name__ == "__main__":
-    from gevent import monkey
+    from blynkota.patching import patch_for_gevent
 
-    monkey.patch_all()
+    patch_for_gevent()
 
 import gc
 import sys

@@ -13,9 +13,9 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None) -> int:
     # Before Flask, SQLAlchemy or ssl are imported: the server and PyMySQL
     # need the standard library patched for gevent (a no-op for the rest).
-    from gevent import monkey
+    from ..patching import patch_for_gevent
 
-    monkey.patch_all()
+    patch_for_gevent()
     from .commands import blynkota
 
     return blynkota.main(args=argv, prog_name="blynkota", standalone_mode=True)
