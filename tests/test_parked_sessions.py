@@ -7,13 +7,11 @@ greenlets alive in the server's process while devices sit idle.
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from .parked_scenarios import SCENARIOS
-
-ROOT = Path(__file__).resolve().parent.parent
+from .servers import ROOT, clean_env
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
@@ -21,6 +19,7 @@ def test_parked_sessions(scenario):
     done = subprocess.run(
         [sys.executable, "-m", "tests.parked_scenarios", scenario],
         cwd=ROOT,
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=90,

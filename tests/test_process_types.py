@@ -8,7 +8,6 @@ SQLite is refused in one line).
 import base64
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from blynkota.store import upgrade
 
 from .devices import RawDevice
 from .images import esp8266_image
-from .servers import ADMIN_EMAIL, ADMIN_PASS, ROOT, wait_until, write_properties
+from .servers import ADMIN_EMAIL, ADMIN_PASS, ROOT, clean_env, wait_until, write_properties
 
 AUTH = "Basic " + base64.b64encode(f"{ADMIN_EMAIL}:{ADMIN_PASS}".encode()).decode()
 
@@ -49,8 +48,7 @@ def properties(tmp_path, db_url: str, **extra) -> dict:
 
 
 def run(command: list[str], env: dict, **options) -> subprocess.Popen:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("BLYNKOTA_")}
-    return subprocess.Popen(command, cwd=ROOT, env={**base, **env}, **options)
+    return subprocess.Popen(command, cwd=ROOT, env=clean_env(**env), **options)
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
