@@ -10,10 +10,10 @@ import pytest
 import sqlalchemy
 
 from blynkota import create_app
-from blynkota.protocol import Response, Status, encode_login
+from blynkota.protocol import Response, Status, encode_info, encode_login
 from blynkota.store import upgrade
 
-from .devices import RawDevice
+from .devices import BUILD_OLD, RawDevice
 from .proxy import CuttableProxy
 from .servers import ServerProcess, wait_until
 
@@ -77,6 +77,49 @@ def test_a_database_outage_refuses_logins_cleanly_and_presence_recovers(
         assert device.log_in(token=late)[0] == Response(1, Status.OK)
         wait_until(lambda: online(engine)[late], message="a login after the outage")
         device.close()
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()
+        app.extensions["blynkota.db"].dispose()
+
+
+def test_a_report_lost_after_its_answer_is_told_to_the_device(mysql_url, proxied_url, tmp_path):
+    """An info message is answered at once and its report written behind it.
+    When that write fails, the device hears SERVER_ERROR for the same message
+    and is closed: it reconnects and reports again, and nothing was half-recorded."""
+    proxy, url = proxied_url
+    upgrade(mysql_url)
+    app = create_app({"db.url": mysql_url, "data.folder": tmp_path / "cli"})
+    token = app.extensions["blynkota.fleet"].add_device("me@example.com", "Farm")
+    engine = app.extensions["blynkota.db"].engine
+
+    def reported_build():
+        with engine.connect() as connection:
+            query = sqlalchemy.text("SELECT build FROM devices WHERE token = :token")
+            return connection.execute(query, {"token": token}).scalar_one()
+
+    server = ServerProcess(tmp_path, url).start()
+    try:
+        device = RawDevice(server.http_port)
+        device.send(encode_login(token, 1))
+        assert device.event() == Response(1, Status.OK)
+        # The login is durable: the info message is answered without waiting.
+        wait_until(lambda: online(engine)[token], message="the device online")
+        proxy.cut()
+        device.send(encode_info({"ver": "0.6.1", "h-beat": "10", "build": BUILD_OLD}, 2))
+        assert device.event() == Response(2, Status.OK)
+        assert device.event(timeout=40) == Response(2, Status.SERVER_ERROR)
+        assert device.closed_within(5)
+        device.close()
+
+        proxy.restore()
+        wait_until(lambda: "database reachable again" in server.log(), timeout=60,
+                   message="the server to see the database back")  # fmt: skip
+        assert reported_build() is None
+        again = RawDevice(server.http_port)
+        assert again.log_in(token=token) == (Response(1, Status.OK), Response(2, Status.OK))
+        wait_until(lambda: reported_build() == BUILD_OLD, message="the report recorded")
+        again.close()
         assert "Traceback" not in server.log()
     finally:
         server.stop()
