@@ -14,7 +14,7 @@ from alembic.script import ScriptDirectory
 from blynkota.store import alembic_config
 from blynkota.tls import ensure_certificate
 
-from .servers import ROOT, ServerProcess, clean_env, wait_for_ports, write_properties
+from .servers import ROOT, ServerProcess, clean_env, wait_for_ports, wait_until, write_properties
 
 HEAD = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 LISTENING = re.compile(r"listening for (devices|the admin API).* on [^:]+:(\d+)")
@@ -188,6 +188,20 @@ def test_a_port_in_use_is_one_line_and_exit_2(tmp_path, port_key):
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"blynkota: {port_key}: 127.0.0.1:{port} is in use by another process"
     assert "Traceback" not in result.stderr
+
+
+def test_sigterm_stops_at_once_whatever_the_clocks_intervals(tmp_path):
+    """The heartbeat and the sweeper sleep between ticks; a stop wakes them,
+    rather than waiting out their interval (or the shutdown grace)."""
+    server = ServerProcess(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'blynkota.db'}",
+        **{"node.heartbeat.interval": 30, "ota.sweep.interval": 30, "shutdown.grace.seconds": 20},
+    ).start()
+    wait_until(lambda: "registered" in server.log(), message="the node registered")
+    # Killed (-9) if still running after 10 s: the clocks would have held it 21 s.
+    assert server.stop(timeout=10) == 0
+    assert "stopped" in server.log()
 
 
 def test_a_typo_in_a_key_is_named_at_start(tmp_path):
