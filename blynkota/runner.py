@@ -155,9 +155,8 @@ class BlynkotaServer:
         self.device_port: SharedPortServer | None = None
         self.admin_port: WSGIServer | None = None
         self._stopped = Event()
-        self._stopping = False
         # Set at stop: a clock asleep between ticks ends at once, not after its interval.
-        self._stop_requested = Event()
+        self._stopping = Event()
         self._wake_fill = Event()
         self._wake_presence = Event()
         self.service.wake_fill = self._wake_fill.set
@@ -257,14 +256,14 @@ class BlynkotaServer:
     def _run_clock(self, name: str, interval: float, wake: Event | None, tick) -> None:
         """Call `tick` every `interval` (or when woken); back off while the database is away."""
         failures = 0
-        while not self._stopping:
+        while not self._stopping.is_set():
             delay = interval if not failures else min(interval * 2**failures, MAX_BACKOFF)
             if wake is not None:
                 wake.wait(delay)
                 wake.clear()
             else:
-                self._stop_requested.wait(delay)
-            if self._stopping:
+                self._stopping.wait(delay)
+            if self._stopping.is_set():
                 return
             try:
                 tick()
@@ -365,8 +364,7 @@ class BlynkotaServer:
         # Sessions still in a query when the grace ends are killed; the pool's
         # report of each connection it then throws away is expected, not news.
         logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
-        self._stopping = True
-        self._stop_requested.set()
+        self._stopping.set()
         for name in self._readiness.listeners:  # a load balancer stops sending new work
             self._readiness.listeners[name] = False
         self._wake_fill.set()
