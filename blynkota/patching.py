@@ -17,8 +17,16 @@ def patch_for_gevent() -> None:
     again: about 0.25 s of a process's start with 140 of them installed (a
     device worker, a CLI command, each of the test suite's servers). One
     read serves every event; plugins are found as before.
+
+    Greenlets do not record who spawned them: gevent's greenlet tree keeps
+    each new greenlet's spawning stack, line numbers and all, which was 4 %
+    of the instructions of a login storm (a greenlet per connection), for a
+    debugging aid nothing here reads.
     """
+    import gevent
     from gevent import monkey
+
+    gevent.config.track_greenlet_tree = False
 
     installed = metadata.entry_points()
     lookup = metadata.entry_points

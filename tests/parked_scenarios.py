@@ -1,5 +1,7 @@
 """Scenarios of parked device sessions, each run in a process of its own:
-`python -m tests.parked_scenarios NAME` (tests/test_parked_sessions.py runs them).
+`python -m tests.parked_scenarios NAME [DB_URL]` (tests/test_parked_sessions.py
+runs them; DB_URL, SQLite by default, is a MariaDB database for the scenarios
+in ON_MARIADB).
 
 The device server runs in that process, monkey-patched as `wsgi.py` runs it,
 so a scenario can count the greenlets alive while devices sit idle; its
@@ -12,6 +14,7 @@ if __name__ == "__main__":
 
     patch_for_gevent()
 
+import contextlib
 import gc
 import sys
 import tempfile
@@ -23,7 +26,7 @@ import greenlet
 import sqlalchemy
 
 from blynkota import create_app
-from blynkota.protocol import Response, Status, encode_ping
+from blynkota.protocol import Response, Status, encode_info, encode_login, encode_ping
 from blynkota.runner import BlynkotaServer
 from tests.devices import RawDevice
 
@@ -32,10 +35,10 @@ OK_LOGIN = (Response(1, Status.OK), Response(2, Status.OK))
 DEVICES = 40
 
 
-def in_process(folder: Path):
+def in_process(folder: Path, db_url: str | None = None):
     app = create_app(
         {
-            "db.url": f"sqlite:///{folder / 'blynkota.db'}",
+            "db.url": db_url or f"sqlite:///{folder / 'blynkota.db'}",
             "data.folder": folder / "data",
             "http.port": 0,
             "listen.address": "127.0.0.1",
@@ -158,6 +161,83 @@ def a_parked_device_past_its_deadline_is_closed(app, server) -> None:
     wait_for(lambda: online_rows(app) == 0)
 
 
+def an_info_message_before_the_login_is_written_waits_without_a_greenlet(app, server) -> None:
+    """A storm's devices send their info message as soon as the login is
+    answered, before its presence write lands: the loop holds the message
+    until the write is known, then answers it, with no greenlet of its own."""
+    token = app.extensions["blynkota.fleet"].add_device("owner@example.com", "Farm")
+    port = server.device_port.server_port
+    first = RawDevice(port)
+    assert first.log_in(token) == OK_LOGIN  # now the token is known: the next login needs no read
+    first.close()
+    wait_for(lambda: online_rows(app) == 0)
+
+    # The device's row is locked by another transaction: the login's presence write waits.
+    holder = sqlalchemy.create_engine(app.config["SETTINGS"].db_url).connect()
+    holder.begin()
+    holder.execute(sqlalchemy.text("SELECT id FROM devices FOR UPDATE")).all()
+    device = RawDevice(port)
+    device.send(encode_login(token, 1))
+    assert device.event() == Response(1, Status.OK)  # answered before the write (soft state)
+    gevent.sleep(0.2)  # the session has parked
+
+    alive = {o for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead}
+    handed_over = set()  # greenlets started to go on with a parked session's work
+
+    def trace(event: str, args: tuple) -> None:
+        # What a greenlet runs is known until it ends: read it as it starts.
+        target = args[1]
+        runs = getattr(getattr(target, "_run", None), "__name__", "")
+        if event == "switch" and target not in alive and runs == "_guarded":
+            handed_over.add(target)
+
+    previous = greenlet.settrace(trace)
+    try:
+        device.send(encode_info({"ver": "0.6.1", "h-beat": "10", "build": "Jan  1 2018"}, 2))
+        with contextlib.suppress(TimeoutError):  # nothing durable before the login is
+            assert device.event(timeout=0.5) is None, "answered before the login was written"
+        holder.rollback()  # the login's write goes through
+        assert device.event() == Response(2, Status.OK)
+    finally:
+        greenlet.settrace(previous)
+        holder.close()
+    assert not handed_over, f"{len(handed_over)} greenlet(s) took the info message over"
+    device.send(encode_ping(3))
+    assert device.event() == Response(3, Status.OK)
+    wait_for(lambda: online_rows(app) == 1)
+    with app.extensions["blynkota.db"].engine.connect() as connection:
+        query = "SELECT build FROM devices WHERE token = :token"
+        built = connection.execute(sqlalchemy.text(query), {"token": token}).scalar()
+    assert built == "Jan  1 2018", built  # the report was recorded
+
+    # A newer connection of the device while the older one's info message
+    # waits: the older is closed unanswered, the newer goes on.
+    holder = sqlalchemy.create_engine(app.config["SETTINGS"].db_url).connect()
+    holder.begin()
+    holder.execute(sqlalchemy.text("SELECT id FROM devices FOR UPDATE")).all()
+    device.close()
+    older, newer = RawDevice(port), RawDevice(port)
+    older.send(encode_login(token, 1))
+    assert older.event() == Response(1, Status.OK)
+    gevent.sleep(0.2)
+    older.send(encode_info({"ver": "0.6.1", "h-beat": "10", "build": "Jan  2 2018"}, 2))
+    gevent.sleep(0.2)
+    newer.send(encode_login(token, 1))
+    assert newer.event() == Response(1, Status.OK)
+    assert older.event() is None  # closed (replaced), its info message never answered
+    holder.rollback()
+    holder.close()
+    newer.send(encode_info({"ver": "0.6.1", "h-beat": "10", "build": "Jan  3 2018"}, 2))
+    assert newer.event() == Response(2, Status.OK)
+    wait_for(lambda: server.device_port.devices == 1)
+    assert online_rows(app) == 1
+    newer.close()
+    wait_for(lambda: online_rows(app) == 0)
+
+
+# Scenarios that need a database where a write can wait for another's lock.
+ON_MARIADB = {an_info_message_before_the_login_is_written_waits_without_a_greenlet.__name__}
+
 SCENARIOS = {
     function.__name__: function
     for function in (
@@ -165,12 +245,13 @@ SCENARIOS = {
         pings_are_answered_by_the_event_loop_without_a_greenlet,
         a_parked_session_closed_by_the_server_is_cleaned_up,
         a_parked_device_past_its_deadline_is_closed,
+        an_info_message_before_the_login_is_written_waits_without_a_greenlet,
     )
 }
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as folder:
-        app, server = in_process(Path(folder))
+        app, server = in_process(Path(folder), sys.argv[2] if len(sys.argv) > 2 else None)
         try:
             SCENARIOS[sys.argv[1]](app, server)
         finally:

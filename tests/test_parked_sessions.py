@@ -10,14 +10,26 @@ import sys
 
 import pytest
 
-from .parked_scenarios import SCENARIOS
+from .conftest import _mysql_database
+from .parked_scenarios import ON_MARIADB, SCENARIOS
 from .servers import ROOT, clean_env
 
 
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("scenario", sorted(set(SCENARIOS) - ON_MARIADB))
 def test_parked_sessions(scenario):
+    run_scenario(scenario)
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("scenario", sorted(ON_MARIADB))
+def test_parked_sessions_on_mariadb(scenario):
+    with _mysql_database() as url:
+        run_scenario(scenario, url)
+
+
+def run_scenario(scenario: str, *arguments: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "tests.parked_scenarios", scenario],
+        [sys.executable, "-m", "tests.parked_scenarios", scenario, *arguments],
         cwd=ROOT,
         env=clean_env(),
         capture_output=True,

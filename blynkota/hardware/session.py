@@ -111,6 +111,9 @@ class FrameRate:
         return self._count > self.limit
 
 
+# `_handled_here`: an info message waits for the login's presence write.
+_LOGIN_UNWRITTEN = object()
+
 # Logged in, waiting for the info message or the next frame: the loop can watch.
 _PARKABLE = frozenset((SessionState.LOGGED_IN, SessionState.READY))
 
@@ -307,22 +310,45 @@ class DeviceSession:
             self._hand_over(error=self._closed_by_device())
             return
         self.reader.feed(data)
+        self._handle_buffered()
+
+    def _handle_buffered(self, event=None) -> None:
+        """Handle `event` (if given), then every whole frame in the buffer, from
+        the event loop; what must wait goes to a new greenlet."""
         handled = False
         while True:
             try:
-                event = self._take_event()
-                if event is NEED_DATA:
-                    break
+                if event is None:
+                    event = self._take_event()
+                    if event is NEED_DATA:
+                        break
                 unsent = self._handled_here(event)
             except Exception as error:  # a flood, a bad frame: the greenlet ends it
                 self._hand_over(error=error)
                 return
+            if unsent is _LOGIN_UNWRITTEN:
+                self._after_login_written(event)
+                return
             if unsent is not None:
                 self._hand_over(event=None if unsent else event, unsent=unsent or None)
                 return
-            handled = True
+            handled, event = True, None
         if handled:  # the deadline is between whole frames: a trickle does not move it
             self._arm_deadline()
+
+    def _after_login_written(self, event) -> None:
+        """An info message came before the login's presence write landed (a
+        storm's devices send it at once): nothing durable before the login is.
+        The loop stops reading the socket and handles the message when the
+        write is known, without a greenlet; the deadline stays armed."""
+        self._wake_watch.stop()
+        self._presence.rawlink(functools.partial(self._login_written, event))
+
+    def _login_written(self, event, _presence: AsyncResult) -> None:
+        if not self._parked:
+            return  # the deadline or a newer connection ended the session meanwhile
+        self._wake_watch.start(self._woken)
+        self._handle_buffered(event)
 
     def _hand_over(self, *, event=None, error: BaseException | None = None, unsent=None) -> None:
         """Unpark, and let a new greenlet go on from here."""
@@ -345,9 +371,11 @@ class DeviceSession:
     def _handled_here(self, event) -> bytes | None:
         """Handle `event` from the loop if nothing about it must wait.
 
-        None: handled. b"": not touched, a greenlet handles it. Otherwise the
-        part of an answer the kernel did not take (a device that stopped
-        reading): a greenlet writes it, with the write lock held until then.
+        None: handled. b"": not touched, a greenlet handles it.
+        _LOGIN_UNWRITTEN: not touched, handled here once the login's presence
+        write is known. Otherwise the part of an answer the kernel did not
+        take (a device that stopped reading): a greenlet writes it, with the
+        write lock held until then.
         """
         if self._write_lock.locked():
             return b""  # another greenlet is in the middle of a write
@@ -358,7 +386,7 @@ class DeviceSession:
                     return b""  # superseded, or failed: the greenlet says so and closes
                 self._presence = None
             elif isinstance(event, Internal) and event.is_info:
-                return b""  # nothing durable before the login is
+                return _LOGIN_UNWRITTEN  # nothing durable before the login is
         report = self._report
         if report is not None:
             if not (report.ready() and report.successful()):
