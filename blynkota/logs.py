@@ -95,7 +95,8 @@ class LinesPerTurn(logging.StreamHandler):
 
 class TextLines(logging.Formatter):
     """TEXT_FORMAT, its time formatted once per second (strftime is a
-    large part of formatting a short line)."""
+    large part of formatting a short line), and a line without a traceback
+    put together directly rather than by `%` with the record's fields."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -107,7 +108,14 @@ class TextLines(logging.Formatter):
         if second != self._second:
             self._second_text = time.strftime(self.default_time_format, self.converter(second))
             self._second = second
-        return self.default_msec_format % (self._second_text, record.msecs)
+        return f"{self._second_text},{int(record.msecs):03d}"  # default_msec_format
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        return f"{record.asctime} {record.levelname} {record.name}: {record.message}"
 
 
 class JsonLines(logging.Formatter):

@@ -4,11 +4,12 @@ every other line at once; the log keeps its order and holds nothing past the tur
 import io
 import logging
 import re
+import sys
 import time
 
 import gevent
 
-from blynkota.logs import PER_TURN, LinesPerTurn, TextLines
+from blynkota.logs import PER_TURN, TEXT_FORMAT, LinesPerTurn, TextLines
 
 
 class CountedWrites(io.StringIO):
@@ -82,3 +83,26 @@ def test_the_time_is_formatted_per_second_and_stays_exact():
         record.created, record.msecs = created, (created - int(created)) * 1000
         expected = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
         assert formatter.formatTime(record) == f"{expected},{int(record.msecs):03d}"
+
+
+def test_a_line_is_the_one_the_standard_formatter_writes():
+    """TextLines puts a line together itself; it reads as logging's own TEXT_FORMAT."""
+    ours, standard = TextLines(), logging.Formatter(TEXT_FORMAT)
+    records = [
+        logging.LogRecord("blynkota.x", logging.INFO, __file__, 1, "plain", None, None),
+        logging.LogRecord(
+            "blynkota.y", logging.WARNING, __file__, 1, "device %s (id %d): %r", ("t", 5, "b"), None
+        ),
+    ]
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = sys.exc_info()
+    records.append(
+        logging.LogRecord("blynkota.z", logging.ERROR, __file__, 1, "x %s", ("y",), failed)
+    )
+    for record in records:
+        line = ours.format(record)
+        record.exc_text = None  # the standard formatter caches the traceback's text too
+        assert line == standard.format(record)
+    assert "ValueError: boom" in line

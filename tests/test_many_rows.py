@@ -2,7 +2,7 @@
 store/hot_reads.py) store and read exactly what SQLAlchemy's own executemany and
 execute do, on both real databases."""
 
-from datetime import datetime
+from datetime import UTC, date, datetime
 
 import pytest
 from sqlalchemy import (
@@ -23,6 +23,8 @@ from sqlalchemy import (
 )
 
 from blynkota.store import HotQuery, ManyRows, insert_many
+from blynkota.store.hot_reads import padded_length
+from blynkota.store.many_rows import bound_parameters
 
 from .conftest import tables_on
 
@@ -148,7 +150,9 @@ def test_a_hot_read_answers_what_sqlalchemy_answers(db):
     )
     query = HotQuery(statement)
     with db.engine.begin() as connection:
-        for ids in ([1, 2, 3], [2], [3, 1, 9], [1, 2]):  # lengths repeat: the cached text
+        # Lengths repeat (the cached text); past 16 a list is padded with its
+        # last value (17 -> 20 markers), which changes nothing it matches.
+        for ids in ([1, 2, 3], [2], [3, 1, 9], [1, 2], list(range(17, 0, -1)), [9] * 18 + [2]):
             expected = [
                 tuple(row) for row in connection.execute(statement, {"ids": ids, "count": 7})
             ]
@@ -160,3 +164,32 @@ def test_a_hot_read_answers_what_sqlalchemy_answers(db):
         whole, micro = query.rows(connection, ids=[1, 2], count=7)
     assert whole == (1, "whole", datetime(2026, 11, 28, 12, 0, 0), True)
     assert isinstance(micro[2], datetime)  # MySQL's DATETIME keeps whole seconds
+
+
+def test_a_padded_in_list_has_at_most_a_quarter_more_markers_and_few_lengths():
+    lengths = {padded_length(n) for n in range(1, 513)}
+    assert len(lengths) == 36
+    for n in range(1, 5000):
+        assert n <= padded_length(n) <= max(16, n * 1.25)
+        assert padded_length(padded_length(n)) == padded_length(n)  # a padded length stays
+
+
+def test_the_sqlite_datetime_text_is_the_one_sqlalchemy_writes():
+    """The hot writes' faster datetime text (isoformat) is SQLAlchemy's, value for value."""
+    from sqlalchemy.dialects import sqlite
+
+    dialect = sqlite.dialect()
+    compiled = update(ours).values(seen_at=bindparam("at")).compile(dialect=dialect)
+    _, parameters = bound_parameters(compiled, dialect)
+    ((name, _, faster, _),) = parameters
+    theirs_ = DateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert name == "at"
+    for value in (
+        datetime(2026, 11, 28, 12, 0, 0),
+        datetime(2026, 11, 28, 12, 0, 0, 123),
+        datetime(1, 1, 1),
+        datetime(2026, 11, 28, 12, 0, 0, 5, tzinfo=UTC),  # SQLAlchemy drops the zone
+        date(2026, 11, 28),
+        None,
+    ):
+        assert faster(value) == theirs_(value), value

@@ -12,6 +12,7 @@ An unreachable database is logged once per outage, not once per device
 
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -47,6 +48,11 @@ PING_AFTER_IDLE = 5.0  # seconds a pooled connection may sit unused before it is
 
 def make_engine(url: str, *, pool_size: int = 20) -> Engine:
     if url.startswith("sqlite"):
+        # A NULL parameter goes through the sqlite3 module's adapter lookup,
+        # which for None has none and fails its way through an AttributeError
+        # (formatted, then dropped) for each: the info reports bind several
+        # per device. An adapter that answers None binds the same NULL.
+        sqlite3.register_adapter(type(None), {}.get)
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")

@@ -5,8 +5,9 @@ are these tokens, whose session holds these devices, which attempts are in
 flight). SQLAlchemy builds such a query's cache key, expands its IN list
 and wraps every row, per call; for a batch of a few dozen devices that costs
 more than the database's own work. Here a query is compiled once per
-dialect, its IN lists are rendered with as many markers as they have values
-(the text cached per length), and its rows come back as tuples, through the
+dialect, its IN lists are rendered with as many markers as they have values,
+rounded up to a few lengths by repeating the last (the text cached per
+length, and the driver's prepared statement reused), and its rows come back as tuples, through the
 result types' own processors where a type has one (SQLite's datetimes are
 text). Errors are SQLAlchemy's (the statement runs through
 `Connection.exec_driver_sql`), so `Database.run` still retries a lost race.
@@ -96,6 +97,9 @@ class HotQuery:
                 value = list(value)
                 if not value:
                     return []  # `IN ()`: nothing matches (only IN lists are supported, no NOT IN)
+                # Its last value repeated up to a few lengths: a handful of
+                # texts, which the driver keeps prepared, serve every batch.
+                value.extend(value[-1:] * (padded_length(len(value)) - len(value)))
                 lengths.append(len(value))
                 if convert is not None:
                     value = [convert(item) for item in value]
@@ -117,6 +121,15 @@ class HotQuery:
         if not compiled.processed:
             return [tuple(row) for row in found]
         return [_processed(row, compiled.processors) for row in found]
+
+
+def padded_length(length: int) -> int:
+    """`length` rounded up to 1..16, then four steps per doubling (20, 24, 28,
+    32, 40, ...): at most a quarter more markers, about 40 lengths up to 500."""
+    if length <= 16:
+        return length
+    step = 1 << (length.bit_length() - 3)
+    return -(-length // step) * step
 
 
 def _processed(row, processors: list) -> tuple:
