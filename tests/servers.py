@@ -123,6 +123,8 @@ class ServerProcess:
         self.config_file = folder / f"server-{uuid.uuid4().hex[:6]}.properties"
         self.log_file = folder / "server.log"
         self.process: subprocess.Popen | None = None
+        # Put before the command: a bench runs the server under a profiler.
+        self.launcher: list[str] = []
         self.http_port = self.https_port = 0
         self.open_files: int | None = None  # the process's RLIMIT_NOFILE, when set
 
@@ -134,7 +136,7 @@ class ServerProcess:
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "wsgi.py", "-serverConfig", str(self.config_file)],
+                [*self.launcher, sys.executable, "wsgi.py", "-serverConfig", str(self.config_file)],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
