@@ -153,6 +153,7 @@ class BlynkotaServer:
         self.serve_admin, self.serve_devices = serve_admin, serve_devices
         self.migrate, self.worker, self.reuse_port = migrate, worker, reuse_port
         self.device_port: SharedPortServer | None = None
+        self._public_port = 0  # the port in the download URLs, once listening
         self.admin_port: WSGIServer | None = None
         self._stopped = Event()
         # Set at stop: a clock asleep between ticks ends at once, not after its interval.
@@ -204,6 +205,9 @@ class BlynkotaServer:
             file_sender=FirmwareSender(self.service, idle_timeout=HTTP_IDLE_TIMEOUT).serve,
         )
         port = listener.getsockname()[1]
+        # The port in the download URLs: asked of the listener once, not at
+        # every login (`server_port` is a system call).
+        self._public_port = settings.server_http_port or port
         self.node.register(settings.node_name or default_node_name(port, self.worker))
         self.device_port.start()
         self._readiness.listeners["devices"] = True
@@ -352,7 +356,7 @@ class BlynkotaServer:
             login_timeout=self.settings.login_timeout,
             max_messages_per_sec=self.settings.max_messages_per_sec,
             server_host=self.settings.server_host,
-            public_port=self.settings.server_http_port or self.device_port.server_port,
+            public_port=self._public_port,
             ended=ended,
         ).run()
 
