@@ -124,3 +124,52 @@ def test_a_report_lost_after_its_answer_is_told_to_the_device(mysql_url, proxied
     finally:
         server.stop()
         app.extensions["blynkota.db"].dispose()
+
+
+def test_an_info_message_waiting_for_a_lost_login_write_is_answered_server_error(
+    mysql_url, proxied_url, tmp_path
+):
+    """A storm's info message waits for its login's presence write (nothing
+    durable before the login is). When that write fails, the info message is
+    answered SERVER_ERROR and the device closed, as when the database is away
+    at the login itself; the next login goes through."""
+    proxy, url = proxied_url
+    upgrade(mysql_url)
+    app = create_app({"db.url": mysql_url, "data.folder": tmp_path / "cli"})
+    token = app.extensions["blynkota.fleet"].add_device("me@example.com", "Farm")
+    engine = app.extensions["blynkota.db"].engine
+    server = ServerProcess(tmp_path, url).start()
+    holder = engine.connect()
+    try:
+        first = RawDevice(server.http_port)
+        assert first.log_in(token=token) == (Response(1, Status.OK), Response(2, Status.OK))
+        first.close()  # now the server knows the token: the next login asks nothing first
+        wait_until(lambda: not online(engine)[token], message="the device offline")
+
+        # The device's row is locked (not through the proxy): the presence write waits.
+        holder.begin()
+        holder.execute(sqlalchemy.text("SELECT id FROM devices FOR UPDATE")).all()
+        device = RawDevice(server.http_port)
+        device.send(encode_login(token, 1))
+        assert device.event() == Response(1, Status.OK)
+        device.send(encode_info({"ver": "0.6.1", "h-beat": "10", "build": BUILD_OLD}, 2))
+        with pytest.raises(TimeoutError):
+            device.event(timeout=1)  # the info message waits for the login's write
+        proxy.cut()  # the waiting write fails with its connection
+        assert device.event(timeout=40) == Response(2, Status.SERVER_ERROR)
+        assert device.closed_within(5)
+        device.close()
+        holder.rollback()
+
+        proxy.restore()
+        wait_until(lambda: "database reachable again" in server.log(), timeout=60,
+                   message="the server to see the database back")  # fmt: skip
+        again = RawDevice(server.http_port)
+        assert again.log_in(token=token) == (Response(1, Status.OK), Response(2, Status.OK))
+        wait_until(lambda: online(engine)[token], message="the device online")
+        again.close()
+        assert "Traceback" not in server.log()
+    finally:
+        holder.close()
+        server.stop()
+        app.extensions["blynkota.db"].dispose()

@@ -477,12 +477,15 @@ class DeviceSession:
             raise SessionClosed("closed, the device has logged in again since (on another node)")
 
     def _handle(self, event) -> None:
+        if isinstance(event, Internal) and event.is_info:
+            self._report_settled()
+            # It settles the login's write itself, answering SERVER_ERROR if it failed.
+            self._on_info(event)
+            return
         self._presence_settled(wait=False)
         self._report_settled()
         if isinstance(event, Ping):
             self._reply(event.msg_id, Status.OK)
-        elif isinstance(event, Internal) and event.is_info:
-            self._on_info(event)
         elif isinstance(event, Login):
             self._extra_logins += 1
             if self._extra_logins > MAX_EXTRA_LOGINS:
