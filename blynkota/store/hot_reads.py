@@ -6,10 +6,10 @@ flight). SQLAlchemy builds such a query's cache key, expands its IN list
 and wraps every row, per call; for a batch of a few dozen devices that costs
 more than the database's own work. Here a query is compiled once per
 dialect, its IN lists are rendered with as many markers as they have values,
-rounded up to a few lengths by repeating the last (the text cached per
-length, and the driver's prepared statement reused), and its rows come back as tuples, through the
-result types' own processors where a type has one (SQLite's datetimes are
-text). Errors are SQLAlchemy's (the statement runs through
+rounded up to a few lengths by repeating the last value (the text cached per
+length, and the driver's prepared statement reused), and its rows come back
+as tuples, through the result types' own processors where a type has one
+(SQLite's datetimes are text). Errors are SQLAlchemy's (the statement runs through
 `Connection.exec_driver_sql`), so `Database.run` still retries a lost race.
 """
 
