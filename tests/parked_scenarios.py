@@ -173,7 +173,8 @@ def an_info_message_before_the_login_is_written_waits_without_a_greenlet(app, se
     wait_for(lambda: online_rows(app) == 0)
 
     # The device's row is locked by another transaction: the login's presence write waits.
-    holder = sqlalchemy.create_engine(app.config["SETTINGS"].db_url).connect()
+    locker = sqlalchemy.create_engine(app.config["SETTINGS"].db_url)
+    holder = locker.connect()
     holder.begin()
     holder.execute(sqlalchemy.text("SELECT id FROM devices FOR UPDATE")).all()
     device = RawDevice(port)
@@ -212,7 +213,7 @@ def an_info_message_before_the_login_is_written_waits_without_a_greenlet(app, se
 
     # A newer connection of the device while the older one's info message
     # waits: the older is closed unanswered, the newer goes on.
-    holder = sqlalchemy.create_engine(app.config["SETTINGS"].db_url).connect()
+    holder = locker.connect()
     holder.begin()
     holder.execute(sqlalchemy.text("SELECT id FROM devices FOR UPDATE")).all()
     device.close()
@@ -227,6 +228,7 @@ def an_info_message_before_the_login_is_written_waits_without_a_greenlet(app, se
     assert older.event() is None  # closed (replaced), its info message never answered
     holder.rollback()
     holder.close()
+    locker.dispose()
     newer.send(encode_info({"ver": "0.6.1", "h-beat": "10", "build": "Jan  3 2018"}, 2))
     assert newer.event() == Response(2, Status.OK)
     wait_for(lambda: server.device_port.devices == 1)

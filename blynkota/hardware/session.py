@@ -327,7 +327,7 @@ class DeviceSession:
                 self._hand_over(error=error)
                 return
             if unsent is _LOGIN_UNWRITTEN:
-                self._after_login_written(event)
+                self._await_login_write(event)
                 return
             if unsent is not None:
                 self._hand_over(event=None if unsent else event, unsent=unsent or None)
@@ -336,7 +336,7 @@ class DeviceSession:
         if handled:  # the deadline is between whole frames: a trickle does not move it
             self._arm_deadline()
 
-    def _after_login_written(self, event) -> None:
+    def _await_login_write(self, event) -> None:
         """An info message came before the login's presence write landed (a
         storm's devices send it at once): nothing durable before the login is.
         The loop stops reading the socket and handles the message when the
