@@ -27,33 +27,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from gevent import socket
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import SHIPPED_TIMINGS, read_frame  # noqa: E402
-from bench.login_storm import timed_storm  # noqa: E402
+from bench.common import SHIPPED_TIMINGS  # noqa: E402
+from bench.login_storm import log_in, timed_storm  # noqa: E402
 from blynkota import create_app  # noqa: E402
-from blynkota.protocol import FrameReader, encode_info, encode_login  # noqa: E402
 from blynkota.store import upgrade  # noqa: E402
 from tests.images import esp8266_image  # noqa: E402
 from tests.servers import ServerProcess  # noqa: E402
 
 WARM_UP = 50
-SLOW = 300.0  # seconds: every wait, with the server 50 times slower than usual
+SLOW = 300.0  # seconds for its start, stop and idle timeout: the server runs 50 times slower
 QUIET = 30  # seconds between the background clocks' ticks
-
-
-def log_in(port: int, token: str, sockets: list, campaign: bool) -> None:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=SLOW)
-    reader = FrameReader()
-    sock.sendall(encode_login(token, 1))
-    assert read_frame(sock, reader).status == 200
-    sock.sendall(encode_info({"ver": "0.6.1", "h-beat": "60", "build": "Jan  1 2018"}, 2))
-    assert read_frame(sock, reader).status == 200
-    if campaign:
-        assert read_frame(sock, reader).words[0] == "ota"
-    sockets.append(sock)
 
 
 def callgrind(pid: int, switch: str) -> None:
@@ -104,17 +89,19 @@ def main() -> int:
         try:
             if arguments.campaign:
                 server.upload("/admin/ota/start?queue=true", esp8266_image("Mar  3 2019 03:03:03"))
-            port, campaign = server.http_port, arguments.campaign
-            warm = [(port, token, sockets, campaign) for token in tokens[:WARM_UP]]
+            port = server.http_port
+            # With a campaign each device waits for its `ota` frame (login_storm.py).
+            offers: list[float] | None = [] if arguments.campaign else None
+            warm = [(port, token, sockets, offers) for token in tokens[:WARM_UP]]
             timed_storm(log_in, warm, WARM_UP)
             time.sleep(2)
             callgrind(server.process.pid, "on")
-            measured = [(port, token, sockets, campaign) for token in tokens[WARM_UP:]]
+            measured = [(port, token, sockets, offers) for token in tokens[WARM_UP:]]
             took = timed_storm(log_in, measured, arguments.concurrency)
             time.sleep(2)  # the writes behind the last logins
             callgrind(server.process.pid, "off")
         finally:
-            for sock in sockets:
+            for sock, _ in sockets:
                 sock.close()
             server.stop(timeout=SLOW)
         instructions = counted(out)

@@ -161,6 +161,14 @@ def a_parked_device_past_its_deadline_is_closed(app, server) -> None:
     wait_for(lambda: online_rows(app) == 0)
 
 
+def rows_locked(engine) -> sqlalchemy.Connection:
+    """A connection whose open transaction holds every device row's lock."""
+    holder = engine.connect()
+    holder.begin()
+    holder.execute(sqlalchemy.text("SELECT id FROM devices FOR UPDATE")).all()
+    return holder
+
+
 def an_info_message_before_the_login_is_written_waits_without_a_greenlet(app, server) -> None:
     """A storm's devices send their info message as soon as the login is
     answered, before its presence write lands: the loop holds the message
@@ -174,9 +182,7 @@ def an_info_message_before_the_login_is_written_waits_without_a_greenlet(app, se
 
     # The device's row is locked by another transaction: the login's presence write waits.
     locker = sqlalchemy.create_engine(app.config["SETTINGS"].db_url)
-    holder = locker.connect()
-    holder.begin()
-    holder.execute(sqlalchemy.text("SELECT id FROM devices FOR UPDATE")).all()
+    holder = rows_locked(locker)
     device = RawDevice(port)
     device.send(encode_login(token, 1))
     assert device.event() == Response(1, Status.OK)  # answered before the write (soft state)
@@ -213,9 +219,7 @@ def an_info_message_before_the_login_is_written_waits_without_a_greenlet(app, se
 
     # A newer connection of the device while the older one's info message
     # waits: the older is closed unanswered, the newer goes on.
-    holder = locker.connect()
-    holder.begin()
-    holder.execute(sqlalchemy.text("SELECT id FROM devices FOR UPDATE")).all()
+    holder = rows_locked(locker)
     device.close()
     older, newer = RawDevice(port), RawDevice(port)
     older.send(encode_login(token, 1))

@@ -368,7 +368,7 @@ class DeviceSession:
             self._handle(event)
         return self._serve()
 
-    def _handled_here(self, event) -> bytes | None:
+    def _handled_here(self, event) -> bytes | object | None:
         """Handle `event` from the loop if nothing about it must wait.
 
         None: handled. b"": not touched, a greenlet handles it.
@@ -477,13 +477,13 @@ class DeviceSession:
             raise SessionClosed("closed, the device has logged in again since (on another node)")
 
     def _handle(self, event) -> None:
+        # (A report is queued only once the login's write is settled: the order is free.)
+        self._report_settled()
         if isinstance(event, Internal) and event.is_info:
-            self._report_settled()
             # It settles the login's write itself, answering SERVER_ERROR if it failed.
             self._on_info(event)
             return
         self._presence_settled(wait=False)
-        self._report_settled()
         if isinstance(event, Ping):
             self._reply(event.msg_id, Status.OK)
         elif isinstance(event, Login):

@@ -7,10 +7,11 @@ and wraps every row, per call; for a batch of a few dozen devices that costs
 more than the database's own work. Here a query is compiled once per
 dialect, its IN lists are rendered with as many markers as they have values,
 rounded up to a few lengths by repeating the last value (the text cached per
-length, and the driver's prepared statement reused), and its rows come back
-as tuples, through the result types' own processors where a type has one
-(SQLite's datetimes are text). Errors are SQLAlchemy's (the statement runs through
-`Connection.exec_driver_sql`), so `Database.run` still retries a lost race.
+length; on SQLite the driver's prepared statement is reused too), and its
+rows come back as tuples, through the result types' own processors where a
+type has one (SQLite's datetimes are text). Errors are SQLAlchemy's (the
+statement runs through `Connection.exec_driver_sql`), so `Database.run`
+still retries a lost race.
 """
 
 from typing import Any
@@ -98,7 +99,7 @@ class HotQuery:
                 if not value:
                     return []  # `IN ()`: nothing matches (only IN lists are supported, no NOT IN)
                 # Its last value repeated up to a few lengths: a handful of
-                # texts, which the driver keeps prepared, serve every batch.
+                # texts (which SQLite's driver keeps prepared) serve every batch.
                 value.extend(value[-1:] * (padded_length(len(value)) - len(value)))
                 lengths.append(len(value))
                 if convert is not None:
