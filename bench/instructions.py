@@ -16,10 +16,14 @@ group commit holds more devices than at full speed: compare this figure
 between two commits (in two checkouts), not with the CPU seconds.
 
 Prints the instructions per login (with --campaign: per login offered an
-update, its `ota` frame received). Every wait is bounded.
+update, its `ota` frame received). `--downloads N`: instead of logins, N
+downloads of a 300 KB firmware file over keep-alive connections on the
+plain HTTP port, as `wrk` asks for it (bench/downloads.py has the ratio to
+nginx); prints the instructions per download. Every wait is bounded.
 """
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gevent import socket  # noqa: E402
 
 from bench.common import SHIPPED_TIMINGS  # noqa: E402
 from bench.login_storm import log_in, timed_storm  # noqa: E402
@@ -39,6 +45,10 @@ from tests.servers import ServerProcess  # noqa: E402
 WARM_UP = 50
 SLOW = 300.0  # seconds for its start, stop and idle timeout: the server runs 50 times slower
 QUIET = 30  # seconds between the background clocks' ticks
+DOWNLOAD_CONNECTIONS = 8
+BUILD = "Mar  3 2019 03:03:03"
+IMAGE = esp8266_image(BUILD, size=300_000)  # bench/downloads.py's size
+_LENGTH = re.compile(rb"\r\ncontent-length: *([0-9]+)\r\n", re.IGNORECASE)
 
 
 def callgrind(pid: int, switch: str) -> None:
@@ -51,11 +61,69 @@ def counted(out: Path) -> int:
     return int(totals[-1].split()[1])
 
 
+def count_logins(server: ServerProcess, tokens: list[str], arguments, sockets: list) -> float:
+    if arguments.campaign:
+        server.upload("/admin/ota/start?queue=true", esp8266_image(BUILD))
+    port = server.http_port
+    # With a campaign each device waits for its `ota` frame (login_storm.py).
+    offers: list[float] | None = [] if arguments.campaign else None
+    warm = [(port, token, sockets, offers) for token in tokens[:WARM_UP]]
+    timed_storm(log_in, warm, WARM_UP)
+    time.sleep(2)
+    callgrind(server.process.pid, "on")
+    measured = [(port, token, sockets, offers) for token in tokens[WARM_UP:]]
+    took = timed_storm(log_in, measured, arguments.concurrency)
+    time.sleep(2)  # the writes behind the last logins
+    callgrind(server.process.pid, "off")
+    return took
+
+
+def count_downloads(server: ServerProcess, count: int) -> float:
+    """`count` downloads (a multiple of DOWNLOAD_CONNECTIONS), DOWNLOAD_CONNECTIONS at once."""
+    path = server.upload("/admin/ota/start?queue=true", IMAGE).text.strip()
+    port = server.http_port
+    each = WARM_UP // DOWNLOAD_CONNECTIONS
+    timed_storm(download, [(port, path, each)] * DOWNLOAD_CONNECTIONS, DOWNLOAD_CONNECTIONS)
+    callgrind(server.process.pid, "on")
+    each = count // DOWNLOAD_CONNECTIONS
+    took = timed_storm(download, [(port, path, each)] * DOWNLOAD_CONNECTIONS, DOWNLOAD_CONNECTIONS)
+    callgrind(server.process.pid, "off")
+    return took
+
+
+def download(port: int, path: str, count: int) -> None:
+    """`count` GETs of `path` on one keep-alive connection, each body read whole."""
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=SLOW) as sock:
+        buffer = b""
+        for _ in range(count):
+            sock.sendall(request)
+            while (end := buffer.find(b"\r\n\r\n")) < 0:
+                buffer += _received(sock)
+            head, buffer = buffer[: end + 4], buffer[end + 4 :]
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            left = int(_LENGTH.search(head).group(1)) - len(buffer)
+            buffer = b""
+            while left > 0:
+                left -= len(_received(sock, min(left, 1 << 20)))
+            assert left == 0, "the server sent more than its Content-Length"
+
+
+def _received(sock, size: int = 65536) -> bytes:
+    data = sock.recv(size)
+    if not data:
+        raise ConnectionError("closed")
+    return data
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--campaign", action="store_true", help="offer every device an update")
+    parser.add_argument(
+        "--downloads", type=int, default=0, help="count N downloads of a 300 KB file instead"
+    )
     arguments = parser.parse_args()
     if shutil.which("valgrind") is None:
         print("valgrind missing (apt-get install valgrind): no instruction count")
@@ -87,27 +155,23 @@ def main() -> int:
         server.start(timeout=SLOW)
         sockets: list = []
         try:
-            if arguments.campaign:
-                server.upload("/admin/ota/start?queue=true", esp8266_image("Mar  3 2019 03:03:03"))
-            port = server.http_port
-            # With a campaign each device waits for its `ota` frame (login_storm.py).
-            offers: list[float] | None = [] if arguments.campaign else None
-            warm = [(port, token, sockets, offers) for token in tokens[:WARM_UP]]
-            timed_storm(log_in, warm, WARM_UP)
-            time.sleep(2)
-            callgrind(server.process.pid, "on")
-            measured = [(port, token, sockets, offers) for token in tokens[WARM_UP:]]
-            took = timed_storm(log_in, measured, arguments.concurrency)
-            time.sleep(2)  # the writes behind the last logins
-            callgrind(server.process.pid, "off")
+            if arguments.downloads:
+                count = arguments.downloads - arguments.downloads % DOWNLOAD_CONNECTIONS
+                took = count_downloads(server, count)
+            else:
+                took = count_logins(server, tokens, arguments, sockets)
         finally:
             for sock, _ in sockets:
                 sock.close()
             server.stop(timeout=SLOW)
         instructions = counted(out)
-    what = "login offered an update" if arguments.campaign else "login"
-    print(f"devices                        {count} (after {WARM_UP} not counted)")
-    print(f"logins under valgrind          {took:.1f} s")
+    if arguments.downloads:
+        what, label = "download", f"downloads of {len(IMAGE)} bytes"
+    else:
+        what = "login offered an update" if arguments.campaign else "login"
+        label = "devices"
+    print(f"{label:<31}{count} (after {WARM_UP} not counted)")
+    print(f"{'run under valgrind':<31}{took:.1f} s")
     print(f"instructions, server process   {instructions / 1e6:.1f} M")
     print(f"instructions per {what:<13} {instructions / count / 1e3:.0f} k")
     return 0

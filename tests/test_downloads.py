@@ -317,6 +317,48 @@ def test_a_304_counts_the_offered_device_as_already_on_the_firmware(server, simu
     assert "sketch MD5" in detail
 
 
+NAME = "0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize("updater", [ESP8266_HEADERS, ESP32_HEADERS])
+def test_the_sender_reads_an_updaters_head_itself(updater):
+    """The fast path reads the updaters' heads (parsed as latin-1, all header
+    lines matched at once); names are case-blind, values trimmed of blanks."""
+    from blynkota.web.file_sender import _parse
+
+    head = f"GET /static/ota/{NAME}.bin?o=k1 HTTP/1.1\r\nHost: x\r\n{updater}"
+    request = _parse(f"{head}X-Blanks:\t a\tb \t\r\nX-Latin: caf\u00e9\r\n\r\n".encode("latin-1"))
+    assert (request.method, request.name, request.offer_key) == ("GET", NAME, "k1")
+    assert request.keep_alive and request.range is None
+    assert request.headers["user-agent"].endswith("-http-Update")
+    assert request.headers["x-blanks"] == "a\tb"
+    assert request.headers["x-latin"] == "caf\u00e9"
+    http_1_0 = _parse(f"HEAD /static/ota/{NAME}.bin HTTP/1.0\r\n\r\n".encode())
+    assert http_1_0.method == "HEAD" and http_1_0.offer_key is None and not http_1_0.keep_alive
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "X-Odd: a\x01b",  # a control character: Flask's rules, not ours
+        "X-Odd: a\x7fb",
+        "X-Odd: a\rb",  # a bare CR
+        " folded: line",  # obsolete line folding
+        "No-Colon",
+        "Bad Name: x",
+        "Host: y",  # twice
+        "If-None-Match: *",  # a conditional request
+        "Content-Length: 1",  # a body
+    ],
+)
+def test_a_head_the_sender_does_not_read_goes_to_flask_untouched(header):
+    from blynkota.web.file_sender import _HandOver, _parse
+
+    head = f"GET /static/ota/{NAME}.bin HTTP/1.1\r\nHost: x\r\n{header}\r\n\r\n"
+    with pytest.raises(_HandOver):
+        _parse(head.encode("latin-1"))
+
+
 def test_waiting_downloads_go_one_per_idle_turn_of_the_loop():
     """However many downloads wait, one sends per idle turn: device work that
     arrives meanwhile runs between two downloads' chunks, not after all of them."""

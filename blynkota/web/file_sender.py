@@ -60,10 +60,16 @@ SENDERS_AT_ONCE = 16
 DEVICES_FIRST_AT_MOST = 0.1
 RECHECK_EVERY = 5.0  # seconds between two looks whether an open file was deleted
 
+# The head is read as latin-1: one character per byte, as the bytes came.
 _REQUEST_LINE = re.compile(
-    rb"(GET|HEAD) (/static/ota/([0-9a-f]{24})\.bin)(?:\?([^ #]*))? HTTP/1\.([01])"
+    r"(GET|HEAD) (/static/ota/([0-9a-f]{24})\.bin)(?:\?([^ #]*))? HTTP/1\.([01])"
 )
-_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*")
+# The header lines, all of them at once: "name: value" each, a token for a
+# name, no control character but a tab in a value.
+_HEADER_LINES = re.compile(
+    r"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*"
+    r"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*)*"
+)
 _RANGE = re.compile(r"bytes=([0-9]{1,19})-([0-9]{0,19})|bytes=-([0-9]{1,19})")
 # Headers whose rules (conditional requests, bodies) the WSGI side applies.
 _HANDED_OVER = frozenset(
@@ -118,6 +124,7 @@ class FirmwareSender:
         # for it (nginx sets it on keep-alive connections too).
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.idle_timeout)  # for a request's first byte, and for each send
         while True:
             try:
                 head = self._peek_head(sock)
@@ -181,7 +188,9 @@ class FirmwareSender:
         firmware = served.firmware
         date = _http_date()
         if runs_this_file(request.headers, firmware.md5):
-            sock.sendall(b"".join((b"HTTP/1.1 304 Not Modified\r\n", served.headers, date, _CLOSE)))
+            _send_all(
+                sock, b"".join((b"HTTP/1.1 304 Not Modified\r\n", served.headers, date, _CLOSE))
+            )
             if request.method == "GET":
                 self.service.already_running(firmware, request.offer_key)
             log.info(
@@ -214,7 +223,7 @@ class FirmwareSender:
             metrics.DOWNLOADS_STARTED.inc()
         try:
             flags = socket.MSG_MORE if request.method == "GET" and length else 0
-            sock.sendall(head, flags)
+            _send_all(sock, head, flags)
             if request.method == "GET":
                 sent = self._send_body(sock, served.fd, start, length, ticket)
         except (OSError, TimeoutError) as error:
@@ -264,42 +273,51 @@ class FirmwareSender:
     def _peek_head(self, sock) -> bytes | None:
         """The request head (through the blank line), left in the socket; None if closed.
 
-        Its first bytes may take the idle timeout (a keep-alive pause); once
-        they are in, the rest has HEAD_DEADLINE, however steady the trickle.
+        Its first bytes may take the idle timeout (a keep-alive pause: the
+        socket's timeout, set by `serve`); once they are in, the rest has
+        HEAD_DEADLINE, however steady the trickle.
         """
-        deadline = time.monotonic() + self.idle_timeout
-        started = False
-        waits = peek_waits()
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            sock.settimeout(remaining)
-            try:
-                data = sock.recv(HEAD_LIMIT, socket.MSG_PEEK)
-            except TimeoutError:
-                return None
-            if not data:
-                return None
-            if not started:
-                started = True
-                deadline = min(deadline, time.monotonic() + HEAD_DEADLINE)
+        data = _peeked(sock)
+        deadline = waits = None
+        while data is not None:
             end = data.find(b"\r\n\r\n")
             if end >= 0:
                 return data[: end + 4]
             if len(data) >= HEAD_LIMIT:
                 raise _HandOver
-            if not _REQUEST_LINE.match(data) and b"\r\n" in data:
+            if not _REQUEST_LINE.match(data.decode("latin-1")) and b"\r\n" in data:
                 raise _HandOver  # not ours, whatever the rest says
+            if deadline is None:
+                deadline, waits = time.monotonic() + HEAD_DEADLINE, peek_waits()
+            elif time.monotonic() >= deadline:
+                return None
             gevent.sleep(next(waits))  # the rest of the head is on its way
+            data = _peeked(sock)  # what is there returns at once: no wait
+        return None
+
+
+def _peeked(sock) -> bytes | None:
+    """What the socket holds (waiting up to its timeout for a first byte); None if closed."""
+    try:
+        return sock.recv(HEAD_LIMIT, socket.MSG_PEEK) or None
+    except TimeoutError:
+        return None
+
+
+def _send_all(sock, data: bytes, flags: int = 0) -> None:
+    """`sock.sendall` for a response head, which fits the socket's buffer at
+    once: gevent's sendall asks the kernel for the buffer's size first."""
+    sent = sock.send(data, flags)
+    if sent < len(data):
+        sock.sendall(data[sent:], flags)
 
 
 class _Request:
-    def __init__(self, method: str, name: str, query: str, minor: int, headers: dict[str, str]):
+    def __init__(self, method: str, name: str, query: str, http_1_0: bool, headers: dict[str, str]):
         self.method, self.name = method, name
-        self.offer_key = dict(parse_qsl(query)).get("o")
+        self.offer_key = dict(parse_qsl(query)).get("o") if query else None
         connection = headers.get("connection", "").lower()
-        self.keep_alive = "keep-alive" in connection if minor == 0 else "close" not in connection
+        self.keep_alive = "keep-alive" in connection if http_1_0 else "close" not in connection
         self.range = single_range(headers.get("range"))
         self.ranged = self.range is not None
         self.headers = headers
@@ -323,25 +341,24 @@ class _Request:
 
 
 def _parse(head: bytes) -> _Request:
-    lines = head[:-4].split(b"\r\n")
-    line = _REQUEST_LINE.fullmatch(lines[0])
+    request_line, _, header_lines = head[:-4].decode("latin-1").partition("\r\n")
+    line = _REQUEST_LINE.fullmatch(request_line)
     if line is None:
         raise _HandOver
     headers: dict[str, str] = {}
-    for raw in lines[1:]:
-        header = _HEADER.fullmatch(raw)
-        if header is None:
+    if header_lines:
+        if _HEADER_LINES.fullmatch(header_lines) is None:
             raise _HandOver  # folded or malformed: werkzeug judges it
-        name = header.group(1).decode("ascii").lower()
-        if name in _HANDED_OVER or name in headers:
-            raise _HandOver
-        headers[name] = header.group(2).decode("latin-1")
+        for header in header_lines.split("\r\n"):
+            name, _, value = header.partition(":")
+            name = name.lower()
+            if name in _HANDED_OVER or name in headers:
+                raise _HandOver
+            headers[name] = value.strip(" \t")
     if headers.get("content-length", "0") != "0":
         raise _HandOver
     method, _, name, query, minor = line.groups()
-    return _Request(
-        method.decode(), name.decode(), (query or b"").decode("latin-1"), int(minor), headers
-    )
+    return _Request(method, name, query or "", minor == "0", headers)
 
 
 # What the Arduino updaters (ESP8266httpUpdate, ESP32 HTTPUpdate) send: the
@@ -352,7 +369,11 @@ _SKETCH_MD5_HEADERS = ("x-esp8266-sketch-md5", "x-esp32-sketch-md5")
 def runs_this_file(headers, md5: str) -> bool:
     """True when an updater says it runs the very file asked for: answer 304,
     which it reports as "no update" (SPEC §4). `headers`: lowercase names."""
-    return any((headers.get(name) or "").strip().lower() == md5 for name in _SKETCH_MD5_HEADERS)
+    for name in _SKETCH_MD5_HEADERS:
+        value = headers.get(name)
+        if value and value.strip().lower() == md5:
+            return True
+    return False
 
 
 def single_range(value: str | None) -> tuple[int, int | None, int | None] | None:
