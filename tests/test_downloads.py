@@ -238,6 +238,28 @@ def test_a_request_head_that_arrives_in_pieces_is_answered(server, uploaded):
     assert head.startswith(b"HTTP/1.1 200 ") and body == image
 
 
+def test_a_firmware_request_trickling_its_head_is_closed_after_the_head_deadline(server, uploaded):
+    """The fast path's own deadline: a header byte a second keeps a per-read
+    timeout happy, the head as a whole has HEAD_DEADLINE (10 s)."""
+    path, _ = uploaded
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\n".encode())
+        started = time.monotonic()
+        closed = False
+        for byte in b"X-Slow: " + b"a" * 40:
+            try:
+                sock.sendall(bytes([byte]))
+                sock.settimeout(1)
+                closed = sock.recv(4096) == b""
+            except TimeoutError:
+                continue
+            except OSError:  # reset: closed with the head unread
+                closed = True
+            break
+        assert closed
+        assert 9 <= time.monotonic() - started < 20
+
+
 def test_a_request_line_reaches_the_log_escaped_and_without_its_query(port_server_factory):
     server = port_server_factory()
     raw_get(
