@@ -34,6 +34,7 @@ from .cluster import Lease, LocalSession, default_node_name
 from .config import ConfigError
 from .hardware import HTTP_IDLE_TIMEOUT, DeviceSession, SharedPortServer
 from .metrics import DATABASE_ERRORS, SWEEPS
+from .store import drain as drain_group_commits
 from .store import is_outage, upgrade
 from .tls import check_certificate
 from .web import AdminHttpsServer, FirmwareSender
@@ -377,6 +378,13 @@ class BlynkotaServer:
         gevent.killall(self._clocks, block=False)
         servers = [server for server in (self.device_port, self.admin_port) if server]
         gevent.joinall([gevent.spawn(server.stop, timeout=grace) for server in servers])
+        # Reports and presence queued behind their answers are written before
+        # the node leaves (which marks its devices offline) and the process ends.
+        busy = drain_group_commits(grace)
+        if busy:
+            log.warning(
+                "stopping: %d group commit(s) still writing after %ss: left unwritten", busy, grace
+            )
         if self.serve_devices:
             try:
                 self.node.stop()

@@ -241,8 +241,44 @@ def an_info_message_before_the_login_is_written_waits_without_a_greenlet(app, se
     wait_for(lambda: online_rows(app) == 0)
 
 
+def a_stop_writes_what_is_queued_before_the_node_leaves(app, server) -> None:
+    """A report queued behind its info message's answer when the process is
+    told to stop is recorded before the stop ends (and the process with it)."""
+    token = app.extensions["blynkota.fleet"].add_device("owner@example.com", "Farm")
+    port = server.device_port.server_port
+    first = RawDevice(port)
+    assert first.log_in(token) == OK_LOGIN  # now the token is known: the next login needs no read
+    first.close()
+    wait_for(lambda: online_rows(app) == 0)
+
+    # The login's presence write waits for the lock, and the report waits for it.
+    locker = sqlalchemy.create_engine(app.config["SETTINGS"].db_url)
+    holder = rows_locked(locker)
+    device = RawDevice(port)
+    device.send(encode_login(token, 1))
+    assert device.event() == Response(1, Status.OK)
+    device.send(encode_info({"ver": "0.6.1", "h-beat": "10", "build": "Jan  4 2018"}, 2))
+    gevent.sleep(0.2)
+    stopping = gevent.spawn(server.stop)  # SIGTERM's handler
+    gevent.sleep(0.3)
+    holder.rollback()  # within the grace
+    holder.close()
+    stopping.join(timeout=10)
+    assert stopping.successful(), stopping.exception
+    with app.extensions["blynkota.db"].engine.connect() as connection:
+        query = "SELECT build, node_id FROM devices WHERE token = :token"
+        built, node = connection.execute(sqlalchemy.text(query), {"token": token}).one()
+    assert built == "Jan  4 2018", built  # the report was written before the stop ended
+    assert node is None  # and the node, leaving after it, marked the device offline
+    device.close()
+    locker.dispose()
+
+
 # Scenarios that need a database where a write can wait for another's lock.
-ON_MARIADB = {an_info_message_before_the_login_is_written_waits_without_a_greenlet.__name__}
+ON_MARIADB = {
+    an_info_message_before_the_login_is_written_waits_without_a_greenlet.__name__,
+    a_stop_writes_what_is_queued_before_the_node_leaves.__name__,
+}
 
 SCENARIOS = {
     function.__name__: function
@@ -252,6 +288,7 @@ SCENARIOS = {
         a_parked_session_closed_by_the_server_is_cleaned_up,
         a_parked_device_past_its_deadline_is_closed,
         an_info_message_before_the_login_is_written_waits_without_a_greenlet,
+        a_stop_writes_what_is_queued_before_the_node_leaves,
     )
 }
 

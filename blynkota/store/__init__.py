@@ -1,7 +1,7 @@
 """Persistence: SQLAlchemy models, the engine and the migrations runner."""
 
 from .db import Database, DatabaseHealth, is_outage, is_transient, make_engine
-from .group_commit import GroupCommit
+from .group_commit import GroupCommit, drain
 from .hot_reads import HotQuery
 from .many_rows import ManyRows, insert_many
 from .migrate import alembic_config, upgrade
@@ -59,5 +59,6 @@ __all__ = [
     "RolloutScope",
     "RolloutState",
     "User",
+    "drain",
     "utcnow",
 ]

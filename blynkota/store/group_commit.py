@@ -12,9 +12,14 @@ device). Nothing is acknowledged before its transaction committed.
 One item that the database refuses (a value a column cannot hold) must not
 fail the others in its batch: after a refusal other than an outage, the
 items are run again one by one, and only the guilty one gets the error.
+
+A process that stops runs what is queued first (`drain`): a report queued
+behind its answer is recorded, not lost with the process.
 """
 
 import logging
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -26,7 +31,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .db import Database, is_outage
 
-__all__ = ["GroupCommit"]
+__all__ = ["GroupCommit", "drain"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,8 @@ Answer = TypeVar("Answer")
 # Large enough to amortise a transaction, small enough that one batch's
 # statements do not hold the database (and, on SQLite, the event loop) long.
 MAX_BATCH = 500
+
+_EVERY: "weakref.WeakSet[GroupCommit]" = weakref.WeakSet()  # this process's, for `drain`
 
 
 class GroupCommit(Generic[Item, Answer]):
@@ -55,6 +62,7 @@ class GroupCommit(Generic[Item, Answer]):
         self._waiting: list[tuple[Item, AsyncResult]] = []
         self._runner: gevent.Greenlet | None = None
         self.batches = 0  # how many transactions ran, for tests and benches
+        _EVERY.add(self)
 
     def submit(self, item: Item) -> Answer:
         """Run `item` with whatever else is waiting; its answer, or the batch's error."""
@@ -97,6 +105,19 @@ class GroupCommit(Generic[Item, Answer]):
             return
         for (_, answer), value in zip(batch, answers, strict=True):
             answer.set(value)
+
+
+def drain(timeout: float) -> int:
+    """Wait up to `timeout` seconds until nothing is queued or running in any
+    group commit of this process (an answer may queue more: a login's write
+    lets its info message's report go). Returns how many are still busy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runners = [group._runner for group in list(_EVERY) if group._runner is not None]
+        left = deadline - time.monotonic()
+        if not runners or left <= 0:
+            return len(runners)
+        gevent.joinall(runners, timeout=left)
 
 
 def _reaches_everyone(error: Exception) -> bool:
