@@ -169,23 +169,30 @@ def rows_locked(engine) -> sqlalchemy.Connection:
     return holder
 
 
-def an_info_message_before_the_login_is_written_waits_without_a_greenlet(app, server) -> None:
-    """A storm's devices send their info message as soon as the login is
-    answered, before its presence write lands: the loop holds the message
-    until the write is known, then answers it, with no greenlet of its own."""
+def logged_in_with_the_write_waiting(app, server):
+    """A known device logged in again while another transaction holds its
+    row's lock: its login is answered, its presence write waits.
+    (token, device, the locker's engine, the connection holding the lock)."""
     token = app.extensions["blynkota.fleet"].add_device("owner@example.com", "Farm")
     port = server.device_port.server_port
     first = RawDevice(port)
     assert first.log_in(token) == OK_LOGIN  # now the token is known: the next login needs no read
     first.close()
     wait_for(lambda: online_rows(app) == 0)
-
-    # The device's row is locked by another transaction: the login's presence write waits.
     locker = sqlalchemy.create_engine(app.config["SETTINGS"].db_url)
     holder = rows_locked(locker)
     device = RawDevice(port)
     device.send(encode_login(token, 1))
     assert device.event() == Response(1, Status.OK)  # answered before the write (soft state)
+    return token, device, locker, holder
+
+
+def an_info_message_before_the_login_is_written_waits_without_a_greenlet(app, server) -> None:
+    """A storm's devices send their info message as soon as the login is
+    answered, before its presence write lands: the loop holds the message
+    until the write is known, then answers it, with no greenlet of its own."""
+    token, device, locker, holder = logged_in_with_the_write_waiting(app, server)
+    port = server.device_port.server_port
     gevent.sleep(0.2)  # the session has parked
 
     alive = {o for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead}
@@ -244,19 +251,8 @@ def an_info_message_before_the_login_is_written_waits_without_a_greenlet(app, se
 def a_stop_writes_what_is_queued_before_the_node_leaves(app, server) -> None:
     """A report queued behind its info message's answer when the process is
     told to stop is recorded before the stop ends (and the process with it)."""
-    token = app.extensions["blynkota.fleet"].add_device("owner@example.com", "Farm")
-    port = server.device_port.server_port
-    first = RawDevice(port)
-    assert first.log_in(token) == OK_LOGIN  # now the token is known: the next login needs no read
-    first.close()
-    wait_for(lambda: online_rows(app) == 0)
-
     # The login's presence write waits for the lock, and the report waits for it.
-    locker = sqlalchemy.create_engine(app.config["SETTINGS"].db_url)
-    holder = rows_locked(locker)
-    device = RawDevice(port)
-    device.send(encode_login(token, 1))
-    assert device.event() == Response(1, Status.OK)
+    token, device, locker, holder = logged_in_with_the_write_waiting(app, server)
     device.send(encode_info({"ver": "0.6.1", "h-beat": "10", "build": "Jan  4 2018"}, 2))
     gevent.sleep(0.2)
     stopping = gevent.spawn(server.stop)  # SIGTERM's handler
