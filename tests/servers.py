@@ -12,6 +12,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -282,3 +283,24 @@ def upload_at_once(servers: list[ServerProcess], path: str) -> list[int]:
     for thread in threads:
         thread.join(60)
     return statuses
+
+
+def trickled_head(port: int, request_line: str) -> tuple[bytes, float]:
+    """Send `request_line`, then a header one byte a second (slowloris): the
+    server's first answer (b"" if it closed the connection, or reset it) and
+    the seconds from the request line to it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request_line.encode() + b"\r\n")
+        started = time.monotonic()
+        answer = b""
+        for byte in b"X-Slow: " + b"a" * 40:
+            try:
+                sock.sendall(bytes([byte]))
+                sock.settimeout(1)
+                answer = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:  # reset: closed with the head unread
+                answer = b""
+            break
+        return answer, time.monotonic() - started

@@ -23,7 +23,7 @@ from blynkota.protocol import (
 
 from .devices import BUILD_NEW, BUILD_OLD, TOKEN, RawDevice
 from .images import esp8266_image
-from .servers import ServerProcess
+from .servers import ServerProcess, trickled_head
 
 
 @pytest.fixture
@@ -444,28 +444,11 @@ def test_a_trickling_http_client_is_dropped_after_the_head_deadline(port_server_
     """One header byte a second is 'active' for a per-read timeout; the head as
     a whole has 10 s (http_handler.HEAD_DEADLINE)."""
     device_server = port_server_factory()
-    sock = socket.create_connection(("127.0.0.1", device_server.http_port), timeout=30)
-    try:
-        sock.sendall(b"GET /anything HTTP/1.1\r\n")
-        started = time.monotonic()
-        answer = b""
-        for byte in b"X-Slow: " + b"a" * 40:
-            try:
-                sock.sendall(bytes([byte]))
-            except OSError:
-                break
-            sock.settimeout(1)
-            try:
-                answer = sock.recv(4096)
-            except TimeoutError:
-                continue
-            break
-        assert answer.startswith(b"HTTP/1.1 400"), answer
-        assert 9 <= time.monotonic() - started < 20
-        assert "request head not complete" in device_server.log()
-        assert "Traceback" not in device_server.log()
-    finally:
-        sock.close()
+    answer, seconds = trickled_head(device_server.http_port, "GET /anything HTTP/1.1")
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert 9 <= seconds < 20
+    assert "request head not complete" in device_server.log()
+    assert "Traceback" not in device_server.log()
 
 
 def test_http_clients_and_devices_have_a_limit_each(port_server_factory):
