@@ -46,6 +46,7 @@ WARM_UP = 50
 SLOW = 300.0  # seconds for its start, stop and idle timeout: the server runs 50 times slower
 QUIET = 30  # seconds between the background clocks' ticks
 DOWNLOAD_CONNECTIONS = 8
+DOWNLOAD_WARM_UP = -(-WARM_UP // DOWNLOAD_CONNECTIONS)  # per connection: WARM_UP or a few more
 BUILD = "Mar  3 2019 03:03:03"
 IMAGE = esp8266_image(BUILD, size=300_000)  # bench/downloads.py's size
 _LENGTH = re.compile(rb"\r\ncontent-length: *([0-9]+)\r\n", re.IGNORECASE)
@@ -82,8 +83,8 @@ def count_downloads(server: ServerProcess, count: int) -> float:
     """`count` downloads (a multiple of DOWNLOAD_CONNECTIONS), DOWNLOAD_CONNECTIONS at once."""
     path = server.upload("/admin/ota/start?queue=true", IMAGE).text.strip()
     port = server.http_port
-    each = WARM_UP // DOWNLOAD_CONNECTIONS
-    timed_storm(download, [(port, path, each)] * DOWNLOAD_CONNECTIONS, DOWNLOAD_CONNECTIONS)
+    warm = [(port, path, DOWNLOAD_WARM_UP)] * DOWNLOAD_CONNECTIONS
+    timed_storm(download, warm, DOWNLOAD_CONNECTIONS)
     callgrind(server.process.pid, "on")
     each = count // DOWNLOAD_CONNECTIONS
     took = timed_storm(download, [(port, path, each)] * DOWNLOAD_CONNECTIONS, DOWNLOAD_CONNECTIONS)
@@ -134,7 +135,8 @@ def main() -> int:
         upgrade(db_url)
         app = create_app({"db.url": db_url, "data.folder": folder})
         fleet = app.extensions["blynkota.fleet"]
-        tokens = [fleet.add_device("bench@example.com", "Bench") for _ in range(WARM_UP + count)]
+        devices = 0 if arguments.downloads else WARM_UP + count  # downloads need none
+        tokens = [fleet.add_device("bench@example.com", "Bench") for _ in range(devices)]
         app.extensions["blynkota.db"].dispose()
         timings = {
             **SHIPPED_TIMINGS,
@@ -167,10 +169,11 @@ def main() -> int:
         instructions = counted(out)
     if arguments.downloads:
         what, label = "download", f"downloads of {len(IMAGE)} bytes"
+        warm_up = DOWNLOAD_WARM_UP * DOWNLOAD_CONNECTIONS
     else:
         what = "login offered an update" if arguments.campaign else "login"
-        label = "devices"
-    print(f"{label:<31}{count} (after {WARM_UP} not counted)")
+        label, warm_up = "devices", WARM_UP
+    print(f"{label:<31}{count} (after {warm_up} not counted)")
     print(f"{'run under valgrind':<31}{took:.1f} s")
     print(f"instructions, server process   {instructions / 1e6:.1f} M")
     print(f"instructions per {what:<13} {instructions / count / 1e3:.0f} k")
