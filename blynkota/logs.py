@@ -52,6 +52,7 @@ def set_node_name(name: str) -> None:
 
 # The operating system's thread id, even where gevent has patched `_thread`.
 _thread_id = get_original("_thread", "get_ident")
+_NativeRLock = get_original("_thread", "RLock")
 
 
 class LinesPerTurn(logging.StreamHandler):
@@ -64,6 +65,13 @@ class LinesPerTurn(logging.StreamHandler):
         self._lines: list[str] = []
         self._loop = gevent.get_hub().loop
         self._loop_thread = _thread_id()
+
+    def createLock(self) -> None:  # noqa: N802
+        # Held only around `emit`, which never waits (no greenlet switch can
+        # happen inside it): the interpreter's own lock serves, where
+        # gevent's, patched into `threading`, costs a dozen Python calls a line.
+        super().createLock()  # registered for re-initialising after a fork
+        self.lock = _NativeRLock()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

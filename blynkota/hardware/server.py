@@ -192,6 +192,7 @@ class SharedPortServer(WSGIServer):
                 return None
             kind = looks_like_http(first)
             if kind is not None:
-                sock.settimeout(HTTP_IDLE_TIMEOUT if kind else None)
+                if kind:  # a device session sets the timeout of each of its reads
+                    sock.settimeout(HTTP_IDLE_TIMEOUT)
                 return kind
             gevent.sleep(next(waits))  # a prefix of a method word: wait for the rest

@@ -178,8 +178,11 @@ class DeviceSession:
         """`ended` is called when a session that parked (`run` answered True) is over."""
         self.sock = sock
         self.serial = next(_SERIALS)
-        with contextlib.suppress(OSError):
+        # try/except rather than contextlib.suppress: three calls fewer a login.
+        try:  # noqa: SIM105
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        except OSError:
+            pass  # a connection already reset: its first read says so
         self.peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         self.address = address[0] if isinstance(address, tuple) else str(address)
         self.service = service

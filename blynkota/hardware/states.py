@@ -14,6 +14,11 @@ class SessionState(Enum):
     READY = "ready"  # info answered: `ota` commands may be written now
     CLOSED = "closed"
 
+    # Members are singletons compared by identity: hash them as objects, in
+    # C, rather than by Enum's Python-level hash of the name (every
+    # transition and state check of every login hashes one).
+    __hash__ = object.__hash__
+
 
 _TRANSITIONS: dict[tuple[SessionState, str], SessionState] = {
     (SessionState.AWAITING_LOGIN, "login accepted"): SessionState.LOGGED_IN,
