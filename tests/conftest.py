@@ -71,13 +71,22 @@ def _mysql_database(charset: str = "utf8mb4"):
         server.dispose()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
-def db_url(request, tmp_path):
-    """An empty database: a SQLite file, or a fresh database on MariaDB."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'blynkota.db'}"
+DATABASES = ["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)]
+
+
+@contextlib.contextmanager
+def _empty_database(kind: str, folder: Path):
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / 'blynkota.db'}"
         return
     with _mysql_database() as url:
+        yield url
+
+
+@pytest.fixture(params=DATABASES)
+def db_url(request, tmp_path):
+    """An empty database: a SQLite file, or a fresh database on MariaDB."""
+    with _empty_database(request.param, tmp_path) as url:
         yield url
 
 
@@ -155,6 +164,41 @@ def port_server_factory(tmp_path):
 def server(server_factory, app):
     """A running server on the same database as `app` (whose fleet tests provision)."""
     return server_factory()
+
+
+# --- one server for a whole module --------------------------------------------
+#
+# A server takes about a second to start. Tests that only read what they set
+# up themselves (a download, a frame and its answer), and change nothing a
+# neighbour reads, share one per module and database: `shared_server`, with
+# `shared_app` and `shared_fleet` on its database. A test that reads the
+# whole of a table, starts a campaign for every device, or needs its own
+# settings takes `server` (a fresh database and server) instead.
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def shared_db_url(request, tmp_path_factory):
+    with _empty_database(request.param, tmp_path_factory.mktemp("shared-db")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def shared_app(shared_db_url, tmp_path_factory):
+    application = _migrated_app(shared_db_url, tmp_path_factory.mktemp("shared-data"))
+    yield application
+    application.extensions["blynkota.db"].dispose()
+
+
+@pytest.fixture(scope="module")
+def shared_fleet(shared_app):
+    return shared_app.extensions["blynkota.fleet"]
+
+
+@pytest.fixture(scope="module")
+def shared_server(shared_db_url, shared_app, tmp_path_factory):
+    server = ServerProcess(tmp_path_factory.mktemp("shared-server"), shared_db_url).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

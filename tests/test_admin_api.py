@@ -223,19 +223,19 @@ def test_campaign_without_build_tag_is_refused_but_a_single_device_upload_is_not
         (b"", "empty"),
     ],
 )
-def test_bad_images_are_refused_with_the_problem_named(server, data, reason):
-    answer = server.upload("/admin/ota/start", data)
+def test_bad_images_are_refused_with_the_problem_named(shared_server, data, reason):
+    answer = shared_server.upload("/admin/ota/start", data)
     assert answer.status == 400 and reason in answer.text
     assert "\n" not in answer.text.strip()
 
 
-def test_no_file_in_the_request(server):
-    answer = server.admin("POST", "/admin/ota/start")
+def test_no_file_in_the_request(shared_server):
+    answer = shared_server.admin("POST", "/admin/ota/start")
     assert answer.status == 400 and "curl -F file=@" in answer.text
 
 
-def test_any_form_field_name_carries_the_file(server):
-    answer = server.admin(
+def test_any_form_field_name_carries_the_file(shared_server):
+    answer = shared_server.admin(
         "POST", "/admin/ota/start", files={"upfile": ("x.bin", esp8266_image(BUILD_NEW))}
     )
     assert answer.status == 200
@@ -299,18 +299,18 @@ def test_a_file_name_with_an_emoji_or_past_its_column_is_stored_cut(server, app)
     assert record["original_name"] == long_name[:255]
 
 
-def test_admin_routes_are_https_only_and_never_ask_for_a_password_in_clear(server):
-    answer = server.admin("GET", "/admin/ota/stop", secure=False)
+def test_admin_routes_are_https_only_and_never_ask_for_a_password_in_clear(shared_server):
+    answer = shared_server.admin("GET", "/admin/ota/stop", secure=False)
     assert answer.status == 403 and "https" in answer.text
     assert "www-authenticate" not in answer.headers
 
 
-def test_missing_and_wrong_credentials(server):
-    missing = server.admin("GET", "/admin/devices", auth=None)
+def test_missing_and_wrong_credentials(shared_server):
+    missing = shared_server.admin("GET", "/admin/devices", auth=None)
     assert missing.status == 401 and missing.headers["www-authenticate"].startswith("Basic")
-    wrong = server.admin("GET", "/admin/devices", auth=(ADMIN_EMAIL, "nope"))
+    wrong = shared_server.admin("GET", "/admin/devices", auth=(ADMIN_EMAIL, "nope"))
     assert (wrong.status, wrong.text) == (403, "Authentication failed.\n")
-    stranger = server.admin("GET", "/admin/devices", auth=("x@example.com", "y"))
+    stranger = shared_server.admin("GET", "/admin/devices", auth=("x@example.com", "y"))
     assert stranger.status == 403
 
 

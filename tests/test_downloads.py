@@ -55,20 +55,21 @@ def headers_of(head: bytes) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def uploaded(server):
+@pytest.fixture(scope="module")
+def uploaded(shared_server):
+    """One file on the module's server: these tests only download it."""
     image = esp8266_image(BUILD_NEW, size=50_000)
-    path = server.upload("/admin/ota/start", image).text
+    path = shared_server.upload("/admin/ota/start", image).text
     return path, image
 
 
 @pytest.mark.parametrize("version", ["HTTP/1.0", "HTTP/1.1"])
 @pytest.mark.parametrize("updater", [ESP8266_HEADERS, ESP32_HEADERS, ""])
-def test_download_gives_exactly_what_updaters_need(server, uploaded, version, updater):
+def test_download_gives_exactly_what_updaters_need(shared_server, uploaded, version, updater):
     path, image = uploaded
     connection = "Connection: close\r\n" if version == "HTTP/1.1" else ""
     first, head, body = raw_get(
-        server.http_port, f"GET {path} {version}\r\nHost: x\r\n{updater}{connection}\r\n"
+        shared_server.http_port, f"GET {path} {version}\r\nHost: x\r\n{updater}{connection}\r\n"
     )
     assert head.startswith(b"HTTP/1.1 200 ")
     headers = headers_of(head)
@@ -82,10 +83,10 @@ def test_download_gives_exactly_what_updaters_need(server, uploaded, version, up
     assert b"\r\n\r\n" in first
 
 
-def test_range_requests_resume_a_download(server, uploaded):
+def test_range_requests_resume_a_download(shared_server, uploaded):
     path, image = uploaded
     _, head, body = raw_get(
-        server.http_port,
+        shared_server.http_port,
         f"GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=1000-\r\nConnection: close\r\n\r\n",
     )
     assert head.startswith(b"HTTP/1.1 206 ")
@@ -93,9 +94,9 @@ def test_range_requests_resume_a_download(server, uploaded):
     assert body == image[1000:]
 
 
-def test_head_answers_the_headers_only(server, uploaded):
+def test_head_answers_the_headers_only(shared_server, uploaded):
     path, image = uploaded
-    _, head, body = raw_get(server.http_port, f"HEAD {path} HTTP/1.0\r\n\r\n")
+    _, head, body = raw_get(shared_server.http_port, f"HEAD {path} HTTP/1.0\r\n\r\n")
     assert int(headers_of(head)["content-length"]) == len(image)
     assert body == b""
 
@@ -108,14 +109,14 @@ def test_head_answers_the_headers_only(server, uploaded):
         "/static/ota/x.bin",
     ],
 )
-def test_unknown_files_are_404(server, path):
-    _, head, _ = raw_get(server.http_port, f"GET {path} HTTP/1.0\r\n\r\n")
+def test_unknown_files_are_404(shared_server, path):
+    _, head, _ = raw_get(shared_server.http_port, f"GET {path} HTTP/1.0\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 404 ")
 
 
-def test_firmware_is_also_served_on_the_https_port(server, uploaded):
+def test_firmware_is_also_served_on_the_https_port(shared_server, uploaded):
     path, image = uploaded
-    answer = server.admin("GET", path, auth=None)
+    answer = shared_server.admin("GET", path, auth=None)
     assert answer.status == 200 and answer.body == image
 
 
@@ -158,13 +159,13 @@ def test_start_up_takes_in_older_uploads_and_removes_stray_files(db_url, tmp_pat
         engine.dispose()
 
 
-def test_both_ports_answer_a_download_with_the_same_headers(server, uploaded):
+def test_both_ports_answer_a_download_with_the_same_headers(shared_server, uploaded):
     """Port 8080 sends files itself (sendfile); the HTTPS port through Flask."""
     path, image = uploaded
     _, head, body = raw_get(
-        server.http_port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        shared_server.http_port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
-    secure = server.admin("GET", path, auth=None)
+    secure = shared_server.admin("GET", path, auth=None)
     assert body == secure.body == image
     per_request = {"date", "expires", "connection"}
     plain = {k: v for k, v in headers_of(head).items() if k not in per_request}
@@ -183,14 +184,16 @@ def responses(data: bytes) -> list[tuple[bytes, dict[str, str], bytes]]:
     return answers
 
 
-def test_keep_alive_serves_requests_in_turn_and_hands_conditional_ones_to_flask(server, uploaded):
+def test_keep_alive_serves_requests_in_turn_and_hands_conditional_ones_to_flask(
+    shared_server, uploaded
+):
     path, image = uploaded
     etag = hashlib.md5(image).hexdigest()
     plain = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"
     ranged = f"GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=-100\r\n\r\n"
     conditional = f'GET {path} HTTP/1.1\r\nHost: x\r\nIf-None-Match: "{etag}"\r\n\r\n'
     last = f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    _, head, rest = raw_get(server.http_port, plain + ranged + conditional + last)
+    _, head, rest = raw_get(shared_server.http_port, plain + ranged + conditional + last)
     answers = responses(head + b"\r\n\r\n" + rest)
     statuses = [status.split(b" ")[1] for status, _, _ in answers[:3]]
     assert statuses == [b"200", b"206", b"304"]
@@ -215,19 +218,19 @@ def test_keep_alive_serves_requests_in_turn_and_hands_conditional_ones_to_flask(
         ("Content-Length: 5", b"200"),  # a body on a GET: Flask reads it
     ],
 )
-def test_odd_requests_get_flasks_answer(server, uploaded, header, status):
+def test_odd_requests_get_flasks_answer(shared_server, uploaded, header, status):
     path, image = uploaded
     body = "hello" if header.startswith("Content-Length") else ""
     _, head, _ = raw_get(
-        server.http_port,
+        shared_server.http_port,
         f"GET {path} HTTP/1.1\r\nHost: x\r\n{header}\r\nConnection: close\r\n\r\n{body}",
     )
     assert head.split(b" ")[1] == status
 
 
-def test_a_request_head_that_arrives_in_pieces_is_answered(server, uploaded):
+def test_a_request_head_that_arrives_in_pieces_is_answered(shared_server, uploaded):
     path, image = uploaded
-    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", shared_server.http_port), timeout=10) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHo".encode())
         time.sleep(0.3)  # a slow client: the server waits for the rest of the head
         sock.sendall(b"st: x\r\nConnection: close\r\n\r\n")
@@ -238,10 +241,14 @@ def test_a_request_head_that_arrives_in_pieces_is_answered(server, uploaded):
     assert head.startswith(b"HTTP/1.1 200 ") and body == image
 
 
-def test_a_firmware_request_trickling_its_head_is_closed_after_the_head_deadline(server, uploaded):
+def test_a_firmware_request_trickling_its_head_is_closed_after_the_head_deadline(
+    port_server_factory,
+):
     """The fast path's own deadline: a header byte a second keeps a per-read
-    timeout happy, the head as a whole has HEAD_DEADLINE (10 s)."""
-    path, _ = uploaded
+    timeout happy, the head as a whole has HEAD_DEADLINE (10 s). The file
+    sender reads no database: SQLite alone, so the suite waits these 10 s once."""
+    server = port_server_factory()
+    path = server.upload("/admin/ota/start", esp8266_image(BUILD_NEW, size=50_000)).text
     answer, seconds = trickled_head(server.http_port, f"GET {path} HTTP/1.1")
     assert answer == b""  # closed, unanswered
     assert 9 <= seconds < 20
@@ -284,21 +291,22 @@ def test_a_flood_of_bad_requests_is_counted_not_logged_line_by_line(port_server_
     assert "more such lines dropped" in lines[-1]
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("family", ["ESP8266", "ESP32"])
-def test_an_updater_already_running_the_file_gets_304_on_both_ports(server, uploaded, family):
+def test_an_updater_already_running_the_file_gets_304_on_both_ports(
+    shared_server, uploaded, family
+):
     path, image = uploaded
     md5 = hashlib.md5(image).hexdigest()
     same = f"x-{family}-sketch-md5: {md5}\r\n"
     _, head, body = raw_get(
-        server.http_port, f"GET {path} HTTP/1.1\r\n{same}Connection: close\r\n\r\n"
+        shared_server.http_port, f"GET {path} HTTP/1.1\r\n{same}Connection: close\r\n\r\n"
     )
     assert head.startswith(b"HTTP/1.1 304 ") and body == b""
     assert headers_of(head)["x-md5"] == md5
-    secure = server.admin("GET", path, auth=None, headers={f"x-{family}-sketch-md5": md5})
+    secure = shared_server.admin("GET", path, auth=None, headers={f"x-{family}-sketch-md5": md5})
     assert secure.status == 304 and secure.body == b""
     other = f"x-{family}-sketch-md5: {'0' * 32}\r\n"
-    _, head, body = raw_get(server.http_port, f"GET {path} HTTP/1.0\r\n{other}\r\n")
+    _, head, body = raw_get(shared_server.http_port, f"GET {path} HTTP/1.0\r\n{other}\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and body == image
 
 
