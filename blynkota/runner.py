@@ -204,6 +204,7 @@ class BlynkotaServer:
             max_connections=settings.max_connections,
             max_http_connections=settings.max_http_connections,
             file_sender=FirmwareSender(self.service, idle_timeout=HTTP_IDLE_TIMEOUT).serve,
+            device_starter=self._start_device_here,
         )
         port = listener.getsockname()[1]
         # The port in the download URLs: asked of the listener once, not at
@@ -349,6 +350,12 @@ class BlynkotaServer:
     # --- devices --------------------------------------------------------------------
 
     def _serve_device(self, sock, address, ended) -> bool:
+        return self._device_session(sock, address, ended).run()
+
+    def _start_device_here(self, sock, address, ended) -> None:
+        self._device_session(sock, address, ended).start_here()
+
+    def _device_session(self, sock, address, ended) -> DeviceSession:
         return DeviceSession(
             sock,
             address,
@@ -359,7 +366,7 @@ class BlynkotaServer:
             server_host=self.settings.server_host,
             public_port=self._public_port,
             ended=ended,
-        ).run()
+        )
 
     # --- stopping -------------------------------------------------------------------
 

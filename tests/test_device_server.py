@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import signal
 import socket
 import threading
 import time
@@ -367,6 +368,63 @@ def test_a_device_over_its_message_rate_is_disconnected_with_one_line(device_ser
     assert log.count("more than 100 frames in a second") == 1
     assert "Traceback" not in log
     assert_still_serving(device_server)
+
+
+def _peer(device: RawDevice) -> str:
+    host, port = device.sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_logins_already_here_at_accept_are_answered_from_the_event_loop(server_factory, fleet, app):
+    """A storm's devices have sent their login (and info message) before the
+    server accepts them: here the server is stopped (SIGSTOP) while they
+    connect, and the kernel holds them. Each is answered from the event loop,
+    without a greenlet; what the loop cannot finish (an unknown token, a frame
+    before the login, half a login) goes on in a greenlet, which answers as
+    always. A device that logs in after it was accepted takes the greenlet."""
+    server = server_factory(**{"log.level": "DEBUG"})
+    port = server.http_port
+    tokens = [fleet.add_device("owner@example.com", "Farm") for _ in range(20)]
+    late_token = fleet.add_device("owner@example.com", "Farm")
+    info = {"ver": "0.6.1", "h-beat": "10", "dev": "ESP8266", "build": BUILD_NEW}
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        storm = [RawDevice(port) for _ in tokens]  # the kernel completes each connect
+        for device, token in zip(storm, tokens, strict=True):
+            device.send(encode_login(token, 1) + encode_info(info, 2))
+        stranger, early_ping, half = RawDevice(port), RawDevice(port), RawDevice(port)
+        stranger.send(encode_login("f" * 32, 1))
+        early_ping.send(encode_ping(1))
+        half.send(encode_login(late_token, 1)[:7])
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    for device in storm:
+        assert (device.event(), device.event()) == (Response(1, Status.OK), Response(2, Status.OK))
+    assert stranger.event() == Response(1, Status.INVALID_TOKEN) and stranger.event() is None
+    assert early_ping.event() is None
+    half.send(encode_login(late_token, 1)[7:])
+    assert half.event() == Response(1, Status.OK)
+    half_peer = _peer(half)
+    half.close()
+    late = RawDevice(port)
+    time.sleep(0.3)  # accepted, and sniffed, before its login arrives
+    assert late.log_in(token=late_token) == (Response(1, Status.OK), Response(2, Status.OK))
+
+    with app.extensions["blynkota.db"].engine.connect() as connection:
+        builds = connection.execute(
+            sqlalchemy.text("SELECT build FROM devices WHERE token IN :tokens").bindparams(
+                sqlalchemy.bindparam("tokens", expanding=True)
+            ),
+            {"tokens": tokens},
+        ).scalars()
+        assert list(builds) == [BUILD_NEW] * len(tokens)
+    log = server.log()
+    assert all(f"{_peer(device)}: logged in from the event loop" in log for device in storm)
+    assert f"{half_peer}: logged in\n" in log and f"{_peer(late)}: logged in\n" in log
+    assert "Traceback" not in log
+    for device in (*storm, stranger, early_ping, late):
+        device.close()
 
 
 def test_a_ping_flood_does_not_hold_up_other_devices(server_factory, fleet):

@@ -57,6 +57,7 @@ class SharedPortServer(WSGIServer):
         max_connections,
         max_http_connections,
         file_sender: Callable[[socket.socket, tuple], bool] | None = None,
+        device_starter: Callable[[socket.socket, tuple, Callable[[], None]], None] | None = None,
     ):
         super().__init__(
             listener,
@@ -70,6 +71,8 @@ class SharedPortServer(WSGIServer):
             environ={"SERVER_NAME": "blynkota"},
         )
         self.device_handler = device_handler
+        # Starts a device's session from the event loop; it owns the connection.
+        self.device_starter = device_starter
         self.sniff_timeout = sniff_timeout
         # Answers firmware requests itself; False hands the rest to WSGI, unread.
         self.file_sender = file_sender
@@ -103,6 +106,29 @@ class SharedPortServer(WSGIServer):
         self.stop_accepting()
         gevent.spawn_later(ACCEPT_PAUSE, self._accept_again)
         return None
+
+    def do_handle(self, sock, address):
+        """From the accept loop. A device whose first bytes are already here
+        starts in the loop, without a greenlet (`device_starter`): a storm's
+        devices nearly all have sent their login by the time the loop accepts
+        them, and a greenlet each would cost more than the login. Everything
+        else gets a greenlet from the pool, which sniffs and waits as it must."""
+        if self.device_starter is not None and self.devices < self.max_devices:
+            try:
+                sock.settimeout(0.0)  # a peek that never waits: the loop runs this
+                first = sock.recv(_SNIFF_BYTES, socket.MSG_PEEK)
+            except OSError:  # nothing yet (or reset): the greenlet finds out
+                first = b""
+            if first and looks_like_http(first) is False:
+                self.devices += 1
+                try:
+                    self.device_starter(sock, address, self._device_ended)
+                except Exception:
+                    log.exception("connection %s:%s: no device session", *address[:2])
+                    self.devices -= 1
+                    sock.close()
+                return
+        super().do_handle(sock, address)
 
     def _warn_now_and_then(self, key: str, message: str, *args) -> None:
         """One line per WARN_EVERY seconds for a condition met at every connection."""

@@ -24,6 +24,14 @@ which goes on as a logged-in session does and parks again. The deadline's
 timer closes a silent device. A greenlet costs about 8 KiB however little
 it holds, which is more than the rest of an idle session.
 
+A login needs no greenlet either when its frame is already in the socket as
+the server accepts the connection, as a storm's are (`start_here`): the
+loop reads it, looks the token up (remembered, or in the next batch of
+lookups), answers, and parks the session, and handles the info message that
+came with it as a parked session does. What it cannot finish without a wait
+(half a frame, an unknown token, the database's error, a device that does
+not read) goes on in a greenlet, exactly as a login read by one.
+
 While the database is away a device gets SERVER_ERROR to its login or info
 message and is closed; the outage is logged once (store.DatabaseHealth), not
 once per device. A disconnect that could not be written is written when the
@@ -211,7 +219,9 @@ class DeviceSession:
         self._ended = ended
         self._url_base: str | None = None  # http://host:port of the download URLs
         self._parked = False  # the loop watches the socket; no greenlet runs the session
-        self._wake_watch = None  # made at the first park, reused: once set, `run` has returned
+        # Made at the first park (or a start in the loop), reused. Once set, no
+        # handler waits for the session: it closes its connection and says so.
+        self._wake_watch = None
         self._deadline_timer = None  # made again only when the deadline changes
 
     # --- the greenlet --------------------------------------------------------
@@ -221,8 +231,10 @@ class DeviceSession:
         (the connection stays open, owned by the session from then on)."""
         return self._guarded(self._from_login)
 
-    def _from_login(self) -> bool:
-        self._log_in()
+    def _from_login(self, event=None, error: BaseException | None = None) -> bool:
+        if error is not None:
+            raise error
+        self._log_in(event)
         return self._serve()
 
     def _serve(self) -> bool:
@@ -264,6 +276,67 @@ class DeviceSession:
             if not parked:
                 self._close()
         return parked
+
+    # --- logged in from the event loop ------------------------------------------
+
+    def start_here(self) -> None:
+        """Begin from the event loop, for a connection whose first bytes are a
+        device's (the server's accept): a whole login frame already here is
+        answered without a greenlet, and the session parks; anything else
+        goes on in a greenlet of its own. Either way the session owns the
+        connection from now on, and says when it is over (`ended`)."""
+        # Made now rather than at the first park: `_close` reads it as "owned".
+        self._wake_watch = get_hub().loop.io(self.sock.fileno(), 1)  # 1: readable
+        try:
+            # The socket is non-blocking (gevent's): a plain read never waits.
+            data = os.read(self._wake_watch.fd, 4096)
+            self.reader.feed(data)
+            event = self._take_event() if data else NEED_DATA
+        except Exception as error:  # reset, a bad frame: the greenlet logs and closes
+            self._go_on(error=error)
+            return
+        if not isinstance(event, Login):
+            # Half a frame, or the wrong one: the greenlet reads on, or refuses it.
+            self._go_on(None if event is NEED_DATA else event)
+            return
+        found = self.service.find_device_later(event.token)
+        if found.ready():  # a token this process remembers
+            self._log_in_here(event, found)
+        else:
+            found.rawlink(functools.partial(self._log_in_here, event))
+
+    def _log_in_here(self, event: Login, found: AsyncResult) -> None:
+        identity = found.value if found.successful() else None
+        if identity is None:
+            # An unknown token, or the database's error: the greenlet asks
+            # again and answers (INVALID_TOKEN, SERVER_ERROR) as it always does.
+            self._go_on(event)
+            return
+        try:
+            self._accept_login(identity)
+            unsent = self._reply_here(event.msg_id, Status.OK)
+        except Exception as error:  # a newer connection holds the device, or a bug
+            self._go_on(error=error)  # the greenlet logs it and closes
+            return
+        metrics.LOGINS.inc()
+        log.debug("device %s %s: logged in from the event loop", self.tag, self.peer)
+        if unsent is not None:  # a device that does not read: the greenlet writes the rest
+            if not unsent:
+                unsent = encode_response(event.msg_id, Status.OK)
+                self._write_lock.acquire(blocking=False)  # free: nothing else writes yet
+            self._go_on_writing(unsent)
+            return
+        self._park()
+        if self.reader.buffered:  # the info message came with the login (a storm's do)
+            self._handle_buffered()
+
+    def _go_on(self, event=None, *, error: BaseException | None = None) -> None:
+        """From the loop, before the login is answered: a greenlet takes over."""
+        gevent.spawn(self._guarded, functools.partial(self._from_login, event, error))
+
+    def _go_on_writing(self, unsent: bytes) -> None:
+        """From the loop, the login answered in part: a greenlet sends the rest."""
+        gevent.spawn(self._guarded, functools.partial(self._resume, None, None, unsent))
 
     # --- parked: no greenlet while the device is idle ----------------------------
 
@@ -423,12 +496,14 @@ class DeviceSession:
     def _silent_too_long(self) -> None:
         self._hand_over(error=TimeoutError("silent too long"))
 
-    def _log_in(self) -> None:
-        try:
-            event = self._next_event(self.login_timeout)
-        except TimeoutError:
-            metrics.LOGIN_FAILURES.labels("no_login").inc()
-            raise
+    def _log_in(self, event=None) -> None:
+        """Read the login (unless the loop did: `event`) and answer it."""
+        if event is None:
+            try:
+                event = self._next_event(self.login_timeout)
+            except TimeoutError:
+                metrics.LOGIN_FAILURES.labels("no_login").inc()
+                raise
         if not isinstance(event, Login):
             metrics.LOGIN_FAILURES.labels("no_login").inc()
             raise SessionClosed(f"closed, {type(event).__name__.lower()} before login")
@@ -442,10 +517,18 @@ class DeviceSession:
             metrics.LOGIN_FAILURES.labels("invalid_token").inc()
             self._reply(event.msg_id, Status.INVALID_TOKEN)
             raise SessionClosed(f"closed, invalid token ({token_tag(event.token)})")
+        self._accept_login(identity)
+        DEVICE_TAG.set(self.tag)  # every log line of this greenlet names the device (logs.py)
+        self._reply(event.msg_id, Status.OK)
+        metrics.LOGINS.inc()
+        log.debug("device %s %s: logged in", self.tag, self.peer)
+
+    def _accept_login(self, identity: DeviceIdentity) -> None:
+        """The device is `identity`: register the session and queue its presence
+        write. Never waits (the loop calls it too); the answer is the caller's."""
         self.identity = identity
         self.token, self.device_id = identity.token, identity.id
         self.tag = token_tag(identity.token)
-        DEVICE_TAG.set(self.tag)  # every log line of this greenlet names the device (logs.py)
         self.machine.advance("login accepted")
         # Registered before the database hears of it: the connection this one
         # replaces then finds itself unregistered and leaves the device online.
@@ -461,9 +544,6 @@ class DeviceSession:
         self._presence = self.service.device_online(
             identity, self.session_id, self.address, self.since
         )
-        self._reply(event.msg_id, Status.OK)
-        metrics.LOGINS.inc()
-        log.debug("device %s %s: logged in", self.tag, self.peer)
 
     def _presence_settled(self, *, wait: bool) -> None:
         """Read the outcome of the login's presence write, once it is known.
@@ -707,5 +787,5 @@ class DeviceSession:
             if watcher is not None:
                 watcher.close()
         self.sock.close()
-        if self._wake_watch is not None:  # it parked: its handler returned long ago
+        if self._wake_watch is not None:  # it parked, or began in the loop: nobody waits for it
             self._ended()

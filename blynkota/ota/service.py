@@ -128,13 +128,24 @@ class OtaService(AdminOperations):
     # --- devices -------------------------------------------------------------
 
     def find_device(self, token: str) -> DeviceIdentity | None:
+        return self.find_device_later(token).get()
+
+    def find_device_later(self, token: str) -> AsyncResult:
+        """`find_device` without waiting: an AsyncResult of the identity (None
+        for an unknown token) or of the database's error, set at once when
+        the process remembers the token. For a login answered from the event loop."""
         known = self.identities.get(token)
         if known is not None:
-            return known
-        identity = self._lookups.submit(token)
-        if identity is not None:
-            self.identities.put(identity)
-        return identity
+            found = AsyncResult()
+            found.set(known)
+            return found
+        pending = self._lookups.submit_later(token)
+        pending.rawlink(self._remember)  # linked first: remembered before the login goes on
+        return pending
+
+    def _remember(self, pending: AsyncResult) -> None:
+        if pending.successful() and pending.value is not None:
+            self.identities.put(pending.value)
 
     def _find_all(self, connection: Connection, tokens: Sequence[str]) -> list:
         rows = _DEVICES_BY_TOKEN.rows(connection, tokens=sorted(set(tokens)))
