@@ -136,3 +136,20 @@ def test_json_log_lines_name_the_device_the_rollout_and_the_node(monitored):
     assert logged_in and all(line["device"] == tag and line["node"] for line in logged_in)
     offered = [line for line in lines if "sent ota" in line["event"]]
     assert offered and all(line["device"] == tag and line["rollout"] == 1 for line in offered)
+
+
+def test_the_json_line_of_a_replaced_connection_names_its_device(monitored):
+    """A session closed by another (the device's newer connection, here
+    answered from the event loop or a greenlet alike) names its device."""
+    server, token = monitored
+    first, second = RawDevice(server.http_port), RawDevice(server.http_port)
+    try:
+        assert first.log_in(token=token)[0] == Response(1, Status.OK)
+        assert second.log_in(token=token)[0] == Response(1, Status.OK)
+        assert first.closed_within(5)
+    finally:
+        first.close()
+        second.close()
+    lines = [json.loads(line) for line in server.log().splitlines() if line.strip()]
+    replaced = [line for line in lines if line["event"].endswith("replaced by a new connection")]
+    assert replaced and all(line["device"] == token_tag(token) for line in replaced)

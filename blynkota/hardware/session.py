@@ -680,7 +680,8 @@ class DeviceSession:
             raise OfferFailed(f"the device did not take the frame ({error})") from None
 
     def close(self, reason: str) -> None:
-        log.info("device %s %s: %s", self.tag, self.peer, reason)
+        # Called from other greenlets and from the loop: the line names its device itself.
+        log.info("device %s %s: %s", self.tag, self.peer, reason, extra={"device": self.tag})
         self.machine.advance("close")
         # Parked, nobody reads the socket to notice: the cleanup gets a greenlet.
         parked = self._unpark()
