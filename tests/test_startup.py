@@ -7,6 +7,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
@@ -257,3 +258,31 @@ def test_a_bad_setting_is_one_line_for_the_flask_cli_too(tmp_path):
     assert result.stderr == (
         "Error: log.level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL\n"
     )
+
+
+def _listen_backlog(port: int) -> int:
+    """The backlog the kernel gives the listening socket on `port` (`ss`: Send-Q)."""
+    answer = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, timeout=10, check=True
+    )
+    (line,) = answer.stdout.splitlines()
+    return int(line.split()[2])
+
+
+def test_the_device_port_listens_with_the_configured_backlog_and_warns_past_somaxconn(tmp_path):
+    """A reconnect storm waits in the listen backlog (hardware.listen.backlog);
+    a kernel that caps it lower (net.core.somaxconn) is named at start."""
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    warning = "net.core.somaxconn is %d, below hardware.listen.backlog %d"
+    for name, backlog in (("small", 77), ("past-the-cap", somaxconn + 1)):
+        folder = tmp_path / name
+        folder.mkdir()
+        server = ServerProcess(
+            folder, f"sqlite:///{folder / 'blynkota.db'}", **{"hardware.listen.backlog": backlog}
+        ).start()
+        try:
+            assert _listen_backlog(server.http_port) == min(backlog, somaxconn)
+            warned = warning % (somaxconn, backlog) in server.log()
+            assert warned == (backlog > somaxconn)
+        finally:
+            server.stop()
