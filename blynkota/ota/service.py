@@ -377,7 +377,6 @@ class OtaService(AdminOperations):
 
     def download_finished(self, ticket: DownloadTicket, complete: bool) -> None:
         """The response ended: every byte written, or cut short at `written_until`."""
-        self._downloads.pop(ticket.row_id, None)
 
         def work(session: Session) -> bool:
             now = utcnow()
@@ -399,7 +398,14 @@ class OtaService(AdminOperations):
             )  # fmt: skip
             return False
 
-        if self.db.run(work):
+        # The ticket stays where a login's report reads the bytes sent
+        # (`_bytes_written`) until the row holds them: a device that cut the
+        # download and logged in again at once is judged on what it got.
+        try:
+            finished = self.db.run(work)
+        finally:
+            self._downloads.pop(ticket.row_id, None)
+        if finished:
             self.wake_fill()
 
     def _bytes_written(self) -> dict[int, int]:
