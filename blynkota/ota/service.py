@@ -404,7 +404,8 @@ class OtaService(AdminOperations):
         try:
             finished = self.db.run(work)
         finally:
-            self._downloads.pop(ticket.row_id, None)
+            if self._downloads.get(ticket.row_id) is ticket:  # not a newer download's
+                del self._downloads[ticket.row_id]
         if finished:
             self.wake_fill()
 
