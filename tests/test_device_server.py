@@ -6,6 +6,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from blynkota.protocol import (
     encode_login,
     encode_ping,
 )
+from blynkota.store.models import Node, utcnow
 
 from .devices import BUILD_NEW, BUILD_OLD, TOKEN, RawDevice
 from .images import esp8266_image
@@ -236,6 +238,10 @@ def test_a_device_that_never_reads_is_disconnected(port_server_factory, tmp_path
 
 
 def test_pings_do_not_touch_the_database(device_server, shared_app, shared_db_url):
+    """Pings are answered while another process locks the database for longer
+    than the server's heartbeat (0.5 s here): on SQLite the server's writes
+    (the heartbeat, an upload meanwhile) then wait for the lock without holding
+    up the event loop, and land once the lock is released."""
     device = RawDevice(device_server.http_port)
     build = "Feb  2 2019 02:02:02"  # reported by no other test on the module's server
     device.log_in(build=build)
@@ -244,6 +250,7 @@ def test_pings_do_not_touch_the_database(device_server, shared_app, shared_db_ur
     while device_row(shared_app)["build"] != build and time.monotonic() < deadline:
         time.sleep(0.05)
     engine = shared_app.extensions["blynkota.db"].engine
+    last_beat = sqlalchemy.select(sqlalchemy.func.max(Node.heartbeat_at))
     with engine.connect() as connection:
         if shared_db_url.startswith("mysql"):
             # Nobody else can read or write these tables until the lock is released.
@@ -251,15 +258,41 @@ def test_pings_do_not_touch_the_database(device_server, shared_app, shared_db_ur
         else:
             # SQLite in WAL mode lets readers through, but nobody else can write.
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+        uploads: list[str] = []
+        image = esp8266_image("Feb  3 2019 03:03:03", size=20_000)
+        upload = threading.Thread(
+            target=lambda: uploads.append(device_server.upload("/admin/ota/start", image).text)
+        )
+        upload.start()
         started = time.monotonic()
-        for msg_id in range(3, 23):
+        msg_id = 0
+        while time.monotonic() - started < 1.6:  # three heartbeats meet the lock
+            msg_id += 1
             device.send(encode_ping(msg_id))
             assert device.event(timeout=3) == Response(msg_id, Status.OK)
-        assert time.monotonic() - started < 10
+            time.sleep(0.01)
+        assert msg_id >= 20
         if shared_db_url.startswith("mysql"):
             connection.execute(sqlalchemy.text("UNLOCK TABLES"))
         else:
             connection.exec_driver_sql("ROLLBACK")
+        released = utcnow()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with engine.connect() as connection:
+            if connection.scalar(last_beat) > released:
+                break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the server's heartbeat was not written after the lock was released")
+    upload.join(30)
+    assert uploads and uploads[0].startswith("/static/ota/"), uploads
+    url = f"http://127.0.0.1:{device_server.http_port}{uploads[0]}"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        assert answer.read() == image
+    device.send(encode_ping(msg_id + 1))
+    assert device.event(timeout=3) == Response(msg_id + 1, Status.OK)
+    assert "Traceback" not in device_server.log()
 
 
 def test_many_bad_clients_at_once_leave_the_server_serving(device_server):

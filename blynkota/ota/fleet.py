@@ -100,8 +100,9 @@ class FleetRegistry:
     def add_devices(self, devices: list["NewDevice"]) -> list[str]:
         """Add every device in one transaction, or none (ProvisioningError names the first
         that cannot be added, by its position from 1); their tokens, in order."""
-        tokens, given = [], set()  # a set: a large CSV is checked in linear time
-        with self._db.begin() as session:
+
+        def work(session: Session) -> list[str]:
+            tokens, given = [], set()  # a set: a large CSV is checked in linear time
             projects: dict[tuple[str, str], Project] = {}
             for number, device in enumerate(devices, start=1):
                 where = f"device {number}: " if len(devices) > 1 else ""
@@ -112,7 +113,10 @@ class FleetRegistry:
                     given.add(tokens[-1])
                 except ProvisioningError as error:
                     raise ProvisioningError(f"{where}{error}") from None
-        return tokens
+            return tokens
+
+        # Run again from the start if it lost a race (or SQLite was locked).
+        return self._db.run(work)
 
     @staticmethod
     def _add(session: Session, device: "NewDevice", projects: dict) -> str:
@@ -145,8 +149,9 @@ class FleetRegistry:
 
     def import_blynk(self, users: list[BlynkUser]) -> ImportCounts:
         """Insert or update every user, project and device; tokens are kept as they are."""
-        counts = ImportCounts()
-        with self._db.begin() as session:
+
+        def work(session: Session) -> ImportCounts:
+            counts = ImportCounts()
             for blynk_user in users:
                 known = session.scalar(select(User).where(User.email == blynk_user.email))
                 user = known or _user(session, blynk_user.email)
@@ -177,7 +182,9 @@ class FleetRegistry:
                         device.blynk_id = blynk_device.blynk_id
                         device.board_type = blynk_device.board_type
                         device.name = blynk_device.name
-        return counts
+            return counts
+
+        return self._db.run(work)
 
     def list_devices(self) -> list[DeviceRow]:
         with self._db.begin() as session:

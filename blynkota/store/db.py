@@ -6,6 +6,12 @@ inserted first) is run again from the start, a bounded number of times, with
 a short random pause: `Database.run`. Such work must have no effect outside
 the database until it returns.
 
+On SQLite another process (the CLI, an operator's shell) may hold the write
+lock for a while. SQLite's own busy wait sleeps inside the driver, which
+under gevent is the whole event loop: every device would go unanswered until
+the lock is free. So in a gevent process the driver waits only a moment, and
+`Database.run` waits out the rest in short sleeps that yield (`LOCK_WAIT`).
+
 An unreachable database is logged once per outage, not once per device
 (`DatabaseHealth`); callers turn the error into a clean refusal.
 """
@@ -18,6 +24,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TypeVar
 
+from gevent import monkey
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +34,7 @@ from ..metrics import DATABASE_ERRORS
 __all__ = [
     "Database",
     "DatabaseHealth",
+    "is_locked",
     "is_outage",
     "is_transient",
     "make_engine",
@@ -44,6 +52,12 @@ _TRANSIENT_MYSQL = {1213, 1205, 1020}
 _OUTAGE_MYSQL = {2002, 2003, 2006, 2013, 1053, 1040, 2014}
 RETRIES = 8
 PING_AFTER_IDLE = 5.0  # seconds a pooled connection may sit unused before it is checked
+# SQLite's write lock held by another process: how long a unit of work waits for
+# it in all, how long the driver may block the event loop at a time in a gevent
+# process, and the longest pause between two tries (each pause yields).
+LOCK_WAIT = 30.0
+LOOP_BUSY_WAIT = 0.01
+LOCK_PAUSE = 0.05
 
 
 def make_engine(url: str, *, pool_size: int = 20) -> Engine:
@@ -53,7 +67,8 @@ def make_engine(url: str, *, pool_size: int = 20) -> Engine:
         # (formatted, then dropped) for each: the info reports bind several
         # per device. An adapter that answers None binds the same NULL.
         sqlite3.register_adapter(type(None), {}.get)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        busy_wait = LOOP_BUSY_WAIT if monkey.is_module_patched("time") else LOCK_WAIT
+        engine = create_engine(url, connect_args={"timeout": busy_wait})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
@@ -132,10 +147,12 @@ def is_transient(error: BaseException) -> bool:
         # second run finds it and takes the other branch.
         code = _mysql_code(error)
         return code == 1062 or "UNIQUE constraint failed" in str(error.orig)
-    code = _mysql_code(error)
-    if code in _TRANSIENT_MYSQL:
-        return True
-    return "database is locked" in str(error.orig)
+    return _mysql_code(error) in _TRANSIENT_MYSQL
+
+
+def is_locked(error: BaseException) -> bool:
+    """SQLite's write lock is held by another connection (another process)."""
+    return isinstance(error, DBAPIError) and "database is locked" in str(error.orig)
 
 
 def is_outage(error: BaseException) -> bool:
@@ -209,7 +226,9 @@ class Database:
         return self._retried(self.engine.begin, work, retries)
 
     def _retried(self, transaction: Callable[[], AbstractContextManager], work, retries: int):
-        for attempt in range(retries):
+        attempt = 0
+        locked_until = None  # set when the first try met SQLite's lock held elsewhere
+        while True:
             started = time.monotonic()
             try:
                 with transaction() as handle:
@@ -218,15 +237,24 @@ class Database:
                 if is_outage(error):
                     self.health.failed(error)
                     raise
-                if attempt + 1 >= retries or not is_transient(error):
+                if is_locked(error):
+                    if locked_until is None:
+                        locked_until = started + LOCK_WAIT
+                        log.debug("the database is locked by another process; waiting")
+                    if time.monotonic() >= locked_until:
+                        raise
+                    # Yields under gevent: the devices are served meanwhile.
+                    time.sleep(random.uniform(LOCK_PAUSE / 2, LOCK_PAUSE))
+                    continue
+                attempt += 1
+                if attempt >= retries or not is_transient(error):
                     raise
                 log.debug("retrying a unit of work after %s", error.orig)
-                time.sleep(random.uniform(0, 0.005 * 2**attempt))  # yields under gevent
+                time.sleep(random.uniform(0, 0.005 * 2 ** (attempt - 1)))  # yields under gevent
                 continue
             if self.health.down:
                 self.health.succeeded(started)
             return result
-        raise AssertionError("unreachable")
 
     def dispose(self) -> None:
         self.engine.dispose()
