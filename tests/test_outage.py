@@ -65,6 +65,12 @@ def test_a_database_outage_refuses_logins_cleanly_and_presence_recovers(
         assert ready.status == 503 and ready.json()["database"].startswith("unreachable")
         metrics = server.admin("GET", "/metrics", auth=None, secure=False).text
         assert "blynkota_database_up 0.0" in metrics
+        # An admin request gets a line to act on, not a 500 and a traceback.
+        status = server.admin("GET", "/admin/ota/status")
+        assert status.status == 503, status
+        assert status.text == "The database is unavailable: try again shortly.\n"
+        assert status.headers["retry-after"] == "5"
+        assert "GET /admin/ota/status: the database is unavailable" in server.log()
         assert 'blynkota_database_errors_total{kind="unreachable"} 0.0' not in metrics
 
         proxy.restore()

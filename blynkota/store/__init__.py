@@ -1,6 +1,6 @@
 """Persistence: SQLAlchemy models, the engine and the migrations runner."""
 
-from .db import Database, DatabaseHealth, is_outage, is_transient, make_engine
+from .db import Database, DatabaseHealth, is_locked, is_outage, is_transient, make_engine
 from .group_commit import GroupCommit, drain
 from .hot_reads import HotQuery
 from .many_rows import ManyRows, insert_many
@@ -35,6 +35,7 @@ __all__ = [
     "HotQuery",
     "ManyRows",
     "insert_many",
+    "is_locked",
     "is_outage",
     "is_transient",
     "make_engine",

@@ -37,10 +37,11 @@ def _answers(ok: dict, *errors: int) -> dict:
         409: "not now: in use, or in a state that does not allow it",
         413: "the file is larger than ota.max.size",
         429: "too many failed logins: wait Retry-After seconds",
+        503: "the database is unavailable: try again after Retry-After seconds",
     }
     text = {"text/plain": {"schema": {"type": "string"}}}
     answers = {"200": ok}
-    for status in (400, 401, 403, 429, *errors):
+    for status in (400, 401, 403, 429, 503, *errors):
         answers[str(status)] = {"description": reasons[status], "content": text}
     return answers
 
