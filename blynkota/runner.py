@@ -388,6 +388,12 @@ class BlynkotaServer:
         # Reports and presence queued behind their answers are written before
         # the node leaves (which marks its devices offline) and the process ends.
         busy = drain_group_commits(grace)
+        if self.serve_devices:
+            # Parked sessions hold no greenlet the servers' stop waited for:
+            # close them now that what they had queued is written.
+            self._close_device_sessions()
+            if not busy:
+                busy = drain_group_commits(grace)
         if busy:
             log.warning(
                 "stopping: %d group commit(s) still writing after %ss: left unwritten", busy, grace
@@ -403,6 +409,17 @@ class BlynkotaServer:
         self.node.control.dispose()
         self._stopped.set()
         log.info("stopped")
+
+    def _close_device_sessions(self) -> None:
+        """Close every device connection of this process before the node leaves:
+        none stays open on a node the database says is gone, and a process that
+        runs on (a test, an embedding) keeps no socket of a device."""
+        links = self.service.online.links()
+        for link in links:
+            link.close("the server is stopping", quiet=True)
+        if links:
+            log.info("stopping: closed %d device connection(s)", len(links))
+        gevent.sleep(0)  # the sessions' clean-ups queue their disconnects for the drain
 
     def serve_forever(self) -> None:
         tune_garbage_collection()

@@ -270,6 +270,29 @@ def a_stop_writes_what_is_queued_before_the_node_leaves(app, server) -> None:
     locker.dispose()
 
 
+def a_stop_closes_every_device_connection_before_the_node_leaves(app, server) -> None:
+    """Parked sessions have no greenlet for the stop to wait on: the stop closes
+    them itself, and a session waiting in a greenlet too, so no device stays
+    connected to a node that has left."""
+    fleet = app.extensions["blynkota.fleet"]
+    tokens = [fleet.add_device("owner@example.com", "Farm") for _ in range(DEVICES)]
+    port = server.device_port.server_port
+    devices = [RawDevice(port) for _ in tokens]
+    for device, token in zip(devices, tokens, strict=True):
+        assert device.log_in(token) == OK_LOGIN
+    wait_for(lambda: online_rows(app) == DEVICES)
+    devices[0].send(encode_ping(3)[:3])  # half a frame: its session waits in a greenlet
+    gevent.sleep(0.2)
+    stopping = gevent.spawn(server.stop)  # SIGTERM's handler
+    stopping.join(timeout=10)
+    assert stopping.successful(), stopping.exception
+    for number, device in enumerate(devices):
+        assert device.event(timeout=2) is None, number  # closed by the server
+        device.close()
+    assert server.device_port.devices == 0
+    assert online_rows(app) == 0
+
+
 # Scenarios that need a database where a write can wait for another's lock.
 ON_MARIADB = {
     an_info_message_before_the_login_is_written_waits_without_a_greenlet.__name__,
@@ -285,6 +308,7 @@ SCENARIOS = {
         a_parked_device_past_its_deadline_is_closed,
         an_info_message_before_the_login_is_written_waits_without_a_greenlet,
         a_stop_writes_what_is_queued_before_the_node_leaves,
+        a_stop_closes_every_device_connection_before_the_node_leaves,
     )
 }
 

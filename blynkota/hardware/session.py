@@ -679,9 +679,12 @@ class DeviceSession:
             self.close(f"write failed ({error})")
             raise OfferFailed(f"the device did not take the frame ({error})") from None
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, *, quiet: bool = False) -> None:
         # Called from other greenlets and from the loop: the line names its device itself.
-        log.info("device %s %s: %s", self.tag, self.peer, reason, extra={"device": self.tag})
+        log.log(
+            logging.DEBUG if quiet else logging.INFO,
+            "device %s %s: %s", self.tag, self.peer, reason, extra={"device": self.tag},
+        )  # fmt: skip
         self.machine.advance("close")
         # Parked, nobody reads the socket to notice: the cleanup gets a greenlet.
         parked = self._unpark()

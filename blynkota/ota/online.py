@@ -52,7 +52,8 @@ class DeviceLink(Protocol):
     def write_frame(self, frame: bytes) -> None:
         """Write a frame to the device. Raises OfferFailed when the connection fails."""
 
-    def close(self, reason: str) -> None: ...
+    def close(self, reason: str, *, quiet: bool = False) -> None:
+        """Close the connection; `quiet` logs it at DEBUG (one of many, summed up by the caller)."""
 
 
 class OnlineDevices:
