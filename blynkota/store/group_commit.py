@@ -29,7 +29,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from .db import Database, is_outage
+from .db import Database, is_locked, is_outage
 
 __all__ = ["GroupCommit", "drain"]
 
@@ -121,5 +121,8 @@ def drain(timeout: float) -> int:
 
 
 def _reaches_everyone(error: Exception) -> bool:
-    """The database is away or busy past the pool's wait: no item would fare better alone."""
-    return isinstance(error, PoolTimeout) or (isinstance(error, DBAPIError) and is_outage(error))
+    """The database is away, busy past the pool's wait, or locked (SQLite) past
+    the lock's wait: no item would fare better alone."""
+    return isinstance(error, PoolTimeout) or (
+        isinstance(error, DBAPIError) and (is_outage(error) or is_locked(error))
+    )
