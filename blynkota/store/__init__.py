@@ -1,6 +1,14 @@
 """Persistence: SQLAlchemy models, the engine and the migrations runner."""
 
-from .db import Database, DatabaseHealth, is_locked, is_outage, is_transient, make_engine
+from .db import (
+    Database,
+    DatabaseHealth,
+    is_locked,
+    is_outage,
+    is_transient,
+    is_unavailable,
+    make_engine,
+)
 from .group_commit import GroupCommit, drain
 from .hot_reads import HotQuery
 from .many_rows import ManyRows, insert_many
@@ -38,6 +46,7 @@ __all__ = [
     "is_locked",
     "is_outage",
     "is_transient",
+    "is_unavailable",
     "make_engine",
     "CHUNK_BYTES",
     "FirmwareBlob",

@@ -27,6 +27,7 @@ from typing import TypeVar
 from gevent import monkey
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..metrics import DATABASE_ERRORS
@@ -37,6 +38,7 @@ __all__ = [
     "is_locked",
     "is_outage",
     "is_transient",
+    "is_unavailable",
     "make_engine",
 ]
 
@@ -164,6 +166,13 @@ def is_outage(error: BaseException) -> bool:
             or "unable to open database" in str(error.orig)
         )
     return False
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """The database cannot take any work now: it is away, SQLite's lock was held
+    elsewhere past its wait, or no pooled connection came free in time. Not a
+    fault of the work itself: another item or request would fare no better."""
+    return isinstance(error, PoolTimeout) or is_outage(error) or is_locked(error)
 
 
 class DatabaseHealth:

@@ -26,10 +26,8 @@ from typing import Generic, TypeVar
 import gevent
 from gevent.event import AsyncResult
 from sqlalchemy import Connection
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from .db import Database, is_locked, is_outage
+from .db import Database, is_unavailable
 
 __all__ = ["GroupCommit", "drain"]
 
@@ -95,7 +93,7 @@ class GroupCommit(Generic[Item, Answer]):
         try:
             answers = self.db.run_core(lambda connection: self.work(connection, items))
         except Exception as error:
-            if len(batch) == 1 or _reaches_everyone(error):
+            if len(batch) == 1 or is_unavailable(error):  # no item would fare better alone
                 for _, answer in batch:
                     answer.set_exception(error)
                 return
@@ -118,11 +116,3 @@ def drain(timeout: float) -> int:
         if not runners or left <= 0:
             return len(runners)
         gevent.joinall(runners, timeout=left)
-
-
-def _reaches_everyone(error: Exception) -> bool:
-    """The database is away, busy past the pool's wait, or locked (SQLite) past
-    the lock's wait: no item would fare better alone."""
-    return isinstance(error, PoolTimeout) or (
-        isinstance(error, DBAPIError) and (is_outage(error) or is_locked(error))
-    )

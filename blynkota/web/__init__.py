@@ -4,10 +4,9 @@ import logging
 
 from flask import Flask, Response, request
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
-from ..store import is_locked, is_outage
+from ..store import is_unavailable
 from .admin import admin
 from .dashboard import dashboard
 from .downloads import downloads
@@ -36,7 +35,7 @@ def _database_unavailable(error: SQLAlchemyError) -> Response:
     """The database is away, locked past the wait, or every pooled connection is
     busy: an expected condition, answered 503 with one line and logged without
     a traceback."""
-    if not (is_outage(error) or is_locked(error) or isinstance(error, PoolTimeout)):
+    if not is_unavailable(error):
         raise error  # a fault of ours: Flask logs it with its traceback and answers 500
     # The route, not the path: DELETE /admin/devices/<token> has a token in it.
     route = request.url_rule.rule if request.url_rule is not None else "-"
