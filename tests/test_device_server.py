@@ -237,7 +237,7 @@ def test_a_device_that_never_reads_is_disconnected(port_server_factory, tmp_path
     assert_still_serving(device_server)
 
 
-def test_pings_do_not_touch_the_database(device_server, shared_app, shared_db_url):
+def test_pings_do_not_touch_the_database(device_server, shared_app, shared_fleet, shared_db_url):
     """Pings are answered while another process locks the database for longer
     than the server's heartbeat (0.5 s here): on SQLite the server's writes
     (the heartbeat, an upload meanwhile) then wait for the lock without holding
@@ -249,6 +249,9 @@ def test_pings_do_not_touch_the_database(device_server, shared_app, shared_db_ur
     deadline = time.monotonic() + 10
     while device_row(shared_app)["build"] != build and time.monotonic() < deadline:
         time.sleep(0.05)
+    # The upload below queues an update for this offline device only: a
+    # campaign would reach the other tests' devices on the module's server.
+    offline = shared_fleet.add_device("owner@example.com", "Farm", name="offline")
     engine = shared_app.extensions["blynkota.db"].engine
     last_beat = sqlalchemy.select(sqlalchemy.func.max(Node.heartbeat_at))
     with engine.connect() as connection:
@@ -261,7 +264,9 @@ def test_pings_do_not_touch_the_database(device_server, shared_app, shared_db_ur
         uploads: list[str] = []
         image = esp8266_image("Feb  3 2019 03:03:03", size=20_000)
         upload = threading.Thread(
-            target=lambda: uploads.append(device_server.upload("/admin/ota/start", image).text)
+            target=lambda: uploads.append(
+                device_server.upload(f"/admin/ota/start?token={offline}&queue=true", image).text
+            )
         )
         upload.start()
         started = time.monotonic()
