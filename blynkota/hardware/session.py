@@ -231,10 +231,12 @@ class DeviceSession:
         (the connection stays open, owned by the session from then on)."""
         return self._guarded(self._from_login)
 
-    def _from_login(self, event=None, error: BaseException | None = None) -> bool:
+    def _from_login(
+        self, event=None, error: BaseException | None = None, unknown: bool = False
+    ) -> bool:
         if error is not None:
             raise error
-        self._log_in(event)
+        self._log_in(event, unknown=unknown)
         return self._serve()
 
     def _serve(self) -> bool:
@@ -306,12 +308,17 @@ class DeviceSession:
             found.rawlink(functools.partial(self._log_in_here, event))
 
     def _log_in_here(self, event: Login, found: AsyncResult) -> None:
-        identity = found.value if found.successful() else None
-        if identity is None:
-            # An unknown token, or the database's error: the greenlet asks
-            # again and answers (INVALID_TOKEN, SERVER_ERROR) as it always does.
+        if not found.successful():
+            # The database's error: the greenlet asks again, and answers
+            # SERVER_ERROR if it fails again.
             self._go_on(event)
             return
+        if found.value is None:
+            # An unknown token: the greenlet refuses it without asking again
+            # (a flood of wrong tokens costs one lookup each, not two).
+            self._go_on(event, unknown=True)
+            return
+        identity = found.value
         try:
             self._accept_login(identity)
             unsent = self._reply_here(event.msg_id, Status.OK)
@@ -330,9 +337,12 @@ class DeviceSession:
         if self.reader.buffered:  # the info message came with the login (a storm's do)
             self._handle_buffered()
 
-    def _go_on(self, event=None, *, error: BaseException | None = None) -> None:
-        """From the loop, before the login is answered: a greenlet takes over."""
-        gevent.spawn(self._guarded, functools.partial(self._from_login, event, error))
+    def _go_on(
+        self, event=None, *, error: BaseException | None = None, unknown: bool = False
+    ) -> None:
+        """From the loop, before the login is answered: a greenlet takes over
+        (`unknown`: the login's token was looked up, and no device has it)."""
+        gevent.spawn(self._guarded, functools.partial(self._from_login, event, error, unknown))
 
     def _go_on_writing(self, unsent: bytes) -> None:
         """From the loop, the login answered in part: a greenlet sends the rest."""
@@ -496,8 +506,9 @@ class DeviceSession:
     def _silent_too_long(self) -> None:
         self._hand_over(error=TimeoutError("silent too long"))
 
-    def _log_in(self, event=None) -> None:
-        """Read the login (unless the loop did: `event`) and answer it."""
+    def _log_in(self, event=None, *, unknown: bool = False) -> None:
+        """Read the login (unless the loop did: `event`) and answer it
+        (`unknown`: the loop found no device with its token)."""
         if event is None:
             try:
                 event = self._next_event(self.login_timeout)
@@ -508,7 +519,7 @@ class DeviceSession:
             metrics.LOGIN_FAILURES.labels("no_login").inc()
             raise SessionClosed(f"closed, {type(event).__name__.lower()} before login")
         try:
-            identity = self.service.find_device(event.token)
+            identity = None if unknown else self.service.find_device(event.token)
         except DATABASE_ERRORS:
             metrics.LOGIN_FAILURES.labels("database").inc()
             self._try_reply(event.msg_id, Status.SERVER_ERROR)
