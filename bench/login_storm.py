@@ -5,7 +5,9 @@ Run by hand: `python bench/login_storm.py [--devices 2000] [--db-url URL] [--cam
 offered the update: its offer recorded, then the `ota` frame written; each
 device waits for its frame, and the time from the info answer to the frame
 is printed as p50/p99. `--concurrency 10000`: every device at once, a
-reconnect storm).
+reconnect storm. `--repeat 5`: five runs, each with a fresh server and
+mosquitto, and the median of their CPU ratios: a run's ratio varies by
+a fifth on a shared machine).
 Prints, for the same server in the same run:
 - the time for N plain TCP connect/close to port 8080 (the reference),
 - the time for N full logins (HW_LOGIN + info message, both answered,
@@ -21,6 +23,7 @@ Every loop is bounded by the device count and a deadline.
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -142,9 +145,29 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--db-url", default=None)
     parser.add_argument("--campaign", action="store_true", help="offer every device an update")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs, each with a fresh server and mosquitto"
+    )
     arguments = parser.parse_args()
-    count = arguments.devices
+    ratios = []
+    for run in range(1, arguments.repeat + 1):
+        if arguments.repeat > 1:
+            print(f"--- run {run} of {arguments.repeat}")
+        ratio = one_run(arguments)
+        if ratio is not None:
+            ratios.append(ratio)
+    if len(ratios) > 1:
+        each = ", ".join(f"{ratio:.1f}x" for ratio in ratios)
+        print(f"ratio CPU / mosquitto, median of {len(ratios)} runs: "
+              f"{statistics.median(ratios):.1f}x ({each})")  # fmt: skip
+    return 0
 
+
+def one_run(arguments: argparse.Namespace) -> float | None:
+    """One storm against a fresh server, and one against mosquitto: the figures
+    printed, and the CPU ratio (None without mosquitto)."""
+    count = arguments.devices
+    ratio = None
     with tempfile.TemporaryDirectory() as folder:
         db_url = arguments.db_url or f"sqlite:///{folder}/bench.db"
         upgrade(db_url)
@@ -199,7 +222,7 @@ def main() -> int:
         finally:
             server.stop()
             app.extensions["blynkota.db"].dispose()
-    return 0
+    return ratio
 
 
 if __name__ == "__main__":
