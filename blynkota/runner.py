@@ -386,14 +386,16 @@ class BlynkotaServer:
         servers = [server for server in (self.device_port, self.admin_port) if server]
         gevent.joinall([gevent.spawn(server.stop, timeout=grace) for server in servers])
         # Reports and presence queued behind their answers are written before
-        # the node leaves (which marks its devices offline) and the process ends.
+        # the node leaves (which marks its devices offline) and the process ends,
+        # within one grace in all (shutdown.grace.seconds promises no more).
+        writes_until = time.monotonic() + grace
         busy = drain_group_commits(grace)
         if self.serve_devices:
             # Parked sessions hold no greenlet the servers' stop waited for:
             # close them now that what they had queued is written.
             self._close_device_sessions()
             if not busy:
-                busy = drain_group_commits(grace)
+                busy = drain_group_commits(max(0.0, writes_until - time.monotonic()))
         if busy:
             log.warning(
                 "stopping: %d group commit(s) still writing after %ss: left unwritten", busy, grace
