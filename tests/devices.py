@@ -12,7 +12,17 @@ BUILD_NEW = "Nov 29 2018 12:00:00"
 
 class RawDevice:
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection((host, port), timeout=10)
+        self._attach(socket.create_connection((host, port), timeout=10))
+
+    @classmethod
+    def over(cls, connection: socket.socket) -> "RawDevice":
+        """A device on a connection made elsewhere (its login perhaps sent already)."""
+        device = cls.__new__(cls)
+        device._attach(connection)
+        return device
+
+    def _attach(self, connection: socket.socket) -> None:
+        self.sock = connection
         self.reader = FrameReader(max_body=65535)
 
     def send(self, data: bytes) -> None:

@@ -31,15 +31,7 @@ import sqlalchemy
 from gevent.monkey import get_original
 
 from blynkota import create_app
-from blynkota.protocol import (
-    NEED_DATA,
-    FrameReader,
-    Response,
-    Status,
-    encode_info,
-    encode_login,
-    encode_ping,
-)
+from blynkota.protocol import Response, Status, encode_info, encode_login, encode_ping
 from blynkota.runner import BlynkotaServer
 from tests.devices import RawDevice
 
@@ -306,28 +298,18 @@ def a_stop_closes_every_device_connection_before_the_node_leaves(app, server) ->
     assert online_rows(app) == 0
 
 
-def logins_already_sent(port: int, tokens: list[str]) -> list:
-    """Connections whose login is in the server's socket before the server
+def logins_already_sent(port: int, tokens: list[str]) -> list[RawDevice]:
+    """Devices whose login is in the server's socket before the server
     accepts them (as in a storm), so the event loop answers them: connected
     and sent with the unpatched socket, which does not let the server run."""
     blocking_socket = get_original("socket", "socket")
-    connections = []
+    devices = []
     for token in tokens:
         raw = blocking_socket(socket.AF_INET, socket.SOCK_STREAM)
         raw.connect(("127.0.0.1", port))  # the kernel completes it from the backlog
         raw.sendall(encode_login(token, 1))
-        connections.append(gevent.socket.socket(fileno=raw.detach()))
-    return connections
-
-
-def answers_until_closed(connection) -> list:
-    reader, answers = FrameReader(), []
-    connection.settimeout(5)
-    while data := connection.recv(4096):
-        reader.feed(data)
-        answers.extend(iter(reader.next_event, NEED_DATA))
-    connection.close()
-    return answers
+        devices.append(RawDevice.over(gevent.socket.socket(fileno=raw.detach())))
+    return devices
 
 
 def an_unknown_token_is_looked_up_once_and_refused(app, server) -> None:
@@ -344,16 +326,15 @@ def an_unknown_token_is_looked_up_once_and_refused(app, server) -> None:
     sqlalchemy.event.listen(engine, "before_cursor_execute", count_lookups)
     known = app.extensions["blynkota.fleet"].add_device("owner@example.com", "Farm")
     unknown = [secrets.token_hex(16) for _ in range(DEVICES)]
-    connections = logins_already_sent(server.device_port.server_port, [known, *unknown])
-    answers = [answers_until_closed(c) for c in connections[1:]]
-    assert answers == [[Response(1, Status.INVALID_TOKEN)]] * DEVICES, answers
+    known_device, *devices = logins_already_sent(server.device_port.server_port, [known, *unknown])
+    for number, device in enumerate(devices):
+        assert device.event() == Response(1, Status.INVALID_TOKEN), number
+        assert device.event() is None, number  # and closed
+        device.close()
     assert {token: asked[token] for token in unknown} == dict.fromkeys(unknown, 1), asked
     # A known token, among them, is logged in after the same single lookup.
     assert asked[known] == 1
-    known_device, reader = connections[0], FrameReader()
-    known_device.settimeout(5)
-    reader.feed(known_device.recv(4096))
-    assert reader.next_event() == Response(1, Status.OK)
+    assert known_device.event() == Response(1, Status.OK)
     known_device.close()
 
 
