@@ -8,11 +8,17 @@
   400 and one log line, never a traceback; the client's text is escaped.
 - The access log shows a request's path without its query string: `?token=`
   there is a device's token.
+- A client that goes away before its answer is written (it closed in the
+  middle of an upload, or sent less body than its Content-Length said) is one
+  info line in place of the access line: no traceback, no 500. gevent knows
+  only EPIPE and ECONNRESET as a peer gone; a TLS peer that vanishes without
+  its close_notify raises SSLEOFError instead.
 """
 
 import http.client
 import logging
 import re
+import ssl
 from datetime import datetime
 
 import gevent
@@ -29,6 +35,8 @@ HEAD_DEADLINE = 10.0  # seconds for the header lines once the request line is in
 _DEVICE_PATH = "/admin/devices/"
 _BAD_REQUEST_LINES = LogBudget(per_second=20)  # a flood of bad requests is counted, not logged
 _QUERY = re.compile(r"\?[^\s'\"]*")
+# What a write to a client that went away raises, beyond gevent's EPIPE/ECONNRESET.
+_CLIENT_GONE = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError, TimeoutError)
 
 
 class RequestHandler(WSGIHandler):
@@ -48,6 +56,25 @@ class RequestHandler(WSGIHandler):
                 if isinstance(error, TimeoutError)
                 else str(error)
             ) from None
+
+    def handle_error(self, kind, error, traceback) -> None:
+        if isinstance(error, _CLIENT_GONE):
+            self.close_connection = True
+            self._client_gone = error
+            return
+        super().handle_error(kind, error, traceback)
+
+    def log_request(self) -> None:
+        gone = getattr(self, "_client_gone", None)
+        if gone is None:
+            return super().log_request()
+        self._client_gone = None
+        log.info(
+            'request from %s: "%s" ended: the client went away before the answer (%s)',
+            self._client() or "-",
+            _request_line(self.requestline or ""),
+            printable(str(gone) or type(gone).__name__),
+        )
 
     def log_error(self, msg, *args) -> None:
         try:

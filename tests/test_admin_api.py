@@ -1,9 +1,12 @@
 """The admin API over real HTTPS: the Blynk docs' curl commands, answers, access rules."""
 
+import base64
+import contextlib
 import hashlib
 import json
 import socket
 import ssl
+import threading
 import time
 
 import gevent
@@ -17,7 +20,7 @@ from blynkota.tls import ensure_certificate
 
 from .devices import BUILD_NEW, BUILD_OLD, TOKEN, without_key
 from .images import esp32_image, esp8266_image
-from .servers import ADMIN_EMAIL, ServerProcess, wait_until
+from .servers import ADMIN_EMAIL, ADMIN_PASS, ServerProcess, wait_until
 
 
 def rows(app, sql: str, **params):
@@ -329,13 +332,75 @@ def test_ten_wrong_passwords_a_minute_then_429_with_retry_after(server, app):
     assert "Traceback" not in server.log()
 
 
-def test_a_right_password_gives_its_attempt_back(server, app):
+def test_a_right_password_spends_no_budget(server, app):
     for _ in range(12):
         assert server.admin("GET", "/admin/devices").status == 200
-    assert rows(app, "SELECT failures FROM login_limits ORDER BY `key`") in (
-        [],
-        [{"failures": 0}, {"failures": 0}],
-    )
+    assert all(row["failures"] == 0 for row in rows(app, "SELECT failures FROM login_limits"))
+
+
+def test_the_lockout_refuses_a_password_known_good_before_it(server, app):
+    """Only a success before the lockout counts: after it, the right password
+    waits like the wrong ones, however often this process has checked it."""
+    assert server.admin("GET", "/admin/devices").status == 200  # now known good
+    for _ in range(10):
+        assert server.admin("GET", "/admin/devices", auth=(ADMIN_EMAIL, "nope")).status == 403
+    for _ in range(3):
+        refused = server.admin("GET", "/admin/devices")
+        assert refused.status == 429 and "Too many failed logins" in refused.text
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+    # The account's budget too, from any address: a stale window lets it in again.
+    with app.extensions["blynkota.db"].engine.begin() as connection:
+        connection.execute(
+            sqlalchemy.text(
+                "UPDATE login_limits SET window_start = :old WHERE `key` LIKE 'address %'"
+            ),
+            {"old": "2000-01-01 00:00:00"},
+        )
+    assert server.admin("GET", "/admin/devices").status == 429  # the account's own budget
+    with app.extensions["blynkota.db"].engine.begin() as connection:
+        connection.execute(
+            sqlalchemy.text("UPDATE login_limits SET window_start = :old"),
+            {"old": "2000-01-01 00:00:00"},
+        )
+    assert server.admin("GET", "/admin/devices").status == 200
+
+
+def test_concurrent_right_passwords_all_get_in(server):
+    """Twenty at once on a fresh server (no password known good yet): the
+    checks queue, none is refused for the budget of the others in flight."""
+    statuses: list[int] = []
+
+    def attempt() -> None:
+        statuses.append(server.admin("GET", "/admin/devices").status)
+
+    threads = [threading.Thread(target=attempt) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert statuses == [200] * 20
+
+
+def test_a_check_cut_by_kill_9_spends_no_budget(server, app):
+    """Right passwords in flight when the process dies leave no count behind."""
+    for _ in range(3):
+        threads = [
+            threading.Thread(target=_quietly, args=(server.admin, "GET", "/admin/devices"))
+            for _ in range(6)
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.15)  # the first hashes are under way
+        server.restart()
+        for thread in threads:
+            thread.join(60)
+    assert all(row["failures"] == 0 for row in rows(app, "SELECT failures FROM login_limits"))
+    assert server.admin("GET", "/admin/devices").status == 200
+
+
+def _quietly(request, *arguments) -> None:
+    with contextlib.suppress(OSError):  # the server was killed under this request
+        request(*arguments)
 
 
 def test_an_unknown_email_costs_as_long_as_a_wrong_password(server):
@@ -465,3 +530,56 @@ def test_ten_uploads_at_once_to_one_device_send_it_one_ota(server, simulated, pu
     gevent.sleep(1)
     assert len(device.ota_urls) == 1
     assert rows(app, "SELECT count(*) AS n FROM ota_commands")[0]["n"] == 1
+
+
+def _upload_dropped(server, image: bytes, *, extra_length: int, sent_share: float) -> None:
+    """An authenticated upload over TLS whose client vanishes (no close_notify)
+    after `sent_share` of the body, having announced `extra_length` more bytes."""
+    boundary = "dropped-upload"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="fw.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    credentials = base64.b64encode(f"{ADMIN_EMAIL}:{ADMIN_PASS}".encode()).decode()
+    head = (
+        "POST /admin/ota/start HTTP/1.1\r\nHost: blynkota\r\n"
+        f"Authorization: Basic {credentials}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body) + extra_length}\r\n\r\n"
+    ).encode()
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", server.https_port), timeout=10)
+    secure = context.wrap_socket(raw)
+    secure.sendall(head + body[: int(len(body) * sent_share)])
+    time.sleep(0.3)
+    raw.close()  # the TCP connection goes, without TLS's goodbye
+
+
+@pytest.mark.parametrize(
+    ("extra_length", "sent_share"), [(0, 0.5), (1000, 1.0)], ids=["closed-at-half", "long-length"]
+)
+def test_an_upload_whose_client_goes_away_leaves_one_line_and_nothing_stored(
+    server, app, extra_length, sent_share
+):
+    assert server.admin("GET", "/admin/devices").status == 200  # the password is known good
+    _upload_dropped(
+        server, esp8266_image(BUILD_NEW), extra_length=extra_length, sent_share=sent_share
+    )
+    gone = "the client went away before the answer"
+    wait_until(lambda: gone in server.log(), message="the line for the dropped upload")
+    log = server.log()
+    assert log.count(gone) == 1
+    assert "Traceback" not in log and "SSLEOFError" not in log.replace("EOF occurred", "")
+    assert '"POST /admin/ota/start HTTP/1.1" 500' not in log
+    assert rows(app, "SELECT id FROM firmware") == []
+    assert rows(app, "SELECT sha256 FROM firmware_blobs") == []
+    ota_folder = server.data_folder / "ota"
+    assert not ota_folder.exists() or list(ota_folder.iterdir()) == []
+    # The server goes on: the next upload is stored.
+    assert server.upload("/admin/ota/start", esp8266_image(BUILD_NEW)).status == 200

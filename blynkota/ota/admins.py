@@ -4,8 +4,9 @@ A password check costs ~100 ms of CPU (scrypt). It runs in gevent's thread
 pool (hashlib releases the GIL), so devices keep being served meanwhile; an
 unknown e-mail is checked against a dummy hash, so it takes as long as a
 known one and the answer's time does not tell which accounts exist; and
-each check not already known good spends the client's and the account's
-budget (login_limits.py) first.
+every check, one known good too, is refused while the client's or the
+account's budget of wrong passwords is spent (login_limits.py), and a wrong
+one spends it.
 """
 
 import hashlib
@@ -69,17 +70,27 @@ class AdminDirectory:
         return hmac.new(stored.encode(), b"blynkota-csrf:" + email.encode(), "sha256").hexdigest()
 
     def check(self, email: str, password: str, address: str) -> bool:
-        """Raises TooManyAttempts when the address or the account has no attempt left."""
+        """Raises TooManyAttempts while the address or the account is over its budget
+        of wrong passwords, whatever the password: a right one counts only before."""
+        keys = self.limits.keys(address, email)
+        self.limits.refuse_if_spent(keys)
+        key = (email, hashlib.sha256(password.encode()).digest())
+
         with self._db.begin() as session:
             stored = session.scalar(select(Admin.password_hash).where(Admin.email == email))
-        key = (email, hashlib.sha256(password.encode()).digest())
-        if stored is not None and self._verified.get(key) == stored:
+
+        def matches() -> bool:
+            # Asked again in its turn: a check of the same password that went
+            # first may have found it right meanwhile, and saved the hash.
+            if stored is not None and self._verified.get(key) == stored:
+                return True
+            pool = gevent.get_hub().threadpool
+            right = pool.apply(check_password_hash, (stored or self._dummy_hash, password))
+            if stored is None or not right:
+                return False
+            self._verified[key] = stored
             return True
-        attempt = self.limits.take(address, email)
-        pool = gevent.get_hub().threadpool
-        matches = pool.apply(check_password_hash, (stored or self._dummy_hash, password))
-        if stored is None or not matches:
-            return False
-        self.limits.give_back(attempt)
-        self._verified[key] = stored
-        return True
+
+        if stored is not None and self._verified.get(key) == stored:
+            return True  # known good, and the budget is not spent: no hash, no turn
+        return self.limits.judge(keys, matches)
