@@ -3,13 +3,25 @@
 Threads and blocking sockets, so it keeps forwarding while a test blocks on a
 device socket. `cut()` closes every connection and refuses new ones (the
 database server is down); `restore()` listens on the same port again.
+`hang()` holds every byte where it is, connections left open (the network
+drops packets, or the server is stopped with SIGSTOP); `flow()` lets them
+through again. `shut_down()` is MariaDB stopping: no new connections, and
+the next command on an open one is answered with error 1053 ("Server
+shutdown in progress") before the connection closes; `restore()` ends it.
 """
 
 import contextlib
 import socket
+import struct
 import threading
 
 __all__ = ["CuttableProxy"]
+
+_SHUTTING_DOWN = b"Server shutdown in progress"
+# The MySQL protocol's ERR packet answering a command (sequence id 1): 0xFF,
+# the code, '#' and the SQL state, the message.
+_ERR_1053 = b"\xff" + struct.pack("<H", 1053) + b"#08S01" + _SHUTTING_DOWN
+_ERR_1053_PACKET = struct.pack("<I", len(_ERR_1053))[:3] + b"\x01" + _ERR_1053
 
 
 class CuttableProxy:
@@ -19,6 +31,10 @@ class CuttableProxy:
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._shutting_down = False
+        self._clients: set[socket.socket] = set()
 
     def start(self) -> "CuttableProxy":
         listener = socket.socket()
@@ -44,12 +60,17 @@ class CuttableProxy:
                 continue
             with self._lock:
                 self._open.update((client, server))
+                self._clients.add(client)
             for source, target in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
 
     def _pump(self, source: socket.socket, target: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
+                if self._shutting_down and source in self._clients:
+                    source.sendall(_ERR_1053_PACKET)
+                    break
                 target.sendall(data)
         except OSError:
             pass
@@ -73,8 +94,24 @@ class CuttableProxy:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
+    def shut_down(self) -> None:
+        self._shutting_down = True
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+
+    def hang(self) -> None:
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        self._flowing.set()
+
     def restore(self) -> None:
+        self._shutting_down = False
         self.start()
 
     def stop(self) -> None:
+        self.flow()
         self.cut()

@@ -6,12 +6,16 @@ one log line (not one per device), and afterwards presence is reconciled: a
 device that left during the outage is not shown online.
 """
 
+import time
+
+import gevent
 import pytest
 import sqlalchemy
 
 from blynkota import create_app
 from blynkota.protocol import Response, Status, encode_info, encode_login
 from blynkota.store import upgrade
+from blynkota.web.ops import READY_DEADLINE
 
 from .devices import BUILD_OLD, RawDevice
 from .proxy import CuttableProxy
@@ -179,3 +183,73 @@ def test_an_info_message_waiting_for_a_lost_login_write_is_answered_server_error
         holder.close()
         server.stop()
         app.extensions["blynkota.db"].dispose()
+
+
+def test_a_database_shutting_down_is_one_line_whatever_is_asked_meanwhile(
+    mysql_url, proxied_url, tmp_path
+):
+    """MariaDB stopping answers the next command on each open connection with
+    1053 ("Server shutdown in progress") and refuses new ones. Pooled
+    connections it killed are dropped quietly: no pool traceback for each."""
+    proxy, url = proxied_url
+    upgrade(mysql_url)
+    app = create_app({"db.url": mysql_url, "data.folder": tmp_path / "cli"})
+    tokens = [
+        app.extensions["blynkota.fleet"].add_device("me@example.com", "Farm") for _ in range(4)
+    ]
+    server = ServerProcess(tmp_path, url).start()
+    try:
+        devices = [RawDevice(server.http_port) for _ in tokens]
+        for device, token in zip(devices, tokens, strict=True):
+            assert device.log_in(token=token)[0] == Response(1, Status.OK)
+        # Connections in the pool, some idle and some in use, when it stops.
+        for _ in range(3):
+            assert server.admin("GET", "/readyz", auth=None, secure=False).status == 200
+            assert server.admin("GET", "/admin/ota/status").status == 200
+        proxy.shut_down()
+        for _ in range(6):
+            assert server.admin("GET", "/readyz", auth=None, secure=False).status == 503
+            assert server.admin("GET", "/admin/ota/status").status == 503
+            gevent.sleep(0.5)
+        proxy.restore()
+        wait_until(lambda: "database reachable again" in server.log(), timeout=60,
+                   message="the server to see the database back")  # fmt: skip
+        assert server.admin("GET", "/readyz", auth=None, secure=False).status == 200
+        log = server.log()
+        assert log.count("database unreachable") == 1, log
+        assert "Traceback" not in log and "Exception during reset" not in log, log
+        for device in devices:
+            device.close()
+    finally:
+        server.stop()
+        app.extensions["blynkota.db"].dispose()
+
+
+def test_a_database_that_stops_answering_fails_readiness_in_time_without_a_traceback(
+    mysql_url, proxied_url, tmp_path
+):
+    """The network drops the database's packets (or it is stopped with SIGSTOP):
+    every readiness check still answers within its deadline, and the
+    connections it cut off are dropped, never pooled with an answer pending."""
+    proxy, url = proxied_url
+    upgrade(mysql_url)
+    server = ServerProcess(tmp_path, url).start()
+    try:
+        assert server.admin("GET", "/readyz", auth=None, secure=False).status == 200
+        proxy.hang()
+        for _ in range(3):
+            started = time.monotonic()
+            ready = server.admin("GET", "/readyz", auth=None, secure=False)
+            assert ready.status == 503 and ready.json()["database"] == "unreachable (Timeout)"
+            assert time.monotonic() - started < READY_DEADLINE + 2
+        proxy.flow()
+        wait_until(
+            lambda: server.admin("GET", "/readyz", auth=None, secure=False).status == 200,
+            message="readiness back",
+        )
+        assert server.admin("GET", "/admin/ota/status").status == 200
+        log = server.log()
+        assert "Traceback" not in log and "Exception during reset" not in log, log
+    finally:
+        proxy.flow()
+        server.stop()

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TypeVar
 
+import gevent
 from gevent import monkey
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
@@ -52,6 +53,13 @@ _TRANSIENT_MYSQL = {1213, 1205, 1020}
 # The server is away: connection refused, gone away, lost during a query,
 # shutting down, too many connections.
 _OUTAGE_MYSQL = {2002, 2003, 2006, 2013, 1053, 1040, 2014}
+# Of those, the ones on a connection that SQLAlchemy does not take for a
+# disconnect: "server shutdown in progress". Left as it is, the pool would
+# roll the dead connection back on its return, and log that failure with a
+# traceback, once per pooled connection.
+_DEAD_CONNECTION_MYSQL = {1053}
+# What the driver raises on a connection that is gone (0: PyMySQL's closed socket).
+_DEAD_POOLED_CONNECTION = _OUTAGE_MYSQL | {0}
 RETRIES = 8
 PING_AFTER_IDLE = 5.0  # seconds a pooled connection may sit unused before it is checked
 # SQLite's write lock held by another process: how long a unit of work waits for
@@ -106,7 +114,33 @@ def make_engine(url: str, *, pool_size: int = 20) -> Engine:
         isolation_level="READ COMMITTED",
     )
     _ping_idle_connections(engine)
+
+    @event.listens_for(engine, "handle_error")
+    def _dead_connection(context) -> None:
+        if _code_of(context.original_exception) in _DEAD_CONNECTION_MYSQL:
+            context.is_disconnect = True
+
+    pool_log = logging.getLogger(f"sqlalchemy.pool.impl.{type(engine.pool).__name__}")
+    if not any(isinstance(f, _QuietDeadConnections) for f in pool_log.filters):
+        pool_log.addFilter(_QuietDeadConnections())
     return engine
+
+
+class _QuietDeadConnections(logging.Filter):
+    """The pool's "Exception during reset or similar" (a traceback) for a
+    connection an outage killed, or whose rollback a deadline cut: the
+    outage is logged once by DatabaseHealth, and the pool drops the
+    connection anyway. Any other error stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None or not (
+            isinstance(error, OSError | EOFError | gevent.Timeout)
+            or _code_of(error) in _DEAD_POOLED_CONNECTION
+        ):
+            return True
+        log.debug("dropped a pooled connection the database had closed (%s)", error)
+        return False
 
 
 def _ping_idle_connections(engine: Engine) -> None:
@@ -136,7 +170,11 @@ def _ping_idle_connections(engine: Engine) -> None:
 
 
 def _mysql_code(error: DBAPIError) -> int | None:
-    args = getattr(error.orig, "args", ())
+    return _code_of(error.orig)
+
+
+def _code_of(driver_error: BaseException | None) -> int | None:
+    args = getattr(driver_error, "args", ())
     return args[0] if args and isinstance(args[0], int) else None
 
 

@@ -102,12 +102,21 @@ def healthz() -> Response:
 def readyz() -> Response:
     db: Database = current_app.extensions["blynkota.db"]
     readiness: Readiness = current_app.extensions["blynkota.readiness"]
+    connection = None
     try:
-        with gevent.Timeout(READY_DEADLINE), db.engine.connect() as connection:
+        with gevent.Timeout(READY_DEADLINE):
+            connection = db.engine.connect()
             connection.execute(text("SELECT 1"))
         database = "ok"
     except (SQLAlchemyError, gevent.Timeout) as error:
+        if connection is not None and isinstance(error, gevent.Timeout):
+            # Cut off mid-query: its answer may still come, so the connection
+            # is dropped, never rolled back and pooled again.
+            connection.invalidate()
         database = f"unreachable ({type(error).__name__})"
+    finally:
+        if connection is not None:
+            connection.close()
     ready = database == "ok" and all(readiness.listeners.values())
     return jsonify({"ready": ready, "database": database, "listeners": readiness.listeners}), (
         200 if ready else 503
