@@ -26,7 +26,6 @@ from pathlib import Path
 import gevent
 from flask import Flask
 from gevent.event import Event
-from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -43,7 +42,6 @@ __all__ = ["BlynkotaServer", "device_listener"]
 
 log = logging.getLogger("blynkota")
 
-ADMIN_CONNECTIONS = 100
 FILL_MIN_GAP = 0.05  # seconds between two fills woken by freed download slots
 # Offers claimed in one transaction. In a storm of thousands of logins each
 # turn of the event loop is long, and the fill runs once a turn: a batch must
@@ -239,7 +237,6 @@ class BlynkotaServer:
             self.app,
             keyfile=str(settings.ssl_key),
             certfile=str(settings.ssl_cert),
-            spawn=Pool(ADMIN_CONNECTIONS),
             log=logging.getLogger("blynkota.https"),
             error_log=logging.getLogger("blynkota.https"),
             environ={"SERVER_NAME": "blynkota"},
