@@ -6,6 +6,10 @@
 - Lines a client can cause at will (a bad request) have a budget per
   second; past it they are counted, and the count is logged with the next
   line, so a flood of bad requests cannot flood the log.
+- So do the lines of one device (its logins, its closes, its offers): a
+  device that reconnects in a loop has DEVICE_LINES a minute; past them its
+  lines are counted, and one line a minute names the devices over budget
+  with their counts (`DeviceLines`).
 - Text a client chose (a request line, a token that was refused) is cut
   to a length and its control bytes escaped, so it cannot forge log lines
   or send escape sequences to an operator's terminal.
@@ -14,9 +18,16 @@
 """
 
 import hashlib
+import logging
 import time
 
-__all__ = ["LogBudget", "printable", "token_tag"]
+import gevent
+
+from .metrics import DEVICE_LINES_DROPPED
+
+__all__ = ["DEVICE_LINES", "DeviceLines", "LogBudget", "printable", "token_tag"]
+
+log = logging.getLogger("blynkota.log")
 
 TAG_DIGITS = 10
 
@@ -57,3 +68,64 @@ class LogBudget:
         self._used += 1
         dropped, self._dropped = self._dropped, 0
         return True, dropped
+
+
+class DeviceLines:
+    """At most `per_device` lines of each device every `interval` seconds.
+
+    Past it a device's lines are counted, not logged; when the interval
+    ends, one line names the devices over budget (the most talkative
+    first) and how many of their lines were left out. Memory: a count per
+    device that logged in the current interval.
+    """
+
+    SHOWN = 5  # devices named in the summary line
+
+    def __init__(self, per_device: int = 10, interval: float = 60.0) -> None:
+        self.per_device = per_device
+        self.interval = interval
+        self._started = time.monotonic()
+        self._used: dict[str, int] = {}
+        self._dropped: dict[str, int] = {}
+        self._summary: gevent.Greenlet | None = None
+
+    def take(self, tag: str) -> bool:
+        """May a line about device `tag` be logged now."""
+        if time.monotonic() - self._started >= self.interval:
+            self.summarise()
+        used = self._used.get(tag, 0)
+        if used < self.per_device:
+            self._used[tag] = used + 1
+            return True
+        self._dropped[tag] = self._dropped.get(tag, 0) + 1
+        DEVICE_LINES_DROPPED.inc()
+        if self._summary is None:
+            # Said when the interval ends, even if the device goes quiet.
+            left = self.interval - (time.monotonic() - self._started)
+            self._summary = gevent.spawn_later(max(left, 0.0), self.summarise)
+        return False
+
+    def summarise(self) -> None:
+        """Log what was left out in the interval that ended, and start the next."""
+        dropped, self._dropped, self._used = self._dropped, {}, {}
+        self._started = time.monotonic()
+        summary, self._summary = self._summary, None
+        if summary is not None and summary is not gevent.getcurrent():
+            summary.kill(block=False)
+        if not dropped:
+            return
+        loudest = sorted(dropped.items(), key=lambda item: -item[1])[: self.SHOWN]
+        shown = ", ".join(f"{tag} {count}" for tag, count in loudest)
+        more = f" and {len(dropped) - len(loudest)} more" if len(dropped) > len(loudest) else ""
+        log.warning(
+            "%d line(s) of %d device(s) left out in the last %g s (over %d a device): %s%s",
+            sum(dropped.values()),
+            len(dropped),
+            self.interval,
+            self.per_device,
+            shown,
+            more,
+        )
+
+
+DEVICE_LINES = DeviceLines()

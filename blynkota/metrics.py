@@ -18,6 +18,7 @@ from prometheus_client.metrics_core import CounterMetricFamily
 
 __all__ = [
     "DATABASE_ERRORS",
+    "DEVICE_LINES_DROPPED",
     "DOWNLOAD_BYTES",
     "DOWNLOADS_COMPLETED",
     "DOWNLOADS_INTERRUPTED",
@@ -83,6 +84,11 @@ DOWNLOADS_INTERRUPTED = Tally(
 DOWNLOAD_BYTES = Tally(
     "blynkota_download_bytes",
     "Firmware bytes handed to the kernel (what sendfile reported).",
+    registry=PROCESS,
+)
+DEVICE_LINES_DROPPED = Tally(
+    "blynkota_device_log_lines_dropped",
+    "Log lines about one device left out: it was over its budget (logsafe.DeviceLines).",
     registry=PROCESS,
 )
 SWEEPS = Histogram(

@@ -32,6 +32,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from .cluster import Lease, LocalSession, default_node_name
 from .config import ConfigError
 from .hardware import HTTP_IDLE_TIMEOUT, DeviceSession, SharedPortServer
+from .logsafe import DEVICE_LINES
 from .metrics import DATABASE_ERRORS, SWEEPS
 from .store import drain as drain_group_commits
 from .store import is_outage, upgrade
@@ -407,6 +408,7 @@ class BlynkotaServer:
         self.db.dispose()
         self.node.control.dispose()
         self._stopped.set()
+        DEVICE_LINES.summarise()  # what the devices' budgets left out, before the last line
         log.info("stopped")
 
     def _close_device_sessions(self) -> None:

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import threading
@@ -13,6 +14,7 @@ import pytest
 import sqlalchemy
 
 from blynkota import create_app
+from blynkota.logsafe import DEVICE_LINES, token_tag
 from blynkota.protocol import (
     Command,
     Response,
@@ -26,7 +28,7 @@ from blynkota.store.models import Node, utcnow
 
 from .devices import BUILD_NEW, BUILD_OLD, TOKEN, RawDevice
 from .images import esp8266_image
-from .servers import ServerProcess, trickled_head
+from .servers import ServerProcess, trickled_head, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -575,3 +577,32 @@ def test_http_clients_and_devices_have_a_limit_each(port_server_factory):
     finally:
         for sock in slow:
             sock.close()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_device_reconnecting_in_a_loop_has_a_budget_of_log_lines(server, fleet):
+    """Its first lines of the minute are logged; the rest are counted (/metrics)
+    and named in one summary line (at the minute's end, or at the stop)."""
+    token = fleet.add_device("looper@example.com", "Farm")
+    logins = 40
+    for _ in range(logins):
+        device = RawDevice(server.http_port)
+        assert device.log_in(token=token)[1] == Response(2, Status.OK)
+        device.close()
+    tag = token_tag(token)
+    # A login line each, and for most a close ("replaced by a new connection").
+    left_out = logins - DEVICE_LINES.per_device
+    wait_until(lambda: _dropped_lines(server) >= left_out, message="the dropped lines counted")
+    assert len([line for line in server.log().splitlines() if tag in line]) == (
+        DEVICE_LINES.per_device
+    )
+    server.stop()
+    (summary,) = [line for line in server.log().splitlines() if "left out" in line]
+    assert " WARNING " in summary and "of 1 device(s)" in summary, summary
+    assert int(re.search(rf": {tag} (\d+)$", summary).group(1)) >= left_out
+
+
+def _dropped_lines(server) -> int:
+    metrics = server.admin("GET", "/metrics", auth=None, secure=False).text
+    count = re.search(r"^blynkota_device_log_lines_dropped_total (\S+)$", metrics, re.M)
+    return int(float(count.group(1)))

@@ -57,7 +57,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .. import metrics
 from ..logs import DEVICE_TAG, PER_TURN
-from ..logsafe import printable, token_tag
+from ..logsafe import DEVICE_LINES, printable, token_tag
 from ..ota import DeviceIdentity, FrameTooLarge, OfferFailed, OnlineDevices, OtaService
 from ..protocol import (
     NEED_DATA,
@@ -258,20 +258,21 @@ class DeviceSession:
             if isinstance(error, PoolTimeout):
                 metrics.DATABASE_ERRORS.labels("pool_timeout").inc()
             # One line per outage comes from the database's health; this one is quiet.
-            log.debug("device %s %s: closed, database error (%s)", self.tag, self.peer, error)
+            self._log(logging.DEBUG, "closed, database error (%s)", error)
         except SessionClosed as reason:
             # A plain disconnect is routine; everything else is worth a line.
             level = logging.DEBUG if str(reason) == "disconnected" else logging.INFO
-            log.log(level, "device %s %s: %s", self.tag, self.peer, reason)
+            self._log(level, "%s", reason)
         except RemoteProtocolError as error:
             if error.status is not None:
                 self._try_reply(error.msg_id, error.status)
-            log.info("device %s %s: closed, %s", self.tag, self.peer, error)
+            self._log(logging.INFO, "closed, %s", error)
         except TimeoutError as error:
-            reason = error.args[0] if error.args else "silent too long"
-            log.info("device %s %s: closed, %s", self.tag, self.peer, reason)
+            self._log(
+                logging.INFO, "closed, %s", error.args[0] if error.args else "silent too long"
+            )
         except OSError as error:
-            log.info("device %s %s: connection lost (%s)", self.tag, self.peer, error)
+            self._log(logging.INFO, "connection lost (%s)", error)
         except Exception:
             log.exception("device %s %s: closed after an internal error", self.tag, self.peer)
         finally:
@@ -639,16 +640,17 @@ class DeviceSession:
             self._report = None
         # One line per login, with what an operator looks for (the token
         # only as its tag; the device id joins it to the tables).
-        log.info(
-            "device %s (id %d) %s: logged in, build %r, dev %r%s",
-            self.tag,
-            self.device_id,
-            self.peer,
-            build,
-            hardware,
-            ", update due" if report.value[1] else "",
-            extra={"device": self.tag, **PER_TURN},
-        )
+        if DEVICE_LINES.take(self.tag):
+            log.info(
+                "device %s (id %d) %s: logged in, build %r, dev %r%s",
+                self.tag,
+                self.device_id,
+                self.peer,
+                build,
+                hardware,
+                ", update due" if report.value[1] else "",
+                extra={"device": self.tag, **PER_TURN},
+            )
 
     def _report_settled(self) -> None:
         """Wait for the last info message's report; raise its error, after
@@ -683,6 +685,15 @@ class DeviceSession:
         except LocalProtocolError as error:
             raise FrameTooLarge(str(error)) from None
 
+    def _log(self, level: int, text: str, *args: object) -> None:
+        """A line about this device, within its budget (logsafe.DeviceLines).
+        Called from other greenlets and from the loop: the line names its device itself."""
+        if log.isEnabledFor(level) and DEVICE_LINES.take(self.tag):
+            log.log(
+                level, "device %s %s: " + text, self.tag, self.peer, *args,
+                extra={"device": self.tag},
+            )  # fmt: skip
+
     def write_frame(self, frame: bytes) -> None:
         try:
             self._write(frame)
@@ -692,10 +703,7 @@ class DeviceSession:
 
     def close(self, reason: str, *, quiet: bool = False) -> None:
         # Called from other greenlets and from the loop: the line names its device itself.
-        log.log(
-            logging.DEBUG if quiet else logging.INFO,
-            "device %s %s: %s", self.tag, self.peer, reason, extra={"device": self.tag},
-        )  # fmt: skip
+        self._log(logging.DEBUG if quiet else logging.INFO, "%s", reason)
         self.machine.advance("close")
         # Parked, nobody reads the socket to notice: the cleanup gets a greenlet.
         parked = self._unpark()

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from .. import metrics
 from ..cluster import ClusterNode, lock_offer_slots
 from ..logs import PER_TURN
+from ..logsafe import DEVICE_LINES
 from ..store import (
     Database,
     Device,
@@ -145,12 +146,13 @@ class BatchOffers:
                 continue
             metrics.OFFERS.inc()
             tag = waiting.link.tag
-            log.info(
-                "device %s: sent ota %s",
-                tag,
-                offer.url_path,
-                extra={"device": tag, "rollout": offer.rollout_id, **PER_TURN},
-            )
+            if DEVICE_LINES.take(tag):
+                log.info(
+                    "device %s: sent ota %s",
+                    tag,
+                    offer.url_path,
+                    extra={"device": tag, "rollout": offer.rollout_id, **PER_TURN},
+                )
             sent += 1
         return sent
 
