@@ -10,6 +10,9 @@
   device that reconnects in a loop has DEVICE_LINES a minute; past them its
   lines are counted, and one line a minute names the devices over budget
   with their counts (`DeviceLines`).
+- A value cut to its column (a device's 40-character `ver` in a column of
+  32) is never cut silently: counted by key in /metrics, and logged once per
+  device and key at DEBUG (`CutValues`).
 - Text a client chose (a request line, a token that was refused) is cut
   to a length and its control bytes escaped, so it cannot forge log lines
   or send escape sequences to an operator's terminal.
@@ -23,9 +26,17 @@ import time
 
 import gevent
 
-from .metrics import DEVICE_LINES_DROPPED
+from .metrics import DEVICE_LINES_DROPPED, VALUES_CUT
 
-__all__ = ["DEVICE_LINES", "DeviceLines", "LogBudget", "printable", "token_tag"]
+__all__ = [
+    "CUT_VALUES",
+    "CutValues",
+    "DEVICE_LINES",
+    "DeviceLines",
+    "LogBudget",
+    "printable",
+    "token_tag",
+]
 
 log = logging.getLogger("blynkota.log")
 
@@ -129,3 +140,38 @@ class DeviceLines:
 
 
 DEVICE_LINES = DeviceLines()
+
+
+class CutValues:
+    """Values cut to the length of their column: each counted (by key), and
+    logged once per holder (a device's tag, an upload) and key at DEBUG.
+
+    The holders remembered are those whose values were too long: a handful
+    in a sane fleet. Past LIMIT of them the memory starts again (a line may
+    then come twice, never once per message)."""
+
+    LIMIT = 100_000
+
+    def __init__(self) -> None:
+        self._told: set[tuple[str, str]] = set()
+
+    def cut(self, value: str, limit: int, *, key: str, holder: str) -> str:
+        if len(value) <= limit:
+            return value
+        VALUES_CUT.labels(key).inc()
+        if (holder, key) not in self._told:
+            if len(self._told) >= self.LIMIT:
+                self._told.clear()
+            self._told.add((holder, key))
+            log.debug(
+                "%s: %s cut to its column's %d characters (it had %d): %s",
+                holder,
+                key,
+                limit,
+                len(value),
+                printable(value[:limit]),
+            )
+        return value[:limit]
+
+
+CUT_VALUES = CutValues()

@@ -28,6 +28,7 @@ __all__ = [
     "OFFERS",
     "PROCESS",
     "SWEEPS",
+    "VALUES_CUT",
     "Tally",
     "count_download",
 ]
@@ -101,6 +102,13 @@ DATABASE_ERRORS = Counter(
     "blynkota_database_errors",
     "Database operations that failed: the database away, or no pooled connection free.",
     ["kind"],
+    registry=PROCESS,
+)
+
+VALUES_CUT = Counter(
+    "blynkota_values_cut",
+    "Values from outside cut to the length of their column, by key (ver, build, file name...).",
+    ["key"],
     registry=PROCESS,
 )
 

@@ -606,3 +606,25 @@ def _dropped_lines(server) -> int:
     metrics = server.admin("GET", "/metrics", auth=None, secure=False).text
     count = re.search(r"^blynkota_device_log_lines_dropped_total (\S+)$", metrics, re.M)
     return int(float(count.group(1)))
+
+
+def test_a_value_cut_to_its_column_is_counted_and_told_once_per_device_and_key(
+    server_factory, fleet, app
+):
+    server = server_factory(**{"log.level": "DEBUG"})
+    token = fleet.add_device("long@example.com", "Farm")
+    long_ver = "1." + "9" * 38  # 40 characters, the column holds 32
+    for _ in range(2):
+        device = RawDevice(server.http_port)
+        assert device.log_in(token=token, ver=long_ver)[1] == Response(2, Status.OK)
+        device.close()
+    with app.extensions["blynkota.db"].engine.connect() as connection:
+        stored = connection.execute(
+            sqlalchemy.text("SELECT lib_version FROM devices WHERE token = :t"), {"t": token}
+        ).scalar_one()
+    assert stored == long_ver[:32]
+    metrics = server.admin("GET", "/metrics", auth=None, secure=False).text
+    assert 'blynkota_values_cut_total{key="ver"} 2.0' in metrics
+    told = [line for line in server.log().splitlines() if "cut to its column" in line]
+    assert len(told) == 1 and " DEBUG " in told[0]
+    assert f"device {token_tag(token)}: ver cut to its column's 32 characters (it had 40)" in told[0]

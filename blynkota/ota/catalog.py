@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from ..logsafe import CUT_VALUES
 from ..store import (
     CHUNK_BYTES,
     Database,
@@ -90,7 +91,12 @@ class FirmwareCatalog:
         self._store_blob(session, sha256, md5, data)
         firmware = Firmware(
             name=secrets.token_hex(_NAME_BYTES),
-            original_name=(upload.filename or "firmware.bin")[:255],
+            original_name=CUT_VALUES.cut(
+                upload.filename or "firmware.bin",
+                255,
+                key="file name",
+                holder=f"upload {sha256[:12]}",
+            ),
             size=len(data),
             md5=md5,
             sha256=sha256,

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from .. import metrics
 from ..cluster import ClusterNode, lock_offer_slots
-from ..logsafe import token_tag
+from ..logsafe import CUT_VALUES, token_tag
 from ..protocol import info_number
 from ..store import (
     Database,
@@ -179,8 +179,14 @@ class OtaService(AdminOperations):
         """`device_reported` without waiting: an AsyncResult of (settled, due),
         or of the database's error. A device session goes idle at once and
         hears the outcome from the event loop (`AsyncResult.rawlink`)."""
-        report = {column: (info.get(key) or None) for key, column in _INFO_COLUMNS.items()}
-        report = {column: value and value[: _LIMITS[column]] for column, value in report.items()}
+        report = {}
+        for key, column in _INFO_COLUMNS.items():
+            value = info.get(key) or None
+            if value is not None and len(value) > _LIMITS[column]:
+                value = CUT_VALUES.cut(
+                    value, _LIMITS[column], key=key, holder=f"device {token_tag(device.token)}"
+                )
+            report[column] = value
         for key, column in _INFO_NUMBERS.items():
             report[column] = info_number(info.get(key))
         pending = self._reports.submit_later((device, report))
