@@ -36,7 +36,9 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     app = Flask("blynkota", static_folder=None)
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.ota_max_size + _FORM_OVERHEAD
-    db = Database(settings.db_url, pool_size=settings.db_pool_size)
+    db = Database(
+        settings.db_url, pool_size=settings.db_pool_size, pool_timeout=settings.db_pool_timeout
+    )
     app.extensions["blynkota.db"] = db
     catalog = FirmwareCatalog(
         db, FirmwareCache(settings.firmware_folder), validate_image=settings.ota_validate_image

@@ -48,6 +48,7 @@ DEFAULTS: dict[str, str] = {
     "data.folder": _DEFAULT_DATA,
     "db.url": "",
     "db.pool.size": "20",
+    "db.pool.timeout": "30",
     "server.ssl.cert": "",
     "server.ssl.key": "",
     "ota.max.size": str(16 * 1024 * 1024),
@@ -139,6 +140,7 @@ class Settings:
     data_folder: Path
     db_url: str
     db_pool_size: int
+    db_pool_timeout: float
     ssl_cert: Path
     ssl_configured: bool  # the operator named a certificate or key (else one is made)
     ssl_key: Path
@@ -310,6 +312,7 @@ def load_settings(
         data_folder=data_folder,
         db_url=db_url,
         db_pool_size=_integer(values, "db.pool.size", 1, 1000),
+        db_pool_timeout=_number(values, "db.pool.timeout", 0.1, 600),
         ssl_cert=Path(values["server.ssl.cert"] or tls_folder / "cert.pem"),
         ssl_configured=bool(values["server.ssl.cert"] or values["server.ssl.key"]),
         ssl_key=Path(values["server.ssl.key"] or tls_folder / "key.pem"),

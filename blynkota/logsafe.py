@@ -23,6 +23,7 @@
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 
 import gevent
 
@@ -30,6 +31,7 @@ from .metrics import DEVICE_LINES_DROPPED, VALUES_CUT
 
 __all__ = [
     "CUT_VALUES",
+    "CountsPerInterval",
     "CutValues",
     "DEVICE_LINES",
     "DeviceLines",
@@ -81,6 +83,43 @@ class LogBudget:
         return True, dropped
 
 
+class CountsPerInterval:
+    """Counts by key, told in one log line when `interval` ends (or at
+    `summarise()`, as at the stop), instead of a line for each: for what a
+    flood can cause at will. `tell(counts)` writes that line."""
+
+    def __init__(self, interval: float, tell: Callable[[dict[str, int]], None]) -> None:
+        self.interval = interval
+        self._tell = tell
+        self._started = time.monotonic()
+        self._counts: dict[str, int] = {}
+        self._timer: gevent.Greenlet | None = None
+
+    def add(self, key: str) -> None:
+        self.roll_if_due()
+        self._counts[key] = self._counts.get(key, 0) + 1
+        if self._timer is None:
+            # Told when the interval ends, even if nothing more comes.
+            left = self.interval - (time.monotonic() - self._started)
+            self._timer = gevent.spawn_later(max(left, 0.0), self.summarise)
+
+    def roll_if_due(self) -> bool:
+        """Tell the interval that ended, if it has; True if a new one began."""
+        if time.monotonic() - self._started < self.interval:
+            return False
+        self.summarise()
+        return True
+
+    def summarise(self) -> None:
+        counts, self._counts = self._counts, {}
+        self._started = time.monotonic()
+        timer, self._timer = self._timer, None
+        if timer is not None and timer is not gevent.getcurrent():
+            timer.kill(block=False)
+        if counts:
+            self._tell(counts)
+
+
 class DeviceLines:
     """At most `per_device` lines of each device every `interval` seconds.
 
@@ -94,37 +133,27 @@ class DeviceLines:
 
     def __init__(self, per_device: int = 10, interval: float = 60.0) -> None:
         self.per_device = per_device
-        self.interval = interval
-        self._started = time.monotonic()
         self._used: dict[str, int] = {}
-        self._dropped: dict[str, int] = {}
-        self._summary: gevent.Greenlet | None = None
+        self._dropped = CountsPerInterval(interval, self._tell)
 
     def take(self, tag: str) -> bool:
         """May a line about device `tag` be logged now."""
-        if time.monotonic() - self._started >= self.interval:
-            self.summarise()
+        if self._dropped.roll_if_due():
+            self._used.clear()
         used = self._used.get(tag, 0)
         if used < self.per_device:
             self._used[tag] = used + 1
             return True
-        self._dropped[tag] = self._dropped.get(tag, 0) + 1
+        self._dropped.add(tag)
         DEVICE_LINES_DROPPED.inc()
-        if self._summary is None:
-            # Said when the interval ends, even if the device goes quiet.
-            left = self.interval - (time.monotonic() - self._started)
-            self._summary = gevent.spawn_later(max(left, 0.0), self.summarise)
         return False
 
     def summarise(self) -> None:
-        """Log what was left out in the interval that ended, and start the next."""
-        dropped, self._dropped, self._used = self._dropped, {}, {}
-        self._started = time.monotonic()
-        summary, self._summary = self._summary, None
-        if summary is not None and summary is not gevent.getcurrent():
-            summary.kill(block=False)
-        if not dropped:
-            return
+        self._dropped.summarise()
+        self._used.clear()
+
+    def _tell(self, dropped: dict[str, int]) -> None:
+        self._used.clear()
         loudest = sorted(dropped.items(), key=lambda item: -item[1])[: self.SHOWN]
         shown = ", ".join(f"{tag} {count}" for tag, count in loudest)
         more = f" and {len(dropped) - len(loudest)} more" if len(dropped) > len(loudest) else ""
@@ -132,7 +161,7 @@ class DeviceLines:
             "%d line(s) of %d device(s) left out in the last %g s (over %d a device): %s%s",
             sum(dropped.values()),
             len(dropped),
-            self.interval,
+            self._dropped.interval,
             self.per_device,
             shown,
             more,

@@ -27,6 +27,7 @@ __all__ = [
     "LOGINS",
     "OFFERS",
     "PROCESS",
+    "SESSIONS_SHED",
     "SWEEPS",
     "VALUES_CUT",
     "Tally",
@@ -105,6 +106,12 @@ DATABASE_ERRORS = Counter(
     registry=PROCESS,
 )
 
+SESSIONS_SHED = Counter(
+    "blynkota_sessions_shed",
+    "Device connections closed because the database could not serve them, by cause.",
+    ["cause"],
+    registry=PROCESS,
+)
 VALUES_CUT = Counter(
     "blynkota_values_cut",
     "Values from outside cut to the length of their column, by key (ver, build, file name...).",
@@ -116,6 +123,8 @@ for reason in ("invalid_token", "no_login", "database", "newer_connection"):
     LOGIN_FAILURES.labels(reason)  # present at 0 from the start, as rates need
 for kind in ("unreachable", "pool_timeout"):
     DATABASE_ERRORS.labels(kind)
+for cause in ("pool_timeout", "unreachable", "locked", "error"):
+    SESSIONS_SHED.labels(cause)
 
 
 def count_download(sent: int, *, complete: bool) -> None:

@@ -31,7 +31,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .cluster import Lease, LocalSession, default_node_name
 from .config import ConfigError
-from .hardware import HTTP_IDLE_TIMEOUT, DeviceSession, SharedPortServer
+from .hardware import HTTP_IDLE_TIMEOUT, SHED, DeviceSession, SharedPortServer
 from .logsafe import DEVICE_LINES
 from .metrics import DATABASE_ERRORS, SWEEPS
 from .store import drain as drain_group_commits
@@ -408,7 +408,9 @@ class BlynkotaServer:
         self.db.dispose()
         self.node.control.dispose()
         self._stopped.set()
-        DEVICE_LINES.summarise()  # what the devices' budgets left out, before the last line
+        # What the budgets held back, before the last line.
+        DEVICE_LINES.summarise()
+        SHED.summarise()
         log.info("stopped")
 
     def _close_device_sessions(self) -> None:

@@ -627,4 +627,6 @@ def test_a_value_cut_to_its_column_is_counted_and_told_once_per_device_and_key(
     assert 'blynkota_values_cut_total{key="ver"} 2.0' in metrics
     told = [line for line in server.log().splitlines() if "cut to its column" in line]
     assert len(told) == 1 and " DEBUG " in told[0]
-    assert f"device {token_tag(token)}: ver cut to its column's 32 characters (it had 40)" in told[0]
+    assert (
+        f"device {token_tag(token)}: ver cut to its column's 32 characters (it had 40)" in told[0]
+    )

@@ -6,6 +6,7 @@ one log line (not one per device), and afterwards presence is reconciled: a
 device that left during the outage is not shown online.
 """
 
+import re
 import time
 
 import gevent
@@ -253,3 +254,43 @@ def test_a_database_that_stops_answering_fails_readiness_in_time_without_a_trace
     finally:
         proxy.flow()
         server.stop()
+
+
+def test_logins_the_database_cannot_serve_are_counted_and_told_in_one_warning(
+    mysql_url, proxied_url, tmp_path
+):
+    """The pool's one connection is stuck (the network holds its packets):
+    the logins that find no connection free within db.pool.timeout are
+    closed, counted by cause, and told in one WARNING line, not silently."""
+    proxy, url = proxied_url
+    upgrade(mysql_url)
+    app = create_app({"db.url": mysql_url, "data.folder": tmp_path / "cli"})
+    tokens = [
+        app.extensions["blynkota.fleet"].add_device("me@example.com", "Farm") for _ in range(6)
+    ]
+    server = ServerProcess(tmp_path, url, **{"db.pool.size": 1, "db.pool.timeout": 0.5}).start()
+    try:
+        proxy.hang()
+        devices = []
+        for token in tokens:
+            device = RawDevice(server.http_port)
+            device.send(encode_login(token, 1))
+            devices.append(device)
+        for device in devices:
+            assert device.closed_within(10)
+            device.close()
+        wait_until(lambda: "the database could not serve them" in server.log(), timeout=20,
+                   message="the line about the shed logins")  # fmt: skip
+        (line,) = [entry for entry in server.log().splitlines() if "could not serve" in entry]
+        assert " WARNING " in line
+        shed = int(re.search(r"in time \(db\.pool\.size\): (\d+)", line).group(1))
+        assert 5 <= shed <= len(tokens)  # the first one holds the stuck connection
+        proxy.flow()
+        metrics = server.admin("GET", "/metrics", auth=None, secure=False).text
+        counted = re.search(r'blynkota_sessions_shed_total\{cause="pool_timeout"\} (\S+)', metrics)
+        assert int(float(counted.group(1))) >= shed
+        assert "Traceback" not in server.log()
+    finally:
+        proxy.flow()
+        server.stop()
+        app.extensions["blynkota.db"].dispose()

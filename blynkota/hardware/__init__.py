@@ -1,7 +1,7 @@
 """The device side: the shared port 8080 listener and one session per device."""
 
 from .server import HTTP_IDLE_TIMEOUT, SharedPortServer, looks_like_http
-from .session import DeviceSession, heartbeat_timeout
+from .session import SHED, DeviceSession, heartbeat_timeout
 from .states import IllegalTransition, SessionState, SessionStateMachine
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "SharedPortServer",
     "looks_like_http",
     "DeviceSession",
+    "SHED",
     "heartbeat_timeout",
     "IllegalTransition",
     "SessionState",

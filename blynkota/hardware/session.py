@@ -57,7 +57,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .. import metrics
 from ..logs import DEVICE_TAG, PER_TURN
-from ..logsafe import DEVICE_LINES, printable, token_tag
+from ..logsafe import DEVICE_LINES, CountsPerInterval, printable, token_tag
 from ..ota import DeviceIdentity, FrameTooLarge, OfferFailed, OnlineDevices, OtaService
 from ..protocol import (
     NEED_DATA,
@@ -75,7 +75,7 @@ from ..protocol import (
     encode_response,
     info_number,
 )
-from ..store import utcnow
+from ..store import is_locked, is_outage, utcnow
 from .states import SessionState, SessionStateMachine
 
 __all__ = ["DeviceSession", "heartbeat_timeout"]
@@ -132,6 +132,35 @@ class SessionClosed(Exception):
 
 # What a query raises while the database is away, or busy past the pool's wait.
 DATABASE_ERRORS = (DBAPIError, PoolTimeout)
+SHED_EVERY = 10.0  # seconds between two lines about sessions the database could not serve
+_SHED_CAUSES = {
+    "pool_timeout": "no pooled database connection free in time (db.pool.size)",
+    "unreachable": "the database unreachable",
+    "locked": "SQLite locked by another process",
+    "error": "a database error",
+}
+
+
+def _tell_shed(counts: dict[str, int]) -> None:
+    causes = ", ".join(f"{_SHED_CAUSES[cause]}: {count}" for cause, count in counts.items())
+    log.warning(
+        "%d device connection(s) closed in the last %g s, the database could not serve them (%s)",
+        sum(counts.values()),
+        SHED_EVERY,
+        causes,
+    )
+
+
+# Sessions closed for the database: one line per SHED_EVERY, whatever their number.
+SHED = CountsPerInterval(SHED_EVERY, _tell_shed)
+
+
+def shed_cause(error: BaseException) -> str:
+    if isinstance(error, PoolTimeout):
+        return "pool_timeout"
+    if is_outage(error):
+        return "unreachable"
+    return "locked" if is_locked(error) else "error"
 
 
 class DeviceSession:
@@ -255,9 +284,11 @@ class DeviceSession:
         try:
             parked = body()
         except DATABASE_ERRORS as error:
-            if isinstance(error, PoolTimeout):
+            cause = shed_cause(error)
+            if cause == "pool_timeout":
                 metrics.DATABASE_ERRORS.labels("pool_timeout").inc()
-            # One line per outage comes from the database's health; this one is quiet.
+            metrics.SESSIONS_SHED.labels(cause).inc()
+            SHED.add(cause)  # the device's own line is quiet: one line per SHED_EVERY
             self._log(logging.DEBUG, "closed, database error (%s)", error)
         except SessionClosed as reason:
             # A plain disconnect is routine; everything else is worth a line.

@@ -70,7 +70,7 @@ LOOP_BUSY_WAIT = 0.01
 LOCK_PAUSE = 0.05
 
 
-def make_engine(url: str, *, pool_size: int = 20) -> Engine:
+def make_engine(url: str, *, pool_size: int = 20, pool_timeout: float = 30.0) -> Engine:
     if url.startswith("sqlite"):
         # A NULL parameter goes through the sqlite3 module's adapter lookup,
         # which for None has none and fails its way through an AttributeError
@@ -110,7 +110,7 @@ def make_engine(url: str, *, pool_size: int = 20) -> Engine:
         pool_recycle=3600,
         pool_size=pool_size,
         max_overflow=0,
-        pool_timeout=30,
+        pool_timeout=pool_timeout,
         isolation_level="READ COMMITTED",
     )
     _ping_idle_connections(engine)
@@ -246,9 +246,9 @@ class DatabaseHealth:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 20) -> None:
+    def __init__(self, url: str, *, pool_size: int = 20, pool_timeout: float = 30.0) -> None:
         self.url = url
-        self.engine = make_engine(url, pool_size=pool_size)
+        self.engine = make_engine(url, pool_size=pool_size, pool_timeout=pool_timeout)
         self.health = DatabaseHealth()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
