@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from flask import Flask
 
 from .cluster import ClusterNode, NodeSettings
-from .config import load_settings
+from .config import ConfigError, load_settings
 from .ota import (
     AdminDirectory,
     FirmwareCache,
@@ -17,6 +17,7 @@ from .ota import (
     OtaService,
     RetryPolicy,
 )
+from .ota.signatures import load_public_keys
 from .store import Database
 
 __all__ = ["create_app"]
@@ -40,8 +41,15 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
         settings.db_url, pool_size=settings.db_pool_size, pool_timeout=settings.db_pool_timeout
     )
     app.extensions["blynkota.db"] = db
+    try:
+        signing_keys = load_public_keys(list(settings.ota_signing_keys))
+    except ValueError as error:
+        raise ConfigError(f"ota.signing.keys: {error}") from None
     catalog = FirmwareCatalog(
-        db, FirmwareCache(settings.firmware_folder), validate_image=settings.ota_validate_image
+        db,
+        FirmwareCache(settings.firmware_folder),
+        validate_image=settings.ota_validate_image,
+        signing_keys=signing_keys,
     )
     policy = RetryPolicy(
         max_attempts=settings.ota_max_attempts,

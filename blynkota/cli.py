@@ -66,16 +66,32 @@ def add_device(email: str, project: str, name: str, token: str | None) -> None:
 
 @devices.command("list")
 def list_devices() -> None:
-    """Print token, user, project, last build, whether it is online, and its tag in the log."""
+    """Print token, user, project, what the device last reported (build, firmware
+    version and type, library version), whether it is online, and its tag in the log."""
     rows = _fleet().list_devices()
     _table(
-        [("TOKEN", "USER", "PROJECT", "BUILD", "ONLINE", "LOG TAG")]
+        [
+            (
+                "TOKEN",
+                "USER",
+                "PROJECT",
+                "BUILD",
+                "FW VERSION",
+                "FW TYPE",
+                "LIBRARY",
+                "ONLINE",
+                "LOG TAG",
+            )
+        ]
         + [
             (
                 row.token,
                 row.user,
                 row.project,
                 row.build or "-",
+                row.fw_version or "-",
+                row.fw_type or "-",
+                row.lib_version or "-",
                 "yes" if row.online else "no",
                 row.tag,
             )
@@ -85,7 +101,15 @@ def list_devices() -> None:
 
 
 CSV_COLUMNS = ("token", "user", "project", "name")
-EXPORT_COLUMNS = (*CSV_COLUMNS, "build", "online", "last_seen_at")
+EXPORT_COLUMNS = (
+    *CSV_COLUMNS,
+    "build",
+    "online",
+    "last_seen_at",
+    "fw_version",
+    "fw_type",
+    "lib_version",
+)
 CSV_MAX_ROWS = 1_000_000
 
 
@@ -150,6 +174,9 @@ def export_csv(csv_file) -> None:
                 row.build or "",
                 "yes" if row.online else "no",
                 row.last_seen_at.isoformat() + "Z" if row.last_seen_at else "",
+                row.fw_version or "",
+                row.fw_type or "",
+                row.lib_version or "",
             )
         )
 

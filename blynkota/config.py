@@ -53,6 +53,7 @@ DEFAULTS: dict[str, str] = {
     "server.ssl.key": "",
     "ota.max.size": str(16 * 1024 * 1024),
     "ota.validate.image": "true",
+    "ota.signing.keys": "",
     "ota.max.attempts": "3",
     "ota.retry.backoff": "60",
     "ota.attempt.timeout": "900",
@@ -119,6 +120,12 @@ def _read_file(path: Path, warnings: list[str]) -> dict[str, str]:
     for key in PATH_KEYS:
         if values.get(key):
             values[key] = str((path.parent / Path(values[key]).expanduser()).absolute())
+    if values.get("ota.signing.keys"):  # a list of paths, each relative to the file
+        values["ota.signing.keys"] = ",".join(
+            str((path.parent / Path(part.strip()).expanduser()).absolute())
+            for part in values["ota.signing.keys"].split(",")
+            if part.strip()
+        )
     return {key: value for key, value in values.items() if key in DEFAULTS}
 
 
@@ -146,6 +153,7 @@ class Settings:
     ssl_key: Path
     ota_max_size: int
     ota_validate_image: bool
+    ota_signing_keys: tuple[Path, ...]  # PEM public keys: every upload must be signed by one
     ota_max_attempts: int
     ota_retry_backoff: float
     ota_attempt_timeout: float
@@ -318,6 +326,11 @@ def load_settings(
         ssl_key=Path(values["server.ssl.key"] or tls_folder / "key.pem"),
         ota_max_size=_integer(values, "ota.max.size", 1, 1 << 31),
         ota_validate_image=_boolean(values, "ota.validate.image"),
+        ota_signing_keys=tuple(
+            Path(part.strip()).expanduser()
+            for part in values["ota.signing.keys"].split(",")
+            if part.strip()
+        ),
         ota_max_attempts=_integer(values, "ota.max.attempts", 1, 100),
         ota_retry_backoff=_number(values, "ota.retry.backoff", 0, 7 * 86400),
         ota_attempt_timeout=_number(values, "ota.attempt.timeout", 0.1, 7 * 86400),

@@ -137,7 +137,10 @@ class DeviceLines:
         self._dropped = CountsPerInterval(interval, self._tell)
 
     def take(self, tag: str) -> bool:
-        """May a line about device `tag` be logged now."""
+        """May a line about device `tag` be logged now. A connection not logged
+        in (tag "-") is no device of ours: its lines are not counted here."""
+        if tag == "-":
+            return True
         if self._dropped.roll_if_due():
             self._used.clear()
         used = self._used.get(tag, 0)

@@ -1,6 +1,7 @@
-"""A simulated Blynk v0.6.1 device: `python -m blynkota.simulator --token T --build "..."`.
+"""A simulated Blynk device: `python -m blynkota.simulator --token T --build "..."`.
 
-It speaks through the project's own codec, logs in, reports its info, pings
+It reports its info as library 0.6.1, 1.1 or 1.3.x lays it out (`--library`),
+speaks through the project's own codec, logs in, reports its info, pings
 after `h-beat` seconds of silence, and on an `ota` command downloads the URL
 the way the ESP8266 updater does (HTTP/1.0, `x-ESP8266-*` headers), checks the
 length, `x-MD5` and the 0xE9 magic, then "reboots": it reconnects reporting the
@@ -22,7 +23,7 @@ from gevent import socket
 from gevent.event import Event
 from gevent.pool import Pool
 
-from .ota.firmware import IMAGE_MAGIC, read_build
+from .ota.firmware import IMAGE_MAGIC, read_build, read_identity
 from .protocol import (
     NEED_DATA,
     FrameReader,
@@ -51,6 +52,7 @@ class Download:
     expected_size: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     build: str | None = None
+    identity: dict = field(default_factory=dict)  # the image's blnkinf: fw_version, fw_type...
     error: str | None = None
 
     @property
@@ -69,6 +71,8 @@ class SimulatedDevice:
         heartbeat: int = 10,
         buff_in: int = 256,
         fw: str | None = None,
+        fw_type: str | None = None,
+        library: str = "0.6.1",
         hardware: str = "ESP8266",
         fail: str = "none",
         legacy_login: bool = False,
@@ -82,6 +86,9 @@ class SimulatedDevice:
         self._ports = (port, *fallback_ports)
         self.build = build
         self.heartbeat, self.buff_in, self.fw, self.hardware = heartbeat, buff_in, fw, hardware
+        # The library generation whose info message it sends (SPEC §7): "0.6.1"
+        # (ver, fw), "1.1.0" (ver, fw-type, fw) or "1.3.2" (mcu, fw-type, blynk).
+        self.fw_type, self.library = fw_type, library
         self.fail = fail
         self.legacy_login = legacy_login
         self.logins = 0
@@ -131,16 +138,25 @@ class SimulatedDevice:
         return self._msg_id
 
     def _info(self) -> dict[str, str]:
-        fields = {
-            "ver": "0.6.1",
-            "h-beat": str(self.heartbeat),
-            "buff-in": str(self.buff_in),
-            "dev": self.hardware,
-        }
-        if self.fw:
-            fields["fw"] = self.fw
-        if self.build:
-            fields["build"] = self.build
+        timing = {"h-beat": str(self.heartbeat), "buff-in": str(self.buff_in), "dev": self.hardware}
+        if self.library.startswith("1.3"):
+            # 1.3.x on Arduino cores: no `ver` and no `fw`, the first key is `mcu`.
+            fields = {"mcu": self.fw or "0.0.0"}
+            if self.fw_type:
+                fields["fw-type"] = self.fw_type
+            if self.build:
+                fields["build"] = self.build
+            fields |= {"blynk": self.library, **timing}
+        else:
+            fields = {"ver": self.library, **timing}
+            if self.fw_type:
+                fields["fw-type"] = self.fw_type
+            if self.fw:
+                fields["fw"] = self.fw
+            if self.build:
+                fields["build"] = self.build
+        if self.fw_type:
+            fields["tmpl"] = self.fw_type
         return fields
 
     def _session(self) -> bool:
@@ -213,7 +229,10 @@ class SimulatedDevice:
         download = self.download(url)
         self.downloads.append(download)
         if download.ok and self.fail == "none":
+            # Now it runs the image: it reports what the image's block says.
             self.build = download.build
+            self.fw = download.identity.get("fw_version") or self.fw
+            self.fw_type = download.identity.get("fw_type") or self.fw_type
             self._flashed = True
         log.info("%s: download %s: %s", self.token, url, download.error or "flashed")
 
@@ -282,6 +301,7 @@ class SimulatedDevice:
                 result.error = f"bad image magic 0x{body[0]:02X}"
             else:
                 result.build = read_build(body)
+                result.identity = read_identity(body)
             return result
         except (OSError, ValueError, IndexError) as error:
             result.error = f"download failed: {error}"
@@ -319,7 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-file", help="file with one token per line (first column)")
     parser.add_argument("--devices", type=int, default=None, help="run this many devices")
     parser.add_argument("--build", default=None, help='reported build, e.g. "Nov 29 2018 12:00:00"')
-    parser.add_argument("--fw", default=None, help="reported firmware version")
+    parser.add_argument("--fw", default=None, help="reported firmware version (fw, or mcu)")
+    parser.add_argument("--fw-type", default=None, help="reported firmware type (fw-type)")
+    parser.add_argument("--dev", default="ESP8266", help="reported board name (dev), e.g. NodeMCU")
+    parser.add_argument(
+        "--library",
+        default="0.6.1",
+        help="the Blynk library whose info message it sends: 0.6.1 (ver, fw), "
+        "1.1.0 (ver, fw-type, fw) or 1.3.2 (mcu, fw-type, blynk)",
+    )
     parser.add_argument("--heartbeat", type=int, default=10)
     parser.add_argument("--buff-in", type=int, default=256)
     parser.add_argument("--fail", choices=FAIL_MODES, default="none")
@@ -341,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat=arguments.heartbeat,
             buff_in=arguments.buff_in,
             fw=arguments.fw,
+            fw_type=arguments.fw_type,
+            library=arguments.library,
+            hardware=arguments.dev,
             fail=arguments.fail,
         )
         for token in tokens[:count]

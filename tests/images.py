@@ -12,12 +12,18 @@ from esptool.bin_image import ESP32FirmwareImage, ESP8266ROMFirmwareImage, Image
 __all__ = ["blynk_info_block", "esp8266_image", "esp32_image"]
 
 
-def blynk_info_block(build: str | None, *, fw: str | None = None) -> bytes:
-    words = ["blnkinf", "ver", "0.6.1", "h-beat", "10", "buff-in", "256", "dev", "ESP8266"]
-    if fw:
-        words += ["fw", fw]
+def blynk_info_block(
+    build: str | None, *, fw: str | None = None, fields: dict[str, str] | None = None
+) -> bytes:
+    """The block as library 0.6.1 lays it out, or with `fields` (1.x: `mcu`,
+    `fw-type`, `blynk`...) in their place, the build after them."""
+    if fields is None:
+        fields = {"ver": "0.6.1", "h-beat": "10", "buff-in": "256", "dev": "ESP8266"}
+        if fw:
+            fields["fw"] = fw
     if build is not None:
-        words += ["build", build]
+        fields = {**fields, "build": build}
+    words = ["blnkinf", *(word for pair in fields.items() for word in pair)]
     return "\0".join(words).encode() + b"\0\0"
 
 
@@ -25,10 +31,16 @@ def _padded(data: bytes) -> bytes:
     return data + bytes(-len(data) % 4)
 
 
-def esp8266_image(build: str | None, *, size: int = 4096, fw: str | None = None) -> bytes:
+def esp8266_image(
+    build: str | None,
+    *,
+    size: int = 4096,
+    fw: str | None = None,
+    fields: dict[str, str] | None = None,
+) -> bytes:
     image = ESP8266ROMFirmwareImage()
     image.entrypoint = 0x40100000
-    payload = blynk_info_block(build, fw=fw)
+    payload = blynk_info_block(build, fw=fw, fields=fields)
     payload += bytes((i * 7) & 0xFF for i in range(max(0, size - len(payload))))
     image.segments.append(ImageSegment(0x3FFE8000, _padded(payload)))
     with tempfile.TemporaryDirectory() as folder:
@@ -37,11 +49,13 @@ def esp8266_image(build: str | None, *, size: int = 4096, fw: str | None = None)
         return Path(f"{prefix}0x00000.bin").read_bytes()
 
 
-def esp32_image(build: str | None, *, size: int = 4096) -> bytes:
+def esp32_image(
+    build: str | None, *, size: int = 4096, fields: dict[str, str] | None = None
+) -> bytes:
     image = ESP32FirmwareImage()
     image.entrypoint = 0x40080000
     image.append_digest = True
-    payload = blynk_info_block(build)
+    payload = blynk_info_block(build, fields=fields)
     payload += bytes((i * 13) & 0xFF for i in range(max(0, size - len(payload))))
     segment = ImageSegment(0x3FFB0000, _padded(payload))
     segment.name = ".dram0.data"  # esptool's ESP32 writer names segments in its log

@@ -283,9 +283,17 @@ def test_stored_file_and_its_record(server, app):
     )  # fmt: skip
     chunks = rows(app, "SELECT data FROM firmware_chunks ORDER BY seq")
     assert b"".join(bytes(chunk["data"]) for chunk in chunks) == image
-    again = server.upload("/admin/ota/start", image, filename="same-bytes.bin")
-    assert again.status == 200 and again.text != path
-    assert len(rows(app, "SELECT * FROM firmware")) == 2
+    # The same bytes again are the same firmware: one row, one file, one path.
+    again = server.admin(
+        "POST",
+        "/admin/ota/start",
+        files={"file": ("same-bytes.bin", image)},
+        headers={"Accept": "application/json"},
+    )
+    assert again.status == 200 and again.json()["path"] == path
+    assert again.json()["firmware"]["reused"] is True
+    assert again.json()["firmware"]["name"] == record["name"]
+    assert len(rows(app, "SELECT * FROM firmware")) == 1
     assert len(rows(app, "SELECT * FROM firmware_blobs")) == 1
     # The node's cache file is written, named by content, on the first download.
     download = server.admin("GET", path, auth=None, secure=False)

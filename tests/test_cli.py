@@ -21,18 +21,22 @@ def test_devices_add_prints_a_token_and_list_shows_it(app):
     token = random.output.strip()
     assert len(token) == 32 and token.isalnum() and token != given.output.strip()
     listing = run(app, "devices", "list").output.splitlines()
-    assert listing[0].split() == ["TOKEN", "USER", "PROJECT", "BUILD", "ONLINE", "LOG", "TAG"]
+    assert listing[0].split() == [
+        "TOKEN", "USER", "PROJECT", "BUILD", "FW", "VERSION", "FW", "TYPE", "LIBRARY",
+        "ONLINE", "LOG", "TAG",
+    ]  # fmt: skip
+    unreported = ["-", "-", "-", "-"]  # build, firmware version and type, library
     assert sorted(line.split() for line in listing[1:]) == sorted(
         [  # fmt: skip
             [
                 "0123456789abcdef0123456789abcdef",
                 "me@example.com",
                 "Farm",
-                "-",
+                *unreported,
                 "no",
                 token_tag("0123456789abcdef0123456789abcdef"),
             ],
-            [token, "me@example.com", "Farm", "-", "no", token_tag(token)],  # any case
+            [token, "me@example.com", "Farm", *unreported, "no", token_tag(token)],  # any case
         ]
     )
 

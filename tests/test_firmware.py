@@ -30,13 +30,14 @@ def test_no_build_tag_means_no_build():
 
 def test_own_esp8266_and_esp32_images_pass_and_report_chip_and_build():
     report = inspect_firmware(esp8266_image("Nov 29 2018 12:00:00"), validate_image=True)
-    assert report == _report("esp8266", "Nov 29 2018 12:00:00")
+    # The tests' images carry library 0.6.1's block: `ver 0.6.1` is its library version.
+    assert report == _report("esp8266", "Nov 29 2018 12:00:00", "0.6.1")
     report = inspect_firmware(esp32_image("May  8 2018 19:30:18"), validate_image=True)
     assert (report.chip, report.build) == ("esp32", "May  8 2018 19:30:18")
 
 
-def _report(chip, build):
-    return ImageReport(chip=chip, build=build)
+def _report(chip, build, lib_version=None):
+    return ImageReport(chip=chip, build=build, lib_version=lib_version)
 
 
 @pytest.mark.parametrize(
@@ -47,6 +48,8 @@ def _report(chip, build):
     ],
 )
 def test_real_firmware_files(shared_dir, name, chip, build):
+    """Libraries before 0.6 compiled the block without its `blnkinf` tag: the
+    build is read (after `\\0build\\0`, as the Blynk server reads it), no identity."""
     data = (shared_dir / "fixtures" / "firmware" / name).read_bytes()
     assert inspect_firmware(data, validate_image=True) == _report(chip, build)
 

@@ -81,9 +81,11 @@ def test_provisioning_commands_work_offline_from_any_folder(blynkota_command, tm
     assert "nothing added: device 2: Token abc123 already belongs to a device." in again.stderr
     exported = _run(blynkota_command, *data, "devices", "export-csv", cwd=tmp_path)
     rows = exported.stdout.splitlines()
-    assert rows[0] == "token,user,project,name,build,online,last_seen_at"
-    assert f"{added.stdout.strip()},a@b.c,P,,,no," in rows
-    assert "abc123,farm@example.com,Farm,gate,,no," in rows and len(rows) == 4
+    assert rows[0] == (
+        "token,user,project,name,build,online,last_seen_at,fw_version,fw_type,lib_version"
+    )
+    assert f"{added.stdout.strip()},a@b.c,P,,,no,,,," in rows
+    assert "abc123,farm@example.com,Farm,gate,,no,,,," in rows and len(rows) == 4
     bad = _run(blynkota_command, "devices", "list", cwd=tmp_path,
                env={"PATH": "/usr/bin:/bin", "BLYNKOTA_LOG_LEVEL": "LOUD"})  # fmt: skip
     assert bad.returncode == 2

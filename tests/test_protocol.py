@@ -149,3 +149,35 @@ def test_malformed_token_owes_invalid_token_status():
         events(frame)
     assert raised.value.status == Status.INVALID_TOKEN
     assert raised.value.msg_id == 1
+
+
+# The info message of each library generation (SPEC §7), as the board sends it.
+INFO_LAYOUTS = {
+    "0.6.1": {"ver": "0.6.1", "h-beat": "10", "buff-in": "256", "dev": "ESP8266",
+              "fw": "1.0.1", "build": "Nov 29 2018 12:00:00"},
+    "1.1.0": {"ver": "1.1.0", "h-beat": "45", "buff-in": "1024", "dev": "ESP32", "cpu": "ESP32",
+              "con": "WiFi", "fw-type": "TMPLabc", "fw": "0.1.0",
+              "build": "Jan  2 2023 10:00:00", "tmpl": "TMPLabc"},
+    "1.3.2 Arduino": {"mcu": "1.0.0", "fw-type": "TMPLabc", "build": "Jan  2 2024 10:00:00",
+                      "blynk": "1.3.2", "h-beat": "45", "buff-in": "1024", "dev": "NodeMCU",
+                      "cpu": "ESP8266", "con": "WiFi", "tmpl": "TMPLabc"},
+    "1.3.2 NCP": {"ncp": "2.0.1", "fw-type": "TMPLabc", "build": "Jan  2 2024 10:00:00",
+                  "blynk": "1.3.2", "h-beat": "45", "buff-in": "1024", "dev": "ESP32-S3"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("generation", INFO_LAYOUTS)
+def test_an_info_message_is_known_by_its_content_in_every_library_generation(generation):
+    fields = INFO_LAYOUTS[generation]
+    (event,) = events(encode_info(fields))
+    assert isinstance(event, Internal) and event.is_info
+    assert event.info() == fields
+
+
+@pytest.mark.parametrize(
+    "words", [("rtc", "sync"), ("ota",), ("ota", "http://x/y.bin"), ("acon", "1"), ()]
+)
+def test_other_internal_frames_are_not_info_messages(words):
+    body = b"\0".join(word.encode() for word in words)
+    (event,) = events(bytes([Command.INTERNAL, 0, 9, 0, len(body)]) + body)
+    assert isinstance(event, Internal) and not event.is_info

@@ -26,7 +26,10 @@ pytestmark = [pytest.mark.mysql, pytest.mark.multinode]
 SLOT_STATES = ("offered", "downloading")
 DEVICES = 3000
 LIMIT = 20
-BUILD_TOKEN = "Mar  3 2019 03:03:03"
+# Between the fleet's build and the campaign's: the campaign after the
+# single-device update is an upgrade for that device too, not a downgrade
+# (which it would refuse without allowDowngrade=true).
+BUILD_TOKEN = "Mar  3 2018 03:03:03"
 
 
 def query(engine, sql: str, **params) -> list[dict]:

@@ -193,16 +193,20 @@ def upload(file: Path, token, user, project, dry_run, now, queue, percent, waves
         answer = _call(lambda: client.upload("/admin/ota/start", query, file, bar.update))
     if dry_run:
         incompatible = answer["incompatible"]
+        version = f"version {answer['fw_version']}, " if answer.get("fw_version") else ""
         click.echo(
-            f"Dry run: build {answer['build']} ({answer['chip'] or 'any chip'}), "
+            f"Dry run: {version}build {answer['build']} ({answer['chip'] or 'any chip'}), "
             f"{len(answer['devices'])} device(s) would be taken in now"
             + (f", {len(incompatible)} incompatible" if incompatible else "")
             + ". Nothing was started."
         )
         return
+    firmware = answer.get("firmware") or {}
+    version = f", version {firmware['title']}" if firmware.get("fw_version") else ""
+    reused = " (the same bytes as a stored firmware: reused)" if firmware.get("reused") else ""
     click.echo(
         f"Rollout {answer['rollout']} started: {answer['devices']} device(s), "
-        f"build {answer['build']}, file {answer['path']}"
+        f"build {answer['build']}, file {answer['path']}{version}{reused}"
     )
 
 

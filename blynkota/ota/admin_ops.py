@@ -28,10 +28,10 @@ from ..store import (
     RolloutState,
     utcnow,
 )
-from .catalog import Upload, served_path
+from .catalog import Upload, identity_of, served_path
 from .cohorts import Controls
-from .compatibility import incompatibility
-from .device_states import devices_in_flight, load_tracks, move_all, start_tracking
+from .compatibility import BoardReport, ImageIdentity, incompatibility
+from .device_states import devices_in_flight, load_tracks, move, move_all, start_tracking
 from .errors import OtaRequestError
 from .firmware import FirmwareRejected, ImageReport
 from .offers import DeviceIdentity, candidate_of, new_offer
@@ -55,24 +55,48 @@ class Started:
     scope: str
     devices: int  # registered devices in the rollout's scope
     build: str | None
+    # The firmware sent: its identity (catalog.identity_of), its name, and
+    # whether the upload's bytes were a stored firmware already.
+    firmware: dict | None = None
+    # A single-device start whose device is downloading an earlier offer:
+    # this one waits for that download to end (the JSON answer says so).
+    waiting: str | None = None
 
     def as_json(self) -> dict:
         return asdict(self)
 
 
+def _firmware_answer(firmware: Firmware) -> dict:
+    return {"name": firmware.name, **identity_of(firmware), "reused": firmware.reused}
+
+
 class AdminOperations:
     """The admin half of OtaService (see service.py for the attributes it uses)."""
 
-    def start_for_device(self, token: str, upload: Upload, admin: str, *, queue: bool) -> Started:
+    def start_for_device(
+        self,
+        token: str,
+        upload: Upload,
+        admin: str,
+        *,
+        queue: bool,
+        allow_downgrade: bool = False,
+    ) -> Started:
         """Upload and send to one device now (Blynk's ?token=), or at its next login."""
         device = self._device_for_admin(token, queue=queue)
         report = self._inspect(upload)
-        self._refuse_incompatible(device, report.chip)
+        image = ImageIdentity(report.chip, report.fw_type, report.fw_version, report.build)
+        self._refuse_incompatible(device, image, allow_downgrade)
         return self._device_rollout(
-            device, admin, lambda session: self.catalog.add(session, upload, report, admin)
+            device,
+            admin,
+            lambda session: self.catalog.add(session, upload, report, admin),
+            allow_downgrade,
         )
 
-    def resend(self, file_name: str, token: str, admin: str, *, queue: bool) -> Started:
+    def resend(
+        self, file_name: str, token: str, admin: str, *, queue: bool, allow_downgrade: bool = False
+    ) -> Started:
         """Send an already uploaded file to one device (GET ?fileName=&token=)."""
         name = file_name.rsplit("/", 1)[-1].removesuffix(".bin")
         device = self._device_for_admin(token, queue=queue)
@@ -81,10 +105,13 @@ class AdminOperations:
             firmware = self.catalog.by_name(session, name)
             if firmware is None:
                 raise OtaRequestError("Requested file not found.")
-            self._refuse_incompatible(device, firmware.chip, session)
+            image = ImageIdentity(
+                firmware.chip, firmware.fw_type, firmware.fw_version, firmware.build
+            )
+            self._refuse_incompatible(device, image, allow_downgrade, session)
             return firmware
 
-        return self._device_rollout(device, admin, uploaded)
+        return self._device_rollout(device, admin, uploaded, allow_downgrade)
 
     def start_campaign(
         self,
@@ -130,7 +157,14 @@ class AdminOperations:
         if rollout.push_online:
             self.enrol_in_background(rollout.id)  # answered first: under a second at 10k
         devices = self.db.run(lambda session: devices_in_scope(session, scope, target_id))
-        return Started(served_path(firmware.name), rollout.id, scope, devices, report.build)
+        return Started(
+            served_path(firmware.name),
+            rollout.id,
+            scope,
+            devices,
+            report.build,
+            _firmware_answer(firmware),
+        )
 
     def _campaign_report(self, upload: Upload) -> ImageReport:
         report = self._inspect(upload)
@@ -158,6 +192,9 @@ class AdminOperations:
             cohort_seed=hashlib.sha256(upload.data).hexdigest()[:16],
             waves=",".join(map(str, controls.waves)) or None,
             chip=report.chip,
+            fw_type=report.fw_type,
+            fw_version=report.fw_version,
+            allow_downgrade=controls.allow_downgrade,
         )
         devices, incompatible = self.db.run(
             lambda session: devices_taken_in(session, candidate, target_id)
@@ -167,6 +204,8 @@ class AdminOperations:
             "scope": scope,
             "build": report.build,
             "chip": report.chip,
+            "fw_version": report.fw_version,
+            "fw_type": report.fw_type,
             "percent": candidate.percent,
             "devices": devices,
             "incompatible": incompatible,
@@ -345,15 +384,27 @@ class AdminOperations:
         return device
 
     def _refuse_incompatible(
-        self, device: DeviceIdentity, chip: str | None, session: Session | None = None
+        self,
+        device: DeviceIdentity,
+        image: ImageIdentity,
+        allow_downgrade: bool,
+        session: Session | None = None,
     ) -> None:
-        """A 400 naming both when the device's reported hardware cannot run the image."""
+        """A 400 naming both when the device may not be given the image: another
+        firmware type, a chip that cannot run it, a downgrade not asked for."""
 
         def check(session: Session) -> None:
-            hardware = session.scalar(select(Device.hardware).where(Device.id == device.id))
-            unfit = incompatibility(hardware, chip)
+            reported = session.execute(
+                select(Device.hardware, Device.fw_type, Device.fw_version, Device.build).where(
+                    Device.id == device.id
+                )
+            ).one()
+            unfit = incompatibility(BoardReport(*reported), image, allow_downgrade=allow_downgrade)
             if unfit is not None:
-                raise OtaRequestError(f"Not sent: {unfit}.")
+                hint = (
+                    "" if allow_downgrade or "downgrade" not in unfit else " (allowDowngrade=true)"
+                )
+                raise OtaRequestError(f"Not sent: {unfit}{hint}.")
 
         if session is not None:
             check(session)
@@ -374,7 +425,11 @@ class AdminOperations:
             raise OtaRequestError(str(error)) from None
 
     def _device_rollout(
-        self, device: DeviceIdentity, admin: str, firmware_of: Callable[[Session], Firmware]
+        self,
+        device: DeviceIdentity,
+        admin: str,
+        firmware_of: Callable[[Session], Firmware],
+        allow_downgrade: bool = False,
     ) -> Started:
         """A device rollout for the firmware `firmware_of` gives, offered now if online."""
 
@@ -386,6 +441,7 @@ class AdminOperations:
                 firmware=firmware,
                 started_by=admin,
                 target_id=device.id,
+                controls=Controls(allow_downgrade=allow_downgrade),
             )
             # Asked for by name: sent whatever build the device reports.
             start_tracking(
@@ -396,21 +452,66 @@ class AdminOperations:
                 at=utcnow(),
                 detail=f"targeted by {admin}",
             )
-            return new_offer(candidate_of(rollout), device), firmware.build
+            _replace_unstarted_offers(session, device.id, rollout.id, admin)
+            return new_offer(candidate_of(rollout), device), firmware
 
-        offer, build = self.db.run(start)
+        offer, firmware = self.db.run(start)
         # Connected here: sent now. Connected to another node: that node sends
         # it in its next fill. Offline: offered after its next info message.
+        waiting = None
         if self.online.get_ready(device.token) is not None:
             try:
                 self.send_offer(offer)
             except OfferDeferred as reason:
+                waiting = str(reason)
                 log.info("device %s: update waits: %s", token_tag(device.token), reason)
             except OfferFailed as error:
                 raise OtaRequestError(
                     f"The update could not be sent: {error}. It stays pending for the next login."
                 ) from None
-        return Started(offer.path, offer.rollout_id, RolloutScope.DEVICE, 1, build)
+        return Started(
+            offer.path,
+            offer.rollout_id,
+            RolloutScope.DEVICE,
+            1,
+            firmware.build,
+            _firmware_answer(firmware),
+            waiting,
+        )
+
+
+def _replace_unstarted_offers(
+    session: Session, device_id: int, rollout_id: int, admin: str
+) -> None:
+    """An explicit single-device start re-sends: an `ota` the device holds and
+    has not begun to download (offered, no request yet) stops counting as in
+    flight, so the new one goes out at once (the Blynk server re-sends too).
+    Another single-device rollout's offer is superseded with it; a campaign's
+    row goes back to pending with its attempt given back, for when the
+    single-device rollout lets the device go. A download under way is left:
+    the new offer waits for it to end."""
+    now = utcnow()
+    reason = f"replaced by a single-device update from {admin} before any download"
+    for track, scope in load_tracks(
+        session,
+        Rollout.id == RolloutDevice.rollout_id,
+        RolloutDevice.device_id == device_id,
+        RolloutDevice.rollout_id != rollout_id,
+        RolloutDevice.state == DeviceState.OFFERED,
+        extra=(Rollout.scope,),
+        for_update=True,
+    ):
+        if scope == RolloutScope.DEVICE:
+            move(session, track, DeviceState.SUPERSEDED, now, reason)
+        else:
+            move(
+                session,
+                track,
+                DeviceState.PENDING,
+                now,
+                reason,
+                attempts=max(track.attempts - 1, 0),
+            )
 
 
 def _running(session: Session, rollout_id: int) -> Rollout:

@@ -30,10 +30,13 @@ from ..store import (
 from .errors import OtaRequestError
 from .firmware import ImageReport, inspect_firmware
 from .firmware_store import CacheError, FirmwareCache
+from .signatures import PublicKey
 
 __all__ = [
     "FirmwareCatalog",
     "FirmwareFile",
+    "identity_of",
+    "title_of",
     "Upload",
     "iso",
     "served_path",
@@ -74,19 +77,40 @@ def _is_served_name(name: str) -> bool:
 
 
 class FirmwareCatalog:
-    def __init__(self, db: Database, cache: FirmwareCache, *, validate_image: bool) -> None:
+    def __init__(
+        self,
+        db: Database,
+        cache: FirmwareCache,
+        *,
+        validate_image: bool,
+        signing_keys: dict[str, PublicKey] | None = None,
+    ) -> None:
         self.db = db
         self.cache = cache
         self.validate_image = validate_image
+        self.signing_keys = signing_keys or {}
 
     def inspect(self, upload: Upload) -> ImageReport:
         """Raises FirmwareRejected with the reason in one sentence."""
-        return inspect_firmware(upload.data, validate_image=self.validate_image)
+        return inspect_firmware(
+            upload.data, validate_image=self.validate_image, signing_keys=self.signing_keys
+        )
 
     def add(self, session: Session, upload: Upload, report: ImageReport, admin: str) -> Firmware:
-        """Record an upload (its bytes once per distinct content) in the caller's transaction."""
+        """Record an upload in the caller's transaction; the same bytes as a stored
+        firmware are that firmware (`reused` set on it): one row, one file.
+
+        `live_sha256` is unique: two processes storing the same bytes at once
+        collide on it, and the loser's unit of work runs again (and reuses)."""
         data = upload.data
         sha256 = hashlib.sha256(data).hexdigest()
+        stored = session.scalar(select(Firmware).where(Firmware.live_sha256 == sha256))
+        if stored is not None:
+            stored.reused = True
+            log.info(
+                "upload from %s is firmware %s again (sha256 %s)", admin, stored.name, sha256[:12]
+            )
+            return stored
         md5 = hashlib.md5(data).hexdigest()
         self._store_blob(session, sha256, md5, data)
         firmware = Firmware(
@@ -102,6 +126,11 @@ class FirmwareCatalog:
             sha256=sha256,
             build=report.build,
             chip=report.chip,
+            fw_version=report.fw_version,
+            fw_type=report.fw_type,
+            lib_version=report.lib_version,
+            signed_by=report.signed_by,
+            live_sha256=sha256,
             uploaded_by=admin[:255],
         )
         session.add(firmware)
@@ -207,7 +236,9 @@ class FirmwareCatalog:
             ids = ", ".join(map(str, running))
             raise OtaRequestError(f"Firmware {name} is in use by running rollout(s) {ids}.", 409)
         session.execute(
-            update(Firmware).where(Firmware.id == firmware.id).values(deleted_at=utcnow())
+            update(Firmware)
+            .where(Firmware.id == firmware.id)
+            .values(deleted_at=utcnow(), live_sha256=None)
         )
         shared = session.scalar(
             select(func.count(Firmware.id)).where(
@@ -246,8 +277,30 @@ class FirmwareCatalog:
                     "sha256": firmware.sha256,
                     "build": firmware.build,
                     "chip": firmware.chip,
+                    **identity_of(firmware),
                     "uploaded_by": firmware.uploaded_by,
                     "uploaded_at": iso(firmware.uploaded_at),
                 }
                 for firmware in rows
             ]
+
+
+def identity_of(firmware: Firmware) -> dict:
+    """What the image says of itself, and who signed it: for every answer that shows a firmware."""
+    return {
+        "fw_version": firmware.fw_version,
+        "fw_type": firmware.fw_type,
+        "lib_version": firmware.lib_version,
+        "signed_by": firmware.signed_by,
+        "title": title_of(firmware),
+    }
+
+
+def title_of(firmware: Firmware) -> str:
+    """What a person recognises a firmware by: its version and type where the
+    image names them, else the file's name and build."""
+    if firmware.fw_version:
+        kind = f" ({firmware.fw_type})" if firmware.fw_type else ""
+        return f"{firmware.fw_version}{kind}"
+    build = f", build {firmware.build}" if firmware.build else ""
+    return f"{firmware.original_name}{build}"

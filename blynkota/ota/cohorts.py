@@ -51,6 +51,7 @@ class Controls:
     max_attempts: int | None = None  # ota.max.attempts
     abort_ratio: float | None = None  # ota.abort.failure.ratio
     wave_delay: int | None = None  # seconds a wave runs at least before the next opens
+    allow_downgrade: bool = False  # devices on a newer version or build are offered it too
 
     def __post_init__(self) -> None:
         if self.percent is not None and not 1 <= self.percent <= 100:

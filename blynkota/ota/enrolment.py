@@ -27,6 +27,7 @@ from ..store import (
     RolloutState,
     utcnow,
 )
+from .compatibility import BoardReport
 from .device_states import enter_all
 from .lifecycle import rollout_entry
 from .offers import candidate_of
@@ -115,6 +116,8 @@ class OnlineEnrolment:
                 Device.token,
                 Device.build,
                 Device.hardware,
+                Device.fw_type,
+                Device.fw_version,
                 Device.project_id,
                 Project.user_id,
             )
@@ -130,13 +133,12 @@ class OnlineEnrolment:
         # chunk, not a query per device.
         running = RunningRollouts(session)
         entries = []
-        for device_id, token, build, hardware, project_id, user_id in devices:
+        for device_id, token, build, hardware, fw_type, fw_version, project_id, user_id in devices:
             owner = running.rollout_for(device_id=device_id, project_id=project_id, user_id=user_id)
             if owner is None or owner.rollout_id != rollout_id:
                 continue  # a more specific rollout keeps this device
-            entry = rollout_entry(
-                candidate, device_id, token, build, hardware=hardware, online=True
-            )
+            board = BoardReport(hardware, fw_type, fw_version, build)
+            entry = rollout_entry(candidate, device_id, token, board, online=True)
             if entry is not None:
                 entries.append(entry)
         enter_all(session, entries, utcnow())

@@ -1,8 +1,11 @@
-"""What an uploaded firmware file is: its build date and whether it is a sound image.
+"""What an uploaded firmware file is: its identity and whether it is a sound image.
 
 The build comes from the block the Blynk library compiles into every firmware
 (`blnkinf\\0...\\0build\\0<__DATE__ __TIME__>\\0`), read exactly as the Blynk
 server reads it: the bytes after the first `\\0build\\0`, up to the next NUL.
+The rest of that block (`read_identity`) names the firmware's version (`fw`,
+or `mcu`/`ncp` from library 1.3), its type (`fw-type`) and the library's
+version (`ver`, or `blynk`), as the device's info message does.
 Image checks are esptool's: the same parser the flashing tools use.
 """
 
@@ -11,9 +14,13 @@ import io
 import logging
 from dataclasses import dataclass
 
-__all__ = ["FirmwareRejected", "ImageReport", "read_build", "inspect_firmware"]
+from .signatures import SigningError, signer_of
+
+__all__ = ["FirmwareRejected", "ImageReport", "read_build", "read_identity", "inspect_firmware"]
 
 BUILD_TAG = b"\0build\0"
+INFO_TAG = b"blnkinf\0"
+_INFO_BLOCK_LIMIT = 1024  # bytes of the block read at most: a few dozen short words
 IMAGE_MAGIC = 0xE9
 APP_OFFSET = 0x1000  # where an Arduino ESP8266 file's application image starts
 log = logging.getLogger(__name__)
@@ -29,6 +36,44 @@ class FirmwareRejected(ValueError):
 class ImageReport:
     chip: str | None  # "esp8266", "esp32", "esp32s3", ... or None when not checked
     build: str | None
+    fw_version: str | None = None
+    fw_type: str | None = None
+    lib_version: str | None = None
+    signed_by: str | None = None  # the signing key's fingerprint (signatures.py)
+
+
+# What the image's blnkinf block names, each from the first of its keys present.
+_IDENTITY_KEYS = {
+    "fw_version": ("fw", "mcu", "ncp"),
+    "fw_type": ("fw-type",),
+    "lib_version": ("ver", "blynk"),
+}
+_IDENTITY_LIMITS = {"fw_version": 64, "fw_type": 64, "lib_version": 32}  # their columns
+
+
+def read_identity(data: bytes) -> dict[str, str | None]:
+    """fw_version, fw_type and lib_version from the first `blnkinf` block (None
+    where it has no such key, or no block): words up to the empty one that
+    ends the block, printable ASCII only, each cut to its column."""
+    identity: dict[str, str | None] = dict.fromkeys(_IDENTITY_KEYS)
+    start = data.find(INFO_TAG)
+    if start < 0:
+        return identity
+    block = data[start + len(INFO_TAG) : start + len(INFO_TAG) + _INFO_BLOCK_LIMIT]
+    block = block.split(b"\0\0", 1)[0]
+    words = block.split(b"\0")
+    pairs = {}
+    for key, value in zip(words[0::2], words[1::2], strict=False):
+        try:
+            key_text, value_text = key.decode("ascii"), value.decode("ascii")
+        except UnicodeDecodeError:
+            continue
+        if key_text and value_text.isprintable() and key_text not in pairs:
+            pairs[key_text] = value_text
+    for name, keys in _IDENTITY_KEYS.items():
+        value = next((pairs[key] for key in keys if pairs.get(key)), None)
+        identity[name] = value[: _IDENTITY_LIMITS[name]] if value else None
+    return identity
 
 
 def read_build(data: bytes) -> str | None:
@@ -154,11 +199,20 @@ def _check_image(data: bytes) -> str:
         raise
 
 
-def inspect_firmware(data: bytes, *, validate_image: bool) -> ImageReport:
+def inspect_firmware(
+    data: bytes, *, validate_image: bool, signing_keys: dict | None = None
+) -> ImageReport:
     if validate_image:
         chip = _check_image(data)
     elif data:
         chip = _detect_chip(data) if data[0] == IMAGE_MAGIC else None
     else:
         raise FirmwareRejected("The file is empty.")
-    return ImageReport(chip=chip, build=read_build(data))
+    try:
+        signed_by = signer_of(data, chip, signing_keys or {})
+    except SigningError as error:
+        reason = str(error)
+        raise FirmwareRejected(f"{reason[:1].upper()}{reason[1:]}.") from None
+    return ImageReport(
+        chip=chip, build=read_build(data), signed_by=signed_by, **read_identity(data)
+    )

@@ -42,6 +42,7 @@ class DeviceRow:
     dash_id: int
     build: str | None
     fw_version: str | None
+    fw_type: str | None
     lib_version: str | None
     hardware: str | None
     last_seen_at: datetime | None
@@ -203,6 +204,7 @@ class FleetRegistry:
                     dash_id=project.dash_id,
                     build=device.build,
                     fw_version=device.fw_version,
+                    fw_type=device.fw_type,
                     lib_version=device.lib_version,
                     hardware=device.hardware,
                     last_seen_at=device.last_seen_at,

@@ -29,7 +29,7 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from ..store import DeviceState, Firmware, Node, Rollout, RolloutDevice, RolloutState
-from .compatibility import incompatibility
+from .compatibility import BoardReport
 from .device_states import (
     Track,
     enter_all,
@@ -110,6 +110,12 @@ class ReportedBuild:
     build: str | None
     candidate: "Candidate"
     hardware: str | None = None  # the `dev` it reported
+    fw_type: str | None = None
+    fw_version: str | None = None
+
+    @property
+    def board(self) -> BoardReport:
+        return BoardReport(self.hardware, self.fw_type, self.fw_version, self.build)
 
 
 def _offer_outlived(session: Session, track: Track) -> bool:
@@ -128,24 +134,24 @@ def rollout_entry(
     candidate: "Candidate",
     device_id: int,
     token: str,
-    build: str | None,
+    board: BoardReport,
     *,
-    hardware: str | None = None,
     online: bool = False,
 ) -> dict | None:
     """The row a device enters `candidate` with (for `enter_all`), or None if it
     does not take part: outside the rollout's percentage, or with a build the
-    rollout may not replace. A device whose reported hardware (`dev`) cannot
-    run the image enters as incompatible, with the reason, and is never
-    offered it. `online`: entered while connected (now=true, expand, a grown
-    wave) rather than at its own login, which its event says.
+    rollout may not replace. A device that may not be given the image (another
+    firmware type, a chip that cannot run it, a downgrade: compatibility.py)
+    enters as incompatible, with the reason, and is never offered it.
+    `online`: entered while connected (now=true, expand, a grown wave) rather
+    than at its own login, which its event says.
     """
-    on_target = candidate.build is not None and build == candidate.build
+    on_target = candidate.runs_on(board)
     taking_part, device_bucket, wave = candidate.takes_part(token)
-    if not taking_part or not (on_target or candidate.may_offer(build)):
+    if not taking_part or not (on_target or candidate.may_offer(board.build)):
         return None
     wave_detail = None if wave is None else f"wave {wave} (bucket {device_bucket})"
-    unfit = None if on_target else incompatibility(hardware, candidate.chip)
+    unfit = None if on_target else candidate.unfit_for(board)
     if unfit is not None:
         state, detail = DeviceState.INCOMPATIBLE, unfit
     elif online:
@@ -320,11 +326,7 @@ class UpdateLifecycle:
             track = known.get(pair)
             if track is None:
                 entry = rollout_entry(
-                    report.candidate,
-                    report.device_id,
-                    report.token,
-                    report.build,
-                    hardware=report.hardware,
+                    report.candidate, report.device_id, report.token, report.board
                 )
                 if entry is not None:
                     entering.append(entry)
@@ -343,7 +345,9 @@ class UpdateLifecycle:
         candidate = report.candidate
         if track.state == DeviceState.UPDATED:
             return self._reverted(session, track, report, now)
-        unfit = incompatibility(report.hardware, candidate.chip)
+        board = report.board
+        on_target = candidate.runs_on(board)
+        unfit = None if on_target else candidate.unfit_for(board)
         if track.state == DeviceState.INCOMPATIBLE:
             if unfit is not None:
                 return False
@@ -351,7 +355,7 @@ class UpdateLifecycle:
             move(session, track, DeviceState.PENDING, now, last_error=None)
         if track.state != DeviceState.PENDING:
             return False
-        if candidate.build is not None and report.build == candidate.build:
+        if on_target:
             move(session, track, DeviceState.UPDATED, now)
             return False
         if unfit is not None:
@@ -368,7 +372,7 @@ class UpdateLifecycle:
         while its rollout still owns it: recorded, and offered again under the
         same attempt rules. True if an offer is due now."""
         candidate = report.candidate
-        if candidate.build is None or not report.build or report.build == candidate.build:
+        if candidate.runs_on(report.board) or candidate.build is None or not report.build:
             return False  # still on the target, or nothing to judge by
         reason = f"reverted: came back with build {report.build} after updating"
         changes = {

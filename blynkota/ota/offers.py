@@ -67,4 +67,7 @@ def candidate_of(rollout: Rollout) -> Candidate:
         cohort_seed=rollout.cohort_seed,
         waves=rollout.waves,
         chip=firmware.chip,
+        fw_type=firmware.fw_type,
+        fw_version=firmware.fw_version,
+        allow_downgrade=rollout.allow_downgrade,
     )

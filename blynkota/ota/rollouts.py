@@ -24,6 +24,7 @@ from ..store import (
     utcnow,
 )
 from .cohorts import Controls, bucket, parse_waves, wave_of
+from .compatibility import BoardReport, ImageIdentity, incompatibility, runs_already
 from .lifecycle import UpdateLifecycle
 
 __all__ = ["Candidate", "RolloutPlanner", "RunningRollouts", "running_key", "target_of"]
@@ -49,6 +50,9 @@ _CANDIDATE_COLUMNS = (
     _rollouts.c.cohort_seed,
     _rollouts.c.waves,
     _firmware.c.chip,
+    _firmware.c.fw_type,
+    _firmware.c.fw_version,
+    _rollouts.c.allow_downgrade,
 )
 _ALL_RUNNING = (
     select(
@@ -87,6 +91,21 @@ class Candidate:
     cohort_seed: str = ""
     waves: str | None = None
     chip: str | None = None  # what the image was built for (esptool's name)
+    fw_type: str | None = None  # what the image's blnkinf block says
+    fw_version: str | None = None
+    allow_downgrade: bool = False
+
+    @property
+    def image(self) -> ImageIdentity:
+        return ImageIdentity(self.chip, self.fw_type, self.fw_version, self.build)
+
+    def runs_on(self, board: BoardReport) -> bool:
+        """The device runs this rollout's firmware already (compatibility.py)."""
+        return runs_already(board, self.image)
+
+    def unfit_for(self, board: BoardReport) -> str | None:
+        """Why the device may not be given this rollout's image (compatibility.py)."""
+        return incompatibility(board, self.image, allow_downgrade=self.allow_downgrade)
 
     def takes_part(self, token: str) -> tuple[bool, int, int | None]:
         """(in the rollout now, the device's bucket, its wave) for a partial rollout."""
@@ -184,6 +203,7 @@ class RolloutPlanner:
             started_by=started_by,
             started_at=now,
             push_online=controls.push_online,
+            allow_downgrade=controls.allow_downgrade,
             enrol_due_at=now if controls.push_online else None,
             percent=controls.start_percent,
             waves=",".join(map(str, controls.waves)) or None,

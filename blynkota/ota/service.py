@@ -59,12 +59,15 @@ __all__ = ["DeviceIdentity", "DownloadTicket", "Offer", "OtaRequestError", "OtaS
 log = logging.getLogger(__name__)
 
 # Info-message keys and the Device columns they land in.
+# Each column from the first key of its list the info message has: the
+# library generations name the same things differently (SPEC §7).
 _INFO_COLUMNS = {
-    "ver": "lib_version",
-    "fw": "fw_version",
-    "build": "build",
-    "dev": "hardware",
-    "tmpl": "template_id",
+    "lib_version": ("ver", "blynk"),
+    "fw_version": ("fw", "mcu", "ncp"),
+    "fw_type": ("fw-type",),
+    "build": ("build",),
+    "hardware": ("dev",),
+    "template_id": ("tmpl",),
 }
 _INFO_NUMBERS = {"h-beat": "heartbeat", "buff-in": "buff_in"}
 
@@ -76,17 +79,14 @@ _DEVICES_BY_TOKEN = HotQuery(
 )
 _devices = Device.__table__
 # Reported strings are cut to their columns: a long `ver` must not fail the login.
-_LIMITS = {column: _devices.c[column].type.length for column in _INFO_COLUMNS.values()}
+_LIMITS = {column: _devices.c[column].type.length for column in _INFO_COLUMNS}
 # What an info message writes: every reported column, and when (built once, on the table).
 _REPORTED = ManyRows(
     update(_devices)
     .where(_devices.c.id == bindparam("device"))
     .values(
         last_seen_at=bindparam("now"),
-        **{
-            column: bindparam(column)
-            for column in (*_INFO_COLUMNS.values(), *_INFO_NUMBERS.values())
-        },
+        **{column: bindparam(column) for column in (*_INFO_COLUMNS, *_INFO_NUMBERS.values())},
     )
 )
 # Seconds an owed enrolment is left to the process that answered the request
@@ -180,7 +180,8 @@ class OtaService(AdminOperations):
         or of the database's error. A device session goes idle at once and
         hears the outcome from the event loop (`AsyncResult.rawlink`)."""
         report = {}
-        for key, column in _INFO_COLUMNS.items():
+        for column, keys in _INFO_COLUMNS.items():
+            key = next((key for key in keys if info.get(key)), keys[0])
             value = info.get(key) or None
             if value is not None and len(value) > _LIMITS[column]:
                 value = CUT_VALUES.cut(
@@ -227,7 +228,13 @@ class OtaService(AdminOperations):
                     (
                         index,
                         ReportedBuild(
-                            device.id, device.token, report["build"], candidate, report["hardware"]
+                            device.id,
+                            device.token,
+                            report["build"],
+                            candidate,
+                            report["hardware"],
+                            report["fw_type"],
+                            report["fw_version"],
                         ),
                     )
                 )

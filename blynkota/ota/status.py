@@ -17,7 +17,7 @@ from ..store import (
     RolloutScope,
     User,
 )
-from .catalog import iso, served_path
+from .catalog import identity_of, iso, served_path
 
 __all__ = [
     "fleet_overview",
@@ -80,7 +80,10 @@ def rollout_summaries(
                     "path": served_path(rollout.firmware.name),
                     "build": rollout.firmware.build,
                     "original_name": rollout.firmware.original_name,
+                    "chip": rollout.firmware.chip,
+                    **identity_of(rollout.firmware),
                 },
+                "allow_downgrade": rollout.allow_downgrade,
                 "state": rollout.state,
                 "started_by": rollout.started_by,
                 "started_at": iso(rollout.started_at),
@@ -162,23 +165,29 @@ def online_per_node(session: Session) -> list[tuple[str, int]]:
 
 
 def fleet_overview(session: Session) -> dict:
-    """Devices online per node, and the builds the fleet reports (with how many are online)."""
+    """Devices online per node, and the builds the fleet reports, each with the
+    firmware version, type and library version reported with it (and how many
+    of its devices are online)."""
     online = online_per_node(session)
+    reported = (Device.build, Device.fw_version, Device.fw_type, Device.lib_version)
     builds = session.execute(
-        select(
-            Device.build,
-            func.count(Device.id),
-            func.count(Device.online_since),
-        )
-        .group_by(Device.build)
+        select(*reported, func.count(Device.id), func.count(Device.online_since))
+        .group_by(*reported)
         .order_by(func.count(Device.id).desc())
     ).all()
     return {
-        "devices": sum(count for _build, count, _online in builds),
-        "online": sum(online_count for _build, _count, online_count in builds),
+        "devices": sum(row[4] for row in builds),
+        "online": sum(row[5] for row in builds),
         "nodes": [{"node": node, "online": count} for node, count in online],
         "builds": [
-            {"build": build, "devices": count, "online": online_count}
-            for build, count, online_count in builds
+            {
+                "build": build,
+                "fw_version": fw_version,
+                "fw_type": fw_type,
+                "lib_version": lib_version,
+                "devices": count,
+                "online": online_count,
+            }
+            for build, fw_version, fw_type, lib_version, count, online_count in builds
         ],
     }

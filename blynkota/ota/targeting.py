@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session
 
 from ..numbers import ROW_ID_MAX, whole_number
 from ..store import Device, Project, RolloutScope, User
-from .compatibility import incompatibility
+from .compatibility import BoardReport
 from .errors import OtaRequestError
 from .rollouts import Candidate, RunningRollouts
 
@@ -94,17 +94,20 @@ def devices_taken_in(
         if owner is not None and RolloutScope.BY_PRECEDENCE.index(owner.scope) < precedence:
             continue  # a more specific rollout keeps this device
         taking_part, _, wave = candidate.takes_part(device.token)
-        if taking_part and candidate.may_offer(device.build):
+        board = BoardReport(device.hardware, device.fw_type, device.fw_version, device.build)
+        if taking_part and candidate.may_offer(device.build) and not candidate.runs_on(board):
             entry = {
                 "token": device.token,
                 "user": user.email,
                 "project": project.name,
                 "build": device.build,
                 "hardware": device.hardware,
+                "fw_version": device.fw_version,
+                "fw_type": device.fw_type,
                 "online": device.node_id is not None,
                 "wave": wave,
             }
-            unfit = incompatibility(device.hardware, candidate.chip)
+            unfit = candidate.unfit_for(board)
             if unfit is None:
                 devices.append(entry)
             else:

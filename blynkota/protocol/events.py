@@ -16,8 +16,19 @@ __all__ = [
     "INFO_KEYS",
 ]
 
-# Keys of the info message the C++ library sends right after login.
-INFO_KEYS = frozenset({"ver", "h-beat", "buff-in", "dev", "cpu", "con", "fw", "build", "tmpl"})
+# Keys of the info message the C++ library sends right after login, every
+# generation: 0.6.x (`ver`, `fw`), 1.0-1.2 (`ver`, `fw-type`, `fw`) and 1.3.x
+# on Arduino cores (`mcu` or `ncp`, `fw-type`, `blynk`, no `ver` and no `fw`).
+INFO_KEYS = frozenset(
+    {"ver", "h-beat", "buff-in", "dev", "cpu", "con", "fw", "fw-type", "build", "tmpl"}
+    | {"mcu", "ncp", "blynk"}
+)
+# An INTERNAL frame is an info message when its words are key/value pairs
+# and one of its keys says what only an info message says: the library's
+# timing and buffer (every generation sends them) or a version. Other
+# INTERNAL frames a device sends (`rtc sync`, Edgent's `ota` progress...)
+# have none of these keys.
+_INFO_MARKS = frozenset({"h-beat", "buff-in", "ver", "blynk", "mcu", "ncp", "build"})
 
 
 @dataclass(frozen=True)
@@ -47,7 +58,8 @@ class Internal:
 
     @property
     def is_info(self) -> bool:
-        return bool(self.words) and self.words[0] in INFO_KEYS
+        """Judged by its content, not its first key (1.3.x starts with `mcu`)."""
+        return not _INFO_MARKS.isdisjoint(self.words[0::2])
 
     def info(self) -> dict[str, str]:
         """Key/value pairs of an info message; a key without value is dropped."""

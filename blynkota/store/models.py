@@ -106,9 +106,12 @@ class Device(Base):
     token: Mapped[str] = mapped_column(String(64), unique=True)
     board_type: Mapped[Optional[str]] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # From the info message (SPEC §2): ver, fw, build, dev, h-beat, buff-in, tmpl.
+    # From the info message (SPEC §2, §7): the library's version (`ver`, or
+    # `blynk` from 1.3), the firmware's (`fw`, or `mcu`/`ncp` from 1.3) and
+    # its type (`fw-type`), build, dev, h-beat, buff-in, tmpl.
     lib_version: Mapped[Optional[str]] = mapped_column(String(32))
     fw_version: Mapped[Optional[str]] = mapped_column(String(64))
+    fw_type: Mapped[Optional[str]] = mapped_column(String(64))
     build: Mapped[Optional[str]] = mapped_column(String(64))
     hardware: Mapped[Optional[str]] = mapped_column(String(64))
     heartbeat: Mapped[Optional[int]]
@@ -151,8 +154,22 @@ class Firmware(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     build: Mapped[Optional[str]] = mapped_column(String(64))
     chip: Mapped[Optional[str]] = mapped_column(String(32))
+    # What the image's own `blnkinf` block says (firmware/image.py): the
+    # firmware's version and type, and the Blynk library it was built with.
+    fw_version: Mapped[Optional[str]] = mapped_column(String(64))
+    fw_type: Mapped[Optional[str]] = mapped_column(String(64))
+    lib_version: Mapped[Optional[str]] = mapped_column(String(32))
+    # The SHA-256 fingerprint of the public key whose signature the image
+    # carries (ESP8266 signed OTA, ESP32 Secure Boot V2); NULL: unsigned.
+    signed_by: Mapped[Optional[str]] = mapped_column(String(64))
+    # The content's SHA-256 while the firmware is stored, NULL once deleted:
+    # unique, so the same bytes uploaded twice, by any process, are one row.
+    live_sha256: Mapped[Optional[str]] = mapped_column(String(64), unique=True, index=True)
     uploaded_by: Mapped[str] = mapped_column(String(255))
     uploaded_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Not a column: set by FirmwareCatalog.add on a stored firmware an upload
+    # of the same bytes found (the answer names it as reused).
+    reused = False
     # Deleted by an operator: no longer served, its bytes gone; the row stays
     # for the rollouts that name it in their history.
     deleted_at: Mapped[Optional[datetime]]
@@ -272,6 +289,9 @@ class Rollout(Base):
     # grows through and the success share each needs; the seed hashed with each
     # token to choose who takes part; why it paused.
     push_online: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # allowDowngrade=true: devices on a newer version (or build) are offered
+    # the image; without it they are incompatible ("would downgrade").
+    allow_downgrade: Mapped[bool] = mapped_column(default=False, server_default=false())
     percent: Mapped[int] = mapped_column(default=100, server_default="100")
     waves: Mapped[Optional[str]] = mapped_column(String(64))  # e.g. "10,50,100"
     success_percent: Mapped[Optional[int]]  # to grow to the next wave

@@ -82,10 +82,22 @@ def start_ota() -> Response:
                 "GET /admin/ota/start re-sends an uploaded file: give fileName and token "
                 "(upload a new file with POST)."
             )
-        return _started(service.resend(file_name, token, who, queue=queue))
+        return _started(
+            service.resend(
+                file_name, token, who, queue=queue, allow_downgrade=_flag("allowDowngrade")
+            )
+        )
     if token is not None:
         # Checked before the upload is read, as the Blynk server does.
-        return _started(service.start_for_device(token, _uploaded_file(), who, queue=queue))
+        return _started(
+            service.start_for_device(
+                token,
+                _uploaded_file(),
+                who,
+                queue=queue,
+                allow_downgrade=_flag("allowDowngrade"),
+            )
+        )
     user, project = request.args.get("user"), request.args.get("project")
     controls = _controls()
     if controls.dry_run:
@@ -162,6 +174,7 @@ def _controls() -> Controls:
             max_attempts=_number("maxAttempts", 1, 100),
             abort_ratio=_ratio("abortRatio"),
             wave_delay=_duration("waveDelay", 1, 90 * 86400),
+            allow_downgrade=_flag("allowDowngrade"),
         )
     except ControlsError as error:
         raise OtaRequestError(str(error)) from None

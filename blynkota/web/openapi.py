@@ -51,7 +51,7 @@ _JSON_OK = {"description": "done", "content": {"application/json": {"schema": {}
 # A start answers the path as text (Blynk's answer), or JSON on Accept: application/json.
 _STARTED = {
     "description": "started: the file's path, or with Accept: application/json "
-    "{path, rollout, scope, devices, build}",
+    "{path, rollout, scope, devices, build, firmware, waiting}",
     "content": {
         "text/plain": {"schema": {"type": "string"}},
         "application/json": {
@@ -63,6 +63,26 @@ _STARTED = {
                     "scope": {"type": "string"},
                     "devices": {"type": "integer"},
                     "build": {"type": "string", "nullable": True},
+                    "firmware": {
+                        "type": "object",
+                        "nullable": True,
+                        "description": "the firmware sent: its identity, and whether "
+                        "the upload's bytes were a stored firmware already",
+                        "properties": {
+                            "name": {"type": "string"},
+                            "title": {"type": "string"},
+                            "fw_version": {"type": "string", "nullable": True},
+                            "fw_type": {"type": "string", "nullable": True},
+                            "lib_version": {"type": "string", "nullable": True},
+                            "signed_by": {"type": "string", "nullable": True},
+                            "reused": {"type": "boolean"},
+                        },
+                    },
+                    "waiting": {
+                        "type": "string",
+                        "nullable": True,
+                        "description": "why a single-device update waits (a download under way)",
+                    },
                 },
             }
         },
@@ -104,6 +124,11 @@ _CAMPAIGN = [
     _query("maxAttempts", "attempts per device (ota.max.attempts)", _INT),
     _query("abortRatio", "failure share that pauses it, 0 to 1 (ota.abort.failure.ratio)"),
     _query("waveDelay", "with waves: the least time (90s, 15m, 24h) between two waves"),
+    _query(
+        "allowDowngrade",
+        "offer devices on a newer firmware version (or build) than the image's too",
+        _FLAG,
+    ),
 ]
 
 
@@ -140,6 +165,9 @@ OPENAPI = {
                     _query("fileName", "the served name from an earlier upload"),
                     _query("token", "the device"),
                     _query("queue", "keep it pending for an offline device", _FLAG),
+                    _query(
+                        "allowDowngrade", "send it even if it is older than the device's", _FLAG
+                    ),
                 ],
                 "responses": _answers(_STARTED),
             },
