@@ -5,15 +5,18 @@ device socket. `cut()` closes every connection and refuses new ones (the
 database server is down); `restore()` listens on the same port again.
 `hang()` holds every byte where it is, connections left open (the network
 drops packets, or the server is stopped with SIGSTOP); `flow()` lets them
-through again. `shut_down()` is MariaDB stopping: no new connections, and
-the next command on an open one is answered with error 1053 ("Server
-shutdown in progress") before the connection closes; `restore()` ends it.
+through again. `slow(seconds)` holds every chunk that long before passing
+it on (a database far away, or overloaded). `shut_down()` is MariaDB
+stopping: no new connections, and the next command on an open one is
+answered with error 1053 ("Server shutdown in progress") before the
+connection closes; `restore()` ends it.
 """
 
 import contextlib
 import socket
 import struct
 import threading
+import time
 
 __all__ = ["CuttableProxy"]
 
@@ -34,6 +37,7 @@ class CuttableProxy:
         self._flowing = threading.Event()
         self._flowing.set()
         self._shutting_down = False
+        self._delay = 0.0
         self._clients: set[socket.socket] = set()
 
     def start(self) -> "CuttableProxy":
@@ -67,6 +71,8 @@ class CuttableProxy:
     def _pump(self, source: socket.socket, target: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                if self._delay:
+                    time.sleep(self._delay)
                 self._flowing.wait()
                 if self._shutting_down and source in self._clients:
                     source.sendall(_ERR_1053_PACKET)
@@ -101,6 +107,9 @@ class CuttableProxy:
                 self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
+
+    def slow(self, seconds: float) -> None:
+        self._delay = seconds
 
     def hang(self) -> None:
         self._flowing.clear()
