@@ -561,8 +561,11 @@ def test_token_with_user_or_project_is_refused(server, pump):
         assert answer.status == 400 and "not both" in answer.text
 
 
-def test_ten_uploads_at_once_to_one_device_send_it_one_ota(server, simulated, pump, app):
-    """At most one `ota` in flight per device: the others wait their turn."""
+def test_ten_uploads_at_once_to_one_device_leave_it_one_ota_in_flight(server, simulated, pump, app):
+    """At most one `ota` in flight per device. Each explicit start re-sends
+    (issue 25): it replaces an offer the device has not begun to download, so
+    the device may hear several, but one offer is in flight, and every frame
+    it heard is journaled."""
     device = simulated(pump, BUILD_OLD, fail="refuse")  # takes the ota, never downloads
     wait_until(device.ready.is_set)
     images = [esp8266_image(f"Nov 29 2018 12:00:{n:02d}") for n in range(10)]
@@ -572,8 +575,16 @@ def test_ten_uploads_at_once_to_one_device_send_it_one_ota(server, simulated, pu
     gevent.joinall(uploads, timeout=60, raise_error=True)
     assert all(upload.value.status == 200 for upload in uploads)
     gevent.sleep(1)
-    assert len(device.ota_urls) == 1
-    assert rows(app, "SELECT count(*) AS n FROM ota_commands")[0]["n"] == 1
+    in_flight = rows(
+        app,
+        "SELECT d.state, c.url FROM rollout_devices d JOIN ota_commands c "
+        "ON c.rollout_id = d.rollout_id AND c.device_id = d.device_id "
+        "WHERE d.state IN ('offered', 'downloading', 'downloaded')",
+    )
+    assert len(in_flight) == 1 and in_flight[0]["state"] == "offered"
+    assert 1 <= len(device.ota_urls) <= 10
+    assert in_flight[0]["url"] in device.ota_urls
+    assert rows(app, "SELECT count(*) AS n FROM ota_commands")[0]["n"] == len(device.ota_urls)
 
 
 def _upload_dropped(server, image: bytes, *, extra_length: int, sent_share: float) -> None:

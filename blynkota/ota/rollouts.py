@@ -8,6 +8,7 @@ all-devices update ping-pong a board between two builds; here a device only
 ever looks at the one rollout that targets it most closely.
 """
 
+import functools
 from dataclasses import dataclass
 
 from sqlalchemy import exists, insert, select, update
@@ -95,7 +96,7 @@ class Candidate:
     fw_version: str | None = None
     allow_downgrade: bool = False
 
-    @property
+    @functools.cached_property  # judged for every device a login batch reports
     def image(self) -> ImageIdentity:
         return ImageIdentity(self.chip, self.fw_type, self.fw_version, self.build)
 
