@@ -14,6 +14,7 @@ import io
 import logging
 from dataclasses import dataclass
 
+from ..protocol import identity_words
 from .signatures import SigningError, signer_of
 
 __all__ = ["FirmwareRejected", "ImageReport", "read_build", "read_identity", "inspect_firmware"]
@@ -42,12 +43,6 @@ class ImageReport:
     signed_by: str | None = None  # the signing key's fingerprint (signatures.py)
 
 
-# What the image's blnkinf block names, each from the first of its keys present.
-_IDENTITY_KEYS = {
-    "fw_version": ("fw", "mcu", "ncp"),
-    "fw_type": ("fw-type",),
-    "lib_version": ("ver", "blynk"),
-}
 _IDENTITY_LIMITS = {"fw_version": 64, "fw_type": 64, "lib_version": 32}  # their columns
 
 
@@ -55,10 +50,9 @@ def read_identity(data: bytes) -> dict[str, str | None]:
     """fw_version, fw_type and lib_version from the first `blnkinf` block (None
     where it has no such key, or no block): words up to the empty one that
     ends the block, printable ASCII only, each cut to its column."""
-    identity: dict[str, str | None] = dict.fromkeys(_IDENTITY_KEYS)
     start = data.find(INFO_TAG)
     if start < 0:
-        return identity
+        return identity_words({})
     block = data[start + len(INFO_TAG) : start + len(INFO_TAG) + _INFO_BLOCK_LIMIT]
     block = block.split(b"\0\0", 1)[0]
     words = block.split(b"\0")
@@ -70,10 +64,10 @@ def read_identity(data: bytes) -> dict[str, str | None]:
             continue
         if key_text and value_text.isprintable() and key_text not in pairs:
             pairs[key_text] = value_text
-    for name, keys in _IDENTITY_KEYS.items():
-        value = next((pairs[key] for key in keys if pairs.get(key)), None)
-        identity[name] = value[: _IDENTITY_LIMITS[name]] if value else None
-    return identity
+    return {
+        name: value and value[: _IDENTITY_LIMITS[name]]
+        for name, value in identity_words(pairs).items()
+    }
 
 
 def read_build(data: bytes) -> str | None:

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from .. import metrics
 from ..cluster import ClusterNode, lock_offer_slots
 from ..logsafe import CUT_VALUES, token_tag
-from ..protocol import info_number
+from ..protocol import IDENTITY_KEYS, info_number
 from ..store import (
     Database,
     Device,
@@ -58,13 +58,11 @@ __all__ = ["DeviceIdentity", "DownloadTicket", "Offer", "OtaRequestError", "OtaS
 
 log = logging.getLogger(__name__)
 
-# Info-message keys and the Device columns they land in.
-# Each column from the first key of its list the info message has: the
-# library generations name the same things differently (SPEC §7).
+# Info-message keys and the Device columns they land in: each column from
+# the first key of its list the info message has (the library generations
+# name the same things differently, SPEC §7).
 _INFO_COLUMNS = {
-    "lib_version": ("ver", "blynk"),
-    "fw_version": ("fw", "mcu", "ncp"),
-    "fw_type": ("fw-type",),
+    **IDENTITY_KEYS,
     "build": ("build",),
     "hardware": ("dev",),
     "template_id": ("tmpl",),

@@ -17,6 +17,7 @@ from .codec import (
 )
 from .constants import HEADER_SIZE, OTA_MSG_ID, Command, Status
 from .events import (
+    IDENTITY_KEYS,
     INFO_KEYS,
     Event,
     Ignored,
@@ -25,6 +26,7 @@ from .events import (
     Ping,
     Response,
     Unknown,
+    identity_words,
     info_number,
 )
 
@@ -46,6 +48,7 @@ __all__ = [
     "OTA_MSG_ID",
     "Command",
     "Status",
+    "IDENTITY_KEYS",
     "INFO_KEYS",
     "Event",
     "Ignored",
@@ -54,5 +57,6 @@ __all__ = [
     "Ping",
     "Response",
     "Unknown",
+    "identity_words",
     "info_number",
 ]

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from ..numbers import whole_number
 
 __all__ = [
+    "IDENTITY_KEYS",
+    "identity_words",
     "info_number",
     "Event",
     "Login",
@@ -23,6 +25,25 @@ INFO_KEYS = frozenset(
     {"ver", "h-beat", "buff-in", "dev", "cpu", "con", "fw", "fw-type", "build", "tmpl"}
     | {"mcu", "ncp", "blynk"}
 )
+# What a firmware says of itself, in the info message and in the image's
+# `blnkinf` block alike: each from the first of its keys present, as the
+# library generations name the same things differently.
+IDENTITY_KEYS = {
+    "fw_version": ("fw", "mcu", "ncp"),
+    "fw_type": ("fw-type",),
+    "lib_version": ("ver", "blynk"),
+}
+
+
+def identity_words(pairs: dict[str, str]) -> dict[str, str | None]:
+    """fw_version, fw_type and lib_version from an info message's (or a
+    block's) key/value pairs; None where none of the keys has a value."""
+    return {
+        name: next((pairs[key] for key in keys if pairs.get(key)), None)
+        for name, keys in IDENTITY_KEYS.items()
+    }
+
+
 # An INTERNAL frame is an info message when its words are key/value pairs
 # and one of its keys says what only an info message says: the library's
 # timing and buffer (every generation sends them) or a version. Other
