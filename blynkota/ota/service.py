@@ -178,9 +178,12 @@ class OtaService(AdminOperations):
         or of the database's error. A device session goes idle at once and
         hears the outcome from the event loop (`AsyncResult.rawlink`)."""
         report = {}
+        get = info.get
         for column, keys in _INFO_COLUMNS.items():
-            key = next((key for key in keys if info.get(key)), keys[0])
-            value = info.get(key) or None
+            for key in keys:  # plain loops: this runs for every login
+                value = get(key) or None
+                if value is not None:
+                    break
             if value is not None and len(value) > _LIMITS[column]:
                 value = CUT_VALUES.cut(
                     value, _LIMITS[column], key=key, holder=f"device {token_tag(device.token)}"
