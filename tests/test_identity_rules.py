@@ -140,7 +140,9 @@ def test_without_versions_builds_are_compared_as_dates():
     )
     assert incompatibility(newer, image, allow_downgrade=True) is None
     assert incompatibility(BoardReport(build="Jan  1 2016 00:00:00"), image) is None
-    assert build_date("May  8 2018 19:30:18").day == 8 and build_date("not a date") is None
+    assert build_date("May  8 2018 19:30:18") == (2018, 5, 8, 19, 30, 18)
+    assert build_date("not a date") is None and build_date("May  ² 2018 19:30:18") is None
+    assert build_date("Jan  1 2018") is None
     assert incompatibility(BoardReport(build="whenever"), image) is None  # nothing to judge by
 
 

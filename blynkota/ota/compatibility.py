@@ -20,9 +20,9 @@ type, version, build). In this order:
    dates they are), is not offered it unless the rollout allows downgrades.
 """
 
+import functools
 import re
 from dataclasses import dataclass
-from datetime import datetime
 
 __all__ = [
     "BOARD_CHIPS",
@@ -88,11 +88,20 @@ class ImageIdentity:
     fw_version: str | None = None
     build: str | None = None
 
+    # Parsed once per image: a login batch judges every device against it.
+    @functools.cached_property
+    def version_order(self) -> tuple | None:
+        return version_key(self.fw_version) if self.fw_version else None
+
+    @functools.cached_property
+    def build_order(self) -> tuple | None:
+        return build_date(self.build)
+
 
 def runs_already(board: BoardReport, image: ImageIdentity) -> bool:
     """The device runs this image's firmware: the same version, or the same build."""
     if board.fw_version and image.fw_version:
-        return version_key(board.fw_version) == version_key(image.fw_version)
+        return version_key(board.fw_version) == image.version_order
     return image.build is not None and board.build == image.build
 
 
@@ -108,11 +117,14 @@ def incompatibility(
     if unfit is not None or allow_downgrade:
         return unfit
     if board.fw_version and image.fw_version:
-        if version_key(board.fw_version) > version_key(image.fw_version):
+        if version_key(board.fw_version) > image.version_order:
             return f"would downgrade {board.fw_version[:64]} to {image.fw_version[:64]}"
         return None
-    device_date, image_date = build_date(board.build), build_date(image.build)
-    if device_date is not None and image_date is not None and device_date > image_date:
+    image_date = image.build_order
+    if image_date is None:
+        return None
+    device_date = build_date(board.build)
+    if device_date is not None and device_date > image_date:
         return f"would downgrade build {board.build} to {image.build}"
     return None
 
@@ -156,12 +168,24 @@ def version_key(version: str) -> tuple:
     return (tuple(numbers), 0, identifiers)
 
 
-def build_date(build: str | None) -> datetime | None:
+_MONTHS = {
+    name: number
+    for number, name in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
+    )
+}
+
+
+def build_date(build: str | None) -> tuple[int, ...] | None:
     """`__DATE__ __TIME__` ("Aug 14 2017 20:31:49", single-digit days padded
-    with a space) as a time; None for anything else."""
-    if not build:
+    with a space) as (year, month, day, hour, minute, second), which orders
+    as time does; None for anything else. Read by hand, not by strptime:
+    every login of a campaign asks."""
+    parts = build.split() if build else ()
+    if len(parts) != 4 or parts[0] not in _MONTHS:
         return None
-    try:
-        return datetime.strptime(" ".join(build.split()), "%b %d %Y %H:%M:%S")
-    except ValueError:
+    numbers = (parts[2], parts[1], *parts[3].split(":"))
+    if len(numbers) != 5 or not all(part.isascii() and part.isdigit() for part in numbers):
         return None
+    year, day, hour, minute, second = map(int, numbers)
+    return (year, _MONTHS[parts[0]], day, hour, minute, second)

@@ -124,13 +124,12 @@ class Candidate:
         return bool(reported_build) and reported_build != self.build
 
 
-def _most_specific(rows) -> Candidate | None:
-    best = min(
+def _most_specific(rows):
+    return min(
         rows,
         key=lambda row: (RolloutScope.BY_PRECEDENCE.index(row[1]), -row[0]),
         default=None,
     )
-    return None if best is None else Candidate(*best[: len(_CANDIDATE_COLUMNS)])
 
 
 class RunningRollouts:
@@ -145,6 +144,9 @@ class RunningRollouts:
     def __init__(self, session: Session) -> None:
         self._everyone = []
         self._by_target: dict[tuple[str, int], list] = {}
+        # One Candidate per rollout, shared by every device it owns: what it
+        # parses once (its image's version and build) serves the whole batch.
+        self._candidates: dict[int, Candidate] = {}
         for row in session.execute(_ALL_RUNNING).all():
             if row.scope == RolloutScope.ALL:
                 self._everyone.append(row)
@@ -158,7 +160,13 @@ class RunningRollouts:
             *self._by_target.get((RolloutScope.PROJECT, project_id), ()),
             *self._by_target.get((RolloutScope.USER, user_id), ()),
         ]
-        return _most_specific(rows)
+        best = _most_specific(rows)
+        if best is None:
+            return None
+        candidate = self._candidates.get(best[0])
+        if candidate is None:
+            candidate = self._candidates[best[0]] = Candidate(*best[: len(_CANDIDATE_COLUMNS)])
+        return candidate
 
 
 def target_of(rollout) -> int | None:
