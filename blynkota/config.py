@@ -122,9 +122,7 @@ def _read_file(path: Path, warnings: list[str]) -> dict[str, str]:
             values[key] = str((path.parent / Path(values[key]).expanduser()).absolute())
     if values.get("ota.signing.keys"):  # a list of paths, each relative to the file
         values["ota.signing.keys"] = ",".join(
-            str((path.parent / Path(part.strip()).expanduser()).absolute())
-            for part in values["ota.signing.keys"].split(",")
-            if part.strip()
+            str((path.parent / part).absolute()) for part in _paths(values["ota.signing.keys"])
         )
     return {key: value for key, value in values.items() if key in DEFAULTS}
 
@@ -210,6 +208,11 @@ def _number(values: Mapping[str, str], key: str, low: float, high: float) -> flo
     if not low <= number <= high:
         raise ConfigError(f"{key}: {number:g} is not between {low:g} and {high:g}")
     return number
+
+
+def _paths(text: str) -> tuple[Path, ...]:
+    """A comma-separated list of paths (`~` expanded), empty items left out."""
+    return tuple(Path(part.strip()).expanduser() for part in text.split(",") if part.strip())
 
 
 def _boolean(values: Mapping[str, str], key: str) -> bool:
@@ -326,11 +329,7 @@ def load_settings(
         ssl_key=Path(values["server.ssl.key"] or tls_folder / "key.pem"),
         ota_max_size=_integer(values, "ota.max.size", 1, 1 << 31),
         ota_validate_image=_boolean(values, "ota.validate.image"),
-        ota_signing_keys=tuple(
-            Path(part.strip()).expanduser()
-            for part in values["ota.signing.keys"].split(",")
-            if part.strip()
-        ),
+        ota_signing_keys=_paths(values["ota.signing.keys"]),
         ota_max_attempts=_integer(values, "ota.max.attempts", 1, 100),
         ota_retry_backoff=_number(values, "ota.retry.backoff", 0, 7 * 86400),
         ota_attempt_timeout=_number(values, "ota.attempt.timeout", 0.1, 7 * 86400),

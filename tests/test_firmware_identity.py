@@ -254,3 +254,12 @@ def test_the_simulator_speaks_every_library_layout(server, fleet, app):
     assert run.returncode == 0, run.stderr
     reported = rows(app, "SELECT fw_version, fw_type, lib_version, hardware FROM devices")
     assert reported == [("2.0.0", TYPE, "1.3.2", "NodeMCU")]
+
+
+def test_an_images_version_past_its_column_is_cut_counted_and_told(server, app):
+    long_version = "1." + "9" * 100
+    answer = start(server, "", image_1_3(long_version))
+    assert answer.status == 200, answer.text
+    assert rows(app, "SELECT fw_version FROM firmware") == [(long_version[:64],)]
+    metrics = server.admin("GET", "/metrics", auth=None, secure=False).text
+    assert 'blynkota_values_cut_total{key="fw_version"} 1.0' in metrics

@@ -253,3 +253,9 @@ def test_signing_keys_must_be_pem_public_keys(tmp_path, rsa_keys):
         load_public_keys([good, tmp_path / "junk.pem"])
     with pytest.raises(ValueError, match="missing.pem: cannot read it"):
         load_public_keys([tmp_path / "missing.pem"])
+
+
+def test_the_block_s_words_are_read_whole_and_cut_only_where_they_are_stored():
+    long_version = "1." + "9" * 100
+    identity = read_identity(esp8266_image(BUILD, fields={"mcu": long_version, "blynk": "1.3.2"}))
+    assert identity["fw_version"] == long_version  # the catalog cuts it to its column, and says so

@@ -85,8 +85,7 @@ class AdminOperations:
         """Upload and send to one device now (Blynk's ?token=), or at its next login."""
         device = self._device_for_admin(token, queue=queue)
         report = self._inspect(upload)
-        image = ImageIdentity(report.chip, report.fw_type, report.fw_version, report.build)
-        self._refuse_incompatible(device, image, allow_downgrade)
+        self._refuse_incompatible(device, ImageIdentity.of(report), allow_downgrade)
         return self._device_rollout(
             device,
             admin,
@@ -105,10 +104,7 @@ class AdminOperations:
             firmware = self.catalog.by_name(session, name)
             if firmware is None:
                 raise OtaRequestError("Requested file not found.")
-            image = ImageIdentity(
-                firmware.chip, firmware.fw_type, firmware.fw_version, firmware.build
-            )
-            self._refuse_incompatible(device, image, allow_downgrade, session)
+            self._refuse_incompatible(device, ImageIdentity.of(firmware), allow_downgrade, session)
             return firmware
 
         return self._device_rollout(device, admin, uploaded, allow_downgrade)
@@ -398,8 +394,9 @@ class AdminOperations:
                 select(Device.hardware, Device.fw_type, Device.fw_version, Device.build).where(
                     Device.id == device.id
                 )
-            ).one()
-            unfit = incompatibility(BoardReport(*reported), image, allow_downgrade=allow_downgrade)
+            ).first()
+            board = BoardReport(*reported) if reported is not None else BoardReport()
+            unfit = incompatibility(board, image, allow_downgrade=allow_downgrade)
             if unfit is not None:
                 hint = (
                     "" if allow_downgrade or "downgrade" not in unfit else " (allowDowngrade=true)"

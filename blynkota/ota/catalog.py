@@ -17,6 +17,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from ..logsafe import CUT_VALUES
+from ..protocol import IDENTITY_KEYS
 from ..store import (
     CHUNK_BYTES,
     Database,
@@ -126,9 +127,10 @@ class FirmwareCatalog:
             sha256=sha256,
             build=report.build,
             chip=report.chip,
-            fw_version=report.fw_version,
-            fw_type=report.fw_type,
-            lib_version=report.lib_version,
+            **{
+                column: _cut_to_column(getattr(report, column), column, sha256)
+                for column in IDENTITY_KEYS
+            },
             signed_by=report.signed_by,
             live_sha256=sha256,
             uploaded_by=admin[:255],
@@ -283,6 +285,14 @@ class FirmwareCatalog:
                 }
                 for firmware in rows
             ]
+
+
+def _cut_to_column(value: str | None, column: str, sha256: str) -> str | None:
+    """An image's own word, cut to its firmware column if it must be (counted and told)."""
+    if value is None:
+        return None
+    limit = Firmware.__table__.c[column].type.length
+    return CUT_VALUES.cut(value, limit, key=column, holder=f"upload {sha256[:12]}")
 
 
 def identity_of(firmware: Firmware) -> dict:

@@ -88,6 +88,11 @@ class ImageIdentity:
     fw_version: str | None = None
     build: str | None = None
 
+    @classmethod
+    def of(cls, source) -> "ImageIdentity":
+        """From anything that names them: an upload's report, a firmware row, a Candidate."""
+        return cls(source.chip, source.fw_type, source.fw_version, source.build)
+
     # Parsed once per image: a login batch judges every device against it.
     @functools.cached_property
     def version_order(self) -> tuple | None:

@@ -43,13 +43,11 @@ class ImageReport:
     signed_by: str | None = None  # the signing key's fingerprint (signatures.py)
 
 
-_IDENTITY_LIMITS = {"fw_version": 64, "fw_type": 64, "lib_version": 32}  # their columns
-
-
 def read_identity(data: bytes) -> dict[str, str | None]:
     """fw_version, fw_type and lib_version from the first `blnkinf` block (None
     where it has no such key, or no block): words up to the empty one that
-    ends the block, printable ASCII only, each cut to its column."""
+    ends the block, printable ASCII only (the catalog cuts them to their
+    columns, and says so)."""
     start = data.find(INFO_TAG)
     if start < 0:
         return identity_words({})
@@ -64,10 +62,7 @@ def read_identity(data: bytes) -> dict[str, str | None]:
             continue
         if key_text and value_text.isprintable() and key_text not in pairs:
             pairs[key_text] = value_text
-    return {
-        name: value and value[: _IDENTITY_LIMITS[name]]
-        for name, value in identity_words(pairs).items()
-    }
+    return identity_words(pairs)
 
 
 def read_build(data: bytes) -> str | None:

@@ -98,7 +98,7 @@ class Candidate:
 
     @functools.cached_property  # judged for every device a login batch reports
     def image(self) -> ImageIdentity:
-        return ImageIdentity(self.chip, self.fw_type, self.fw_version, self.build)
+        return ImageIdentity.of(self)
 
     def runs_on(self, board: BoardReport) -> bool:
         """The device runs this rollout's firmware already (compatibility.py)."""
