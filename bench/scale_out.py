@@ -204,7 +204,9 @@ def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict
         sampled = in_session[:: max(1, len(in_session) // TOKEN_SAMPLES)][:TOKEN_SAMPLES]
         for device in sampled:
             asked = time.monotonic()
-            service.start_for_device(device.token, Upload(image, "one.bin"), "bench", queue=False)
+            service.admin.start_for_device(
+                device.token, Upload(image, "one.bin"), "bench", queue=False
+            )
             while device.offered_at is None and time.monotonic() - asked < 10:
                 gevent.sleep(0.005)
             if device.offered_at is not None:
@@ -216,7 +218,7 @@ def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict
         print(f"  ?token=: {len(latencies)} of {TOKEN_SAMPLES} offered", flush=True)
 
         cpu_before, started = cpu_seconds(pids), time.monotonic()
-        service.start_campaign(
+        service.admin.start_campaign(
             Upload(esp8266_image(NEW), "bench.bin"), "bench", controls=Controls(push_online=True)
         )
         answered = time.monotonic() - started  # what the admin request waits for

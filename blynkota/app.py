@@ -14,10 +14,10 @@ from .ota import (
     FleetPolicy,
     FleetRegistry,
     OnlineDevices,
-    OtaService,
     RetryPolicy,
+    build_service,
 )
-from .ota.signatures import load_public_keys
+from .ota.firmware.signatures import load_public_keys
 from .store import Database
 
 __all__ = ["create_app"]
@@ -67,7 +67,7 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     control.health = db.health  # one outage, logged once
     node = ClusterNode(db, NodeSettings(heartbeat=settings.node_heartbeat), control=control)
     app.extensions["blynkota.control_db"] = node.control
-    app.extensions["blynkota"] = OtaService(
+    app.extensions["blynkota"] = build_service(
         db, catalog, OnlineDevices(), node, policy=policy, fleet_policy=fleet_policy
     )
     app.extensions["blynkota.fleet"] = FleetRegistry(db)

@@ -15,7 +15,7 @@ from .config import ConfigError
 from .ota import (
     BlynkDataError,
     NewDevice,
-    OtaRequestError,
+    OtaError,
     ProvisioningError,
     read_blynk_folder,
 )
@@ -215,10 +215,10 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 def ota_status(rollout: int | None) -> None:
     """Every rollout with its counts; with ROLLOUT, that one's devices."""
     upgrade(current_app.config["SETTINGS"].db_url)
-    service = current_app.extensions["blynkota"]
+    service = current_app.extensions["blynkota"].admin
     try:
         summaries = [service.detail(rollout)] if rollout is not None else service.status()
-    except OtaRequestError as error:
+    except OtaError as error:
         raise click.ClickException(str(error)) from None
     states = DeviceState.ALL
     rows = [("ID", "SCOPE", "TARGET", "BUILD", "STATE", *(s.upper() for s in states))]

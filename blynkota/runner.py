@@ -158,9 +158,7 @@ class BlynkotaServer:
         self._stopped = Event()
         # Set at stop: a clock asleep between ticks ends at once, not after its interval.
         self._stopping = Event()
-        self._wake_fill = Event()
         self._wake_presence = Event()
-        self.service.wake_fill = self._wake_fill.set
         self.db.health.recovered = self._wake_presence.set
         self._clocks: list[gevent.Greenlet] = []
         self._readiness = app.extensions["blynkota.readiness"]
@@ -202,7 +200,9 @@ class BlynkotaServer:
             sniff_timeout=settings.login_timeout,
             max_connections=settings.max_connections,
             max_http_connections=settings.max_http_connections,
-            file_sender=FirmwareSender(self.service, idle_timeout=HTTP_IDLE_TIMEOUT).serve,
+            file_sender=FirmwareSender(
+                self.service.catalog, self.service.downloads, idle_timeout=HTTP_IDLE_TIMEOUT
+            ).serve,
             device_starter=self._start_device_here,
         )
         port = listener.getsockname()[1]
@@ -311,14 +311,14 @@ class BlynkotaServer:
 
     def _fill_forever(self) -> None:
         def tick() -> None:
-            sent = self.service.fill(FILL_BATCH)
+            sent = self.service.offers.fill(FILL_BATCH)
             if sent >= FILL_BATCH:
-                self._wake_fill.set()  # a full batch: more are waiting (now=true), go on
+                self.service.fill_due.set()  # a full batch: more are waiting (now=true), go on
                 gevent.sleep(0)
             elif sent:
                 gevent.sleep(FILL_MIN_GAP)  # slots free up in bursts: one fill serves them
 
-        self._run_clock("offer fill", self.settings.node_poll_interval, self._wake_fill, tick)
+        self._run_clock("offer fill", self.settings.node_poll_interval, self.service.fill_due, tick)
 
     def _sweep_forever(self, lease: Lease) -> None:
         next_tidy = time.monotonic()
@@ -331,7 +331,7 @@ class BlynkotaServer:
                 next_tidy = time.monotonic() + TIDY_EVERY
                 self.app.extensions["blynkota.admins"].limits.forget_quiet()
             with SWEEPS.time():
-                timed_out, entered = self.service.sweep()
+                timed_out, entered = self.service.clock.sweep()
             if timed_out or entered:
                 log.info(
                     "sweep: %d attempt(s) timed out, %d device(s) entered a grown wave",
@@ -357,7 +357,7 @@ class BlynkotaServer:
         return DeviceSession(
             sock,
             address,
-            self.service,
+            self.service.devices,
             self.service.online,
             login_timeout=self.settings.login_timeout,
             max_messages_per_sec=self.settings.max_messages_per_sec,
@@ -377,7 +377,7 @@ class BlynkotaServer:
         self._stopping.set()
         for name in self._readiness.listeners:  # a load balancer stops sending new work
             self._readiness.listeners[name] = False
-        self._wake_fill.set()
+        self.service.fill_due.set()
         self._wake_presence.set()
         gevent.joinall(self._clocks, timeout=grace + 1)
         gevent.killall(self._clocks, block=False)

@@ -23,7 +23,7 @@ from gevent import socket
 from gevent.event import Event
 from gevent.pool import Pool
 
-from .ota.firmware import IMAGE_MAGIC, read_build, read_identity
+from .ota.firmware.image import IMAGE_MAGIC, read_build, read_identity
 from .protocol import (
     NEED_DATA,
     FrameReader,

@@ -12,7 +12,7 @@ import sqlalchemy
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from blynkota.ota.signatures import fingerprint
+from blynkota.ota.firmware.signatures import fingerprint
 
 from .devices import BUILD_NEW, BUILD_OLD
 from .images import esp32_image, esp8266_image

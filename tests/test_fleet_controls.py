@@ -9,7 +9,7 @@ import gevent
 import pytest
 import sqlalchemy
 
-from blynkota.ota.cohorts import bucket
+from blynkota.ota.rollouts.cohorts import bucket
 from blynkota.simulator import SimulatedDevice
 
 from .devices import BUILD_NEW, BUILD_OLD

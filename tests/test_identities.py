@@ -2,8 +2,7 @@
 
 import time
 
-from blynkota.ota.identities import IdentityCache
-from blynkota.ota.offers import DeviceIdentity
+from blynkota.ota.fleet.identities import DeviceIdentity, IdentityCache
 
 
 def identity(n: int) -> DeviceIdentity:

@@ -12,7 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from blynkota.ota.compatibility import (
+from blynkota.ota.firmware.image import FirmwareRejected, inspect_firmware, read_identity
+from blynkota.ota.firmware.signatures import UNVERIFIED, fingerprint, load_public_keys
+from blynkota.ota.rollouts.compatibility import (
     BOARD_CHIPS,
     BoardReport,
     ImageIdentity,
@@ -21,8 +23,6 @@ from blynkota.ota.compatibility import (
     runs_already,
     version_key,
 )
-from blynkota.ota.firmware import FirmwareRejected, inspect_firmware, read_identity
-from blynkota.ota.signatures import UNVERIFIED, fingerprint, load_public_keys
 
 from .images import esp32_image, esp8266_image
 

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy
 
 from blynkota.ota import TRANSITIONS, IllegalDeviceTransition
-from blynkota.ota.device_states import move, start_tracking
+from blynkota.ota.rollouts.device_states import move, start_tracking
 from blynkota.simulator import SimulatedDevice
 from blynkota.store import DeviceState, Firmware, Rollout, utcnow
 

@@ -28,7 +28,9 @@ def one(engine, sql: str, **params):
 def queued_update(app, token: str, state: str) -> int:
     """A device rollout for `token` whose row is put in `state`, as if offered; its id."""
     service = app.extensions["blynkota"]
-    service.start_for_device(token, Upload(esp8266_image(BUILD_NEW), "fw.bin"), "t", queue=True)
+    service.admin.start_for_device(
+        token, Upload(esp8266_image(BUILD_NEW), "fw.bin"), "t", queue=True
+    )
     engine = app.extensions["blynkota.db"].engine
     with engine.begin() as connection:
         connection.execute(
@@ -52,7 +54,7 @@ def test_a_download_ending_after_the_login_never_overwrites_updated(mysql_app, f
     row_id = queued_update(mysql_app, token, "downloading")
     service = mysql_app.extensions["blynkota"]
     engine = mysql_app.extensions["blynkota.db"].engine
-    device = service.find_device(token)
+    device = service.devices.find_device(token)
     firmware_size = one(engine, "SELECT size FROM firmware")["size"]
     ticket = DownloadTicket(row_id, firmware_size, 0, firmware_size)  # every byte written
 
@@ -62,10 +64,12 @@ def test_a_download_ending_after_the_login_never_overwrites_updated(mysql_app, f
                    {"i": row_id})  # fmt: skip
     # The login (reporting the new build) queues on the row first, the end of
     # the download after it: the order in which "downloaded" used to win.
-    login = threading.Thread(target=service.device_reported, args=(device, {"build": BUILD_NEW}))
+    login = threading.Thread(
+        target=service.devices.device_reported, args=(device, {"build": BUILD_NEW})
+    )
     login.start()
     time.sleep(0.5)
-    finish = threading.Thread(target=service.download_finished, args=(ticket, True))
+    finish = threading.Thread(target=service.downloads.download_finished, args=(ticket, True))
     finish.start()
     time.sleep(0.5)
     transaction.commit()

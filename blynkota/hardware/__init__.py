@@ -1,8 +1,9 @@
 """The device side: the shared port 8080 listener and one session per device."""
 
 from .server import HTTP_IDLE_TIMEOUT, SharedPortServer, looks_like_http
-from .session import SHED, DeviceSession, heartbeat_timeout
-from .states import IllegalTransition, SessionState, SessionStateMachine
+from .session import DeviceSession
+from .shedding import SHED
+from .wire import heartbeat_timeout
 
 __all__ = [
     "HTTP_IDLE_TIMEOUT",
@@ -11,7 +12,4 @@ __all__ = [
     "DeviceSession",
     "SHED",
     "heartbeat_timeout",
-    "IllegalTransition",
-    "SessionState",
-    "SessionStateMachine",
 ]

@@ -1,76 +1,106 @@
-"""The OTA domain: firmware, targeting, rollouts. Knows nothing of sockets or HTTP."""
+"""The OTA domain: the fleet, firmware images, rollouts. Knows nothing of sockets or HTTP.
 
-from .admin_ops import Started
-from .admins import AdminDirectory
-from .blynk_data import BlynkDataError, read_blynk_folder
-from .catalog import FirmwareCatalog, FirmwareFile, Upload, served_path
-from .cohorts import Controls, ControlsError
-from .device_states import TRANSITIONS, IllegalDeviceTransition
-from .errors import OtaRequestError
-from .firmware import FirmwareRejected, ImageReport, inspect_firmware, read_build
-from .firmware_store import CacheError, FirmwareCache
+- fleet/: users, projects, devices, admins and their login limits, the Blynk
+  import, and the devices connected to this process.
+- firmware/: what an image says of itself, its signature, the catalog of
+  uploads and the node's cache of their files.
+- rollouts/: the rollout engine: which rollout a device is in, its update
+  states, offers, waves and guards.
+- here: the service's parts as callers take them (the device side, the
+  download tracker, the admin part, the rollout clock), wired by
+  `build_service`, and the refusals the domain answers with (errors.py).
+"""
+
+from .admin import RolloutAdmin, Started
+from .clock import RolloutClock
+from .device_side import DeviceSide
+from .download_tracker import DownloadTicket, DownloadTracker
+from .errors import Conflict, NotFound, OtaError, Refused
+from .firmware import (
+    CacheError,
+    FirmwareCache,
+    FirmwareCatalog,
+    FirmwareFile,
+    FirmwareRejected,
+    ImageReport,
+    Upload,
+    inspect_firmware,
+    read_build,
+    served_path,
+)
 from .fleet import (
+    AdminDirectory,
+    BlynkDataError,
+    DeviceIdentity,
+    DeviceLink,
     DeviceRow,
     FleetRegistry,
+    FrameTooLarge,
     ImportCounts,
     NewDevice,
-    ProvisioningError,
-    new_token,
-)
-from .guards import FleetPolicy, RolloutGuards
-from .lifecycle import RetryPolicy, UpdateLifecycle
-from .offers import DeviceIdentity, DownloadTicket, Offer
-from .online import (
-    DeviceLink,
-    FrameTooLarge,
     NoDownloadSlot,
     OfferDeferred,
     OfferFailed,
     OnlineDevices,
+    ProvisioningError,
+    new_token,
+    read_blynk_folder,
 )
-from .rollouts import Candidate, RolloutPlanner
-from .service import OtaService
+from .rollouts import (
+    TRANSITIONS,
+    Candidate,
+    Controls,
+    ControlsError,
+    FleetPolicy,
+    IllegalDeviceTransition,
+    RetryPolicy,
+)
+from .service import OtaService, build_service
 
 __all__ = [
-    "AdminDirectory",
+    "RolloutAdmin",
     "Started",
-    "BlynkDataError",
-    "read_blynk_folder",
+    "RolloutClock",
+    "DeviceSide",
+    "DownloadTicket",
+    "DownloadTracker",
+    "Conflict",
+    "NotFound",
+    "OtaError",
+    "Refused",
+    "CacheError",
+    "FirmwareCache",
     "FirmwareCatalog",
     "FirmwareFile",
+    "FirmwareRejected",
+    "ImageReport",
     "Upload",
+    "inspect_firmware",
+    "read_build",
     "served_path",
+    "AdminDirectory",
+    "BlynkDataError",
+    "DeviceIdentity",
+    "DeviceLink",
+    "DeviceRow",
+    "FleetRegistry",
+    "FrameTooLarge",
+    "ImportCounts",
+    "NewDevice",
+    "NoDownloadSlot",
+    "OfferDeferred",
+    "OfferFailed",
+    "OnlineDevices",
+    "ProvisioningError",
+    "new_token",
+    "read_blynk_folder",
+    "TRANSITIONS",
+    "Candidate",
     "Controls",
     "ControlsError",
     "FleetPolicy",
-    "RolloutGuards",
-    "OfferDeferred",
-    "NoDownloadSlot",
-    "TRANSITIONS",
     "IllegalDeviceTransition",
-    "FirmwareRejected",
-    "ImageReport",
-    "inspect_firmware",
-    "read_build",
-    "CacheError",
-    "FirmwareCache",
-    "DeviceRow",
-    "FleetRegistry",
-    "ImportCounts",
-    "NewDevice",
-    "ProvisioningError",
-    "new_token",
     "RetryPolicy",
-    "UpdateLifecycle",
-    "DeviceLink",
-    "OfferFailed",
-    "FrameTooLarge",
-    "OnlineDevices",
-    "Candidate",
-    "RolloutPlanner",
-    "DeviceIdentity",
-    "DownloadTicket",
-    "Offer",
-    "OtaRequestError",
     "OtaService",
+    "build_service",
 ]

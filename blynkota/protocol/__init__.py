@@ -1,4 +1,5 @@
-"""The Blynk hardware protocol as bytes in, events out (no sockets here)."""
+"""The Blynk hardware protocol as bytes in, events out, and what each frame gets in
+each state of a session (no sockets here)."""
 
 from .codec import (
     DEFAULT_MAX_BODY,
@@ -16,6 +17,21 @@ from .codec import (
     split_words,
 )
 from .constants import HEADER_SIZE, OTA_MSG_ID, Command, Status
+from .conversation import (
+    ALREADY_REGISTERED,
+    IGNORE,
+    ILLEGAL_COMMAND,
+    INFO,
+    LOG_IN,
+    MAX_EXTRA_LOGINS,
+    NOT_A_LOGIN,
+    PONG,
+    IllegalTransition,
+    Reaction,
+    SessionState,
+    SessionStateMachine,
+    reaction_to,
+)
 from .events import (
     IDENTITY_KEYS,
     INFO_KEYS,
@@ -48,6 +64,19 @@ __all__ = [
     "OTA_MSG_ID",
     "Command",
     "Status",
+    "ALREADY_REGISTERED",
+    "IGNORE",
+    "ILLEGAL_COMMAND",
+    "INFO",
+    "LOG_IN",
+    "MAX_EXTRA_LOGINS",
+    "NOT_A_LOGIN",
+    "PONG",
+    "IllegalTransition",
+    "Reaction",
+    "SessionState",
+    "SessionStateMachine",
+    "reaction_to",
     "IDENTITY_KEYS",
     "INFO_KEYS",
     "Event",

@@ -6,11 +6,12 @@ from datetime import datetime
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from ..numbers import ROW_ID_MAX, fraction, seconds, whole_number
-from ..ota import Controls, ControlsError, OtaRequestError, Started, Upload
-from ..ota.cohorts import parse_waves
-from ..ota.login_limits import TooManyAttempts
+from ..ota import Controls, ControlsError, OtaError, Refused, Started, Upload
+from ..ota.fleet.login_limits import TooManyAttempts
+from ..ota.rollouts.cohorts import parse_waves
 from .auth import auth, guard_admin_request
 from .csrf import check_csrf
+from .errors import TooLarge, status_of
 from .openapi import OPENAPI
 
 __all__ = ["admin", "parse_rollout_id"]
@@ -25,7 +26,7 @@ def _text(body: str, status: int = 200) -> Response:
 
 
 def _service():
-    return current_app.extensions["blynkota"]
+    return current_app.extensions["blynkota"].admin
 
 
 @admin.before_request
@@ -40,15 +41,15 @@ def _too_many_attempts(error: TooManyAttempts) -> Response:
     return answer
 
 
-@admin.errorhandler(OtaRequestError)
-def _request_error(error: OtaRequestError) -> Response:
-    return _text(str(error), error.status)
+@admin.errorhandler(OtaError)
+def _request_error(error: OtaError) -> Response:
+    return _text(str(error), status_of(error))
 
 
 def _uploaded_file() -> Upload:
     # Blynk accepts the file under any field name; the docs use `file`.
     if not request.files:
-        raise OtaRequestError(
+        raise Refused(
             "No firmware file in the request: send it as multipart form data, "
             "e.g. curl -F file=@firmware.bin."
         )
@@ -56,14 +57,14 @@ def _uploaded_file() -> Upload:
     limit = current_app.config["SETTINGS"].ota_max_size
     data = storage.read(limit + 1)
     if len(data) > limit:
-        raise OtaRequestError(f"The firmware is larger than ota.max.size ({limit} bytes).", 413)
+        raise TooLarge(f"The firmware is larger than ota.max.size ({limit} bytes).")
     return Upload(data=data, filename=storage.filename or "")
 
 
 def _flag(name: str) -> bool:
     value = request.args.get(name, "false").lower()
     if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise OtaRequestError(f"{name} must be true or false, not {value!r}.")
+        raise Refused(f"{name} must be true or false, not {value!r}.")
     return value in ("true", "1", "yes")
 
 
@@ -73,12 +74,12 @@ def start_ota() -> Response:
     service, who = _service(), auth.current_user()
     token = request.args.get("token")
     if token is not None and ("user" in request.args or "project" in request.args):
-        raise OtaRequestError("Give token (one device) or user/project (a campaign), not both.")
+        raise Refused("Give token (one device) or user/project (a campaign), not both.")
     queue = _flag("queue")  # offline device: keep the update pending for its next login
     if request.method == "GET":
         file_name = request.args.get("fileName")
         if not file_name or not token:
-            raise OtaRequestError(
+            raise Refused(
                 "GET /admin/ota/start re-sends an uploaded file: give fileName and token "
                 "(upload a new file with POST)."
             )
@@ -124,7 +125,7 @@ def _number(name: str, low: int, high: int) -> int | None:
         return None
     number = whole_number(value, low=low, high=high)
     if number is None:
-        raise OtaRequestError(f"{name} must be a whole number from {low} to {high}, not {value!r}.")
+        raise Refused(f"{name} must be a whole number from {low} to {high}, not {value!r}.")
     return number
 
 
@@ -132,7 +133,7 @@ def parse_rollout_id(value: str) -> int:
     """A rollout id from the path or the query; a 400 naming it if it cannot be one."""
     number = whole_number(value, low=1, high=ROW_ID_MAX)
     if number is None:
-        raise OtaRequestError(f"rollout must be a rollout id (a whole number), not {value!r}.")
+        raise Refused(f"rollout must be a rollout id (a whole number), not {value!r}.")
     return number
 
 
@@ -142,7 +143,7 @@ def _duration(name: str, low: int, high: int) -> int | None:
         return None
     number = seconds(value, low=low, high=high)
     if number is None:
-        raise OtaRequestError(
+        raise Refused(
             f"{name} must be a duration from {low} to {high} seconds (90, 90s, 15m, 24h, 7d), "
             f"not {value!r}."
         )
@@ -155,7 +156,7 @@ def _ratio(name: str) -> float | None:
         return None
     number = fraction(value)
     if number is None:
-        raise OtaRequestError(f"{name} must be a share from 0 to 1 (0.2), not {value!r}.")
+        raise Refused(f"{name} must be a share from 0 to 1 (0.2), not {value!r}.")
     return number
 
 
@@ -177,7 +178,7 @@ def _controls() -> Controls:
             allow_downgrade=_flag("allowDowngrade"),
         )
     except ControlsError as error:
-        raise OtaRequestError(str(error)) from None
+        raise Refused(str(error)) from None
 
 
 def _rollout_id() -> int | None:
@@ -236,7 +237,7 @@ def expand_rollout(rollout_id: str) -> Response:
     rollout = parse_rollout_id(rollout_id)
     percent = _number("percent", 1, 100)
     if percent is None:
-        raise OtaRequestError("expand needs ?percent=N (the new share of devices, up to 100).")
+        raise Refused("expand needs ?percent=N (the new share of devices, up to 100).")
     return jsonify(_service().expand(rollout, percent, auth.current_user()))
 
 
@@ -271,7 +272,7 @@ def list_devices() -> Response:
 @admin.get("/firmware")
 @auth.login_required
 def list_firmware() -> Response:
-    return jsonify(_service().catalog.listing())
+    return jsonify(current_app.extensions["blynkota"].catalog.listing())
 
 
 @admin.delete("/firmware/<name>")

@@ -12,11 +12,12 @@ from urllib.parse import urlencode
 from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
 
 from ..numbers import whole_number
-from ..ota import OtaRequestError
+from ..ota import Conflict, NotFound, OtaError, Refused
 from ..store import DeviceState
 from .admin import parse_rollout_id
 from .auth import auth, guard_admin_request
 from .csrf import check_csrf, csrf_token
+from .errors import status_of
 
 __all__ = ["dashboard"]
 
@@ -74,12 +75,12 @@ def segments(rollout: dict) -> list[dict]:
 
 
 def _service():
-    return current_app.extensions["blynkota"]
+    return current_app.extensions["blynkota"].admin
 
 
-@dashboard.errorhandler(OtaRequestError)
-def _request_error(error: OtaRequestError) -> Response:
-    return Response(str(error).rstrip("\n") + "\n", error.status, mimetype="text/plain")
+@dashboard.errorhandler(OtaError)
+def _request_error(error: OtaError) -> Response:
+    return Response(str(error).rstrip("\n") + "\n", status_of(error), mimetype="text/plain")
 
 
 @dashboard.get("/")
@@ -101,13 +102,13 @@ def rollout(rollout_id: str) -> str:
     number = parse_rollout_id(rollout_id)
     found = _service().status(number)
     if not found:
-        raise OtaRequestError(f"No rollout {number}.", 404)
+        raise NotFound(f"No rollout {number}.")
     state = request.args.get("state") or None
     if state is not None and state not in DeviceState.ALL:
-        raise OtaRequestError(f"state must be one of {', '.join(DeviceState.ALL)}, not {state!r}.")
+        raise Refused(f"state must be one of {', '.join(DeviceState.ALL)}, not {state!r}.")
     page = whole_number(request.args.get("page", "1"), low=1, high=10**9)
     if page is None:
-        raise OtaRequestError("page must be a whole number from 1.")
+        raise Refused("page must be a whole number from 1.")
     devices, total = _service().devices_page(number, state, (page - 1) * PAGE_SIZE, PAGE_SIZE)
     pages = max(1, -(-total // PAGE_SIZE))
 
@@ -136,7 +137,7 @@ def rollout_action(rollout_id: str) -> Response:
     number = parse_rollout_id(rollout_id)
     action = request.form.get("action", "")
     if action not in ACTIONS:
-        raise OtaRequestError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}.")
+        raise Refused(f"action must be one of {', '.join(ACTIONS)}, not {action!r}.")
     service, who = _service(), auth.current_user()
     try:
         if action == "pause":
@@ -145,16 +146,16 @@ def rollout_action(rollout_id: str) -> Response:
             service.resume(number, who)
         elif action == "stop":
             if not service.stop(who, number):
-                raise OtaRequestError("it is not running.", 409)
+                raise Conflict("it is not running.")
         elif action == "retry":
             service.retry(number, who)
         else:
             percent = whole_number(request.form.get("percent", ""), low=1, high=100)
             if percent is None:
-                raise OtaRequestError("expand needs a percent from 1 to 100.")
+                raise Refused("expand needs a percent from 1 to 100.")
             service.expand(number, percent, who)
         notice = f"Rollout {number}: {action} done."
-    except OtaRequestError as error:
+    except OtaError as error:
         notice = f"Rollout {number}: {action} refused: {str(error).strip()}"
     target = url_for("dashboard.rollout", rollout_id=number) + "?" + urlencode({"notice": notice})
     return redirect(target, 303)
@@ -172,6 +173,6 @@ def firmware() -> str:
     settings = current_app.config["SETTINGS"]
     return render_template(
         "dashboard/firmware.html",
-        files=_service().catalog.listing(),
+        files=current_app.extensions["blynkota"].catalog.listing(),
         max_size=settings.ota_max_size,
     )

@@ -1,22 +1,19 @@
-"""Firmware files for devices, over plain HTTP (ESP8266 updaters cannot do TLS).
+"""Firmware files for devices, over plain HTTP (ESP8266 updaters cannot do TLS):
+the Flask fallback for what the sendfile path hands over (file_sender.py).
 
-What the tiny updaters need (SPEC §4): a Content-Length, octet-stream, an
-`x-MD5` in lowercase hex, no chunking, no redirect. Range requests are
-answered too, so an interrupted download can resume. An updater whose
-sketch MD5 header is the file's MD5 runs it already: 304 ("no update").
-
-A URL from an `ota` command carries the offer's key (`?o=`): the body is then
-counted as it is written, so the rollout learns that the device is
-downloading, whether every byte went out, or where the download broke off.
+It answers the same way, by the same rules (download_rules.py); what it adds
+are the conditional requests (If-None-Match, If-Modified-Since, If-Range),
+which werkzeug judges, and the odd heads the fast path will not parse.
 """
 
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterator
 
-from flask import Blueprint, Response, current_app, request, send_file
+from flask import Blueprint, Response, current_app, request
+from werkzeug.wsgi import wrap_file
 
-from .. import metrics
-from ..ota import DownloadTicket, OtaService
-from .file_sender import runs_this_file, single_range
+from ..ota import OtaService
+from .download_rules import DownloadCount, file_headers, not_needed, runs_this_file, single_range
 
 __all__ = ["downloads"]
 
@@ -24,33 +21,24 @@ downloads = Blueprint("downloads", __name__)
 
 
 class _CountedBody:
-    """The response body, reporting how far it got when the server closes it.
+    """The response body, counting what the server wrote when it closes it."""
 
-    With an offer's ticket the rollout learns it too; every body is counted
-    in the metrics.
-    """
-
-    def __init__(self, body: Iterable[bytes], ticket: DownloadTicket | None, service: OtaService):
-        self._body, self._ticket, self._service = body, ticket, service
+    def __init__(self, body, count: DownloadCount):
+        self._body, self._count = body, count
         self._sent = 0
-        self._finished = False
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._body:
             yield chunk
             # Asked for the next chunk: the server wrote this one.
             self._sent += len(chunk)
-            if self._ticket is not None:
-                self._ticket.written_until += len(chunk)
-        self._finished = True
+            self._count.wrote(len(chunk))
 
     def close(self) -> None:
         close = getattr(self._body, "close", None)
         if close is not None:
             close()
-        metrics.count_download(self._sent, complete=self._finished)
-        if self._ticket is not None:
-            self._service.download_finished(self._ticket, complete=self._finished)
+        self._count.ended(self._sent)
 
 
 @downloads.route("/static/ota/<name>.bin", methods=["GET", "HEAD"])
@@ -59,31 +47,37 @@ def firmware_file(name: str) -> Response:
     firmware = service.catalog.file(name)
     if firmware is None:
         return Response("No such firmware.\n", 404, mimetype="text/plain")
-    headers = {header.lower(): value for header, value in request.headers.items()}
-    if runs_this_file(headers, firmware.md5):
-        if request.method == "GET":
-            service.already_running(firmware, request.args.get("o"))
-        answer = Response(status=304)
-        answer.headers["x-MD5"] = firmware.md5
-        answer.headers["ETag"] = f'"{firmware.md5}"'
-        return answer
+    path = service.catalog.local_file(firmware)
+    headers = file_headers(firmware, os.stat(path).st_mtime)
+    request_headers = {header.lower(): value for header, value in request.headers.items()}
+    if runs_this_file(request_headers, firmware.md5):
+        not_needed(service.downloads, firmware, request.args.get("o"), request.method)
+        return Response(status=304, headers=headers)
     if single_range(request.headers.get("Range")) is None:
         # Several ranges, or a malformed one: ignored, the whole file goes
-        # (werkzeug would answer 416), as on the fast path (file_sender.py).
+        # (werkzeug would answer 416), as on the fast path.
         request.environ.pop("HTTP_RANGE", None)
-    response = send_file(
-        service.catalog.local_file(firmware),
-        mimetype="application/octet-stream",
-        conditional=True,
-        etag=firmware.md5,
-        max_age=0,
-    )
-    response.headers["x-MD5"] = firmware.md5
-    # The cache file's name is its SHA-256: nothing a device needs (file_sender.py omits it too).
-    response.headers.pop("Content-Disposition", None)
+    file = open(path, "rb")  # noqa: SIM115 (closed by the response, or below)
+    try:
+        response = Response(
+            wrap_file(request.environ, file), headers=headers, direct_passthrough=True
+        )
+        response.content_length = firmware.size
+        response.set_etag(firmware.md5)
+        response.make_conditional(request, accept_ranges=True, complete_length=firmware.size)
+    except BaseException:  # 416 for a range past the end
+        file.close()
+        raise
+    if response.status_code not in (200, 206):  # 304 to a conditional request: no body
+        file.close()
     if request.method == "GET" and response.status_code in (200, 206):
         start = response.content_range.start if response.status_code == 206 else 0
-        ticket = service.download_started(firmware, request.args.get("o"), start)
-        metrics.DOWNLOADS_STARTED.inc()
-        response.response = _CountedBody(response.response, ticket, service)
+        count = DownloadCount(
+            service.downloads,
+            firmware,
+            request.args.get("o"),
+            start,
+            response.content_length,
+        )
+        response.response = _CountedBody(response.response, count)
     return response

@@ -36,13 +36,20 @@ from gevent.lock import Semaphore
 from gevent.socket import wait_write
 from sqlalchemy.exc import SQLAlchemyError
 
-from .. import metrics
 from ..http_handler import HEAD_DEADLINE
-from ..ota import OtaService
-from ..ota.catalog import FirmwareFile
+from ..ota import DownloadTracker, FirmwareCatalog, FirmwareFile
 from ..peeking import peek_waits
+from .download_rules import (
+    DownloadCount,
+    file_headers,
+    not_needed,
+    runs_this_file,
+    satisfiable,
+    single_range,
+    span,
+)
 
-__all__ = ["FirmwareSender", "HEAD_LIMIT", "runs_this_file", "single_range"]
+__all__ = ["FirmwareSender", "HEAD_LIMIT"]
 
 log = logging.getLogger("blynkota.http")
 
@@ -70,7 +77,6 @@ _HEADER_LINES = re.compile(
     r"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*"
     r"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*)*"
 )
-_RANGE = re.compile(r"bytes=([0-9]{1,19})-([0-9]{0,19})|bytes=-([0-9]{1,19})")
 # Headers whose rules (conditional requests, bodies) the WSGI side applies.
 _HANDED_OVER = frozenset(
     {
@@ -99,8 +105,10 @@ class _OpenFile:
 
 
 class FirmwareSender:
-    def __init__(self, service: OtaService, *, idle_timeout: float) -> None:
-        self.service = service
+    def __init__(
+        self, catalog: FirmwareCatalog, downloads: DownloadTracker, *, idle_timeout: float
+    ) -> None:
+        self.catalog, self.downloads = catalog, downloads
         self.idle_timeout = idle_timeout
         # One descriptor per firmware file served here, bounded by the uploads.
         # A served name never changes what it names, so downloads skip the
@@ -137,7 +145,7 @@ class FirmwareSender:
                 served = self._opened(request.name)
                 if served is None:
                     raise _HandOver  # the 404 comes from the app
-                if not request.satisfiable(served.firmware.size):
+                if not satisfiable(request.range, served.firmware.size):
                     raise _HandOver  # the 416 too
             except _HandOver:
                 return False
@@ -155,7 +163,7 @@ class FirmwareSender:
         now = time.monotonic()
         if served is not None and now - self._checked[name] < RECHECK_EVERY:
             return served
-        firmware = self.service.catalog.file(name)
+        firmware = self.catalog.file(name)
         if firmware is None:
             if served is not None:  # deleted since: the next request gets the app's 404
                 del self._open[name], self._checked[name]
@@ -164,15 +172,10 @@ class FirmwareSender:
         self._checked[name] = now
         if served is not None:
             return served
-        path = self.service.catalog.local_file(firmware)
+        path = self.catalog.local_file(firmware)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        headers = (
-            "Content-Type: application/octet-stream\r\n"
-            f"x-MD5: {firmware.md5}\r\n"
-            f'ETag: "{firmware.md5}"\r\n'
-            f"Last-Modified: {formatdate(os.fstat(fd).st_mtime, usegmt=True)}\r\n"
-            "Cache-Control: no-cache, max-age=0\r\n"
-            "Accept-Ranges: bytes\r\n"
+        headers = "".join(
+            f"{name}: {value}\r\n" for name, value in file_headers(firmware, os.fstat(fd).st_mtime)
         ).encode("latin-1")
         raced = self._open.get(name)  # another greenlet opened it while the cache filled
         if raced is not None:
@@ -191,13 +194,12 @@ class FirmwareSender:
             _send_all(
                 sock, b"".join((b"HTTP/1.1 304 Not Modified\r\n", served.headers, date, _CLOSE))
             )
-            if request.method == "GET":
-                self.service.already_running(firmware, request.offer_key)
+            not_needed(self.downloads, firmware, request.offer_key, request.method)
             log.info(
                 "%s:%s %s %s: 304, runs it already", *address[:2], request.method, firmware.name
             )
             return False
-        start, end = request.span(firmware.size)
+        start, end = span(request.range, firmware.size)
         length = end - start
         if request.ranged:
             status = (
@@ -215,28 +217,25 @@ class FirmwareSender:
                 _KEEP_ALIVE if request.keep_alive else _CLOSE,
             )
         )
-        ticket = None
+        count = None
         if request.method == "GET":
-            ticket = self.service.download_started(firmware, request.offer_key, start)
+            count = DownloadCount(self.downloads, firmware, request.offer_key, start, length)
         sent = 0
-        if request.method == "GET":
-            metrics.DOWNLOADS_STARTED.inc()
         try:
-            flags = socket.MSG_MORE if request.method == "GET" and length else 0
+            flags = socket.MSG_MORE if count is not None and length else 0
             _send_all(sock, head, flags)
-            if request.method == "GET":
-                sent = self._send_body(sock, served.fd, start, length, ticket)
+            if count is not None:
+                sent = self._send_body(sock, served.fd, start, length, count)
         except (OSError, TimeoutError) as error:
             log.info("download %s to %s:%s cut short (%s)", firmware.name, *address[:2], error)
             return False
         finally:
-            if request.method == "GET":
-                metrics.count_download(sent, complete=sent == length)
-            if ticket is not None:
-                self.service.download_finished(ticket, complete=sent == length)
-        if ticket is not None or log.isEnabledFor(logging.DEBUG):
+            if count is not None:
+                count.ended(sent)
+        tracked = count is not None and count.ticket is not None
+        if tracked or log.isEnabledFor(logging.DEBUG):
             log.log(
-                logging.INFO if ticket is not None else logging.DEBUG,
+                logging.INFO if tracked else logging.DEBUG,
                 "%s:%s %s %s %d bytes",
                 *address[:2],
                 request.method,
@@ -245,7 +244,7 @@ class FirmwareSender:
             )
         return request.keep_alive
 
-    def _send_body(self, sock, file_fd: int, start: int, length: int, ticket) -> int:
+    def _send_body(self, sock, file_fd: int, start: int, length: int, counted) -> int:
         out = sock.fileno()
         sent = 0
         while sent < length:
@@ -257,16 +256,17 @@ class FirmwareSender:
                 self._turns.wait()
             with self._senders:
                 try:
-                    count = os.sendfile(out, file_fd, start + sent, min(SEND_CHUNK, length - sent))
+                    written = os.sendfile(
+                        out, file_fd, start + sent, min(SEND_CHUNK, length - sent)
+                    )
                 except BlockingIOError:
-                    count = None
+                    written = None
                 else:
-                    if count == 0:
+                    if written == 0:
                         raise OSError("the cache file ended early")
-                    sent += count
-                    if ticket is not None:
-                        ticket.written_until = ticket.start + sent
-            if count is None:  # the socket's buffer is full: wait outside the turns
+                    sent += written
+                    counted.wrote(written)
+            if written is None:  # the socket's buffer is full: wait outside the turns
                 wait_write(out, timeout=self.idle_timeout, timeout_exc=TimeoutError("stalled"))
         return sent
 
@@ -322,23 +322,6 @@ class _Request:
         self.ranged = self.range is not None
         self.headers = headers
 
-    def span(self, size: int) -> tuple[int, int]:
-        """[start, end) of the body to send."""
-        if self.range is None:
-            return 0, size
-        first, last, suffix = self.range
-        if suffix is not None:
-            return max(size - suffix, 0), size
-        return first, size if last is None else min(last + 1, size)
-
-    def satisfiable(self, size: int) -> bool:
-        if self.range is None:
-            return True
-        first, last, suffix = self.range
-        if suffix is not None:
-            return suffix > 0 and size > 0
-        return first < size
-
 
 def _parse(head: bytes) -> _Request:
     request_line, _, header_lines = head[:-4].decode("latin-1").partition("\r\n")
@@ -359,40 +342,6 @@ def _parse(head: bytes) -> _Request:
         raise _HandOver
     method, _, name, query, minor = line.groups()
     return _Request(method, name, query or "", minor == "0", headers)
-
-
-# What the Arduino updaters (ESP8266httpUpdate, ESP32 HTTPUpdate) send: the
-# MD5 of the sketch running now, in lowercase hex.
-_SKETCH_MD5_HEADERS = ("x-esp8266-sketch-md5", "x-esp32-sketch-md5")
-
-
-def runs_this_file(headers, md5: str) -> bool:
-    """True when an updater says it runs the very file asked for: answer 304,
-    which it reports as "no update" (SPEC §4). `headers`: lowercase names."""
-    for name in _SKETCH_MD5_HEADERS:
-        value = headers.get(name)
-        if value and value.strip().lower() == md5:
-            return True
-    return False
-
-
-def single_range(value: str | None) -> tuple[int, int | None, int | None] | None:
-    """One byte range as (first, last, suffix); None for none, several or an odd one.
-
-    RFC 9110 lets a server ignore a Range it will not serve, and a malformed
-    one must be ignored: either way the answer is the whole file (200).
-    """
-    if value is None:
-        return None
-    match = _RANGE.fullmatch(value.strip())
-    if match is None:
-        return None
-    first, last, suffix = match.groups()
-    if suffix is not None:
-        return 0, None, int(suffix)
-    if last and int(last) < int(first):
-        return None  # invalid (RFC 9110 14.1.1): ignored like a malformed one
-    return int(first), (int(last) if last else None), None
 
 
 _KEEP_ALIVE = b"Connection: keep-alive\r\n\r\n"

@@ -18,7 +18,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..metrics import PROCESS
-from ..ota.status import online_per_node
+from ..ota.rollouts.status import online_per_node
 from ..store import Database, Rollout, RolloutDevice, RolloutState
 from .addresses import address_in
 from .auth import auth, guard_admin_request

@@ -23,12 +23,12 @@ taken again on the row as it is now.
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
-from ..store import DeviceState, Firmware, Node, Rollout, RolloutDevice, RolloutState
+from ...store import DeviceState, Firmware, Node, Rollout, RolloutDevice, RolloutState
+from .candidates import Candidate
 from .compatibility import BoardReport
 from .device_states import (
     Track,
@@ -39,9 +39,6 @@ from .device_states import (
     run_tracks_query,
     tracks_query,
 )
-
-if TYPE_CHECKING:
-    from .rollouts import Candidate
 
 __all__ = ["ReportedBuild", "RetryPolicy", "UpdateLifecycle", "rollout_entry"]
 
@@ -108,7 +105,7 @@ class ReportedBuild:
     device_id: int
     token: str
     build: str | None
-    candidate: "Candidate"
+    candidate: Candidate
     hardware: str | None = None  # the `dev` it reported
     fw_type: str | None = None
     fw_version: str | None = None
@@ -131,7 +128,7 @@ def _offer_outlived(session: Session, track: Track) -> bool:
 
 
 def rollout_entry(
-    candidate: "Candidate",
+    candidate: Candidate,
     device_id: int,
     token: str,
     board: BoardReport,
@@ -391,26 +388,6 @@ class UpdateLifecycle:
             session, track, DeviceState.PENDING, now, reason, next_attempt_at=retry_at, **changes
         )
         return moved and retry_at is None and candidate.state == RolloutState.ACTIVE
-
-    @staticmethod
-    def offer_made(
-        session: Session, track: Track, now: datetime, url: str, by: tuple[int, int]
-    ) -> bool:
-        """pending -> offered, one attempt used; False if the row was no longer pending.
-        `by`: the offering node's (id, run number)."""
-        return move(
-            session,
-            track,
-            DeviceState.OFFERED,
-            now,
-            f"attempt {track.attempts + 1}: {url}"[:255],
-            attempts=track.attempts + 1,
-            first_offered_at=track.first_offered_at or now,
-            next_attempt_at=None,
-            bytes_sent=None,
-            offer_node_id=by[0],
-            offer_node_run=by[1],
-        )
 
     def max_attempts(self, session: Session, rollout_id: int) -> int:
         """The rollout's own maxAttempts, or the server's ota.max.attempts."""

@@ -18,7 +18,7 @@ import gevent
 from sqlalchemy import select
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from ..store import Admin, Database
+from ...store import Admin, Database
 from .login_limits import LoginLimits
 
 __all__ = ["AdminDirectory"]

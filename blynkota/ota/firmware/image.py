@@ -14,7 +14,7 @@ import io
 import logging
 from dataclasses import dataclass
 
-from ..protocol import identity_words
+from ...protocol import identity_words
 from .signatures import SigningError, signer_of
 
 __all__ = ["FirmwareRejected", "ImageReport", "read_build", "read_identity", "inspect_firmware"]

@@ -10,10 +10,19 @@ oldest entries go first.
 
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
-from .offers import DeviceIdentity
+__all__ = ["DeviceIdentity", "IdentityCache"]
 
-__all__ = ["IdentityCache"]
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """Who a token is: the device, and the project and user it belongs to."""
+
+    id: int
+    token: str
+    project_id: int
+    user_id: int
 
 
 class IdentityCache:

@@ -14,9 +14,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, bindparam, case, func, or_, select, true
 from sqlalchemy.orm import Session
 
-from ..store import DeviceState, HotQuery, Rollout, RolloutDevice, RolloutState, utcnow
+from ...store import DeviceState, HotQuery, Rollout, RolloutDevice, RolloutState, utcnow
+from .candidates import target_of
 from .cohorts import bucket, parse_waves
-from .rollouts import RolloutPlanner, target_of
+from .planner import RolloutPlanner
 from .targeting import tokens_in_scope
 
 __all__ = ["FleetPolicy", "RolloutGuards"]

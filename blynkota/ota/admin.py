@@ -1,6 +1,5 @@
 """What admins do to rollouts: upload and aim firmware, dry runs, pause, resume,
-expand, stop, look at progress. Mixed into OtaService, whose device side it uses
-to reach connected devices.
+expand, retry, stop, delete, look at progress (the admin part of the service).
 
 Any process may serve these requests: each is a unit of work in the database
 (run again when it lost a race), and connected devices are reached through
@@ -12,11 +11,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
+from gevent.event import Event
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from ..logsafe import token_tag
 from ..store import (
+    Database,
     Device,
     DeviceState,
     Firmware,
@@ -28,19 +29,31 @@ from ..store import (
     RolloutState,
     utcnow,
 )
-from .catalog import Upload, identity_of, served_path
-from .cohorts import Controls
-from .compatibility import BoardReport, ImageIdentity, incompatibility
-from .device_states import devices_in_flight, load_tracks, move, move_all, start_tracking
-from .errors import OtaRequestError
-from .firmware import FirmwareRejected, ImageReport
-from .offers import DeviceIdentity, candidate_of, new_offer
-from .online import OfferDeferred, OfferFailed
-from .rollouts import Candidate
-from .status import fleet_overview, rollout_detail, rollout_devices_page, rollout_summaries
-from .targeting import campaign_target, devices_in_scope, devices_taken_in
+from .clock import RolloutClock
+from .device_side import DeviceSide
+from .errors import Conflict, NotFound, Refused
+from .firmware.catalog import FirmwareCatalog, Upload, identity_of, served_path
+from .firmware.image import FirmwareRejected, ImageReport
+from .fleet.identities import DeviceIdentity
+from .fleet.online import OfferDeferred, OfferFailed, OnlineDevices
+from .rollouts.candidates import Candidate
+from .rollouts.cohorts import Controls
+from .rollouts.compatibility import BoardReport, ImageIdentity, incompatibility
+from .rollouts.device_states import devices_in_flight, load_tracks, move_all, start_tracking
+from .rollouts.guards import RolloutGuards
+from .rollouts.lifecycle import UpdateLifecycle
+from .rollouts.offering import Offers, replace_unstarted_offers
+from .rollouts.planner import RolloutPlanner
+from .rollouts.status import (
+    fleet_overview,
+    rollout_detail,
+    rollout_devices_page,
+    rollout_summaries,
+    with_outlook,
+)
+from .rollouts.targeting import campaign_target, devices_in_scope, devices_taken_in
 
-__all__ = ["AdminOperations", "Started"]
+__all__ = ["RolloutAdmin", "Started"]
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +83,24 @@ def _firmware_answer(firmware: Firmware) -> dict:
     return {"name": firmware.name, **identity_of(firmware), "reused": firmware.reused}
 
 
-class AdminOperations:
-    """The admin half of OtaService (see service.py for the attributes it uses)."""
+class RolloutAdmin:
+    def __init__(
+        self,
+        db: Database,
+        catalog: FirmwareCatalog,
+        planner: RolloutPlanner,
+        lifecycle: UpdateLifecycle,
+        guards: RolloutGuards,
+        devices: DeviceSide,
+        offers: Offers,
+        clock: RolloutClock,
+        online: OnlineDevices,
+        fill_due: Event,
+    ) -> None:
+        self.db, self.catalog, self.planner = db, catalog, planner
+        self.lifecycle, self.guards = lifecycle, guards
+        self.devices, self.offers, self.clock = devices, offers, clock
+        self.online, self.fill_due = online, fill_due
 
     def start_for_device(
         self,
@@ -103,7 +132,7 @@ class AdminOperations:
         def uploaded(session: Session) -> Firmware:
             firmware = self.catalog.by_name(session, name)
             if firmware is None:
-                raise OtaRequestError("Requested file not found.")
+                raise Refused("Requested file not found.")
             self._refuse_incompatible(device, ImageIdentity.of(firmware), allow_downgrade, session)
             return firmware
 
@@ -151,7 +180,7 @@ class AdminOperations:
             admin,
         )
         if rollout.push_online:
-            self.enrol_in_background(rollout.id)  # answered first: under a second at 10k
+            self.clock.enrol_in_background(rollout.id)  # answered first: under a second at 10k
         devices = self.db.run(lambda session: devices_in_scope(session, scope, target_id))
         return Started(
             served_path(firmware.name),
@@ -165,7 +194,7 @@ class AdminOperations:
     def _campaign_report(self, upload: Upload) -> ImageReport:
         report = self._inspect(upload)
         if report.build is None:
-            raise OtaRequestError(
+            raise Refused(
                 "The firmware has no build date (no \\0build\\0 tag from the Blynk "
                 "library), so updated devices could never be told from old ones: a "
                 "campaign needs it. Send it to one device with ?token= instead."
@@ -212,20 +241,20 @@ class AdminOperations:
 
     def resume(self, rollout_id: int, admin: str) -> dict:
         summary = self._change(rollout_id, lambda s, r: self.planner.resume(s, r, admin))
-        self.wake_fill()  # pending devices may be offered again
+        self.fill_due.set()  # pending devices may be offered again
         return summary
 
     def expand(self, rollout_id: int, percent: int, admin: str) -> dict:
         def widen(session: Session, rollout: Rollout) -> bool:
             if not rollout.percent < percent <= 100:
-                raise OtaRequestError(
+                raise Refused(
                     f"percent must be above the rollout's {rollout.percent} and at most 100."
                 )
             return self.planner.widen(session, rollout, percent, f"expanded by {admin}")
 
         summary = self._change(rollout_id, widen)
         if summary["push_online"]:
-            self.enrol_in_background(rollout_id)
+            self.clock.enrol_in_background(rollout_id)
         return summary
 
     def retry(self, rollout_id: int, admin: str) -> dict:
@@ -252,7 +281,7 @@ class AdminOperations:
         retried = self.db.run(work)
         log.info("rollout %d: %d failed device(s) retried by %s", rollout_id, retried, admin)
         if retried:
-            self.wake_fill()
+            self.fill_due.set()
         return {**self.status(rollout_id)[0], "retried": retried}
 
     def delete_firmware(self, name: str, admin: str) -> dict:
@@ -271,12 +300,11 @@ class AdminOperations:
         def work(session: Session) -> int:
             device_id = session.scalar(select(Device.id).where(Device.token == token))
             if device_id is None:
-                raise OtaRequestError("No device with that token.", 404)
+                raise NotFound("No device with that token.")
             if devices_in_flight(session, [device_id]):
-                raise OtaRequestError(
+                raise Conflict(
                     "An update is in flight to this device: wait for it to end, or stop "
-                    "its rollout.",
-                    409,
+                    "its rollout."
                 )
             own = list(
                 session.scalars(select(Rollout.id).where(Rollout.device_id == device_id)).all()
@@ -299,7 +327,7 @@ class AdminOperations:
             return device_id
 
         device_id = self.db.run(work)
-        self.identities.forget(token)
+        self.devices.identities.forget(token)
         link = self.online.get(token)
         if link is not None:
             link.close("device deleted by an operator")
@@ -312,7 +340,7 @@ class AdminOperations:
             if not change(session, rollout):
                 # Changed a moment ago, by another request or the sweeper.
                 state = session.scalar(select(Rollout.state).where(Rollout.id == rollout_id))
-                raise OtaRequestError(f"Rollout {rollout_id} is already {state}.", 409)
+                raise Conflict(f"Rollout {rollout_id} is already {state}.")
 
         self.db.run(work)
         return self.status(rollout_id)[0]
@@ -320,7 +348,7 @@ class AdminOperations:
     def stop(self, admin: str, rollout_id: int | None = None) -> int:
         def work(session: Session) -> int:
             if rollout_id is not None and session.get(Rollout, rollout_id) is None:
-                raise OtaRequestError(f"No rollout {rollout_id}.", 404)
+                raise NotFound(f"No rollout {rollout_id}.")
             return self.planner.stop(session, admin, rollout_id)
 
         stopped = self.db.run(work)
@@ -329,7 +357,8 @@ class AdminOperations:
 
     def status(self, rollout_id: int | None = None, *, limit: int | None = None) -> list[dict]:
         def work(session: Session) -> list[dict]:
-            return self._with_outlook(session, rollout_summaries(session, rollout_id, limit))
+            summaries = rollout_summaries(session, rollout_id, limit)
+            return with_outlook(session, self.guards, self.lifecycle.policy, summaries)
 
         return self.db.run(work)
 
@@ -346,37 +375,19 @@ class AdminOperations:
     def detail(self, rollout_id: int) -> dict:
         def work(session: Session) -> dict | None:
             found = rollout_detail(session, rollout_id)
-            return found and self._with_outlook(session, [found])[0]
+            return found and with_outlook(session, self.guards, self.lifecycle.policy, [found])[0]
 
         found = self.db.run(work)
         if found is None:
-            raise OtaRequestError(f"No rollout {rollout_id}.", 404)
+            raise NotFound(f"No rollout {rollout_id}.")
         return found
 
-    def _with_outlook(self, session: Session, summaries: list[dict]) -> list[dict]:
-        """Add the rollout's limits (its own, or the server's) and `next_wave`:
-        why a running rollout with waves has not grown yet."""
-        fleet, retries = self.guards.policy, self.lifecycle.policy
-        for summary in summaries:
-            rollout = session.get(Rollout, summary["id"])
-            summary["limits"] = {
-                "max_concurrent": fleet.concurrent_for(rollout.max_concurrent),
-                "attempt_timeout": retries.timeout_for(rollout.attempt_timeout),
-                "max_attempts": retries.attempts_for(rollout.max_attempts),
-                "abort_ratio": fleet.abort_ratio_for(rollout.abort_ratio),
-                "wave_delay": rollout.wave_delay,
-            }
-            summary["next_wave"] = None
-            if summary["waves"] and summary["state"] in RolloutState.RUNNING:
-                summary["next_wave"] = self.guards.next_wave(session, rollout)[1]
-        return summaries
-
     def _device_for_admin(self, token: str, *, queue: bool) -> DeviceIdentity:
-        device = self.find_device(token)
+        device = self.devices.find_device(token)
         if device is None:
-            raise OtaRequestError("Invalid token.")
+            raise Refused("Invalid token.")
         if not queue and not self._in_session(device.id):
-            raise OtaRequestError("No device in session.")
+            raise Refused("No device in session.")
         return device
 
     def _refuse_incompatible(
@@ -401,7 +412,7 @@ class AdminOperations:
                 hint = (
                     "" if allow_downgrade or "downgrade" not in unfit else " (allowDowngrade=true)"
                 )
-                raise OtaRequestError(f"Not sent: {unfit}{hint}.")
+                raise Refused(f"Not sent: {unfit}{hint}.")
 
         if session is not None:
             check(session)
@@ -419,7 +430,7 @@ class AdminOperations:
         try:
             return self.catalog.inspect(upload)
         except FirmwareRejected as error:
-            raise OtaRequestError(str(error)) from None
+            raise Refused(str(error)) from None
 
     def _device_rollout(
         self,
@@ -449,26 +460,26 @@ class AdminOperations:
                 at=utcnow(),
                 detail=f"targeted by {admin}",
             )
-            _replace_unstarted_offers(session, device.id, rollout.id, admin)
-            return new_offer(candidate_of(rollout), device), firmware
+            replace_unstarted_offers(session, device.id, rollout.id, admin)
+            return rollout.id, firmware
 
-        offer, firmware = self.db.run(start)
+        rollout_id, firmware = self.db.run(start)
         # Connected here: sent now. Connected to another node: that node sends
         # it in its next fill. Offline: offered after its next info message.
         waiting = None
         if self.online.get_ready(device.token) is not None:
             try:
-                self.send_offer(offer)
+                self.offers.send_now(device, rollout_id)
             except OfferDeferred as reason:
                 waiting = str(reason)
                 log.info("device %s: update waits: %s", token_tag(device.token), reason)
             except OfferFailed as error:
-                raise OtaRequestError(
+                raise Refused(
                     f"The update could not be sent: {error}. It stays pending for the next login."
                 ) from None
         return Started(
-            offer.path,
-            offer.rollout_id,
+            served_path(firmware.name),
+            rollout_id,
             RolloutScope.DEVICE,
             1,
             firmware.build,
@@ -477,45 +488,11 @@ class AdminOperations:
         )
 
 
-def _replace_unstarted_offers(
-    session: Session, device_id: int, rollout_id: int, admin: str
-) -> None:
-    """An explicit single-device start re-sends: an `ota` the device holds and
-    has not begun to download (offered, no request yet) stops counting as in
-    flight, so the new one goes out at once (the Blynk server re-sends too).
-    Another single-device rollout's offer is superseded with it; a campaign's
-    row goes back to pending with its attempt given back, for when the
-    single-device rollout lets the device go. A download under way is left:
-    the new offer waits for it to end."""
-    now = utcnow()
-    reason = f"replaced by a single-device update from {admin} before any download"
-    for track, scope in load_tracks(
-        session,
-        Rollout.id == RolloutDevice.rollout_id,
-        RolloutDevice.device_id == device_id,
-        RolloutDevice.rollout_id != rollout_id,
-        RolloutDevice.state == DeviceState.OFFERED,
-        extra=(Rollout.scope,),
-        for_update=True,
-    ):
-        if scope == RolloutScope.DEVICE:
-            move(session, track, DeviceState.SUPERSEDED, now, reason)
-        else:
-            move(
-                session,
-                track,
-                DeviceState.PENDING,
-                now,
-                reason,
-                attempts=max(track.attempts - 1, 0),
-            )
-
-
 def _running(session: Session, rollout_id: int) -> Rollout:
     """The rollout, if it is active or paused; a 404 or a 409 otherwise."""
     rollout = session.get(Rollout, rollout_id)
     if rollout is None:
-        raise OtaRequestError(f"No rollout {rollout_id}.", 404)
+        raise NotFound(f"No rollout {rollout_id}.")
     if rollout.state not in RolloutState.RUNNING:
-        raise OtaRequestError(f"Rollout {rollout_id} is {rollout.state}.", 409)
+        raise Conflict(f"Rollout {rollout_id} is {rollout.state}.")
     return rollout

@@ -7,7 +7,7 @@ gets with `SELECT * FROM rollout_progress`.
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from ..store import (
+from ...store import (
     Device,
     DeviceState,
     Node,
@@ -15,11 +15,15 @@ from ..store import (
     Rollout,
     RolloutDevice,
     RolloutScope,
+    RolloutState,
     User,
 )
-from .catalog import identity_of, iso, served_path
+from ..firmware.catalog import identity_of, iso, served_path
+from .guards import RolloutGuards
+from .lifecycle import RetryPolicy
 
 __all__ = [
+    "with_outlook",
     "fleet_overview",
     "online_per_node",
     "rollout_detail",
@@ -191,3 +195,24 @@ def fleet_overview(session: Session) -> dict:
             for build, fw_version, fw_type, lib_version, count, online_count in builds
         ],
     }
+
+
+def with_outlook(
+    session: Session, guards: RolloutGuards, retries: RetryPolicy, summaries: list[dict]
+) -> list[dict]:
+    """Add the rollout's limits (its own, or the server's) and `next_wave`:
+    why a running rollout with waves has not grown yet."""
+    fleet = guards.policy
+    for summary in summaries:
+        rollout = session.get(Rollout, summary["id"])
+        summary["limits"] = {
+            "max_concurrent": fleet.concurrent_for(rollout.max_concurrent),
+            "attempt_timeout": retries.timeout_for(rollout.attempt_timeout),
+            "max_attempts": retries.attempts_for(rollout.max_attempts),
+            "abort_ratio": fleet.abort_ratio_for(rollout.abort_ratio),
+            "wave_delay": rollout.wave_delay,
+        }
+        summary["next_wave"] = None
+        if summary["waves"] and summary["state"] in RolloutState.RUNNING:
+            summary["next_wave"] = guards.next_wave(session, rollout)[1]
+    return summaries

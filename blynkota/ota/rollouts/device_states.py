@@ -21,7 +21,7 @@ from datetime import datetime
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from ..store import DeviceState, HotQuery, RolloutDevice, RolloutEvent, insert_many
+from ...store import DeviceState, HotQuery, RolloutDevice, RolloutEvent, insert_many
 
 __all__ = [
     "ConcurrentChange",

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from gevent.lock import Semaphore
 from sqlalchemy import Connection, bindparam, delete, insert, select, update
 
-from ..store import Database, LoginLimit, utcnow
+from ...store import Database, LoginLimit, utcnow
 
 __all__ = ["LoginLimits", "TooManyAttempts"]
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from ..logsafe import CUT_VALUES
-from ..protocol import IDENTITY_KEYS
-from ..store import (
+from ...logsafe import CUT_VALUES
+from ...protocol import IDENTITY_KEYS
+from ...store import (
     CHUNK_BYTES,
     Database,
     Firmware,
@@ -28,9 +28,9 @@ from ..store import (
     RolloutState,
     utcnow,
 )
-from .errors import OtaRequestError
-from .firmware import ImageReport, inspect_firmware
-from .firmware_store import CacheError, FirmwareCache
+from ..errors import Conflict, NotFound
+from .cache import CacheError, FirmwareCache
+from .image import ImageReport, inspect_firmware
 from .signatures import PublicKey
 
 __all__ = [
@@ -223,12 +223,12 @@ class FirmwareCatalog:
     def delete(self, session: Session, name: str) -> Firmware:
         """Stop serving `name` and drop its bytes (unless another file has the same).
 
-        Raises OtaRequestError: 404 for no such file, 409 while a running
+        Raises NotFound for no such file, Conflict while a running
         rollout sends it.
         """
         firmware = self.by_name(session, name)
         if firmware is None:
-            raise OtaRequestError("No such firmware.", 404)
+            raise NotFound("No such firmware.")
         running = session.scalars(
             select(Rollout.id).where(
                 Rollout.firmware_id == firmware.id, Rollout.state.in_(RolloutState.RUNNING)
@@ -236,7 +236,7 @@ class FirmwareCatalog:
         ).all()
         if running:
             ids = ", ".join(map(str, running))
-            raise OtaRequestError(f"Firmware {name} is in use by running rollout(s) {ids}.", 409)
+            raise Conflict(f"Firmware {name} is in use by running rollout(s) {ids}.")
         session.execute(
             update(Firmware)
             .where(Firmware.id == firmware.id)

@@ -7,8 +7,8 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ..logsafe import token_tag
-from ..store import Database, Device, Project, User
+from ...logsafe import token_tag
+from ...store import Database, Device, Project, User
 from .blynk_data import BlynkUser
 
 __all__ = [

@@ -17,7 +17,7 @@ from datetime import timedelta
 from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
-from ..store import (
+from ...store import (
     Database,
     Device,
     DeviceState,
@@ -27,11 +27,10 @@ from ..store import (
     RolloutState,
     utcnow,
 )
+from .candidates import RunningRollouts, candidate_of, target_of
 from .compatibility import BoardReport
 from .device_states import enter_all
 from .lifecycle import rollout_entry
-from .offers import candidate_of
-from .rollouts import RunningRollouts, target_of
 from .targeting import in_scope
 
 __all__ = ["OnlineEnrolment"]

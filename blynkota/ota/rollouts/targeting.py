@@ -4,11 +4,11 @@ dry run, the devices it would take in now."""
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ..numbers import ROW_ID_MAX, whole_number
-from ..store import Device, Project, RolloutScope, User
+from ...numbers import ROW_ID_MAX, whole_number
+from ...store import Device, Project, RolloutScope, User
+from ..errors import Refused
+from .candidates import Candidate, RunningRollouts
 from .compatibility import BoardReport
-from .errors import OtaRequestError
-from .rollouts import Candidate, RunningRollouts
 
 __all__ = [
     "campaign_target",
@@ -22,14 +22,14 @@ __all__ = [
 def campaign_target(
     session: Session, email: str | None, project_ref: str | None
 ) -> tuple[str, int | None]:
-    """(scope, target id) for the query parameters; OtaRequestError for unknown ones."""
+    """(scope, target id) for the query parameters; Refused for unknown ones."""
     if email is None:
         if project_ref is not None:
-            raise OtaRequestError("The project parameter needs the user parameter too.")
+            raise Refused("The project parameter needs the user parameter too.")
         return RolloutScope.ALL, None
     user = session.scalar(select(User).where(func.lower(User.email) == email.lower()))
     if user is None:
-        raise OtaRequestError("Requested user not found.")
+        raise Refused("Requested user not found.")
     if project_ref is None:
         return RolloutScope.USER, user.id
     matches = session.scalars(
@@ -40,12 +40,10 @@ def campaign_target(
         )
     ).all()
     if not matches:
-        raise OtaRequestError("Requested project not found.")
+        raise Refused("Requested project not found.")
     if len(matches) > 1:
         ids = ", ".join(str(project.dash_id) for project in matches)
-        raise OtaRequestError(
-            f"Project name {project_ref!r} matches projects {ids}: give the project id."
-        )
+        raise Refused(f"Project name {project_ref!r} matches projects {ids}: give the project id.")
     return RolloutScope.PROJECT, matches[0].id
 
 

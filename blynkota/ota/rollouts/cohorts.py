@@ -8,7 +8,7 @@ percentage always includes the narrower one (canary devices stay in).
 import hashlib
 from dataclasses import dataclass
 
-from ..numbers import whole_number
+from ...numbers import whole_number
 
 __all__ = ["Controls", "ControlsError", "bucket", "parse_waves", "wave_of"]
 

@@ -1,0 +1,92 @@
+"""The rollouts' clock: attempts that time out, failure thresholds, waves that
+grow, and connected devices entered into a rollout (now=true, expand, a grown
+wave). The sweep runs on the node holding the sweeper lease (runner.py); the
+enrolment of connected devices on the process that answered the request, or
+on the sweeper if that process stopped first.
+"""
+
+import logging
+
+import gevent
+from gevent.event import Event
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..store import Database, Rollout, RolloutState, utcnow
+from .rollouts.enrolment import OnlineEnrolment
+from .rollouts.guards import RolloutGuards
+from .rollouts.lifecycle import UpdateLifecycle
+
+__all__ = ["ENROLMENT_GRACE", "RolloutClock"]
+
+log = logging.getLogger(__name__)
+
+# Seconds an owed enrolment is left to the process that answered the request
+# before the sweeper does it (that process may have stopped).
+ENROLMENT_GRACE = 15.0
+
+
+class RolloutClock:
+    def __init__(
+        self,
+        db: Database,
+        lifecycle: UpdateLifecycle,
+        guards: RolloutGuards,
+        fill_due: Event,
+    ) -> None:
+        self.db, self.lifecycle, self.guards, self.fill_due = db, lifecycle, guards, fill_due
+        self.enrolment = OnlineEnrolment(db)
+
+    def sweep(self) -> tuple[int, int]:
+        """The rollouts' clock, run by the node holding the sweeper lease.
+
+        Times out stale attempts, pauses rollouts past the failure threshold
+        and grows waves (entering connected devices for now=true rollouts).
+        Returns (attempts timed out, devices entered into grown waves).
+        """
+
+        def work(session: Session) -> tuple[int, list[int]]:
+            now = utcnow()
+            timed_out = self.lifecycle.time_out_attempts(session, now)
+            grown = []
+            for rollout in session.scalars(
+                select(Rollout).where(Rollout.state == RolloutState.ACTIVE)
+            ).all():
+                if self.guards.check_health(session, rollout):
+                    continue
+                if self.guards.advance_wave(session, rollout) and rollout.push_online:
+                    grown.append(rollout.id)
+            return timed_out, grown
+
+        timed_out, grown = self.db.run(work)
+        if timed_out:
+            self.fill_due.set()
+        owed = set(grown) | set(self.enrolment.overdue(ENROLMENT_GRACE))
+        entered = sum(self.enrol_online(rollout_id) for rollout_id in sorted(owed))
+        return timed_out, entered
+
+    def enrol_online(self, rollout_id: int) -> int:
+        """now=true, expand, a grown wave: connected devices enter (enrolment.py)."""
+        entered = self.enrolment.enter_connected(rollout_id)
+        if entered:
+            self.fill_due.set()
+        return entered
+
+    def enrol_in_background(self, rollout_id: int) -> None:
+        """Enter the connected devices after the request has its answer.
+
+        The rollout row says the work is owed (`enrol_due_at`): if this fails,
+        or the process stops, the sweeper does it after ENROLMENT_GRACE.
+        """
+
+        def work() -> None:
+            try:
+                self.enrol_online(rollout_id)
+            except Exception as error:
+                log.warning(
+                    "rollout %d: entering connected devices failed (%s); the sweeper retries",
+                    rollout_id,
+                    error,
+                )
+
+        gevent.spawn(work)
