@@ -16,7 +16,7 @@ if __name__ == "__main__":
 
 import sys
 
-from blynkota.cli import create_app_for_commands as create_app  # for `flask --app wsgi`
+from blynkota.app import create_app_for_commands as create_app  # for `flask --app wsgi`
 from blynkota.serving import app, load_for_gunicorn, main
 
 __all__ = ["app", "create_app", "main"]

@@ -3,8 +3,10 @@
 import logging
 from collections.abc import Mapping
 
+import click
 from flask import Flask
 
+from . import cli, web
 from .cluster import ClusterNode, NodeSettings
 from .config import ConfigError, load_settings
 from .ota import (
@@ -20,7 +22,7 @@ from .ota import (
 from .ota.firmware.signatures import load_public_keys
 from .store import Database
 
-__all__ = ["create_app"]
+__all__ = ["BadSettings", "create_app", "create_app_for_commands"]
 
 log = logging.getLogger("blynkota")
 
@@ -73,8 +75,20 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     app.extensions["blynkota.fleet"] = FleetRegistry(db)
     app.extensions["blynkota.admins"] = AdminDirectory(db)
 
-    from . import cli, web
-
     web.init_app(app)
     cli.init_app(app)
     return app
+
+
+class BadSettings(click.ClickException):
+    """A setting that cannot be used: one line, exit code 2 (as `python wsgi.py`)."""
+
+    exit_code = 2
+
+
+def create_app_for_commands() -> Flask:
+    """The app as `flask --app wsgi` and `blynkota` load it: a bad setting is one line."""
+    try:
+        return create_app()
+    except ConfigError as error:
+        raise BadSettings(str(error)) from None

@@ -11,7 +11,6 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
-from .config import ConfigError
 from .ota import (
     BlynkDataError,
     NewDevice,
@@ -19,25 +18,10 @@ from .ota import (
     ProvisioningError,
     read_blynk_folder,
 )
-from .store import DeviceState, upgrade
+from .status_text import render, table
+from .store import upgrade
 
-__all__ = ["BadSettings", "create_app_for_commands", "init_app"]
-
-
-class BadSettings(click.ClickException):
-    """A setting that cannot be used: one line, exit code 2 (as `python wsgi.py`)."""
-
-    exit_code = 2
-
-
-def create_app_for_commands() -> Flask:
-    """The app as `flask --app wsgi` and `blynkota` load it: a bad setting is one line."""
-    from .app import create_app
-
-    try:
-        return create_app()
-    except ConfigError as error:
-        raise BadSettings(str(error)) from None
+__all__ = ["devices", "import_blynk", "init_app"]
 
 
 def _fleet():
@@ -69,34 +53,36 @@ def list_devices() -> None:
     """Print token, user, project, what the device last reported (build, firmware
     version and type, library version), whether it is online, and its tag in the log."""
     rows = _fleet().list_devices()
-    _table(
-        [
-            (
-                "TOKEN",
-                "USER",
-                "PROJECT",
-                "BUILD",
-                "FW VERSION",
-                "FW TYPE",
-                "LIBRARY",
-                "ONLINE",
-                "LOG TAG",
-            )
-        ]
-        + [
-            (
-                row.token,
-                row.user,
-                row.project,
-                row.build or "-",
-                row.fw_version or "-",
-                row.fw_type or "-",
-                row.lib_version or "-",
-                "yes" if row.online else "no",
-                row.tag,
-            )
-            for row in rows
-        ]
+    click.echo(
+        table(
+            [
+                (
+                    "TOKEN",
+                    "USER",
+                    "PROJECT",
+                    "BUILD",
+                    "FW VERSION",
+                    "FW TYPE",
+                    "LIBRARY",
+                    "ONLINE",
+                    "LOG TAG",
+                )
+            ]
+            + [
+                (
+                    row.token,
+                    row.user,
+                    row.project,
+                    row.build or "-",
+                    row.fw_version or "-",
+                    row.fw_type or "-",
+                    row.lib_version or "-",
+                    "yes" if row.online else "no",
+                    row.tag,
+                )
+                for row in rows
+            ]
+        )
     )
 
 
@@ -203,13 +189,6 @@ def ota() -> None:
     pass
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    for row in rows:
-        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        click.echo("  ".join(cells).rstrip())
-
-
 @ota.command("status")
 @click.argument("rollout", type=int, required=False)
 def ota_status(rollout: int | None) -> None:
@@ -220,33 +199,7 @@ def ota_status(rollout: int | None) -> None:
         summaries = [service.detail(rollout)] if rollout is not None else service.status()
     except OtaError as error:
         raise click.ClickException(str(error)) from None
-    states = DeviceState.ALL
-    rows = [("ID", "SCOPE", "TARGET", "BUILD", "STATE", *(s.upper() for s in states))]
-    for summary in summaries:
-        rows.append(
-            (
-                str(summary["id"]),
-                summary["scope"],
-                summary["target"],
-                summary["firmware"]["build"] or "-",
-                summary["state"],
-                *(str(summary["counts"][state]) for state in states),
-            )
-        )
-    _table(rows)
-    if rollout is not None:
-        click.echo("")
-        device_rows = [("TOKEN", "STATE", "ATTEMPTS", "LAST ERROR")]
-        for device in summaries[0]["devices"]:
-            device_rows.append(
-                (
-                    device["token"],
-                    device["state"],
-                    str(device["attempts"]),
-                    device["last_error"] or "-",
-                )
-            )
-        _table(device_rows)
+    click.echo(render(summaries))
 
 
 def init_app(app: Flask) -> None:

@@ -5,6 +5,7 @@ asked, signed uploads, one firmware per content, and a re-send that re-sends."""
 import socket
 import subprocess
 import sys
+import time
 from urllib.parse import urlsplit
 
 import pytest
@@ -199,6 +200,23 @@ def test_a_resend_to_a_board_that_has_not_begun_its_download_goes_out_at_once(
         assert len(board.ota_urls) == 2
     finally:
         downloading.close()
+
+
+def test_a_token_update_to_a_board_that_runs_the_image_already_is_not_sent(
+    server, simulated, fleet, app
+):
+    """A ?token= offer is judged by the rules of every other offer (one rule set,
+    rollouts/offering.py): a board already on the image is not sent it again."""
+    token = fleet.add_device("me@example.com", "Farm")
+    board = simulated(token, BUILD_NEW)
+    wait_until(board.ready.is_set)
+    answer = start(server, f"?token={token}", esp8266_image(BUILD_NEW))
+    assert answer.status == 200, answer.text
+    assert answer.json()["waiting"] == "the device runs this firmware already"
+    assert rows(app, "SELECT state FROM rollout_devices") == [("updated",)]
+    assert rows(app, "SELECT COUNT(*) FROM ota_commands") == [(0,)]
+    time.sleep(0.5)  # a frame written would have reached the board by now
+    assert board.ota_urls == []
 
 
 @pytest.fixture(scope="module")

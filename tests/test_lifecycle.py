@@ -11,6 +11,7 @@ import sqlalchemy
 from blynkota.ota import TRANSITIONS, IllegalDeviceTransition
 from blynkota.ota.rollouts.device_states import move, start_tracking
 from blynkota.simulator import SimulatedDevice
+from blynkota.status_text import render
 from blynkota.store import DeviceState, Firmware, Rollout, utcnow
 
 from .devices import BUILD_NEW, BUILD_OLD
@@ -283,6 +284,8 @@ def test_status_detail_stop_one_and_the_cli(fast_server, fleet, app):
     assert "UPDATED" in table[0].split()
     one = app.test_cli_runner().invoke(args=["ota", "status", str(user_rollout["id"])])
     assert one.exit_code == 0 and f"{token}  updated  1" in one.output
+    # `flask ota status` shows what `blynkota rollout status` shows, from the same code.
+    assert table == render(fast_server.admin("GET", "/admin/ota/status").json()).splitlines()
 
 
 def test_counts_and_backoff_survive_kill_9(server_factory, fleet, app):

@@ -181,3 +181,49 @@ def test_other_internal_frames_are_not_info_messages(words):
     body = b"\0".join(word.encode() for word in words)
     (event,) = events(bytes([Command.INTERNAL, 0, 9, 0, len(body)]) + body)
     assert isinstance(event, Internal) and not event.is_info
+
+
+def test_the_conversation_gives_each_frame_its_answer_in_each_state():
+    """One table for every session, parked or not (protocol/conversation.py), from bytes."""
+    from blynkota.protocol import (
+        ALREADY_REGISTERED,
+        IGNORE,
+        ILLEGAL_COMMAND,
+        INFO,
+        LOG_IN,
+        NOT_A_LOGIN,
+        PONG,
+        SessionState,
+        encode_frame,
+        reaction_to,
+    )
+
+    frames = {
+        "login": encode_login(TOKEN, 1),
+        "ping": encode_ping(2),
+        "info": encode_info({"build": "Nov 29 2018 12:00:00"}, 3),
+        "internal": encode_frame(Command.INTERNAL, 4, b"rtc\0sync"),
+        "hardware": encode_frame(Command.HARDWARE, 5, b"vw\x001\x002"),
+        "response": encode_response(6, Status.OK),
+        "unknown": encode_frame(99, 7),
+    }
+    event = {name: events(data)[0] for name, data in frames.items()}
+    before_login = {name: reaction_to(SessionState.AWAITING_LOGIN, e) for name, e in event.items()}
+    assert before_login == {name: NOT_A_LOGIN for name in frames} | {"login": LOG_IN}
+    for state in (SessionState.LOGGED_IN, SessionState.READY):
+        assert {name: reaction_to(state, e) for name, e in event.items()} == {
+            "login": ALREADY_REGISTERED,
+            "ping": PONG,
+            "info": INFO,
+            "internal": IGNORE,
+            "hardware": IGNORE,
+            "response": IGNORE,
+            "unknown": ILLEGAL_COMMAND,
+        }
+    # What the event loop may give without a greenlet, and what each answers.
+    assert [r.in_loop for r in (PONG, INFO, IGNORE)] == [True, True, True]
+    assert [r.in_loop for r in (LOG_IN, ALREADY_REGISTERED, ILLEGAL_COMMAND)] == [False] * 3
+    assert (PONG.reply, INFO.reply, ALREADY_REGISTERED.reply, ILLEGAL_COMMAND.reply) == (
+        Status.OK, Status.OK, Status.ALREADY_REGISTERED, Status.ILLEGAL_COMMAND,
+    )  # fmt: skip
+    assert ILLEGAL_COMMAND.closes and NOT_A_LOGIN.closes and not PONG.closes

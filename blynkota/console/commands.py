@@ -8,21 +8,14 @@ from pathlib import Path
 import click
 from flask.cli import ScriptInfo
 
-from ..cli import BadSettings, create_app_for_commands, devices, import_blynk
+from ..app import BadSettings, create_app_for_commands
+from ..cli import devices, import_blynk
 from ..config import ConfigError, load_settings
+from ..status_text import describe, render
 from ..store import DeviceState
 from .client import AdminClient, AdminError, Target
 
 __all__ = ["blynkota"]
-
-BAR_WIDTH = 40
-SEGMENTS = (  # (label, states, character) of the text progress bar
-    ("updated", ("updated",), "#"),
-    ("in flight", DeviceState.IN_FLIGHT, ">"),
-    ("pending", ("pending",), "."),
-    ("failed", ("failed",), "x"),
-    ("incompatible", ("incompatible",), "!"),
-)
 
 
 def _settings():
@@ -215,32 +208,6 @@ def rollout() -> None:
     """Look at and steer rollouts (through the admin API)."""
 
 
-def _bar(summary: dict) -> str:
-    total = summary["device_count"] or 0
-    counts = summary["counts"]
-    cells, labels = "", []
-    for label, states, mark in SEGMENTS:
-        count = sum(counts.get(state, 0) for state in states)
-        cells += mark * (round(BAR_WIDTH * count / total) if total else 0)
-        labels.append(f"{label} {count}")
-    cells = cells[:BAR_WIDTH].ljust(BAR_WIDTH)
-    share = 100 * counts.get("updated", 0) // total if total else 0
-    return f"[{cells}] {share:3d}%  " + "  ".join(labels) + f"  of {total}"
-
-
-def _describe(summary: dict) -> str:
-    lines = [
-        f"rollout {summary['id']}  {summary['state']}  build {summary['firmware']['build']}  "
-        f"target {summary['target']}  started by {summary['started_by']} {summary['started_at']}",
-        _bar(summary),
-    ]
-    if summary.get("pause_reason"):
-        lines.append(f"paused: {summary['pause_reason']}")
-    if summary.get("next_wave"):
-        lines.append(f"waiting: {summary['next_wave']}")
-    return "\n".join(lines)
-
-
 def _finished(summary: dict) -> bool:
     counts = summary["counts"]
     busy = counts.get("pending", 0) + sum(counts.get(state, 0) for state in DeviceState.IN_FLIGHT)
@@ -266,7 +233,7 @@ def status(rollout_id, watch, interval, timeout, **connection) -> None:
     started = time.monotonic()
     while True:
         shown = summaries()
-        text = "\n\n".join(_describe(summary) for summary in shown) or "No rollout yet."
+        text = render(shown)
         if watch and sys.stdout.isatty():
             click.clear()
         click.echo(text)
@@ -288,7 +255,7 @@ def _steer(action: str, help_text: str):
         summary = _call(
             lambda: client.request("POST", f"/admin/ota/rollouts/{rollout_id}/{action}")
         )
-        click.echo(_describe(summary))
+        click.echo(describe(summary))
 
     return command
 

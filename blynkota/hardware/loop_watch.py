@@ -27,20 +27,27 @@ Everything here is called by the event loop: nothing may wait.
 import functools
 import logging
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import gevent
 from gevent import get_hub
 from gevent.event import AsyncResult
 
 from .. import metrics
-from ..protocol import INFO, NEED_DATA, Login, Status, encode_response, reaction_to
-from .wire import READ_BYTES
+from ..ota import DeviceIdentity, DeviceSide
+from ..protocol import (
+    INFO,
+    NEED_DATA,
+    Login,
+    SessionStateMachine,
+    Status,
+    encode_response,
+    reaction_to,
+)
+from .wire import READ_BYTES, Wire
 
-if TYPE_CHECKING:
-    from .session import DeviceSession
-
-__all__ = ["LoopWatch"]
+__all__ = ["LoopWatch", "WatchedSession"]
 
 log = logging.getLogger("blynkota.hardware.session")
 
@@ -48,12 +55,35 @@ log = logging.getLogger("blynkota.hardware.session")
 _LOGIN_UNWRITTEN = object()
 
 
+class WatchedSession(Protocol):
+    """What the watch reads and calls of its session (session.py)."""
+
+    wire: Wire
+    devices: DeviceSide
+    machine: SessionStateMachine
+    presence: AsyncResult | None  # the login's presence write, pending
+    report: AsyncResult | None  # the last info message's report, pending
+    read_timeout: float
+    tag: str
+    peer: str
+
+    def accept_login(self, identity: DeviceIdentity) -> None: ...
+
+    def answer_info(self, event, reply: Callable | None = None) -> bytes | None: ...
+
+    def guarded(self, body: Callable[[], bool]) -> bool: ...
+
+    def from_login(self, event=None, error=None, unknown: bool = False) -> bool: ...
+
+    def resume(self, event, error, unsent) -> bool: ...
+
+
 class LoopWatch:
     """The event loop's watch over one session's socket and deadline."""
 
     __slots__ = ("session", "io", "timer", "parked")
 
-    def __init__(self, session: "DeviceSession") -> None:
+    def __init__(self, session: WatchedSession) -> None:
         self.session = session
         self.io = get_hub().loop.io(session.wire.sock.fileno(), 1)  # 1: readable
         self.timer = None  # made at the first park, again only when the deadline changes
