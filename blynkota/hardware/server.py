@@ -3,7 +3,7 @@
 Each connection is sniffed with MSG_PEEK (nothing is consumed): an HTTP method
 word hands it to the WSGI handler untouched, anything else is a device. The
 server is a gevent WSGIServer (itself a StreamServer) whose connections are
-spawned from a bounded pool. A device session that parks (hardware/session.py)
+spawned from a bounded pool. A device session that parks (hardware/loop_watch.py)
 keeps its connection when its handler returns: the session closes it, and
 it still counts against hardware.max.connections until then.
 """

@@ -35,7 +35,7 @@ from .errors import Conflict, NotFound, Refused
 from .firmware.catalog import FirmwareCatalog, Upload, identity_of, served_path
 from .firmware.image import FirmwareRejected, ImageReport
 from .fleet.identities import DeviceIdentity
-from .fleet.online import OfferDeferred, OfferFailed, OnlineDevices
+from .fleet.online import FrameTooLarge, OfferDeferred, OfferFailed, OnlineDevices
 from .rollouts.candidates import Candidate
 from .rollouts.cohorts import Controls
 from .rollouts.compatibility import BoardReport, ImageIdentity, incompatibility
@@ -473,6 +473,8 @@ class RolloutAdmin:
             except OfferDeferred as reason:
                 waiting = str(reason)
                 log.info("device %s: update waits: %s", token_tag(device.token), reason)
+            except FrameTooLarge as error:  # its attempt failed: no retry can help
+                raise Refused(f"The update could not be sent: {error}.") from None
             except OfferFailed as error:
                 raise Refused(
                     f"The update could not be sent: {error}. It stays pending for the next login."

@@ -120,7 +120,7 @@ class DeviceSide:
         Ends the device's open attempts (updated, or failed with the reason)
         and enters the device in its rollout. True if an offer is due: the
         device's row is pending, and this node's fill claims it with whatever
-        else is due (batch_offers.py), so a login storm's offers share a few
+        else is due (rollouts/offering.py), so a login storm's offers share a few
         transactions instead of taking the offer lock one by one.
         """
         settled, due = self.report_later(device, info).get()

@@ -337,7 +337,7 @@ class OtaCommand(Base):
 
 
 class DeviceState:
-    """Where one device stands in one rollout (the rules: ota/device_states.py)."""
+    """Where one device stands in one rollout (the rules: ota/rollouts/device_states.py)."""
 
     PENDING = "pending"  # targeted, no `ota` sent yet (or waiting out a backoff)
     OFFERED = "offered"  # the `ota` frame was written to its socket

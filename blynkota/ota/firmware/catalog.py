@@ -3,7 +3,7 @@
 An upload is one `firmware` row (its own served name, original file name,
 who and when) over one content-addressed blob: the same bytes uploaded twice
 are stored once. Any node serves any upload: it writes its cache file from
-the database on first use (firmware_store.py).
+the database on first use (cache.py).
 """
 
 import hashlib

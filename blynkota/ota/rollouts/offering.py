@@ -268,22 +268,22 @@ class Offers:
         if link is None:
             raise OfferFailed(NOT_IN_SESSION)
 
-        def claim(session: Session) -> _Claimed | str:
+        def claim(session: Session) -> _Claimed | OfferFailed:
             found = load_tracks(
                 session,
                 RolloutDevice.rollout_id == rollout_id,
                 RolloutDevice.device_id == device.id,
             )
             if not found:
-                return NOT_PENDING
+                return OfferDeferred(NOT_PENDING)
             claimed, refused = self._claim(
                 session, [_Waiting(found[0].id, rollout_id, device, link)], judge_health=True
             )
             return claimed[0] if claimed else refused
 
         outcome = self.db.run(claim)
-        if isinstance(outcome, str):
-            raise NoDownloadSlot(outcome) if outcome == NO_SLOT else OfferDeferred(outcome)
+        if isinstance(outcome, OfferFailed):
+            raise outcome
         error = self._deliver(outcome)
         if error is not None:
             raise OfferFailed(error)
@@ -293,9 +293,10 @@ class Offers:
 
     def _claim(
         self, session: Session, waiting: list[_Waiting], *, judge_health: bool = False
-    ) -> tuple[list[_Claimed], str | None]:
+    ) -> tuple[list[_Claimed], OfferFailed | None]:
         """Offers for as many of `waiting` as the rules and the slots allow,
-        recorded; and why the last one refused was refused."""
+        recorded; and why the last one refused was refused (OfferDeferred: it
+        may be offered later)."""
         now = utcnow()
         rollout_ids = {w.rollout_id for w in waiting}
         # Judged before the lock: it reads every finished device of the rollout,
@@ -327,14 +328,15 @@ class Offers:
             board = boards.get(device.id, BoardReport())
             judged = _refusal(item, track, states.get(item.rollout_id), candidate, board, busy, now)
             if judged is not None:
-                refused, settled = judged
+                reason, settled = judged
+                refused = OfferDeferred(reason)
                 if settled == DeviceState.UPDATED:
                     move(session, track, settled, now)
                 elif settled is not None:  # it cannot run the image: the reason is its error
-                    move(session, track, settled, now, refused, last_error=refused)
+                    move(session, track, settled, now, reason, last_error=reason)
                 continue
             if not slots.take(item.rollout_id):
-                refused = NO_SLOT
+                refused = NoDownloadSlot(NO_SLOT)
                 if slots.server <= 0:
                     break
                 continue
@@ -343,13 +345,12 @@ class Offers:
                 url, frame = item.link.ota_frame(offer.url_path)
             except FrameTooLarge as error:
                 # Its receive buffer is too small for the URL: no retry can help.
-                refused = f"not offered: {error}"
-                move(session, track, DeviceState.FAILED, now, refused)
+                refused = error
+                move(session, track, DeviceState.FAILED, now, f"not offered: {error}")
                 continue
             except OfferFailed:
-                refused = (
-                    NOT_IN_SESSION  # the connection closed meanwhile: offered at its next login
-                )
+                # The connection closed meanwhile: offered at its next login.
+                refused = OfferDeferred(NOT_IN_SESSION)
                 continue
             busy.add(device.id)
             claimed.append(_Claimed(item, offer, frame))
