@@ -134,10 +134,17 @@ def incompatibility(
     return None
 
 
+# A fleet reports a handful of board names and builds, judged at every login
+# and every offer: each is read once (the caches are bounded, and C-fast to ask).
+@functools.lru_cache(maxsize=1024)
+def _chip_of_board(reported_dev: str) -> str | None:
+    return _CHIP_OF_BOARD.get(_board(reported_dev))
+
+
 def _chip_misfit(reported_dev: str | None, chip: str | None) -> str | None:
     if not reported_dev or not chip:
         return None
-    board_chip = _CHIP_OF_BOARD.get(_board(reported_dev))
+    board_chip = _chip_of_board(reported_dev)
     if board_chip is None:
         return None  # not a name the library gives an Espressif board
     # "esp32" is the family: any of its chips may be on the board.
@@ -181,6 +188,7 @@ _MONTHS = {
 }
 
 
+@functools.lru_cache(maxsize=1024)
 def build_date(build: str | None) -> tuple[int, ...] | None:
     """`__DATE__ __TIME__` ("Aug 14 2017 20:31:49", single-digit days padded
     with a space) as (year, month, day, hour, minute, second), which orders

@@ -113,9 +113,6 @@ _BOARDS = HotQuery(
         Device.id.in_(bindparam("devices", expanding=True))
     )
 )
-_STATES = HotQuery(
-    select(Rollout.id, Rollout.state).where(Rollout.id.in_(bindparam("rollouts", expanding=True)))
-)
 
 
 @dataclass(frozen=True)
@@ -154,27 +151,31 @@ class _Waiting:
     link: DeviceLink  # its session: builds the frame and takes it
 
 
-@dataclass(frozen=True)
-class _Claimed:
-    waiting: _Waiting
-    offer: Offer
-    frame: bytes
+# A claimed offer: (the waiting device, its Offer, the frame to write).
+_Claimed = tuple[_Waiting, Offer, bytes]
 
 
-class _Slots:
-    """Download slots free in the server and in each rollout of a claim, as it spends them."""
+_NOTHING_REPORTED = (None, None, None, None)
 
-    __slots__ = ("server", "per_rollout")
 
-    def __init__(self, server: int, per_rollout: dict[int, int]) -> None:
-        self.server, self.per_rollout = server, per_rollout
+class _Verdicts(dict):
+    """What the rules say of each board report against each rollout, judged once
+    per claim: a campaign's devices report a handful of different boards."""
 
-    def take(self, rollout_id: int) -> bool:
-        if self.server <= 0 or self.per_rollout[rollout_id] <= 0:
-            return False
-        self.server -= 1
-        self.per_rollout[rollout_id] -= 1
-        return True
+    def of(self, candidate: Candidate, reported: tuple) -> tuple[str, str] | None:
+        key = (candidate.rollout_id, reported)
+        if key not in self:
+            self[key] = _unfit(candidate, BoardReport(*reported))
+        return self[key]
+
+
+def _unfit(candidate: Candidate, board: BoardReport) -> tuple[str, str] | None:
+    """The board runs the rollout's image already (its row is updated), or cannot
+    run it (incompatible, with the reason); None if it may be given it."""
+    if candidate.runs_on(board):
+        return ON_TARGET, DeviceState.UPDATED
+    unfit = candidate.unfit_for(board)
+    return None if unfit is None else (unfit, DeviceState.INCOMPATIBLE)
 
 
 def _refusal(
@@ -182,13 +183,15 @@ def _refusal(
     track,
     rollout_state: str | None,
     candidate: Candidate | None,
-    board: BoardReport,
+    reported: tuple,
+    verdicts: _Verdicts,
     busy: set[int],
     now,
 ) -> tuple[str, str | None] | None:
     """Why `item` may not be offered its rollout now, and the state its row
     takes for it (None: it stays pending, for a later claim); None if it may.
-    The one rule set of every offer: the slots are counted by the caller, last."""
+    The one rule set of every offer: the slots are counted by the caller, last.
+    `reported`: what the device last reported (compatibility.BoardReport's fields)."""
     if rollout_state != RolloutState.ACTIVE:
         return f"rollout {item.rollout_id} is {rollout_state}", None
     if track is None:
@@ -199,10 +202,7 @@ def _refusal(
         return IN_FLIGHT, None  # one `ota` in flight per device, whatever rollouts name it
     if candidate is None or candidate.rollout_id != item.rollout_id:
         return TAKEN_OVER, None
-    if candidate.runs_on(board):
-        return ON_TARGET, DeviceState.UPDATED
-    unfit = candidate.unfit_for(board)
-    return None if unfit is None else (unfit, DeviceState.INCOMPATIBLE)
+    return verdicts.of(candidate, reported)
 
 
 class Offers:
@@ -255,20 +255,20 @@ class Offers:
 
         return sum(self._deliver(claimed) is None for claimed in self.db.run(find_and_claim))
 
-    def send_now(self, device: DeviceIdentity, rollout_id: int) -> str:
-        """Offer `rollout_id` to `device`, connected to this process, now (?token=);
-        the URL path sent.
+    def send_now(self, device: DeviceIdentity, rollout_id: int) -> None:
+        """Offer `rollout_id` to `device`, connected to this process, now (?token=).
 
         Raises OfferDeferred when it may not be offered now (paused, every
         download slot taken, another update in flight): the device stays
         pending. Raises OfferFailed when the frame cannot be built or written
-        (the attempt fails with that reason).
+        (the attempt fails with that reason). This node's fill may have
+        offered it a moment before: that is the offer sent.
         """
         link = self.online.get_ready(device.token)
         if link is None:
             raise OfferFailed(NOT_IN_SESSION)
 
-        def claim(session: Session) -> _Claimed | OfferFailed:
+        def claim(session: Session) -> _Claimed | OfferFailed | None:
             found = load_tracks(
                 session,
                 RolloutDevice.rollout_id == rollout_id,
@@ -279,15 +279,33 @@ class Offers:
             claimed, refused = self._claim(
                 session, [_Waiting(found[0].id, rollout_id, device, link)], judge_health=True
             )
-            return claimed[0] if claimed else refused
+            if claimed:
+                return claimed[0]
+            if str(refused) == NOT_PENDING and self._offered_here(session, found[0].id):
+                return None
+            return refused
 
         outcome = self.db.run(claim)
         if isinstance(outcome, OfferFailed):
             raise outcome
-        error = self._deliver(outcome)
-        if error is not None:
-            raise OfferFailed(error)
-        return outcome.offer.url_path
+        if outcome is not None:
+            error = self._deliver(outcome)
+            if error is not None:
+                raise OfferFailed(error)
+
+    def _offered_here(self, session: Session, row_id: int) -> bool:
+        """The row is in flight on an offer of this node's run (its fill's): read as
+        it is now, past the transaction's snapshot (a locking read)."""
+        row = session.execute(
+            select(RolloutDevice.state, RolloutDevice.offer_node_id, RolloutDevice.offer_node_run)
+            .where(RolloutDevice.id == row_id)
+            .with_for_update()
+        ).first()
+        return (
+            row is not None
+            and row.state in DeviceState.IN_FLIGHT
+            and (row.offer_node_id, row.offer_node_run) == (self.node.id, self.node.run_number)
+        )
 
     # --- one claim --------------------------------------------------------------
 
@@ -301,32 +319,35 @@ class Offers:
         rollout_ids = {w.rollout_id for w in waiting}
         # Judged before the lock: it reads every finished device of the rollout,
         # and the lock serialises every offer of every process.
+        states = {}
         for rollout in session.scalars(select(Rollout).where(Rollout.id.in_(rollout_ids))):
-            self._judge_health(session, rollout, now=judge_health)
+            paused = self._judge_health(session, rollout, now=judge_health)
+            states[rollout.id] = RolloutState.PAUSED if paused else rollout.state
         lock_offer_slots(session)
-        states = dict(_STATES.rows(session, rollouts=sorted(rollout_ids)))
         running = RunningRollouts(session)
         active = {
             rollout_id for rollout_id, state in states.items() if state == RolloutState.ACTIVE
         }
-        slots = _Slots(*self.guards.slot_counts(session, active))
+        server_free, free = self.guards.slot_counts(session, active)
         busy = devices_in_flight(session, [w.device.id for w in waiting])
         rows = sorted(w.row_id for w in waiting)
         tracks = {
             track.id: track for track in run_tracks_query(session, _PENDING_ROWS, {"rows": rows})
         }
         boards = {
-            row[0]: BoardReport(*row[1:])
+            row[0]: tuple(row[1:])
             for row in _BOARDS.rows(session, devices=sorted({w.device.id for w in waiting}))
         }
+        verdicts = _Verdicts()
         claimed, journal, refused = [], [], None
         for item in waiting:
             device, track = item.device, tracks.get(item.row_id)
             candidate = running.rollout_for(
                 device_id=device.id, project_id=device.project_id, user_id=device.user_id
             )
-            board = boards.get(device.id, BoardReport())
-            judged = _refusal(item, track, states.get(item.rollout_id), candidate, board, busy, now)
+            reported = boards.get(device.id, _NOTHING_REPORTED)
+            state = states.get(item.rollout_id)
+            judged = _refusal(item, track, state, candidate, reported, verdicts, busy, now)
             if judged is not None:
                 reason, settled = judged
                 refused = OfferDeferred(reason)
@@ -335,9 +356,9 @@ class Offers:
                 elif settled is not None:  # it cannot run the image: the reason is its error
                     move(session, track, settled, now, reason, last_error=reason)
                 continue
-            if not slots.take(item.rollout_id):
+            if server_free <= 0 or free[item.rollout_id] <= 0:
                 refused = NoDownloadSlot(NO_SLOT)
-                if slots.server <= 0:
+                if server_free <= 0:
                     break
                 continue
             offer = new_offer(candidate, device)
@@ -352,23 +373,27 @@ class Offers:
                 # The connection closed meanwhile: offered at its next login.
                 refused = OfferDeferred(NOT_IN_SESSION)
                 continue
+            free[item.rollout_id] -= 1
+            server_free -= 1
             busy.add(device.id)
-            claimed.append(_Claimed(item, offer, frame))
+            claimed.append((item, offer, frame))
             journal.append((track, url))
-        self._free_hint = slots.server
+        self._free_hint = server_free
         self._journal(session, claimed, journal, now)
         return claimed, refused
 
-    def _judge_health(self, session: Session, rollout: Rollout, *, now: bool) -> None:
-        """Pause the rollout if it is past its failure threshold. `fill` judges one
-        at most every HEALTH_EVERY seconds here: a pause is a row change, read by
-        every claim, and the sweeper judges too, so a threshold passed meanwhile
-        pauses the rollout within a fraction of a second."""
+    def _judge_health(self, session: Session, rollout: Rollout, *, now: bool) -> bool:
+        """Pause the rollout if it is past its failure threshold; True if this did.
+        `fill` judges one at most every HEALTH_EVERY seconds here: a pause is a
+        row change, read by every claim, and the sweeper judges too, so a
+        threshold passed meanwhile pauses the rollout within a fraction of a second."""
         clock = time.monotonic()
         if not now and clock - self._judged_at.get(rollout.id, -HEALTH_EVERY) < HEALTH_EVERY:
-            return
-        if not self.guards.check_health(session, rollout):
-            self._judged_at[rollout.id] = clock
+            return False
+        if self.guards.check_health(session, rollout):
+            return True
+        self._judged_at[rollout.id] = clock
+        return False
 
     def _journal(self, session: Session, claimed: list[_Claimed], journal: list, now) -> None:
         offer_all(session, journal, now, (self.node.id, self.node.run_number))
@@ -378,14 +403,14 @@ class Offers:
                 OtaCommand.__table__,
                 [
                     {
-                        "device_id": item.offer.device_id,
-                        "firmware_id": item.offer.firmware_id,
-                        "rollout_id": item.offer.rollout_id,
+                        "device_id": offer.device_id,
+                        "firmware_id": offer.firmware_id,
+                        "rollout_id": offer.rollout_id,
                         "url": url[:255],
                         "sent_at": now,
-                        "offer_key": item.offer.key,
+                        "offer_key": offer.key,
                     }
-                    for item, (_, url) in zip(claimed, journal, strict=True)
+                    for (_, offer, _), (_, url) in zip(claimed, journal, strict=True)
                 ],
             )
 
@@ -393,9 +418,10 @@ class Offers:
 
     def _deliver(self, claimed: _Claimed) -> str | None:
         """Write a claimed offer's frame; why it failed (the attempt fails too), or None."""
-        link, offer = claimed.waiting.link, claimed.offer
+        waiting, offer, frame = claimed
+        link = waiting.link
         try:
-            link.write_frame(claimed.frame)
+            link.write_frame(frame)
         except OfferFailed as error:
             self.undelivered(offer, str(error))
             log.warning("device %s: not offered: %s", link.tag, error)
