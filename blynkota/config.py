@@ -75,6 +75,9 @@ DEFAULTS: dict[str, str] = {
     "node.heartbeat.interval": "2",
     "node.poll.interval": "0.25",
     "trusted.proxies": "",
+    "relay.upstream": "",
+    "relay.upstream.ssl": "false",
+    "relay.connect.timeout": "5",
 }
 
 DEFAULT_ADMIN_PASS = DEFAULTS["admin.pass"]
@@ -82,6 +85,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 # Keys holding a path: in a properties file, relative to that file's folder.
 PATH_KEYS = ("data.folder", "server.ssl.cert", "server.ssl.key")
+# relay.upstream.ssl: these words, or else the path of a CA file.
+RELAY_SSL_WORDS = ("false", "true", "insecure")
 # Databases the server runs on, with the driver that yields to gevent.
 DATABASES = {
     "sqlite": "sqlite:///path/to/blynkota.db",
@@ -120,6 +125,9 @@ def _read_file(path: Path, warnings: list[str]) -> dict[str, str]:
     for key in PATH_KEYS:
         if values.get(key):
             values[key] = str((path.parent / Path(values[key]).expanduser()).absolute())
+    ssl = values.get("relay.upstream.ssl", "").strip()
+    if ssl and ssl.lower() not in RELAY_SSL_WORDS:  # a CA file, relative to the file
+        values["relay.upstream.ssl"] = str((path.parent / Path(ssl).expanduser()).absolute())
     if values.get("ota.signing.keys"):  # a list of paths, each relative to the file
         values["ota.signing.keys"] = ",".join(
             str((path.parent / part).absolute()) for part in _paths(values["ota.signing.keys"])
@@ -173,6 +181,10 @@ class Settings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     log_format: str  # text or json
     allowed_metrics_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    # Relay mode: the Blynk server's hardware port (host, port), or None (standalone).
+    relay_upstream: tuple[str, int] | None
+    relay_ssl: str  # "false", "true" (the system's CAs), "insecure", or a CA file's path
+    relay_connect_timeout: float
     source: str  # which properties file was read, for the start-up log
     # Keys that were ignored (a typo, say), one line each, for the start-up log.
     warnings: tuple[str, ...] = field(default=())
@@ -252,6 +264,34 @@ def _address(values: Mapping[str, str], key: str) -> str:
             f"{key}: {values[key]!r} is not an IP address (0.0.0.0 for all, 127.0.0.1, ::)"
         ) from None
     return text
+
+
+def _host_port(values: Mapping[str, str], key: str) -> tuple[str, int] | None:
+    """host:port ([::1]:port for IPv6), or None for an empty value."""
+    text = values[key].strip()
+    if not text:
+        return None
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not port.isascii() or not port.isdigit():
+        raise ConfigError(f"{key}: {text!r} is not host:port (blynk.example.com:8080)")
+    number = int(port)
+    if not 1 <= number <= 65535:
+        raise ConfigError(f"{key}: port {number} is not between 1 and 65535")
+    return host, number
+
+
+def _relay_ssl(values: Mapping[str, str], key: str) -> str:
+    text = values[key].strip()
+    if text.lower() in RELAY_SSL_WORDS:
+        return text.lower()
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"{key}: {text!r} is neither {', '.join(RELAY_SSL_WORDS)} nor a CA file that exists"
+        )
+    return str(path.absolute())
 
 
 def _database_url(text: str) -> str:
@@ -351,6 +391,9 @@ def load_settings(
         trusted_proxies=_networks(values, "trusted.proxies"),
         log_format=_choice(values, "log.format", LOG_FORMATS, upper=False),
         allowed_metrics_networks=_networks(values, "allowed.metrics.ips"),
+        relay_upstream=_host_port(values, "relay.upstream"),
+        relay_ssl=_relay_ssl(values, "relay.upstream.ssl"),
+        relay_connect_timeout=_number(values, "relay.connect.timeout", 0.1, 120),
         source=", ".join(sources) or "built-in defaults",
         warnings=tuple(warnings),
     )

@@ -13,7 +13,7 @@ Python calls; a download counts three times, a login once.
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily
 
 __all__ = [
@@ -27,6 +27,13 @@ __all__ = [
     "LOGINS",
     "OFFERS",
     "PROCESS",
+    "RELAY_BYTES_FROM_DEVICES",
+    "RELAY_BYTES_FROM_UPSTREAM",
+    "RELAY_CONNECT_FAILURES",
+    "RELAY_CONNECT_SECONDS",
+    "RELAY_FRAMES_FROM_DEVICES",
+    "RELAY_FRAMES_FROM_UPSTREAM",
+    "RELAYED_SESSIONS",
     "SESSIONS_SHED",
     "SWEEPS",
     "VALUES_CUT",
@@ -131,3 +138,33 @@ def count_download(sent: int, *, complete: bool) -> None:
     """A firmware body ended: `sent` bytes went to the kernel, all of them or not."""
     DOWNLOAD_BYTES.inc(sent)
     (DOWNLOADS_COMPLETED if complete else DOWNLOADS_INTERRUPTED).inc()
+
+
+# Relay mode (hardware/relay.py): the sessions passed through to the upstream Blynk server.
+RELAYED_SESSIONS = Gauge(
+    "blynkota_relayed_sessions", "Device sessions relayed to the upstream now.", registry=PROCESS
+)
+RELAY_FRAMES_FROM_DEVICES = Tally(
+    "blynkota_relay_frames_from_devices", "Frames relayed from devices upstream.", PROCESS
+)
+RELAY_FRAMES_FROM_UPSTREAM = Tally(
+    "blynkota_relay_frames_from_upstream", "Frames relayed from the upstream to devices.", PROCESS
+)
+RELAY_BYTES_FROM_DEVICES = Tally(
+    "blynkota_relay_bytes_from_devices", "Bytes relayed from devices upstream.", PROCESS
+)
+RELAY_BYTES_FROM_UPSTREAM = Tally(
+    "blynkota_relay_bytes_from_upstream", "Bytes relayed from the upstream to devices.", PROCESS
+)
+RELAY_CONNECT_FAILURES = Counter(
+    "blynkota_relay_connect_failures",
+    "Device logins whose upstream connection could not be made, by cause.",
+    ["cause"],
+    registry=PROCESS,
+)
+RELAY_CONNECT_SECONDS = Histogram(
+    "blynkota_relay_connect_seconds",
+    "Time to open the upstream connection of a device's login (TLS included).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=PROCESS,
+)

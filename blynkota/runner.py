@@ -31,7 +31,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .cluster import Lease, LocalSession, default_node_name
 from .config import ConfigError
-from .hardware import HTTP_IDLE_TIMEOUT, SHED, DeviceSession, SharedPortServer
+from .hardware import (
+    HTTP_IDLE_TIMEOUT,
+    SHED,
+    DeviceSession,
+    RelayedSession,
+    SharedPortServer,
+    Upstream,
+)
 from .logsafe import DEVICE_LINES
 from .metrics import DATABASE_ERRORS, SWEEPS
 from .store import drain as drain_group_commits
@@ -101,13 +108,14 @@ def device_listener(
     return sock
 
 
-def check_connection_limits(max_connections: int, backlog: int) -> None:
+def check_connection_limits(max_connections: int, backlog: int, *, relayed: bool = False) -> None:
     """Warn where the kernel would refuse what the settings promise (a reconnect storm).
 
-    The open-files limit is raised to its hard limit first, as servers do.
+    The open-files limit is raised to its hard limit first, as servers do. A
+    relayed device holds two descriptors: its own connection and the upstream's.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = max_connections + SPARE_DESCRIPTORS
+    wanted = max_connections * (2 if relayed else 1) + SPARE_DESCRIPTORS
     if soft < wanted and soft != hard:
         raised = hard if hard == resource.RLIM_INFINITY else min(hard, max(wanted, soft))
         with contextlib.suppress(ValueError, OSError):
@@ -115,9 +123,10 @@ def check_connection_limits(max_connections: int, backlog: int) -> None:
             soft = raised
     if soft != resource.RLIM_INFINITY and soft < wanted:
         log.warning(
-            "open-files limit %d is below hardware.max.connections %d + %d: raise it "
+            "open-files limit %d is below %shardware.max.connections %d + %d: raise it "
             "(ulimit -n, LimitNOFILE=) or lower hardware.max.connections",
             soft,
+            "2 (relayed: two connections each) x " if relayed else "",
             max_connections,
             SPARE_DESCRIPTORS,
         )
@@ -162,6 +171,13 @@ class BlynkotaServer:
         self.db.health.recovered = self._wake_presence.set
         self._clocks: list[gevent.Greenlet] = []
         self._readiness = app.extensions["blynkota.readiness"]
+        # Relay mode: every device session goes through the operator's Blynk server.
+        self.upstream: Upstream | None = None
+        if self.settings.relay_upstream is not None:
+            host, port = self.settings.relay_upstream
+            self.upstream = Upstream(
+                host, port, self.settings.relay_ssl, self.settings.relay_connect_timeout
+            )
         # Not ready until each listener this process runs is up (GET /readyz).
         if serve_devices:
             self._readiness.listeners["devices"] = False
@@ -186,7 +202,20 @@ class BlynkotaServer:
 
     def _start_devices(self) -> None:
         settings = self.settings
-        check_connection_limits(settings.max_connections, settings.listen_backlog)
+        check_connection_limits(
+            settings.max_connections, settings.listen_backlog, relayed=self.upstream is not None
+        )
+        if self.upstream is not None:
+            self._readiness.upstream = self.upstream.state
+            log.info(
+                "relay mode: every device session goes through the Blynk server at %s%s",
+                self.upstream.address,
+                "" if settings.relay_ssl == "false" else " over TLS",
+            )
+            if settings.relay_ssl == "insecure":
+                log.warning(
+                    "relay.upstream.ssl=insecure: the upstream's certificate is not checked"
+                )
         listener = device_listener(
             settings.listen_address,
             settings.http_port,
@@ -203,7 +232,8 @@ class BlynkotaServer:
             file_sender=FirmwareSender(
                 self.service.catalog, self.service.downloads, idle_timeout=HTTP_IDLE_TIMEOUT
             ).serve,
-            device_starter=self._start_device_here,
+            # A relayed login waits for the upstream: it always takes a greenlet.
+            device_starter=self._start_device_here if self.upstream is None else None,
         )
         port = listener.getsockname()[1]
         # The port in the download URLs: asked of the listener once, not at
@@ -348,6 +378,19 @@ class BlynkotaServer:
     # --- devices --------------------------------------------------------------------
 
     def _serve_device(self, sock, address, ended) -> bool:
+        if self.upstream is not None:
+            return RelayedSession(
+                sock,
+                address,
+                self.service.devices,
+                self.service.online,
+                self.upstream,
+                login_timeout=self.settings.login_timeout,
+                max_messages_per_sec=self.settings.max_messages_per_sec,
+                server_host=self.settings.server_host,
+                public_port=self._public_port,
+                ended=ended,
+            ).run()
         return self._device_session(sock, address, ended).run()
 
     def _start_device_here(self, sock, address, ended) -> None:

@@ -1,8 +1,10 @@
 """The device side: the shared port 8080 listener and one session per device."""
 
+from .relay import RelayedSession
 from .server import HTTP_IDLE_TIMEOUT, SharedPortServer, looks_like_http
 from .session import DeviceSession
 from .shedding import SHED
+from .upstream import Upstream
 from .wire import heartbeat_timeout
 
 __all__ = [
@@ -10,6 +12,8 @@ __all__ = [
     "SharedPortServer",
     "looks_like_http",
     "DeviceSession",
+    "RelayedSession",
+    "Upstream",
     "SHED",
     "heartbeat_timeout",
 ]

@@ -45,7 +45,7 @@ from ..protocol import (
     encode_response,
     reaction_to,
 )
-from .wire import READ_BYTES, Wire
+from .wire import READ_BYTES, Wire, rearmed
 
 __all__ = ["LoopWatch", "WatchedSession"]
 
@@ -160,12 +160,7 @@ class LoopWatch:
     def arm_deadline(self) -> None:
         """(Re)start the deadline between frames, as a blocking read has it
         (`Wire.next_event`); an info message may have changed it."""
-        timer, timeout = self.timer, self.session.read_timeout
-        if timer is None or timer.at != timeout:
-            if timer is not None:
-                timer.close()
-            timer = self.timer = get_hub().loop.timer(timeout, timeout)
-        timer.again(self._silent_too_long)  # `again` restarts it after `repeat`
+        self.timer = rearmed(self.timer, self.session.read_timeout, self._silent_too_long)
 
     def unpark(self) -> bool:
         """Stop watching; True if the session was parked."""

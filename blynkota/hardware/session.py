@@ -31,19 +31,17 @@ from gevent.event import AsyncResult
 from .. import metrics
 from ..logs import DEVICE_TAG, PER_TURN
 from ..logsafe import DEVICE_LINES, printable, token_tag
-from ..ota import DeviceIdentity, DeviceSide, FrameTooLarge, OfferFailed, OnlineDevices
+from ..ota import DeviceIdentity, DeviceSide, OfferFailed, OnlineDevices
 from ..protocol import (
     ALREADY_REGISTERED,
     INFO,
     LOG_IN,
     MAX_EXTRA_LOGINS,
     Internal,
-    LocalProtocolError,
     RemoteProtocolError,
     SessionState,
     SessionStateMachine,
     Status,
-    encode_ota,
     info_number,
     reaction_to,
 )
@@ -57,6 +55,8 @@ from .wire import (
     SessionClosed,
     Wire,
     heartbeat_timeout,
+    ota_frame,
+    url_base,
 )
 
 __all__ = ["DeviceSession"]
@@ -397,11 +397,10 @@ class DeviceSession:
     def ota_frame(self, path: str) -> tuple[str, bytes]:
         if not self.ready:
             raise OfferFailed("the device is not in session")
-        url = self._url(path)
-        try:
-            return url, encode_ota(url, buff_in=self.buff_in)
-        except LocalProtocolError as error:
-            raise FrameTooLarge(str(error)) from None
+        if self._url_base is None:  # the connection's own address: asked once
+            self._url_base = url_base(self.wire.sock, self.server_host, self.public_port)
+        url = self._url_base + path
+        return url, ota_frame(url, self.buff_in)
 
     def write_frame(self, frame: bytes) -> None:
         try:
@@ -433,16 +432,6 @@ class DeviceSession:
                 level, "device %s %s: " + text, self.tag, self.peer, *args,
                 extra={"device": self.tag},
             )  # fmt: skip
-
-    def _url(self, path: str) -> str:
-        if self._url_base is None:  # the connection's own address: asked once
-            host, port = self.wire.sock.getsockname()[:2]
-            if self.server_host:
-                host = self.server_host
-            elif ":" in host:
-                host = f"[{host}]"
-            self._url_base = f"http://{host}:{self.public_port or port}"
-        return self._url_base + path
 
     def _close(self) -> None:
         if self.presence is not None:

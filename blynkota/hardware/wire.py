@@ -14,9 +14,11 @@ import socket
 import time
 
 import gevent
+from gevent import get_hub
 from gevent.lock import Semaphore
 
-from ..protocol import NEED_DATA, FrameReader, encode_response
+from ..ota import FrameTooLarge
+from ..protocol import NEED_DATA, FrameReader, LocalProtocolError, encode_ota, encode_response
 
 __all__ = [
     "DEFAULT_BUFF_IN",
@@ -25,6 +27,9 @@ __all__ = [
     "SessionClosed",
     "Wire",
     "heartbeat_timeout",
+    "ota_frame",
+    "rearmed",
+    "url_base",
 ]
 
 DEFAULT_HEARTBEAT = 10  # seconds, the C++ library's default h-beat
@@ -40,6 +45,36 @@ READ_BYTES = 4096
 
 def heartbeat_timeout(heartbeat: int) -> float:
     return math.ceil(heartbeat * 2.3)
+
+
+def rearmed(timer, seconds: float, expired):
+    """A silence deadline restarted on the event loop: `timer` again, or a new
+    one when the span changed (an info message's h-beat)."""
+    if timer is None or timer.at != seconds:
+        if timer is not None:
+            timer.close()
+        timer = get_hub().loop.timer(seconds, seconds)
+    timer.again(expired)  # `again` restarts it after `repeat`
+    return timer
+
+
+def url_base(sock: socket.socket, server_host: str, public_port: int | None) -> str:
+    """http://host:port of the download URLs sent on this connection: server.host,
+    or the address the device connected to."""
+    host, port = sock.getsockname()[:2]
+    if server_host:
+        host = server_host
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{public_port or port}"
+
+
+def ota_frame(url: str, buff_in: int) -> bytes:
+    """The `ota` frame for `url`; FrameTooLarge if the device's buffer cannot take it."""
+    try:
+        return encode_ota(url, buff_in=buff_in)
+    except LocalProtocolError as error:
+        raise FrameTooLarge(str(error)) from None
 
 
 class SessionClosed(Exception):

@@ -9,6 +9,7 @@ process. Offers are not sent from here: a report that makes one due sets
 (rollouts/offering.py).
 """
 
+import logging
 from collections.abc import Sequence
 
 from gevent.event import AsyncResult, Event
@@ -20,10 +21,13 @@ from ..protocol import IDENTITY_KEYS, info_number
 from ..store import Database, Device, GroupCommit, HotQuery, ManyRows, Project, utcnow
 from .download_tracker import DownloadTracker
 from .fleet.identities import DeviceIdentity, IdentityCache
+from .fleet.registry import adopt_device
 from .rollouts.candidates import RunningRollouts
 from .rollouts.lifecycle import ReportedBuild, UpdateLifecycle
 
 __all__ = ["DeviceSide"]
+
+log = logging.getLogger(__name__)
 
 # Info-message keys and the Device columns they land in: each column from
 # the first key of its list the info message has (the library generations
@@ -102,6 +106,18 @@ class DeviceSide:
 
     def new_session_id(self) -> int:
         return self.node.new_session_id()
+
+    def adopt(self, token: str) -> DeviceIdentity:
+        """The device of a token the upstream Blynk server accepted (relay mode):
+        known, or a new row under the unknown owner until `import-blynk` places it."""
+        found = self.find_device(token)
+        if found is not None:
+            return found
+        row = self.db.run(lambda session: adopt_device(session, token))
+        identity = DeviceIdentity(row[0], token, row[1], row[2])
+        self.identities.put(identity)
+        log.info("device %s: accepted by the upstream, new here: owner unknown", token_tag(token))
+        return identity
 
     def device_online(self, device: DeviceIdentity, session_id: int, address: str, since):
         """The login's presence write, queued (cluster/nodes.py): an AsyncResult of bool."""

@@ -28,6 +28,7 @@ __all__ = [
     "RemoteProtocolError",
     "LocalProtocolError",
     "DEFAULT_MAX_BODY",
+    "decode_frame",
     "encode_frame",
     "encode_response",
     "encode_login",
@@ -117,10 +118,11 @@ class FrameReader:
             return NEED_DATA
         body = bytes(self._buffer[HEADER_SIZE:end])
         del self._buffer[:end]
-        return _decode(command, msg_id, body)
+        return decode_frame(command, msg_id, body)
 
 
-def _decode(command: int, msg_id: int, body: bytes) -> Event:
+def decode_frame(command: int, msg_id: int, body: bytes) -> Event:
+    """The event a whole frame (its header's command and id, its body) means."""
     if command in (Command.HW_LOGIN, Command.LOGIN):
         return Login(msg_id, _decode_token(body, msg_id), command == Command.LOGIN)
     if command == Command.PING:

@@ -8,6 +8,7 @@ port, with an admin's basic auth.
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import gevent
@@ -41,6 +42,9 @@ class Readiness:
     """
 
     listeners: dict[str, bool] = field(default_factory=dict)
+    # In relay mode, what is known of the upstream Blynk server (hardware/relay.py):
+    # reported, never a reason to be unready (devices retry, the fleet runs on).
+    upstream: Callable[[], dict] | None = None
 
 
 class FleetCollector:
@@ -118,9 +122,10 @@ def readyz() -> Response:
         if connection is not None:
             connection.close()
     ready = database == "ok" and all(readiness.listeners.values())
-    return jsonify({"ready": ready, "database": database, "listeners": readiness.listeners}), (
-        200 if ready else 503
-    )
+    answer = {"ready": ready, "database": database, "listeners": readiness.listeners}
+    if readiness.upstream is not None:
+        answer["upstream"] = readiness.upstream()
+    return jsonify(answer), (200 if ready else 503)
 
 
 @ops.get("/metrics")

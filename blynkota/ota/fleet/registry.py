@@ -12,6 +12,8 @@ from ...store import Database, Device, Project, User
 from .blynk_data import BlynkUser
 
 __all__ = [
+    "UNKNOWN_OWNER",
+    "adopt_device",
     "DeviceRow",
     "FleetRegistry",
     "ImportCounts",
@@ -87,6 +89,37 @@ class NewDevice:
             raise ProvisioningError(f"A device name is at most {TEXT_LIMIT} characters.")
         if self.token is not None and (not self.token.isalnum() or len(self.token) > 64):
             raise ProvisioningError("A token is 1 to 64 letters and digits.")
+
+
+# Where a device the upstream Blynk server accepted, and blynkota did not know,
+# waits for its owner (relay mode): `import-blynk` moves it to its project.
+UNKNOWN_OWNER = "owner-unknown@relay.blynkota"
+UNKNOWN_PROJECT = "Relayed, owner unknown (run import-blynk)"
+
+
+def adopt_device(session: Session, token: str) -> tuple[int, int, int]:
+    """The (device id, project id, user id) of `token`, its row made under the
+    unknown owner if blynkota did not know it. Two nodes adopting one token at
+    once collide on the unique token, and the loser's unit of work runs again."""
+    found = session.execute(
+        select(Device.id, Device.project_id, Project.user_id)
+        .join(Project, Project.id == Device.project_id)
+        .where(Device.token == token)
+    ).first()
+    if found is not None:
+        return tuple(found)
+    user = _user(session, UNKNOWN_OWNER)
+    project = session.scalar(
+        select(Project).where(Project.user_id == user.id, Project.name == UNKNOWN_PROJECT)
+    )
+    if project is None:
+        project = Project(user_id=user.id, dash_id=0, name=UNKNOWN_PROJECT)
+        session.add(project)
+        session.flush()
+    device = Device(project_id=project.id, name="", token=token)
+    session.add(device)
+    session.flush()
+    return device.id, project.id, user.id
 
 
 class FleetRegistry:
@@ -173,16 +206,26 @@ class FleetRegistry:
                         device = session.scalar(
                             select(Device).where(Device.token == blynk_device.token)
                         )
+                        wanted = (
+                            project.id,
+                            blynk_device.blynk_id,
+                            blynk_device.board_type,
+                            blynk_device.name,
+                        )
                         if device is None:
                             device = Device(token=blynk_device.token)
                             session.add(device)
                             counts.devices += 1
-                        else:
-                            counts.updated += 1
-                        device.project_id = project.id
-                        device.blynk_id = blynk_device.blynk_id
-                        device.board_type = blynk_device.board_type
-                        device.name = blynk_device.name
+                        elif (
+                            device.project_id,
+                            device.blynk_id,
+                            device.board_type,
+                            device.name,
+                        ) != wanted:
+                            counts.updated += 1  # run again, it fills in only what changed
+                        (device.project_id, device.blynk_id, device.board_type, device.name) = (
+                            wanted
+                        )
             return counts
 
         return self._db.run(work)

@@ -1,0 +1,498 @@
+"""Relay mode: each device's session passed through to the Blynk server it belongs to.
+
+With `relay.upstream` set, blynkota stands in front of the operator's Blynk
+server. A device's login opens a connection to it and goes there as it
+came; the upstream's answer decides (200: a relayed session; anything else
+goes back to the device, and both sides close). From then on every frame
+passes through unchanged, both ways (protocol/relay.py); blynkota only
+reads on the way (the info message, for presence, offers and every rollout
+rule, as in standalone mode) and writes its own `ota` frames between two
+upstream frames. Pings go through: the upstream answers the device's.
+
+A greenlet runs the login; then the event loop relays, with no greenlet:
+an io watcher per socket, a write watcher while a side does not take its
+bytes (its reads from the other side pause past OUTPUT_LIMIT), and the
+device's silence deadline. When either side closes or fails, the other is
+closed at once: nothing stays half-open.
+"""
+
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable
+
+import gevent
+from gevent import get_hub
+from gevent.event import AsyncResult
+
+from .. import metrics
+from ..logs import DEVICE_TAG
+from ..logsafe import DEVICE_LINES, printable, token_tag
+from ..ota import DeviceIdentity, DeviceSide, OfferFailed, OnlineDevices
+from ..protocol import (
+    Internal,
+    RemoteProtocolError,
+    Status,
+    info_number,
+)
+from ..protocol.relay import RelayStreams
+from ..store import utcnow
+from .outbox import Outbox, TlsOutbox
+from .relay_login import log_in_upstream
+from .shedding import DATABASE_ERRORS, shed_cause
+from .upstream import Upstream
+from .wire import (
+    DEFAULT_BUFF_IN,
+    DEFAULT_HEARTBEAT,
+    DEFAULT_MESSAGES_PER_SEC,
+    READ_BYTES,
+    SEND_BUFFER_BYTES,
+    SessionClosed,
+    heartbeat_timeout,
+    ota_frame,
+    rearmed,
+    url_base,
+)
+
+__all__ = ["RelayedSession"]
+
+log = logging.getLogger(__name__)
+
+MAX_DEVICE_BODY = 0xFFFF  # the upstream judges frames; this bounds what is held for one
+_SERIALS = itertools.count(1)  # connection order: a later connection has a larger serial
+
+
+class RelayedSession:
+    """One device relayed to the upstream; a DeviceLink for the offers."""
+
+    __slots__ = (
+        "sock",
+        "upstream_sock",
+        "upstream",
+        "streams",
+        "serial",
+        "peer",
+        "address",
+        "devices",
+        "online",
+        "login_timeout",
+        "server_host",
+        "public_port",
+        "token",
+        "tag",
+        "identity",
+        "device_id",
+        "session_id",
+        "since",
+        "presence",
+        "report",
+        "buff_in",
+        "read_timeout",
+        "rate_limit",
+        "_window",
+        "_count",
+        "_info_msg_id",
+        "_ready",
+        "_closed",
+        "_kept",
+        "_ended",
+        "_url_base",
+        "_watchers",
+        "_to_device",
+        "_to_upstream",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        address: tuple,
+        devices: DeviceSide,
+        online: OnlineDevices,
+        upstream: Upstream,
+        *,
+        login_timeout: float,
+        max_messages_per_sec: int = DEFAULT_MESSAGES_PER_SEC,
+        server_host: str = "",
+        public_port: int | None = None,
+        ended: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.sock = sock
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        self.upstream_sock: socket.socket | None = None
+        self.upstream = upstream
+        self.streams = RelayStreams(MAX_DEVICE_BODY)
+        self.serial = next(_SERIALS)
+        self.peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        self.address = address[0] if isinstance(address, tuple) else str(address)
+        self.devices, self.online = devices, online
+        self.login_timeout = login_timeout
+        self.server_host, self.public_port = server_host, public_port
+        self.token, self.tag = "", "-"
+        self.identity: DeviceIdentity | None = None
+        self.device_id: int | None = None
+        self.session_id: int | None = None
+        self.since = utcnow()
+        self.presence: AsyncResult | None = None
+        self.report: AsyncResult | None = None
+        self.buff_in = DEFAULT_BUFF_IN
+        self.read_timeout = heartbeat_timeout(DEFAULT_HEARTBEAT)
+        self.rate_limit, self._window, self._count = max_messages_per_sec, 0.0, 0
+        self._info_msg_id = 0  # the device's info message, until the upstream answers it
+        self._ready = False  # the upstream answered the info message: `ota` may go
+        self._closed = False
+        self._kept = False  # the loop relays: it owns both sockets, and says when it is over
+        self._ended = ended
+        self._url_base: str | None = None
+        self._watchers: dict[str, object] = {}
+        self._to_device: Outbox | None = None  # what waits for each side (outbox.py)
+        self._to_upstream: Outbox | TlsOutbox | None = None
+
+    # --- the login, in a greenlet ----------------------------------------------------
+
+    def run(self) -> bool:
+        """Log in through the upstream; True once the loop relays (the session owns
+        the connection from then on)."""
+        try:
+            self._log_in()
+            self._relay()
+            self._kept = True
+        except DATABASE_ERRORS as error:
+            self._log(logging.INFO, "closed, database error (%s)", error)
+        except SessionClosed as reason:
+            level = logging.DEBUG if "cannot be reached" in str(reason) else logging.INFO
+            self._log(level, "%s", reason)
+        except RemoteProtocolError as error:
+            self._log(logging.INFO, "closed, %s", error)
+        except TimeoutError:
+            metrics.LOGIN_FAILURES.labels("no_login").inc()
+            self._log(logging.INFO, "closed, no login answered in time")
+        except OSError as error:
+            self._log(logging.INFO, "connection lost (%s)", error)
+        except Exception:
+            log.exception("device %s %s: closed after an internal error", self.tag, self.peer)
+        finally:
+            if not self._kept:
+                self._end_now()
+                self._close()
+        return self._kept
+
+    def _log_in(self) -> None:
+        login, self.upstream_sock, seen = log_in_upstream(
+            self.sock, self.streams, self.upstream, self.login_timeout
+        )
+        self.tag = token_tag(login.token)
+        try:
+            identity = self.devices.adopt(login.token)
+        except DATABASE_ERRORS as error:
+            # The device keeps its Blynk server: relayed, without its updates
+            # until it logs in again with the database back.
+            metrics.SESSIONS_SHED.labels(shed_cause(error)).inc()
+            self._log(logging.INFO, "relayed without updates: database error (%s)", error)
+            return
+        self._accept(identity)
+        for event in seen:
+            self._seen(event)
+
+    def _accept(self, identity: DeviceIdentity) -> None:
+        self.identity = identity
+        self.token, self.device_id, self.tag = (
+            identity.token,
+            identity.id,
+            token_tag(identity.token),
+        )
+        DEVICE_TAG.set(self.tag)
+        registered, replaced = self.online.register(self)
+        if not registered:
+            metrics.LOGIN_FAILURES.labels("newer_connection").inc()
+            raise SessionClosed("closed, the device has opened a newer connection")
+        if replaced is not None:
+            replaced.close("replaced by a new connection")
+        self.session_id = self.devices.new_session_id()
+        self.presence = self.devices.device_online(
+            identity, self.session_id, self.address, self.since
+        )
+        metrics.LOGINS.inc()
+        metrics.RELAYED_SESSIONS.inc()
+        log.debug("device %s %s: logged in through the upstream", self.tag, self.peer)
+
+    # --- relaying, on the event loop -------------------------------------------------
+
+    def _relay(self) -> None:
+        """Hand both sockets to the event loop (the upstream's reads to a greenlet
+        when it speaks TLS: its records are read through the ssl module)."""
+        loop = get_hub().loop
+        self.sock.setblocking(False)
+        watch = self._watchers
+        watch["device"] = loop.io(self.sock.fileno(), 1)
+        watch["device"].start(self._device_readable)
+        self._to_device = Outbox(self.sock, self._device_failed, self._drained)
+        self._arm_deadline()
+        if isinstance(self.upstream_sock, ssl.SSLSocket):  # records may wait: greenlets
+            self.upstream_sock.settimeout(None)
+            watch["upstream reader"] = gevent.spawn(self._read_tls_upstream)
+            self._to_upstream = TlsOutbox(self.upstream_sock, self._upstream_failed, self._drained)
+        else:
+            self.upstream_sock.setblocking(False)
+            watch["upstream"] = loop.io(self.upstream_sock.fileno(), 1)
+            watch["upstream"].start(self._upstream_readable)
+            self._to_upstream = Outbox(self.upstream_sock, self._upstream_failed, self._drained)
+        # Bytes the device sent while the login was answered wait in its socket.
+        self._device_readable()
+
+    def _device_readable(self) -> None:
+        if self._closed:
+            return
+        try:
+            data = os.read(self.sock.fileno(), READ_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._end(f"connection lost ({error})")
+            return
+        if not data:
+            self._end("disconnected", quiet=True)
+            return
+        before = self.streams.device_frames
+        try:
+            out, seen = self.streams.from_device(data)
+        except RemoteProtocolError as error:
+            self._end(f"closed, {error}")
+            return
+        frames = self.streams.device_frames - before
+        if frames and self._over_rate(frames):
+            self._end(
+                f"closed, more than {self.rate_limit} frames in a second "
+                "(hardware.max.messages.per.sec)"
+            )
+            return
+        if out:
+            metrics.RELAY_FRAMES_FROM_DEVICES.inc(frames)
+            metrics.RELAY_BYTES_FROM_DEVICES.inc(len(out))
+            self._send(self._to_upstream, "device", out)
+            self._arm_deadline()
+        for event in seen:
+            self._seen(event)
+
+    def _upstream_readable(self) -> None:
+        if self._closed:
+            return
+        try:
+            data = os.read(self.upstream_sock.fileno(), READ_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._end(f"the upstream connection failed ({error})")
+            return
+        self._from_upstream(data)
+
+    def _read_tls_upstream(self) -> None:
+        while not self._closed:
+            try:
+                data = self.upstream_sock.recv(READ_BYTES)
+            except (OSError, ssl.SSLError) as error:
+                self._end(f"the upstream connection failed ({error})")
+                return
+            self._from_upstream(data)
+
+    def _from_upstream(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if not data:
+            self._end("the upstream closed the connection")
+            return
+        before = self.streams.upstream_frames
+        out, answers = self.streams.from_upstream(data)
+        if out:
+            metrics.RELAY_FRAMES_FROM_UPSTREAM.inc(self.streams.upstream_frames - before)
+            metrics.RELAY_BYTES_FROM_UPSTREAM.inc(len(out))
+            self._send(self._to_device, "upstream", out)
+        for msg_id, status in answers:
+            if msg_id == self._info_msg_id and self._info_msg_id:
+                self._info_msg_id = 0
+                if status == Status.OK and not self._ready:
+                    self._ready = True  # the upstream answered the info message: `ota` may go
+                    self.devices.fill_due.set()
+
+    def _seen(self, event) -> None:
+        """What blynkota reads of the device's frames: its info message."""
+        if self.identity is None or not (isinstance(event, Internal) and event.is_info):
+            return  # a second login, another INTERNAL frame: the upstream's to answer
+        info = event.info()
+        heartbeat, buff_in = info_number(info.get("h-beat")), info_number(info.get("buff-in"))
+        if heartbeat:
+            self.read_timeout = heartbeat_timeout(heartbeat)
+            self._arm_deadline()
+        if buff_in is not None:
+            self.buff_in = buff_in
+        self._info_msg_id = event.msg_id
+        presence = self.presence
+        if presence is not None and not presence.ready():
+            presence.rawlink(lambda _: self._record(info))  # nothing durable before the login
+        else:
+            self._record(info)
+
+    def _record(self, info: dict[str, str]) -> None:
+        presence, self.presence = self.presence, None
+        if self._closed:
+            return
+        if presence is not None and not (presence.successful() and presence.value):
+            if presence.successful():  # a later login, on another node, holds the device
+                self.devices.login_superseded(self.identity)
+                self._end("closed, the device has logged in again since (on another node)")
+            # The database's error: relaying goes on; the report waits for the next login.
+            return
+        self.report = self.devices.report_later(self.identity, info)
+        build, hardware = printable(info.get("build", ""))[:64], printable(info.get("dev", ""))[:32]
+        self.report.rawlink(lambda report: self._reported(report, build, hardware))
+
+    def _reported(self, report: AsyncResult, build: str, hardware: str) -> None:
+        if self.report is report:
+            self.report = None
+        if not report.successful():
+            self._log(logging.INFO, "info message not recorded (%s)", report.exception)
+            return
+        if DEVICE_LINES.take(self.tag):
+            log.info(
+                "device %s (id %d) %s: logged in through the upstream, build %r, dev %r%s",
+                self.tag, self.device_id, self.peer, build, hardware,
+                ", update due" if report.value[1] else "",
+                extra={"device": self.tag},
+            )  # fmt: skip
+
+    def _over_rate(self, frames: int) -> bool:
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            self._window, self._count = now, 0
+        self._count += frames
+        return self._count > self.rate_limit
+
+    def _arm_deadline(self) -> None:
+        if not self._closed:
+            deadline = self._watchers.get("deadline")
+            self._watchers["deadline"] = rearmed(deadline, self.read_timeout, self._silent_too_long)
+
+    def _silent_too_long(self) -> None:
+        self._end("closed, silent too long")
+
+    # --- writing without waiting (outbox.py) --------------------------------------------
+
+    def _send(self, outbox: Outbox | TlsOutbox, source: str, data: bytes) -> None:
+        """To `outbox`'s side; past its limit the `source` side is not read until it drains."""
+        outbox.send(data)
+        if outbox.full:
+            watcher = self._watchers.get(source)
+            if watcher is not None:
+                watcher.stop()
+
+    def _drained(self) -> None:
+        """A side caught up: read again whatever was paused for it."""
+        if self._closed:
+            return
+        for side, callback, outbox in (
+            ("device", self._device_readable, self._to_upstream),
+            ("upstream", self._upstream_readable, self._to_device),
+        ):
+            watcher = self._watchers.get(side)
+            if watcher is not None and not outbox.full:
+                watcher.start(callback)
+
+    def _device_failed(self, reason: str) -> None:
+        self._end(f"the device's {reason}")
+
+    def _upstream_failed(self, reason: str) -> None:
+        self._end(f"the upstream {reason}")
+
+    # --- DeviceLink --------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._closed
+
+    def ota_frame(self, path: str) -> tuple[str, bytes]:
+        if not self.ready:
+            raise OfferFailed("the device is not in session")
+        if self._url_base is None:  # the connection's own address: asked once
+            self._url_base = url_base(self.sock, self.server_host, self.public_port)
+        url = self._url_base + path
+        return url, ota_frame(url, self.buff_in)
+
+    def write_frame(self, frame: bytes) -> None:
+        """Blynkota's own frame, between two upstream frames (protocol/relay.py)."""
+        if self._closed:
+            raise OfferFailed("the device is not in session")
+        self._to_device.send(self.streams.ours(frame))
+        if self._closed:
+            raise OfferFailed("the device did not take the frame")
+        if self._to_device.full:
+            self._end("closed, the device does not read")
+            raise OfferFailed("the device does not read")
+
+    def close(self, reason: str, *, quiet: bool = False) -> None:
+        self._end(reason, quiet=quiet)
+
+    # --- the end -------------------------------------------------------------------------
+
+    def _end(self, reason: str, *, quiet: bool = False) -> None:
+        """Close both sides at once; the bookkeeping gets a greenlet."""
+        if self._closed:
+            return
+        self._log(logging.DEBUG if quiet else logging.INFO, "%s", reason)
+        self._end_now()
+        if self._kept:
+            gevent.spawn(self._close)
+
+    def _end_now(self) -> None:
+        """Stop relaying and close both connections; the watchers are closed by `_close`."""
+        self._closed = True
+        for watcher in self._watchers.values():
+            if isinstance(watcher, gevent.Greenlet):
+                if watcher is not gevent.getcurrent():
+                    watcher.kill(block=False)
+            else:
+                watcher.stop()
+        for outbox in (self._to_device, self._to_upstream):
+            if outbox is not None:
+                outbox.stop()
+        for sock in (self.sock, self.upstream_sock):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def _close(self) -> None:
+        for watcher in self._watchers.values():
+            if not isinstance(watcher, gevent.Greenlet):
+                watcher.close()
+        self._watchers = {}
+        for outbox in (self._to_device, self._to_upstream):
+            if outbox is not None:
+                outbox.close()
+        if self.presence is not None:
+            with contextlib.suppress(Exception):
+                self.presence.wait()  # the disconnect is written after the login
+        if self.report is not None:
+            self.report.wait()
+        if self.session_id is not None and self.online.unregister(self):
+            metrics.RELAYED_SESSIONS.dec()
+            try:
+                self.devices.device_offline(self.device_id, self.session_id)
+            except DATABASE_ERRORS:
+                log.debug("device %s: disconnect kept until the database is back", self.tag)
+        elif self.session_id is not None:
+            metrics.RELAYED_SESSIONS.dec()
+        if self._kept:
+            self._ended()
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _log(self, level: int, text: str, *args: object) -> None:
+        if log.isEnabledFor(level) and DEVICE_LINES.take(self.tag):
+            log.log(
+                level, "device %s %s (relayed): " + text, self.tag, self.peer, *args,
+                extra={"device": self.tag},
+            )  # fmt: skip

@@ -1,0 +1,131 @@
+"""A relayed session's two byte streams, cut at frame boundaries (sans-IO).
+
+In relay mode (hardware/relay.py) blynkota stands between a device and its
+Blynk server. Every frame passes through unchanged, both ways, in order;
+the only exceptions are blynkota's own frames to the device (`ota`), and
+the device's replies to them, which the upstream never sent and must never
+see. The upstream judges the protocol: no command type, message id or body
+is refused here, only a frame longer than the bound.
+
+Bytes are passed on in whole frames: an incomplete frame waits here for its
+end, so blynkota's own frame, written between two calls, always stands at a
+frame boundary of the stream to the device, never inside an upstream frame.
+"""
+
+import contextlib
+import struct
+
+from .codec import RemoteProtocolError, decode_frame
+from .constants import HEADER_SIZE, OTA_MSG_ID, Command
+from .events import Event
+
+__all__ = ["MAX_RELAYED_BODY", "RelayStreams"]
+
+_HEADER = struct.Struct("!BHH")
+# A frame's length field is 16 bits: the upstream may send any of them.
+MAX_RELAYED_BODY = 0xFFFF
+
+
+class _FrameCutter:
+    """A byte stream cut into whole frames; the rest waits for more bytes."""
+
+    __slots__ = ("_buffer", "max_body")
+
+    def __init__(self, max_body: int) -> None:
+        self._buffer = bytearray()
+        self.max_body = max_body
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def frames(self, data: bytes):
+        """(command, msg_id, length field, start, end) of every whole frame
+        in the buffer after `data`, and the buffer they index into."""
+        buffer = self._buffer
+        buffer += data
+        found, start = [], 0
+        while len(buffer) - start >= HEADER_SIZE:
+            command, msg_id, length = _HEADER.unpack_from(buffer, start)
+            if command == Command.RESPONSE:
+                end = start + HEADER_SIZE  # the length field is the status: no body
+            else:
+                if length > self.max_body:
+                    raise RemoteProtocolError(
+                        f"frame body of {length} bytes exceeds the {self.max_body}-byte limit"
+                    )
+                end = start + HEADER_SIZE + length
+                if end > len(buffer):
+                    break
+            found.append((command, msg_id, length, start, end))
+            start = end
+        whole = bytes(buffer[:start])
+        del buffer[:start]
+        return found, whole
+
+
+# What blynkota reads of the device's frames on the way.
+_READ = frozenset((Command.INTERNAL, Command.HW_LOGIN, Command.LOGIN))
+
+
+def _without(data: bytes, runs: list[tuple[int, int]]) -> bytes:
+    kept, at = [], 0
+    for start, end in runs:
+        kept.append(data[at:start])
+        at = end
+    kept.append(data[at:])
+    return b"".join(kept)
+
+
+class RelayStreams:
+    """Bytes from each side in, the bytes for the other side out, and what
+    blynkota reads on the way: the device's logins and INTERNAL frames (its
+    info message), and the upstream's answers (RESPONSE frames)."""
+
+    __slots__ = ("_device", "_upstream", "owed_replies", "device_frames", "upstream_frames")
+
+    def __init__(self, max_device_body: int) -> None:
+        self._device = _FrameCutter(max_device_body)
+        self._upstream = _FrameCutter(MAX_RELAYED_BODY)
+        # Frames of blynkota's the device may still answer: its RESPONSE with
+        # the `ota` message id is blynkota's, not the upstream's.
+        self.owed_replies = 0
+        self.device_frames = self.upstream_frames = 0  # whole frames passed, each way
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for want of their frame's end, both ways."""
+        return self._device.buffered + self._upstream.buffered
+
+    def from_device(self, data: bytes) -> tuple[bytes, list[Event]]:
+        """The bytes for the upstream, and the device's logins and INTERNAL frames."""
+        found, whole = self._device.frames(data)
+        self.device_frames += len(found)
+        seen: list[Event] = []
+        dropped = []  # (start, end) of the device's replies to blynkota's frames
+        for command, msg_id, _length, start, end in found:
+            if command == Command.RESPONSE and msg_id == OTA_MSG_ID and self.owed_replies:
+                self.owed_replies -= 1
+                dropped.append((start, end))
+            elif command in _READ:
+                # A token this reading cannot take is the upstream's to judge.
+                with contextlib.suppress(RemoteProtocolError):
+                    seen.append(decode_frame(command, msg_id, whole[start + HEADER_SIZE : end]))
+        return (_without(whole, dropped) if dropped else whole), seen
+
+    def from_upstream(self, data: bytes) -> tuple[bytes, list[tuple[int, int]]]:
+        """The bytes for the device, and the (message id, status) of every RESPONSE."""
+        found, whole = self._upstream.frames(data)
+        self.upstream_frames += len(found)
+        answers = [
+            (msg_id, length)
+            for command, msg_id, length, _, _ in found
+            if command == Command.RESPONSE
+        ]
+        return whole, answers
+
+    def ours(self, frame: bytes) -> bytes:
+        """Blynkota's own frame for the device, counted for the reply it may bring.
+        Written between two calls of `from_upstream`, it stands at a frame boundary."""
+        self.owed_replies += 1
+        return frame

@@ -1,0 +1,172 @@
+"""Relay mode on real sockets: blynkota in front of a Blynk server stand-in (and of
+another blynkota), every frame passed through, the updates added."""
+
+import socket
+import struct
+import time
+
+import pytest
+import sqlalchemy
+
+from blynkota.protocol import Command, Response, Status, encode_frame, encode_info, encode_login
+from blynkota.simulator import SimulatedDevice
+
+from .blynk_standin import BlynkStandIn
+from .devices import BUILD_NEW, BUILD_OLD, TOKEN, RawDevice
+from .images import esp8266_image
+from .servers import wait_until
+
+HEADER = struct.Struct("!BHH")
+OTHER = "fedcba9876543210fedcba9876543210"
+INFO = {"ver": "0.6.1", "h-beat": "10", "buff-in": "256", "dev": "ESP8266", "build": BUILD_OLD}
+
+
+def rows(app, sql: str, **params):
+    with app.extensions["blynkota.db"].engine.connect() as connection:
+        return connection.execute(sqlalchemy.text(sql), params).all()
+
+
+@pytest.fixture
+def upstream():
+    standin = BlynkStandIn({TOKEN, OTHER}).start()
+    yield standin
+    standin.stop()
+
+
+@pytest.fixture
+def relay(server_factory, upstream):
+    return server_factory(**{"relay.upstream": f"127.0.0.1:{upstream.port}"})
+
+
+def read_exactly(sock: socket.socket, size: int, timeout: float = 5) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_every_frame_passes_through_unchanged_both_ways(relay, upstream, app):
+    device = RawDevice(relay.http_port)
+    login = encode_login(TOKEN, 1)
+    info = encode_info(INFO, 2)
+    sent = [
+        login,
+        info,
+        encode_frame(Command.HARDWARE, 3, b"vw\x005\x0042"),
+        encode_frame(Command.PING, 4),
+        HEADER.pack(150, 5, 3) + b"abc",  # a reserved command type: the upstream judges it
+        encode_frame(Command.HARDWARE, 6, b"x" * 4000),  # past the standalone bound
+    ]
+    wire = b"".join(sent)
+    for at in range(0, len(wire), 7):  # in 7-byte segments
+        device.send(wire[at : at + 7])
+    wait_until(lambda: upstream.bytes_from(TOKEN) == wire, message="every byte upstream")
+
+    answers = [device.event() for _ in range(3)]  # login, info, ping: answered by the upstream
+    assert answers == [Response(1, 200), Response(2, 200), Response(4, 200)]
+    from_server = [
+        encode_frame(Command.HARDWARE, 7, b"vw\x001\x00on"),
+        encode_frame(Command.INTERNAL, 8, b"rtc\x00sync"),
+        HEADER.pack(Command.RESPONSE, 9, 2),
+    ]
+    upstream.send(TOKEN, b"".join(from_server))
+    assert read_exactly(device.sock, sum(map(len, from_server))) == b"".join(from_server)
+    # What blynkota read on the way: the device is known, with its build, online.
+    wait_until(lambda: rows(app, "SELECT build FROM devices WHERE token = :t", t=TOKEN)
+               == [(BUILD_OLD,)], message="the info message recorded")  # fmt: skip
+    (owner,) = rows(
+        app,
+        "SELECT u.email FROM devices d JOIN projects p ON p.id = d.project_id "
+        "JOIN users u ON u.id = p.user_id WHERE d.token = :t",
+        t=TOKEN,
+    )
+    assert owner[0] == "owner-unknown@relay.blynkota"
+    device.close()
+
+
+def test_the_upstream_decides_every_login(relay, upstream, fleet, app):
+    known_here = fleet.add_device("me@example.com", "Farm")  # unknown to the upstream
+    refused = RawDevice(relay.http_port)
+    refused.send(encode_login(known_here, 1))
+    assert refused.event() == Response(1, Status.INVALID_TOKEN)
+    assert refused.closed_within(2)
+    # A token the upstream accepts and blynkota knows: its own row, its own owner.
+    fleet.add_device("me@example.com", "Farm", token=OTHER)
+    accepted = RawDevice(relay.http_port)
+    assert accepted.log_in(OTHER) == (Response(1, 200), Response(2, 200))
+    assert rows(app, "SELECT COUNT(*) FROM devices WHERE token = :t", t=OTHER) == [(1,)]
+    assert upstream.logins[-2:] == [(known_here, 9), (OTHER, 200)]
+    accepted.close()
+
+
+def test_an_update_goes_through_the_relay(relay, upstream, app):
+    board = SimulatedDevice("127.0.0.1", relay.http_port, TOKEN, BUILD_OLD)
+    running = board.start()
+    try:
+        _update_through(relay, upstream, app, board)
+    finally:
+        board.stop()
+        running.join(10)
+
+
+def _update_through(relay, upstream, app, board) -> None:
+    wait_until(board.ready.is_set, message="the board logged in through the relay")
+    upstream.send(TOKEN, encode_frame(Command.HARDWARE, 11, b"vw\x001\x00on"))
+    answer = relay.upload(f"/admin/ota/start?token={TOKEN}", esp8266_image(BUILD_NEW))
+    assert answer.status == 200, answer.text
+    wait_until(
+        lambda: rows(app, "SELECT state FROM rollout_devices") == [("updated",)],
+        timeout=30,
+        message="updated through the relay",
+    )
+    assert board.build == BUILD_NEW and board.logins == 2
+    # The upstream saw both logins and both info messages, and never the ota.
+    assert [status for token, status in upstream.logins if token == TOKEN] == [200, 200]
+    assert b"ota\x00" not in upstream.bytes_from(TOKEN)
+
+
+def test_a_dead_upstream_closes_every_relayed_device_and_they_come_back(server_factory):
+    tokens = [f"{number:032x}" for number in range(1000)]
+    upstream = BlynkStandIn(set(tokens)).start()
+    try:
+        relay = server_factory(**{"relay.upstream": f"127.0.0.1:{upstream.port}"})
+        devices = []
+        for token in tokens:
+            device = RawDevice(relay.http_port)
+            device.send(encode_login(token, 1))
+            devices.append(device)
+        assert all(device.event(timeout=10) == Response(1, 200) for device in devices)
+        started = time.monotonic()
+        upstream.stop()
+        assert all(device.closed_within(2) for device in devices)
+        assert time.monotonic() - started < 3, "every relayed device closed within 2 s"
+        upstream.start(upstream.port)
+        for token in tokens[:20]:
+            again = RawDevice(relay.http_port)
+            assert again.log_in(token) == (Response(1, 200), Response(2, 200))
+            again.close()
+        assert "Traceback" not in relay.log()
+    finally:
+        upstream.stop()
+
+
+def test_an_unreachable_upstream_closes_the_device_unanswered(server_factory, relay_port_free):
+    server = server_factory(**{"relay.upstream": f"127.0.0.1:{relay_port_free}"})
+    for _ in range(3):
+        device = RawDevice(server.http_port)
+        device.send(encode_login(TOKEN, 1))
+        assert device.event(timeout=10) is None  # closed, no answer: the library tries again
+    wait_until(lambda: "could not be reached" in server.log(), message="the one line")
+    assert server.log().count("could not be reached") == 1
+    assert "Traceback" not in server.log()
+
+
+@pytest.fixture
+def relay_port_free():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
