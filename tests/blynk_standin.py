@@ -9,6 +9,7 @@ sockets, and the stand-in answers meanwhile.
 
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 
@@ -17,8 +18,9 @@ RESPONSE, LOGIN, PING, INTERNAL, HW_LOGIN = 0, 2, 6, 17, 29
 
 
 class BlynkStandIn:
-    def __init__(self, tokens: set[str]) -> None:
+    def __init__(self, tokens: set[str], tls: ssl.SSLContext | None = None) -> None:
         self.tokens = set(tokens)
+        self.tls = tls  # a server context: the devices' connections arrive over TLS
         self.received: dict[str, bytearray] = {}  # token -> every byte its device sent here
         self.connections: dict[str, socket.socket] = {}
         self.logins: list[tuple[str, int]] = []  # (token, status answered)
@@ -72,6 +74,8 @@ class BlynkStandIn:
     def _serve(self, sock: socket.socket) -> None:
         buffer, token = b"", None
         try:
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_side=True)
             while True:
                 data = sock.recv(65536)
                 if not data:

@@ -2,6 +2,7 @@
 another blynkota), every frame passed through, the updates added."""
 
 import socket
+import ssl
 import struct
 import time
 
@@ -10,6 +11,7 @@ import sqlalchemy
 
 from blynkota.protocol import Command, Response, Status, encode_frame, encode_info, encode_login
 from blynkota.simulator import SimulatedDevice
+from blynkota.tls import ensure_certificate
 
 from .blynk_standin import BlynkStandIn
 from .devices import BUILD_NEW, BUILD_OLD, TOKEN, RawDevice
@@ -170,3 +172,89 @@ def relay_port_free():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_a_device_that_leaves_closes_its_upstream_connection(relay, upstream):
+    device = RawDevice(relay.http_port)
+    assert device.log_in(TOKEN) == (Response(1, 200), Response(2, 200))
+    wait_until(lambda: TOKEN in upstream.connections, message="relayed")
+    connection = upstream.connections[TOKEN]
+    device.close()
+    connection.settimeout(2)
+    assert connection.recv(1) == b"", "the upstream connection closed within 1 s"
+
+
+def test_relayed_over_tls_to_an_upstream_with_its_own_certificate(server_factory, tmp_path):
+    ensure_certificate(tmp_path / "cert.pem", tmp_path / "key.pem")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    upstream = BlynkStandIn({TOKEN}, tls=context).start()
+    try:
+        relay = server_factory(**{
+            "relay.upstream": f"127.0.0.1:{upstream.port}",
+            "relay.upstream.ssl": str(tmp_path / "cert.pem"),  # the CA: itself
+        })  # fmt: skip
+        device = RawDevice(relay.http_port)
+        assert device.log_in(TOKEN) == (Response(1, 200), Response(2, 200))
+        frame = encode_frame(Command.HARDWARE, 21, b"vw\x002\x007")
+        device.send(frame)
+        wait_until(lambda: upstream.bytes_from(TOKEN).endswith(frame), message="over TLS")
+        upstream.send(TOKEN, frame)
+        assert read_exactly(device.sock, len(frame)) == frame
+        device.close()
+    finally:
+        upstream.stop()
+
+
+def test_blynkota_in_front_of_blynkota(server_factory, server, fleet, app, tmp_path):
+    """The upstream a standalone blynkota (it answers logins from its own fleet)."""
+    token = fleet.add_device("me@example.com", "Farm")
+    relay = server_factory(**{
+        "relay.upstream": f"127.0.0.1:{server.http_port}",
+        "db.url": f"sqlite:///{tmp_path / 'relay.db'}",
+        "data.folder": str(tmp_path / "relay-data"),
+    })  # fmt: skip
+    device = RawDevice(relay.http_port)
+    assert device.log_in(token) == (Response(1, 200), Response(2, 200))
+    device.send(encode_frame(Command.PING, 3))
+    assert device.event() == Response(3, 200)  # answered by the upstream blynkota
+    wait_until(lambda: rows(app, "SELECT node_id IS NOT NULL FROM devices WHERE token = :t",
+                            t=token) == [(1,)], message="online upstream")  # fmt: skip
+    stranger = RawDevice(relay.http_port)
+    stranger.send(encode_login("0" * 32, 1))
+    assert stranger.event() == Response(1, Status.INVALID_TOKEN)
+    device.close()
+
+
+def test_what_an_operator_sees_of_the_relay(relay, upstream):
+    ready = relay.admin("GET", "/readyz", auth=None, secure=False).json()
+    assert ready["ready"] is True
+    assert ready["upstream"] == {
+        "address": f"127.0.0.1:{upstream.port}",
+        "tls": "false",
+        "reachable": None,  # no device has logged in yet
+        "last_error": None,
+    }
+    device = RawDevice(relay.http_port)
+    assert device.log_in(TOKEN) == (Response(1, 200), Response(2, 200))
+    ready = relay.admin("GET", "/readyz", auth=None, secure=False).json()
+    assert ready["upstream"]["reachable"] is True
+    metrics = relay.admin("GET", "/metrics", auth=None, secure=False).text
+    assert "blynkota_relayed_sessions 1.0" in metrics
+    assert "blynkota_relay_frames_from_devices_total 2.0" in metrics  # login, info
+    assert "blynkota_relay_frames_from_upstream_total 2.0" in metrics  # their answers
+    assert "blynkota_relay_connect_seconds_count 1.0" in metrics
+    page = relay.admin("GET", "/admin/fleet").text
+    assert f"Blynk server at\n  <b>127.0.0.1:{upstream.port}</b>" in page
+    assert "<b>Reachable</b> at the last login" in page
+    upstream.stop()
+    assert device.closed_within(2)
+    refused = RawDevice(relay.http_port)
+    refused.send(encode_login(TOKEN, 1))
+    assert refused.event(timeout=10) is None
+    ready = relay.admin("GET", "/readyz", auth=None, secure=False)
+    assert ready.status == 200 and ready.json()["upstream"]["reachable"] is False
+    assert (
+        'blynkota_relay_connect_failures_total{cause="refused"} 1.0'
+        in relay.admin("GET", "/metrics", auth=None, secure=False).text
+    )

@@ -42,6 +42,8 @@ def log_in_upstream(
     try:
         connection.settimeout(WRITE_TIMEOUT)
         connection.sendall(login_bytes)
+        metrics.RELAY_FRAMES_FROM_DEVICES.inc(streams.device_frames)
+        metrics.RELAY_BYTES_FROM_DEVICES.inc(len(login_bytes))
         status = _answer(sock, connection, streams, login.msg_id, deadline)
     except BaseException:
         connection.close()
@@ -56,10 +58,13 @@ def log_in_upstream(
 def _answer(sock, connection, streams: RelayStreams, msg_id: int, deadline: float) -> int:
     """Pass the upstream's bytes to the device until it answers the login; its status."""
     while True:
+        before = streams.upstream_frames
         out, answers = streams.from_upstream(_recv(connection, deadline))
         if out:
             sock.settimeout(WRITE_TIMEOUT)
             sock.sendall(out)
+            metrics.RELAY_FRAMES_FROM_UPSTREAM.inc(streams.upstream_frames - before)
+            metrics.RELAY_BYTES_FROM_UPSTREAM.inc(len(out))
         for answered, status in answers:
             if answered == msg_id:
                 return status

@@ -164,7 +164,23 @@ def rollout_action(rollout_id: str) -> Response:
 @dashboard.get("/fleet")
 @auth.login_required
 def fleet() -> str:
-    return render_template("dashboard/fleet.html", fleet=_service().fleet_overview())
+    return render_template("dashboard/fleet.html", fleet=_service().fleet_overview(), mode=_mode())
+
+
+def _mode() -> dict:
+    """Standalone, or relaying to the upstream Blynk server, and what this process
+    knows of it (a process that holds no device has not tried it)."""
+    settings = current_app.config["SETTINGS"]
+    if settings.relay_upstream is None:
+        return {"relay": False}
+    host, port = settings.relay_upstream
+    known = current_app.extensions["blynkota.readiness"].upstream
+    return {
+        "relay": True,
+        "address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "tls": settings.relay_ssl != "false",
+        "state": known() if known is not None else None,
+    }
 
 
 @dashboard.get("/upload")
