@@ -33,6 +33,7 @@ from pathlib import Path
 import gevent
 import gevent.event
 from gevent import socket
+from gevent.lock import BoundedSemaphore
 from gevent.server import StreamServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -53,6 +54,8 @@ from tests.servers import ServerProcess  # noqa: E402
 HEADER = struct.Struct("!BHH")
 RESPONSE, PING, INTERNAL, HARDWARE = 0, 6, 17, 20
 DEADLINE = 120.0
+# Logins under way at once (--logins-at-once): all of them, a reconnect storm, by default.
+LOGINS = BoundedSemaphore(1 << 30)
 INFO = {"ver": "0.6.1", "h-beat": "60", "buff-in": "1024", "dev": "ESP8266",
         "build": "Jan  1 2018 00:00:00"}  # fmt: skip
 
@@ -110,6 +113,7 @@ def _read_frame(sock, state: dict) -> tuple[int, int, bytes]:
 
 
 def device(port: int, token: str, seconds: float, latencies: list, ready: list, start_at) -> None:
+    LOGINS.acquire()
     sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
     state = {"buffer": b""}
     try:
@@ -119,6 +123,7 @@ def device(port: int, token: str, seconds: float, latencies: list, ready: list, 
             raise ConnectionError("no answer to the login")
         sock.sendall(encode_info(INFO, 2))
         _read_frame(sock, state)
+        LOGINS.release()
         ready.append(sock)
         start_at.wait(DEADLINE)
         gevent.sleep(random.random())  # spread over the second
@@ -196,6 +201,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=9500)
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument(
+        "--logins-at-once", type=int, default=0, help="logins under way at once (0: all)"
+    )
     parser.add_argument("--upstream-port", type=int, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.upstream_port:
@@ -205,6 +213,9 @@ def main() -> int:
         print("haproxy missing (apt-get install haproxy): nothing to compare with")
         return 0
     count, seconds = arguments.devices, arguments.seconds
+    if arguments.logins_at_once:
+        global LOGINS
+        LOGINS = BoundedSemaphore(arguments.logins_at_once)
     tokens = [f"{number:032x}" for number in range(count)]
     upstream_port = free_port()
     upstream = subprocess.Popen([sys.executable, __file__, "--upstream-port", str(upstream_port)])
