@@ -40,6 +40,12 @@ def relay(server_factory, upstream):
     return server_factory(**{"relay.upstream": f"127.0.0.1:{upstream.port}"})
 
 
+@pytest.fixture
+def socket_relay(port_server_factory, upstream):
+    """A relay on SQLite alone, for what the database has no part in."""
+    return port_server_factory(**{"relay.upstream": f"127.0.0.1:{upstream.port}"})
+
+
 def read_exactly(sock: socket.socket, size: int, timeout: float = 5) -> bytes:
     sock.settimeout(timeout)
     data = b""
@@ -131,11 +137,11 @@ def _update_through(relay, upstream, app, board) -> None:
     assert b"ota\x00" not in upstream.bytes_from(TOKEN)
 
 
-def test_a_dead_upstream_closes_every_relayed_device_and_they_come_back(server_factory):
+def test_a_dead_upstream_closes_every_relayed_device_and_they_come_back(port_server_factory):
     tokens = [f"{number:032x}" for number in range(1000)]
     upstream = BlynkStandIn(set(tokens)).start()
     try:
-        relay = server_factory(**{"relay.upstream": f"127.0.0.1:{upstream.port}"})
+        relay = port_server_factory(**{"relay.upstream": f"127.0.0.1:{upstream.port}"})
         devices = []
         for token in tokens:
             device = RawDevice(relay.http_port)
@@ -156,8 +162,8 @@ def test_a_dead_upstream_closes_every_relayed_device_and_they_come_back(server_f
         upstream.stop()
 
 
-def test_an_unreachable_upstream_closes_the_device_unanswered(server_factory, relay_port_free):
-    server = server_factory(**{"relay.upstream": f"127.0.0.1:{relay_port_free}"})
+def test_an_unreachable_upstream_closes_the_device_unanswered(port_server_factory, relay_port_free):
+    server = port_server_factory(**{"relay.upstream": f"127.0.0.1:{relay_port_free}"})
     for _ in range(3):
         device = RawDevice(server.http_port)
         device.send(encode_login(TOKEN, 1))
@@ -174,8 +180,8 @@ def relay_port_free():
         return sock.getsockname()[1]
 
 
-def test_a_device_that_leaves_closes_its_upstream_connection(relay, upstream):
-    device = RawDevice(relay.http_port)
+def test_a_device_that_leaves_closes_its_upstream_connection(socket_relay, upstream):
+    device = RawDevice(socket_relay.http_port)
     assert device.log_in(TOKEN) == (Response(1, 200), Response(2, 200))
     wait_until(lambda: TOKEN in upstream.connections, message="relayed")
     connection = upstream.connections[TOKEN]
@@ -184,13 +190,13 @@ def test_a_device_that_leaves_closes_its_upstream_connection(relay, upstream):
     assert connection.recv(1) == b"", "the upstream connection closed within 1 s"
 
 
-def test_relayed_over_tls_to_an_upstream_with_its_own_certificate(server_factory, tmp_path):
+def test_relayed_over_tls_to_an_upstream_with_its_own_certificate(port_server_factory, tmp_path):
     ensure_certificate(tmp_path / "cert.pem", tmp_path / "key.pem")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
     upstream = BlynkStandIn({TOKEN}, tls=context).start()
     try:
-        relay = server_factory(**{
+        relay = port_server_factory(**{
             "relay.upstream": f"127.0.0.1:{upstream.port}",
             "relay.upstream.ssl": str(tmp_path / "cert.pem"),  # the CA: itself
         })  # fmt: skip
@@ -226,7 +232,8 @@ def test_blynkota_in_front_of_blynkota(server_factory, server, fleet, app, tmp_p
     device.close()
 
 
-def test_what_an_operator_sees_of_the_relay(relay, upstream):
+def test_what_an_operator_sees_of_the_relay(socket_relay, upstream):
+    relay = socket_relay
     ready = relay.admin("GET", "/readyz", auth=None, secure=False).json()
     assert ready["ready"] is True
     assert ready["upstream"] == {
