@@ -42,6 +42,7 @@ from ..protocol import (
 from ..protocol.relay import RelayStreams
 from ..store import utcnow
 from .outbox import Outbox, TlsOutbox
+from .presence import go_offline, go_online
 from .relay_login import log_in_upstream
 from .shedding import DATABASE_ERRORS, shed_cause
 from .upstream import Upstream
@@ -206,16 +207,7 @@ class RelayedSession:
             token_tag(identity.token),
         )
         DEVICE_TAG.set(self.tag)
-        registered, replaced = self.online.register(self)
-        if not registered:
-            metrics.LOGIN_FAILURES.labels("newer_connection").inc()
-            raise SessionClosed("closed, the device has opened a newer connection")
-        if replaced is not None:
-            replaced.close("replaced by a new connection")
-        self.session_id = self.devices.new_session_id()
-        self.presence = self.devices.device_online(
-            identity, self.session_id, self.address, self.since
-        )
+        go_online(self, identity)
         metrics.LOGINS.inc()
         metrics.RELAYED_SESSIONS.inc()
         log.debug("device %s %s: logged in through the upstream", self.tag, self.peer)
@@ -472,18 +464,8 @@ class RelayedSession:
         for outbox in (self._to_device, self._to_upstream):
             if outbox is not None:
                 outbox.close()
-        if self.presence is not None:
-            with contextlib.suppress(Exception):
-                self.presence.wait()  # the disconnect is written after the login
-        if self.report is not None:
-            self.report.wait()
-        if self.session_id is not None and self.online.unregister(self):
-            metrics.RELAYED_SESSIONS.dec()
-            try:
-                self.devices.device_offline(self.device_id, self.session_id)
-            except DATABASE_ERRORS:
-                log.debug("device %s: disconnect kept until the database is back", self.tag)
-        elif self.session_id is not None:
+        go_offline(self)
+        if self.session_id is not None:
             metrics.RELAYED_SESSIONS.dec()
         if self._kept:
             self._ended()

@@ -47,6 +47,7 @@ from ..protocol import (
 )
 from ..store import utcnow
 from .loop_watch import LoopWatch
+from .presence import go_offline, go_online
 from .shedding import DATABASE_ERRORS, SHED, shed_cause
 from .wire import (
     DEFAULT_BUFF_IN,
@@ -281,20 +282,9 @@ class DeviceSession:
         self.token, self.device_id = identity.token, identity.id
         self.tag = token_tag(identity.token)
         self.machine.advance("login accepted")
-        # Registered before the database hears of it: the connection this one
-        # replaces then finds itself unregistered and leaves the device online.
-        registered, replaced = self.online.register(self)
-        if not registered:
-            metrics.LOGIN_FAILURES.labels("newer_connection").inc()
-            raise SessionClosed("closed, the device has opened a newer connection")
-        if replaced is not None:
-            replaced.close("replaced by a new connection")
-        self.session_id = self.devices.new_session_id()
-        # Written behind (presence is soft state): answered now, the write's
-        # outcome is read before the info message, in `_presence_settled`.
-        self.presence = self.devices.device_online(
-            identity, self.session_id, self.address, self.since
-        )
+        # Answered now; the presence write's outcome is read before the info
+        # message, in `_presence_settled`.
+        go_online(self, identity)
 
     def answer_info(self, event: Internal, reply: Callable | None = None) -> bytes | None:
         """Answer and record an info message. `reply` (from the loop, `Wire.reply_now`)
@@ -434,17 +424,7 @@ class DeviceSession:
             )  # fmt: skip
 
     def _close(self) -> None:
-        if self.presence is not None:
-            # The disconnect is written after the login, never before it.
-            self.presence.wait()
-        if self.report is not None:
-            self.report.wait()  # and after the report, as when the session waited for it
-        if self.session_id is not None and self.online.unregister(self):
-            try:
-                # Conditional on this session: a newer login elsewhere stays.
-                self.devices.device_offline(self.device_id, self.session_id)
-            except DATABASE_ERRORS:
-                log.debug("device %s: disconnect kept until the database is back", self.tag)
+        go_offline(self)
         if self.machine.state is not SessionState.CLOSED:
             self.machine.advance("close")
         if self.watch is not None:
