@@ -26,7 +26,13 @@ from gevent.pywsgi import WSGIHandler
 
 from .logsafe import LogBudget, printable, token_tag
 
-__all__ = ["HEAD_DEADLINE", "HTTP_IDLE_TIMEOUT", "RequestHandler"]
+__all__ = [
+    "HEAD_DEADLINE",
+    "HTTP_IDLE_TIMEOUT",
+    "RequestHandler",
+    "SNIFF_BYTES",
+    "looks_like_http",
+]
 
 log = logging.getLogger("blynkota.http")
 
@@ -37,6 +43,20 @@ _BAD_REQUEST_LINES = LogBudget(per_second=20)  # a flood of bad requests is coun
 _QUERY = re.compile(r"\?[^\s'\"]*")
 # What a write to a client that went away raises, beyond gevent's EPIPE/ECONNRESET.
 _CLIENT_GONE = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError, TimeoutError)
+
+
+# What an HTTP request's first bytes are, as the Blynk server tells HTTP from a
+# device on a shared port (SPEC §2, §8).
+HTTP_METHODS = (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"PATC")
+SNIFF_BYTES = 4
+
+
+def looks_like_http(first_bytes: bytes) -> bool | None:
+    """True for HTTP, False for a device, None while the bytes could still be either."""
+    for method in HTTP_METHODS:
+        if first_bytes[:SNIFF_BYTES] == method[: len(first_bytes)]:
+            return True if len(first_bytes) >= SNIFF_BYTES else None
+    return False
 
 
 class RequestHandler(WSGIHandler):

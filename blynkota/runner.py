@@ -271,6 +271,9 @@ class BlynkotaServer:
             log=logging.getLogger("blynkota.https"),
             error_log=logging.getLogger("blynkota.https"),
             environ={"SERVER_NAME": "blynkota"},
+            # Devices over TLS share the port, as on the Blynk server (SPEC §8).
+            device_handler=self._serve_tls_device if self.device_port is not None else None,
+            sniff_timeout=settings.login_timeout,
         )
         try:
             self.admin_port.start()
@@ -377,7 +380,13 @@ class BlynkotaServer:
 
     # --- devices --------------------------------------------------------------------
 
-    def _serve_device(self, sock, address, ended) -> bool:
+    def _serve_tls_device(self, secure, address, first: bytes) -> None:
+        """A device over TLS on the HTTPS port: a session as on the device port,
+        with its limits; closed here unless it went on in the event loop."""
+        if not self.device_port.serve_device(secure, address, first):
+            secure.close()
+
+    def _serve_device(self, sock, address, ended, first: bytes = b"") -> bool:
         if self.upstream is not None:
             return RelayedSession(
                 sock,
@@ -390,13 +399,14 @@ class BlynkotaServer:
                 server_host=self.settings.server_host,
                 public_port=self._public_port,
                 ended=ended,
+                first=first,
             ).run()
-        return self._device_session(sock, address, ended).run()
+        return self._device_session(sock, address, ended, first).run()
 
     def _start_device_here(self, sock, address, ended) -> None:
         self._device_session(sock, address, ended).start_here()
 
-    def _device_session(self, sock, address, ended) -> DeviceSession:
+    def _device_session(self, sock, address, ended, first: bytes = b"") -> DeviceSession:
         return DeviceSession(
             sock,
             address,
@@ -407,6 +417,7 @@ class BlynkotaServer:
             server_host=self.settings.server_host,
             public_port=self._public_port,
             ended=ended,
+            first=first,
         )
 
     # --- stopping -------------------------------------------------------------------

@@ -265,3 +265,43 @@ def test_what_an_operator_sees_of_the_relay(socket_relay, upstream):
         'blynkota_relay_connect_failures_total{cause="refused"} 1.0'
         in relay.admin("GET", "/metrics", auth=None, secure=False).text
     )
+
+
+def _tls_device(port: int) -> RawDevice:
+    """A board built with the library's _SSL headers: TLS to the HTTPS port."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return RawDevice.over(context.wrap_socket(raw))
+
+
+def test_a_device_over_tls_on_the_https_port_standalone(server, fleet, app):
+    token = fleet.add_device("me@example.com", "Farm")
+    device = _tls_device(server.https_port)
+    assert device.log_in(token) == (Response(1, 200), Response(2, 200))
+    device.send(encode_frame(Command.PING, 3))
+    assert device.event() == Response(3, 200)
+    answer = server.upload(f"/admin/ota/start?token={token}", esp8266_image(BUILD_NEW))
+    assert answer.status == 200, answer.text
+    ota = device.event()
+    assert ota.words[0] == "ota"
+    assert ota.words[1].startswith(f"http://127.0.0.1:{server.http_port}/static/ota/")
+    # The same port still answers HTTPS.
+    assert server.admin("GET", "/admin/ota/status").status == 200
+    assert server.admin("GET", "/healthz", auth=None).text == "ok\n"
+    device.close()
+
+
+def test_a_device_over_tls_on_the_https_port_relayed(socket_relay, upstream):
+    device = _tls_device(socket_relay.https_port)
+    assert device.log_in(TOKEN) == (Response(1, 200), Response(2, 200))
+    frame = encode_frame(Command.HARDWARE, 3, b"vw\x001\x00on")
+    device.send(frame)
+    wait_until(lambda: upstream.bytes_from(TOKEN).endswith(frame), message="relayed from TLS")
+    upstream.send(TOKEN, frame)
+    assert read_exactly(device.sock, len(frame)) == frame
+    device.close()
+    connection = upstream.connections[TOKEN]
+    connection.settimeout(2)
+    assert connection.recv(1) == b"", "the upstream connection closed with the device's"
+    assert socket_relay.admin("GET", "/healthz", auth=None).text == "ok\n"

@@ -1,7 +1,8 @@
 """The device side: the shared port 8080 listener and one session per device."""
 
+from ..http_handler import looks_like_http
 from .relay import RelayedSession
-from .server import HTTP_IDLE_TIMEOUT, SharedPortServer, looks_like_http
+from .server import HTTP_IDLE_TIMEOUT, SharedPortServer
 from .session import DeviceSession
 from .shedding import SHED
 from .upstream import Upstream

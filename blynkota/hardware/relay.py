@@ -105,6 +105,7 @@ class RelayedSession:
         "_watchers",
         "_to_device",
         "_to_upstream",
+        "_first",
     )
 
     def __init__(
@@ -120,8 +121,11 @@ class RelayedSession:
         server_host: str = "",
         public_port: int | None = None,
         ended: Callable[[], None] = lambda: None,
+        first: bytes = b"",
     ) -> None:
+        """`first`: bytes already read from the connection (a TLS one: its sniffed start)."""
         self.sock = sock
+        self._first = first
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self.upstream_sock: socket.socket | None = None
@@ -184,8 +188,9 @@ class RelayedSession:
 
     def _log_in(self) -> None:
         login, self.upstream_sock, seen = log_in_upstream(
-            self.sock, self.streams, self.upstream, self.login_timeout
+            self.sock, self.streams, self.upstream, self.login_timeout, self._first
         )
+        self._first = b""
         self.tag = token_tag(login.token)
         try:
             identity = self.devices.adopt(login.token)
@@ -200,12 +205,8 @@ class RelayedSession:
             self._seen(event)
 
     def _accept(self, identity: DeviceIdentity) -> None:
-        self.identity = identity
-        self.token, self.device_id, self.tag = (
-            identity.token,
-            identity.id,
-            token_tag(identity.token),
-        )
+        self.identity, self.token, self.device_id = identity, identity.token, identity.id
+        self.tag = token_tag(identity.token)
         DEVICE_TAG.set(self.tag)
         go_online(self, identity)
         metrics.LOGINS.inc()
@@ -215,26 +216,33 @@ class RelayedSession:
     # --- relaying, on the event loop -------------------------------------------------
 
     def _relay(self) -> None:
-        """Hand both sockets to the event loop (the upstream's reads to a greenlet
-        when it speaks TLS: its records are read through the ssl module)."""
+        """Hand both sockets to the event loop (a side that speaks TLS to greenlets:
+        its records are read and written through the ssl module, which may wait)."""
         loop = get_hub().loop
-        self.sock.setblocking(False)
         watch = self._watchers
-        watch["device"] = loop.io(self.sock.fileno(), 1)
-        watch["device"].start(self._device_readable)
-        self._to_device = Outbox(self.sock, self._device_failed, self._drained)
         self._arm_deadline()
-        if isinstance(self.upstream_sock, ssl.SSLSocket):  # records may wait: greenlets
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(None)
+            watch["device reader"] = gevent.spawn(self._read_tls, self.sock, self._from_device)
+            self._to_device = TlsOutbox(self.sock, self._device_failed, self._drained)
+        else:
+            self.sock.setblocking(False)
+            watch["device"] = loop.io(self.sock.fileno(), 1)
+            watch["device"].start(self._device_readable)
+            self._to_device = Outbox(self.sock, self._device_failed, self._drained)
+        if isinstance(self.upstream_sock, ssl.SSLSocket):
             self.upstream_sock.settimeout(None)
-            watch["upstream reader"] = gevent.spawn(self._read_tls_upstream)
+            watch["upstream reader"] = gevent.spawn(
+                self._read_tls, self.upstream_sock, self._from_upstream
+            )
             self._to_upstream = TlsOutbox(self.upstream_sock, self._upstream_failed, self._drained)
         else:
             self.upstream_sock.setblocking(False)
             watch["upstream"] = loop.io(self.upstream_sock.fileno(), 1)
             watch["upstream"].start(self._upstream_readable)
             self._to_upstream = Outbox(self.upstream_sock, self._upstream_failed, self._drained)
-        # Bytes the device sent while the login was answered wait in its socket.
-        self._device_readable()
+        if "device" in watch:  # bytes sent while the login was answered wait in the socket
+            self._device_readable()
 
     def _device_readable(self) -> None:
         if self._closed:
@@ -245,6 +253,11 @@ class RelayedSession:
             return
         except OSError as error:
             self._end(f"connection lost ({error})")
+            return
+        self._from_device(data)
+
+    def _from_device(self, data: bytes) -> None:
+        if self._closed:
             return
         if not data:
             self._end("disconnected", quiet=True)
@@ -282,14 +295,18 @@ class RelayedSession:
             return
         self._from_upstream(data)
 
-    def _read_tls_upstream(self) -> None:
+    def _read_tls(self, sock: ssl.SSLSocket, received: Callable[[bytes], None]) -> None:
+        """A TLS side's reads, in a greenlet: b"" (its end) included."""
         while not self._closed:
             try:
-                data = self.upstream_sock.recv(READ_BYTES)
+                data = sock.recv(READ_BYTES)
             except (OSError, ssl.SSLError) as error:
-                self._end(f"the upstream connection failed ({error})")
+                side = "device's" if sock is self.sock else "upstream"
+                self._end(f"the {side} connection failed ({error})")
                 return
-            self._from_upstream(data)
+            received(data)
+            if not data:
+                return
 
     def _from_upstream(self, data: bytes) -> None:
         if self._closed:

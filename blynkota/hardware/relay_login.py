@@ -21,14 +21,19 @@ __all__ = ["log_in_upstream"]
 
 
 def log_in_upstream(
-    sock: socket.socket, streams: RelayStreams, upstream: Upstream, login_timeout: float
+    sock: socket.socket,
+    streams: RelayStreams,
+    upstream: Upstream,
+    login_timeout: float,
+    first: bytes = b"",
 ) -> tuple[Login, socket.socket, list]:
     """The accepted login, the upstream connection, and the events that came
-    after the login in its segment (an info message, say). Raises SessionClosed
+    after the login in its segment (an info message, say). `first`: bytes
+    already read from the device's connection (a TLS one's). Raises SessionClosed
     (refused, unreachable, not a login) or TimeoutError; the upstream
     connection is closed then."""
     deadline = time.monotonic() + login_timeout
-    login_bytes, seen = b"", []
+    login_bytes, seen = streams.from_device(first) if first else (b"", [])
     while not login_bytes:
         login_bytes, seen = streams.from_device(_recv(sock, deadline))
     if login_bytes[0] not in (Command.HW_LOGIN, Command.LOGIN):

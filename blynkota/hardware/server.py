@@ -19,29 +19,19 @@ import gevent
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
-from ..http_handler import HTTP_IDLE_TIMEOUT, RequestHandler
+from ..http_handler import HTTP_IDLE_TIMEOUT, SNIFF_BYTES, RequestHandler, looks_like_http
 from ..peeking import peek_waits
 
-__all__ = ["HTTP_IDLE_TIMEOUT", "SharedPortServer", "looks_like_http"]
+__all__ = ["HTTP_IDLE_TIMEOUT", "SharedPortServer"]
 
 log = logging.getLogger(__name__)
 
-HTTP_METHODS = (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"PATC")
-_SNIFF_BYTES = 4
 # Connections not sniffed yet get a share of the pool of their own, beyond
 # hardware.max.connections and http.max.connections.
 SNIFF_RESERVE = 256
 WARN_EVERY = 10.0  # seconds between two warnings of one overload
 ACCEPT_PAUSE = 0.5  # seconds without accepting once the process is out of file descriptors
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-def looks_like_http(first_bytes: bytes) -> bool | None:
-    """True for HTTP, False for a device, None while the bytes could still be either."""
-    for method in HTTP_METHODS:
-        if first_bytes[:_SNIFF_BYTES] == method[: len(first_bytes)]:
-            return True if len(first_bytes) >= _SNIFF_BYTES else None
-    return False
 
 
 class SharedPortServer(WSGIServer):
@@ -116,7 +106,7 @@ class SharedPortServer(WSGIServer):
         if self.device_starter is not None and self.devices < self.max_devices:
             try:
                 sock.settimeout(0.0)  # a peek that never waits: the loop runs this
-                first = sock.recv(_SNIFF_BYTES, socket.MSG_PEEK)
+                first = sock.recv(SNIFF_BYTES, socket.MSG_PEEK)
             except OSError:  # nothing yet (or reset): the greenlet finds out
                 first = b""
             if first and looks_like_http(first) is False:
@@ -148,7 +138,7 @@ class SharedPortServer(WSGIServer):
             if kind is True:
                 self._serve_http(sock, address)
             elif kind is False:
-                kept = self._serve_device(sock, address)
+                kept = self.serve_device(sock, address)
         except OSError as error:
             log.info("connection %s:%s lost before it said anything (%s)", *address[:2], error)
         finally:
@@ -179,8 +169,10 @@ class SharedPortServer(WSGIServer):
         finally:
             self.http_clients -= 1
 
-    def _serve_device(self, sock, address) -> bool:
-        """Run the device's session; True if it parked, keeping the connection."""
+    def serve_device(self, sock, address, *first: bytes) -> bool:
+        """Run the device's session, counted against hardware.max.connections; True
+        if it parked, keeping the connection. `first`: bytes already read from it
+        (a device over TLS on the HTTPS port)."""
         if self.devices >= self.max_devices:
             self._warn_now_and_then(
                 "full",
@@ -192,7 +184,7 @@ class SharedPortServer(WSGIServer):
         self.devices += 1
         kept = False
         try:
-            kept = self.device_handler(sock, address, self._device_ended)
+            kept = self.device_handler(sock, address, self._device_ended, *first)
         finally:
             if not kept:
                 self.devices -= 1
@@ -211,7 +203,7 @@ class SharedPortServer(WSGIServer):
                 return None
             sock.settimeout(remaining)
             try:
-                first = sock.recv(_SNIFF_BYTES, socket.MSG_PEEK)
+                first = sock.recv(SNIFF_BYTES, socket.MSG_PEEK)
             except TimeoutError:
                 return None
             if not first:

@@ -23,6 +23,7 @@ import functools
 import itertools
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 
 import gevent
@@ -98,6 +99,7 @@ class DeviceSession:
         "_ended",
         "_url_base",
         "watch",
+        "_parks",
     )
 
     def __init__(
@@ -112,9 +114,15 @@ class DeviceSession:
         server_host: str = "",
         public_port: int | None = None,
         ended: Callable[[], None] = lambda: None,
+        first: bytes = b"",
     ) -> None:
-        """`ended` is called when a session that parked (`run` answered True) is over."""
+        """`ended` is called when a session that parked (`run` answered True) is over.
+        `first`: bytes already read from the connection (a TLS one: its sniffed start).
+        A TLS session never parks: the event loop cannot read its records."""
         self.wire = Wire(sock, max_messages_per_sec)
+        if first:
+            self.wire.reader.feed(first)
+        self._parks = not isinstance(sock, ssl.SSLSocket)
         self.serial = next(_SERIALS)
         self.peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         self.address = address[0] if isinstance(address, tuple) else str(address)
@@ -183,7 +191,7 @@ class DeviceSession:
     def _serve(self) -> bool:
         """Handle frames until none is left to read once logged in: then park (True)."""
         while True:
-            if self.machine.state in _PARKABLE and not self.wire.reader.buffered:
+            if self._parks and self.machine.state in _PARKABLE and not self.wire.reader.buffered:
                 if self.report is not None and self.report.ready():
                     self._report_settled()  # failed: raises (once done, `_reported` clears it)
                 if self.watch is None:
