@@ -305,3 +305,21 @@ def test_a_device_over_tls_on_the_https_port_relayed(socket_relay, upstream):
     connection.settimeout(2)
     assert connection.recv(1) == b"", "the upstream connection closed with the device's"
     assert socket_relay.admin("GET", "/healthz", auth=None).text == "ok\n"
+
+
+def test_now_true_reaches_the_relayed_devices(relay, upstream, app):
+    devices = []
+    for token in (TOKEN, OTHER):
+        device = RawDevice(relay.http_port)
+        assert device.log_in(token) == (Response(1, 200), Response(2, 200))
+        devices.append(device)
+    answer = relay.upload("/admin/ota/start?now=true", esp8266_image(BUILD_NEW))
+    assert answer.status == 200, answer.text
+    for device in devices:
+        ota = device.event(timeout=10)
+        assert ota.words[0] == "ota" and "/static/ota/" in ota.words[1]
+    assert rows(app, "SELECT state FROM rollout_devices ORDER BY id") == [("offered",)] * 2
+    for token in (TOKEN, OTHER):
+        assert b"ota\x00" not in upstream.bytes_from(token)
+    for device in devices:
+        device.close()
