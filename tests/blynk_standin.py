@@ -24,6 +24,7 @@ class BlynkStandIn:
         self.received: dict[str, bytearray] = {}  # token -> every byte its device sent here
         self.connections: dict[str, socket.socket] = {}
         self.logins: list[tuple[str, int]] = []  # (token, status answered)
+        self.ended: set[str] = set()  # tokens whose connection here has ended
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._sockets: list[socket.socket] = []
@@ -103,6 +104,9 @@ class BlynkStandIn:
             return
         finally:
             sock.close()
+            if token is not None:
+                with self._lock:
+                    self.ended.add(token)
 
     def _log_in(self, sock, command: int, msg_id: int, body: bytes, data: bytes) -> str | None:
         token = body.split(b"\0", 1)[0].decode("ascii", "replace")
