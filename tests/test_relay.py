@@ -57,6 +57,16 @@ def read_exactly(sock: socket.socket, size: int, timeout: float = 5) -> bytes:
     return data
 
 
+def _relays_both_ways(device: RawDevice, upstream: BlynkStandIn) -> None:
+    """Log in through the relay, then one virtual write each way, byte for byte."""
+    assert device.log_in(TOKEN) == (Response(1, 200), Response(2, 200))
+    frame = encode_frame(Command.HARDWARE, 21, b"vw\x002\x007")
+    device.send(frame)
+    wait_until(lambda: upstream.bytes_from(TOKEN).endswith(frame), message="relayed upstream")
+    upstream.send(TOKEN, frame)
+    assert read_exactly(device.sock, len(frame)) == frame
+
+
 def test_every_frame_passes_through_unchanged_both_ways(relay, upstream, app):
     device = RawDevice(relay.http_port)
     login = encode_login(TOKEN, 1)
@@ -199,12 +209,7 @@ def test_relayed_over_tls_to_an_upstream_with_its_own_certificate(port_server_fa
             "relay.upstream.ssl": str(tmp_path / "cert.pem"),  # the CA: itself
         })  # fmt: skip
         device = RawDevice(relay.http_port)
-        assert device.log_in(TOKEN) == (Response(1, 200), Response(2, 200))
-        frame = encode_frame(Command.HARDWARE, 21, b"vw\x002\x007")
-        device.send(frame)
-        wait_until(lambda: upstream.bytes_from(TOKEN).endswith(frame), message="over TLS")
-        upstream.send(TOKEN, frame)
-        assert read_exactly(device.sock, len(frame)) == frame
+        _relays_both_ways(device, upstream)
         device.close()
     finally:
         upstream.stop()
@@ -292,12 +297,7 @@ def test_a_device_over_tls_on_the_https_port_standalone(server, fleet, app):
 
 def test_a_device_over_tls_on_the_https_port_relayed(socket_relay, upstream):
     device = _tls_device(socket_relay.https_port)
-    assert device.log_in(TOKEN) == (Response(1, 200), Response(2, 200))
-    frame = encode_frame(Command.HARDWARE, 3, b"vw\x001\x00on")
-    device.send(frame)
-    wait_until(lambda: upstream.bytes_from(TOKEN).endswith(frame), message="relayed from TLS")
-    upstream.send(TOKEN, frame)
-    assert read_exactly(device.sock, len(frame)) == frame
+    _relays_both_ways(device, upstream)
     device.close()
     wait_until(lambda: TOKEN in upstream.ended, timeout=1, message="the upstream side closed")
     assert socket_relay.admin("GET", "/healthz", auth=None).text == "ok\n"
