@@ -36,6 +36,7 @@ __all__ = [
     "DEVICE_LINES",
     "DeviceLines",
     "LogBudget",
+    "device_line",
     "printable",
     "token_tag",
 ]
@@ -172,6 +173,13 @@ class DeviceLines:
 
 
 DEVICE_LINES = DeviceLines()
+
+
+def device_line(logger: logging.Logger, level: int, tag: str, peer: str, text: str, *args) -> None:
+    """A line about one device, within its budget (DEVICE_LINES). It names its
+    device itself: it may be written from another greenlet, or from the loop."""
+    if logger.isEnabledFor(level) and DEVICE_LINES.take(tag):
+        logger.log(level, "device %s %s: " + text, tag, peer, *args, extra={"device": tag})
 
 
 class CutValues:

@@ -31,7 +31,7 @@ from gevent.event import AsyncResult
 
 from .. import metrics
 from ..logs import DEVICE_TAG
-from ..logsafe import DEVICE_LINES, printable, token_tag
+from ..logsafe import DEVICE_LINES, device_line, printable, token_tag
 from ..ota import DeviceIdentity, DeviceSide, OfferFailed, OnlineDevices
 from ..protocol import (
     Internal,
@@ -490,8 +490,4 @@ class RelayedSession:
     # --- plumbing --------------------------------------------------------------------------
 
     def _log(self, level: int, text: str, *args: object) -> None:
-        if log.isEnabledFor(level) and DEVICE_LINES.take(self.tag):
-            log.log(
-                level, "device %s %s (relayed): " + text, self.tag, self.peer, *args,
-                extra={"device": self.tag},
-            )  # fmt: skip
+        device_line(log, level, self.tag, f"{self.peer} (relayed)", text, *args)

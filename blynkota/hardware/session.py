@@ -31,7 +31,7 @@ from gevent.event import AsyncResult
 
 from .. import metrics
 from ..logs import DEVICE_TAG, PER_TURN
-from ..logsafe import DEVICE_LINES, printable, token_tag
+from ..logsafe import DEVICE_LINES, device_line, printable, token_tag
 from ..ota import DeviceIdentity, DeviceSide, OfferFailed, OnlineDevices
 from ..protocol import (
     ALREADY_REGISTERED,
@@ -425,11 +425,7 @@ class DeviceSession:
     def _log(self, level: int, text: str, *args: object) -> None:
         """A line about this device, within its budget (logsafe.DeviceLines).
         Called from other greenlets and from the loop: the line names its device itself."""
-        if log.isEnabledFor(level) and DEVICE_LINES.take(self.tag):
-            log.log(
-                level, "device %s %s: " + text, self.tag, self.peer, *args,
-                extra={"device": self.tag},
-            )  # fmt: skip
+        device_line(log, level, self.tag, self.peer, text, *args)
 
     def _close(self) -> None:
         go_offline(self)
