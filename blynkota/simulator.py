@@ -30,6 +30,8 @@ from .protocol import (
     Internal,
     Response,
     Status,
+    Command,
+    encode_frame,
     encode_info,
     encode_login,
     encode_ping,
@@ -77,6 +79,7 @@ class SimulatedDevice:
         fail: str = "none",
         legacy_login: bool = False,
         fallback_ports: tuple[int, ...] = (),
+        chatter: float | None = None,
     ) -> None:
         if fail not in FAIL_MODES:
             raise ValueError(f"fail mode {fail!r} is not one of {', '.join(FAIL_MODES)}")
@@ -91,6 +94,10 @@ class SimulatedDevice:
         self.fw_type, self.library = fw_type, library
         self.fail = fail
         self.legacy_login = legacy_login
+        # Seconds between two virtual writes (`vw 1 <n>`) while logged in, as a
+        # sketch's timer sends them; None: silent apart from pings.
+        self.chatter = chatter
+        self.virtual_writes = 0
         self.logins = 0
         self.updates = 0  # updates finished: downloaded, flashed, logged in again
         self._flashed = False
@@ -186,11 +193,13 @@ class SimulatedDevice:
                 self.updates, self._flashed = self.updates + 1, False
             info_id = self._next_id()
             sock.sendall(encode_info(self._info(), info_id))
+            next_ping, next_write = time.monotonic() + self.heartbeat, time.monotonic()
             while not self._stop.is_set():
+                next_ping, next_write = self._keep_talking(sock, next_ping, next_write)
+                wait = min(next_ping, next_write) - time.monotonic()
                 try:
-                    event = self._read_event(sock, reader, self.heartbeat)
+                    event = self._read_event(sock, reader, max(wait, 0.001))
                 except socket.timeout:
-                    sock.sendall(encode_ping(self._next_id()))
                     continue
                 if event is None:
                     return not self._stop.is_set()  # the server closed: reconnect
@@ -210,6 +219,22 @@ class SimulatedDevice:
             self.ready.clear()
             sock.close()
             self._sock = None
+
+    def _keep_talking(self, sock, next_ping: float, next_write: float) -> tuple[float, float]:
+        """A ping every heartbeat and, with `chatter`, a virtual write every
+        `chatter` seconds; returns when each is due next."""
+        now = time.monotonic()
+        if now >= next_ping:
+            sock.sendall(encode_ping(self._next_id()))
+            next_ping = now + self.heartbeat
+        if self.chatter is None:
+            return next_ping, next_ping
+        if now >= next_write:
+            self.virtual_writes += 1
+            body = b"vw\x001\x00" + str(self.virtual_writes).encode()
+            sock.sendall(encode_frame(Command.HARDWARE, self._next_id(), body))
+            next_write = now + self.chatter
+        return next_ping, next_write
 
     @staticmethod
     def _read_event(sock, reader: FrameReader, timeout: float):
@@ -351,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat", type=int, default=10)
     parser.add_argument("--buff-in", type=int, default=256)
     parser.add_argument("--fail", choices=FAIL_MODES, default="none")
+    parser.add_argument(
+        "--chatter", type=float, default=None, help="a virtual write every N seconds (relay mode)"
+    )
     parser.add_argument("--duration", type=float, default=None, help="stop after N seconds")
     parser.add_argument("--updates", type=int, default=None, help="stop after N updates each")
     arguments = parser.parse_args(argv)
@@ -373,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             library=arguments.library,
             hardware=arguments.dev,
             fail=arguments.fail,
+            chatter=arguments.chatter,
         )
         for token in tokens[:count]
     ]

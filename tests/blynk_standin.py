@@ -22,6 +22,7 @@ class BlynkStandIn:
         self.tokens = set(tokens)
         self.tls = tls  # a server context: the devices' connections arrive over TLS
         self.received: dict[str, bytearray] = {}  # token -> every byte its device sent here
+        self.sessions: dict[str, list[bytearray]] = {}  # token -> those bytes, by connection
         self.connections: dict[str, socket.socket] = {}
         self.logins: list[tuple[str, int]] = []  # (token, status answered)
         self.ended: set[str] = set()  # tokens whose connection here has ended
@@ -62,6 +63,11 @@ class BlynkStandIn:
         with self._lock:
             return bytes(self.received.get(token, b""))
 
+    def sessions_of(self, token: str) -> list[bytes]:
+        """What the device sent on each of its connections here, oldest first."""
+        with self._lock:
+            return [bytes(received) for received in self.sessions.get(token, [])]
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -73,7 +79,7 @@ class BlynkStandIn:
             threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
-        buffer, token = b"", None
+        buffer, token, mine = b"", None, bytearray()
         try:
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_side=True)
@@ -83,7 +89,7 @@ class BlynkStandIn:
                     return
                 if token is not None:
                     with self._lock:
-                        self.received[token] += data
+                        mine += data
                 buffer += data
                 while len(buffer) >= 5:
                     command, msg_id, length = HEADER.unpack_from(buffer)
@@ -95,9 +101,9 @@ class BlynkStandIn:
                         token = self._log_in(sock, command, msg_id, body, data)
                         if token is None:
                             return
-                        if buffer:  # what came after the login in the same segment
-                            with self._lock:
-                                self.received[token] += buffer
+                        with self._lock:
+                            mine = self.received[token]  # this connection's, not a later one's
+                            mine += buffer  # what came after the login in the same segment
                     elif command in (PING, INTERNAL):
                         sock.sendall(HEADER.pack(RESPONSE, msg_id, 200))
         except OSError:
@@ -119,5 +125,6 @@ class BlynkStandIn:
             return None
         with self._lock:
             self.received[token] = bytearray(HEADER.pack(command, msg_id, len(body)) + body)
+            self.sessions.setdefault(token, []).append(self.received[token])
             self.connections[token] = sock
         return token

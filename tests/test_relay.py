@@ -1,11 +1,13 @@
 """Relay mode on real sockets: blynkota in front of a Blynk server stand-in (and of
 another blynkota), every frame passed through, the updates added."""
 
+import contextlib
 import socket
 import ssl
 import struct
 import time
 
+import gevent
 import pytest
 import sqlalchemy
 
@@ -122,29 +124,58 @@ def test_the_upstream_decides_every_login(relay, upstream, fleet, app):
 
 
 def test_an_update_goes_through_the_relay(relay, upstream, app):
-    board = SimulatedDevice("127.0.0.1", relay.http_port, TOKEN, BUILD_OLD)
+    """The whole update, with the board's virtual writes going up and the
+    upstream's commands coming down before the update and after it."""
+    board = SimulatedDevice("127.0.0.1", relay.http_port, TOKEN, BUILD_OLD, chatter=0.1)
     running = board.start()
+    commands = gevent.spawn(_command_every, upstream, TOKEN, 0.1)
     try:
-        _update_through(relay, upstream, app, board)
+        wait_until(board.ready.is_set, message="the board logged in through the relay")
+        wait_until(lambda: len(_hardware(board.frames)) >= 3, message="commands reach the board")
+        answer = relay.upload(f"/admin/ota/start?token={TOKEN}", esp8266_image(BUILD_NEW))
+        assert answer.status == 200, answer.text
+        wait_until(
+            lambda: rows(app, "SELECT state FROM rollout_devices") == [("updated",)],
+            timeout=30,
+            message="updated through the relay",
+        )
+        assert board.build == BUILD_NEW and board.logins == 2
+        offered_at = next(at for at, event in enumerate(board.frames) if _is_ota(event))
+        wait_until(lambda: len(_hardware(board.frames[offered_at:])) >= 3,
+                   message="commands reach the board on its new build")  # fmt: skip
+        wait_until(lambda: all(session.count(b"vw\x001\x00") >= 3
+                               for session in upstream.sessions_of(TOKEN)),
+                   message="virtual writes upstream from both builds")  # fmt: skip
     finally:
+        commands.kill()
         board.stop()
         running.join(10)
-
-
-def _update_through(relay, upstream, app, board) -> None:
-    wait_until(board.ready.is_set, message="the board logged in through the relay")
-    upstream.send(TOKEN, encode_frame(Command.HARDWARE, 11, b"vw\x001\x00on"))
-    answer = relay.upload(f"/admin/ota/start?token={TOKEN}", esp8266_image(BUILD_NEW))
-    assert answer.status == 200, answer.text
-    wait_until(
-        lambda: rows(app, "SELECT state FROM rollout_devices") == [("updated",)],
-        timeout=30,
-        message="updated through the relay",
-    )
-    assert board.build == BUILD_NEW and board.logins == 2
     # The upstream saw both logins and both info messages, and never the ota.
     assert [status for token, status in upstream.logins if token == TOKEN] == [200, 200]
-    assert b"ota\x00" not in upstream.bytes_from(TOKEN)
+    sessions = upstream.sessions_of(TOKEN)
+    assert len(sessions) == 2
+    assert BUILD_OLD.encode() in sessions[0] and BUILD_NEW.encode() in sessions[1]
+    assert all(b"ota\x00" not in session for session in sessions)
+    # Every command arrived whole and in order: numbered 1, 2, 3... within each session.
+    for session in (board.frames[:offered_at], board.frames[offered_at:]):
+        numbers = [int(event.body.split(b"\0")[-1]) for event in _hardware(session)]
+        assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+
+
+def _command_every(upstream: BlynkStandIn, token: str, interval: float) -> None:
+    """The upstream's own commands to the board (`vw 2 <n>`), whichever connection is its."""
+    for number in range(1, 10_000):
+        with contextlib.suppress(KeyError, OSError):  # between two connections
+            upstream.send(token, encode_frame(Command.HARDWARE, number, b"vw\x002\x00%d" % number))
+        gevent.sleep(interval)
+
+
+def _hardware(frames: list) -> list:
+    return [event for event in frames if getattr(event, "command", None) == Command.HARDWARE]
+
+
+def _is_ota(event) -> bool:
+    return getattr(event, "words", ())[:1] == ("ota",)
 
 
 def test_a_dead_upstream_closes_every_relayed_device_and_they_come_back(port_server_factory):
