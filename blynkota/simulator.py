@@ -26,11 +26,11 @@ from gevent.pool import Pool
 from .ota.firmware.image import IMAGE_MAGIC, read_build, read_identity
 from .protocol import (
     NEED_DATA,
+    Command,
     FrameReader,
     Internal,
     Response,
     Status,
-    Command,
     encode_frame,
     encode_info,
     encode_login,

@@ -1,4 +1,4 @@
-"""Firmware identity: versions and types from the image and the device, signatures, one row per content
+"""Firmware identity: versions and types from image and device, signatures, one row per content
 
 Revision ID: 0011
 Revises: 0010
