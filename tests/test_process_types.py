@@ -18,8 +18,10 @@ import pytest
 import sqlalchemy
 
 from blynkota import create_app
+from blynkota.protocol import Command, encode_frame
 from blynkota.store import upgrade
 
+from .blynk_standin import BlynkStandIn
 from .devices import RawDevice
 from .images import esp8266_image
 from .servers import ADMIN_EMAIL, ADMIN_PASS, ROOT, clean_env, wait_until, write_properties
@@ -160,10 +162,23 @@ def test_forwarded_headers_count_only_from_trusted_proxies(tmp_path):
 
 
 @pytest.mark.mysql
-def test_device_workers_share_one_port_and_each_is_a_node(mysql_url, tmp_path):
+@pytest.mark.parametrize("relayed", [False, True], ids=["standalone", "relayed"])
+def test_device_workers_share_one_port_and_each_is_a_node(mysql_url, tmp_path, relayed):
+    """Two device workers; relayed, each worker relays its own devices to the
+    Blynk server, which decides their logins (blynkota adopts the tokens)."""
     upgrade(mysql_url)  # the Procfile's release step
     port = free_port()
-    env = properties(tmp_path, mysql_url, **{"http.port": port})
+    fleet = create_app({"db.url": mysql_url, "data.folder": tmp_path / "cli"}).extensions[
+        "blynkota.fleet"
+    ]
+    if relayed:
+        tokens = [f"{number:032x}" for number in range(7_000, 7_030)]
+        upstream = BlynkStandIn(set(tokens)).start()
+        settings = {"http.port": port, "relay.upstream": f"127.0.0.1:{upstream.port}"}
+    else:
+        tokens = [fleet.add_device("me@example.com", "Farm") for _ in range(30)]
+        upstream, settings = None, {"http.port": port}
+    env = properties(tmp_path, mysql_url, **settings)
     log = open(tmp_path / "workers.log", "w")  # noqa: SIM115 (closed with the process)
     process = run(
         [sys.executable, "wsgi.py", "devices", "--workers", "2"], env, stdout=log, stderr=log
@@ -172,30 +187,40 @@ def test_device_workers_share_one_port_and_each_is_a_node(mysql_url, tmp_path):
     devices = []
     try:
         wait_until(lambda: _alive_nodes(engine) == 2, timeout=60, message="two device workers")
-        fleet = create_app({"db.url": mysql_url, "data.folder": tmp_path / "cli"}).extensions[
-            "blynkota.fleet"
-        ]
-        tokens = [fleet.add_device("me@example.com", "Farm") for _ in range(30)]
         for token in tokens:
             device = RawDevice(port)
             device.log_in(token=token)
             devices.append(device)
-        with engine.connect() as connection:
-            held = connection.execute(
-                sqlalchemy.text(
-                    "SELECT n.name, count(d.id) FROM devices d JOIN nodes n ON n.id = d.node_id "
-                    "GROUP BY n.name ORDER BY n.name"
-                )
-            ).all()
+        if relayed:
+            frame = encode_frame(Command.HARDWARE, 3, b"vw\x001\x001")
+            for device in devices:
+                device.send(frame)
+            wait_until(lambda: all(upstream.bytes_from(token).endswith(frame) for token in tokens),
+                       message="every device's virtual write upstream")  # fmt: skip
+        wait_until(lambda: sum(count for _, count in _held(engine)) == 30,
+                   message="every device online, in the database")  # fmt: skip
         host = socket.gethostname()
-        assert [name for name, _ in held] == [f"{host}:{port}/0", f"{host}:{port}/1"]
-        assert sum(count for _, count in held) == 30
+        assert [name for name, _ in _held(engine)] == [f"{host}:{port}/0", f"{host}:{port}/1"]
     finally:
         for device in devices:
             device.close()
         assert stop(process) == 0
+        if upstream is not None:
+            upstream.stop()
     assert _alive_nodes(engine) == 0  # each worker left the fleet on SIGTERM
     engine.dispose()
+    assert "Traceback" not in (tmp_path / "workers.log").read_text()
+
+
+def _held(engine) -> list:
+    """(node name, devices online there), by node."""
+    with engine.connect() as connection:
+        return connection.execute(
+            sqlalchemy.text(
+                "SELECT n.name, count(d.id) FROM devices d JOIN nodes n ON n.id = d.node_id "
+                "GROUP BY n.name ORDER BY n.name"
+            )
+        ).all()
 
 
 def _alive_nodes(engine) -> int:
