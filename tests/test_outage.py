@@ -14,10 +14,19 @@ import pytest
 import sqlalchemy
 
 from blynkota import create_app
-from blynkota.protocol import Response, Status, encode_info, encode_login
+from blynkota.protocol import (
+    Command,
+    Ignored,
+    Response,
+    Status,
+    encode_frame,
+    encode_info,
+    encode_login,
+)
 from blynkota.store import upgrade
 from blynkota.web.ops import READY_DEADLINE
 
+from .blynk_standin import BlynkStandIn
 from .devices import BUILD_OLD, RawDevice
 from .proxy import CuttableProxy
 from .servers import ServerProcess, wait_until
@@ -300,3 +309,50 @@ def test_logins_the_database_cannot_serve_are_counted_and_told_in_one_warning(
         proxy.slow(0)
         server.stop()
         app.extensions["blynkota.db"].dispose()
+
+
+def test_relayed_devices_keep_their_blynk_server_while_the_database_is_away(
+    mysql_url, proxied_url, tmp_path
+):
+    """Relay mode: the upstream decides logins, so a database outage costs the
+    devices their updates only. A device already relayed keeps relaying; one that
+    logs in meanwhile is relayed without updates, and recorded when it comes back."""
+    proxy, url = proxied_url
+    upgrade(mysql_url)
+    engine = sqlalchemy.create_engine(mysql_url)
+    present_token, late_token = "1" * 32, "2" * 32
+    upstream = BlynkStandIn({present_token, late_token}).start()
+    server = ServerProcess(tmp_path, url, **{"relay.upstream": f"127.0.0.1:{upstream.port}"})
+    server.start()
+    try:
+        present = RawDevice(server.http_port)
+        assert present.log_in(token=present_token) == (Response(1, 200), Response(2, 200))
+        wait_until(lambda: online(engine).get(present_token), message="adopted, online")
+
+        proxy.cut()
+        late = RawDevice(server.http_port)
+        assert late.log_in(token=late_token) == (Response(1, 200), Response(2, 200))
+        for number, (device, token) in enumerate(((present, present_token), (late, late_token))):
+            frame = encode_frame(Command.HARDWARE, 10 + number, b"vw\x001\x00%d" % number)
+            device.send(frame)
+            wait_until(lambda t=token, f=frame: upstream.bytes_from(t).endswith(f),
+                       message="a virtual write upstream during the outage")  # fmt: skip
+            upstream.send(token, frame)
+            assert device.event() == Ignored(10 + number, Command.HARDWARE, frame[5:])
+        wait_until(lambda: "relayed without updates: database" in server.log(),
+                   message="the line about the login not recorded")  # fmt: skip
+
+        proxy.restore()
+        wait_until(lambda: "database reachable again" in server.log(), timeout=60,
+                   message="the server to see the database back")  # fmt: skip
+        late.close()
+        again = RawDevice(server.http_port)
+        assert again.log_in(token=late_token) == (Response(1, 200), Response(2, 200))
+        wait_until(lambda: online(engine).get(late_token), message="recorded when it came back")
+        assert "Traceback" not in server.log()
+        present.close()
+        again.close()
+    finally:
+        server.stop()
+        upstream.stop()
+        engine.dispose()

@@ -229,6 +229,20 @@ def test_a_device_that_leaves_closes_its_upstream_connection(socket_relay, upstr
     wait_until(lambda: TOKEN in upstream.ended, timeout=1, message="the upstream side closed")
 
 
+def test_a_relayed_device_over_its_rate_is_closed_both_ways(socket_relay, upstream):
+    """blynkota keeps its own limits in relay mode: past hardware.max.messages.per.sec
+    (100) the device is closed, and so is its upstream connection."""
+    device = RawDevice(socket_relay.http_port)
+    assert device.log_in(TOKEN) == (Response(1, 200), Response(2, 200))
+    frame = encode_frame(Command.HARDWARE, 3, b"vw\x001\x001")
+    device.send(frame * 150)
+    assert device.closed_within(2)
+    wait_until(lambda: TOKEN in upstream.ended, timeout=1, message="the upstream side closed")
+    assert upstream.bytes_from(TOKEN).count(frame) < 150
+    wait_until(lambda: "more than 100 frames in a second" in socket_relay.log(),
+               message="the line saying why")  # fmt: skip
+
+
 def test_relayed_over_tls_to_an_upstream_with_its_own_certificate(port_server_factory, tmp_path):
     ensure_certificate(tmp_path / "cert.pem", tmp_path / "key.pem")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
