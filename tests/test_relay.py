@@ -214,6 +214,43 @@ def test_an_unreachable_upstream_closes_the_device_unanswered(port_server_factor
     assert "Traceback" not in server.log()
 
 
+def test_an_upstream_that_does_not_answer_in_time(port_server_factory):
+    """One that never accepts (its backlog full): closed unanswered after
+    relay.connect.timeout, counted as a timeout. One that accepts and says
+    nothing: closed when the login's time is up. Neither holds the device."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    queued = []
+    with contextlib.suppress(TimeoutError):  # until one is left waiting: the backlog is full
+        for _ in range(3):
+            queued.append(socket.create_connection(full.getsockname(), timeout=0.5))
+    try:
+        cases = (
+            (full, 1, 'blynkota_relay_connect_failures_total{cause="timeout"} 1.0'),
+            (silent, 2, 'blynkota_login_failures_total{reason="no_login"} 1.0'),
+        )
+        for upstream, seconds, counted in cases:
+            server = port_server_factory(**{
+                "relay.upstream": f"127.0.0.1:{upstream.getsockname()[1]}",
+                "relay.connect.timeout": "1",
+                "hard.socket.idle.timeout": "2",
+            })  # fmt: skip
+            device = RawDevice(server.http_port)
+            device.send(encode_login(TOKEN, 1))
+            started = time.monotonic()
+            assert device.event(timeout=10) is None
+            assert seconds - 0.5 < time.monotonic() - started < seconds + 2
+            assert counted in server.admin("GET", "/metrics", auth=None, secure=False).text
+            assert "Traceback" not in server.log()
+    finally:
+        for sock in (silent, full, *queued):
+            sock.close()
+
+
 @pytest.fixture
 def relay_port_free():
     with socket.socket() as sock:

@@ -19,9 +19,9 @@ import gevent
 from gevent import get_hub
 from gevent.event import Event
 
-from .wire import WRITE_TIMEOUT
+from .wire import READ_BYTES, WRITE_TIMEOUT
 
-__all__ = ["OUTPUT_LIMIT", "Outbox", "TlsOutbox"]
+__all__ = ["OUTPUT_LIMIT", "Outbox", "TlsOutbox", "read_tls"]
 
 OUTPUT_LIMIT = 256 * 1024  # bytes queued for one side before reads from the other pause
 
@@ -127,3 +127,24 @@ class TlsOutbox:
 
     def close(self) -> None:
         self.stop()
+
+
+def read_tls(
+    sock: ssl.SSLSocket, received: Callable[[bytes], None], failed: Callable[[str], None]
+) -> gevent.Greenlet:
+    """A TLS connection's reads, in a greenlet: each to `received`, b"" (its end)
+    included; `failed(reason)` when the connection fails."""
+
+    def read_all() -> None:
+        sock.settimeout(None)
+        while True:
+            try:
+                data = sock.recv(READ_BYTES)
+            except (OSError, ssl.SSLError) as error:
+                failed(f"connection failed ({error})")
+                return
+            received(data)
+            if not data:
+                return
+
+    return gevent.spawn(read_all)

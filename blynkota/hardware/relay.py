@@ -9,11 +9,14 @@ reads on the way (the info message, for presence, offers and every rollout
 rule, as in standalone mode) and writes its own `ota` frames between two
 upstream frames. Pings go through: the upstream answers the device's.
 
-A greenlet runs the login; then the event loop relays, with no greenlet:
-an io watcher per socket, a write watcher while a side does not take its
-bytes (its reads from the other side pause past OUTPUT_LIMIT), and the
-device's silence deadline. When either side closes or fails, the other is
-closed at once: nothing stays half-open.
+The greenlet that accepted the connection reads the login; the event loop
+does the rest with no greenlet (in a reconnect storm, thousands of logins
+waiting for the upstream would each hold a stack): the upstream's connect
+and answer (relay_login.LoopLogin), then an io watcher per socket, a write
+watcher while a side does not take its bytes (its reads from the other side
+pause past OUTPUT_LIMIT), and the device's silence deadline. A side that
+speaks TLS is read and written by greenlets (outbox.py). When either side
+closes or fails, the other is closed at once: nothing stays half-open.
 """
 
 import contextlib
@@ -31,19 +34,14 @@ from gevent.event import AsyncResult
 
 from .. import metrics
 from ..logs import DEVICE_TAG
-from ..logsafe import DEVICE_LINES, device_line, printable, token_tag
+from ..logsafe import device_line, printable, token_tag
 from ..ota import DeviceIdentity, DeviceSide, OfferFailed, OnlineDevices
-from ..protocol import (
-    Internal,
-    RemoteProtocolError,
-    Status,
-    info_number,
-)
+from ..protocol import Internal, RemoteProtocolError, Status, info_number
 from ..protocol.relay import RelayStreams
 from ..store import utcnow
-from .outbox import Outbox, TlsOutbox
+from .outbox import Outbox, TlsOutbox, read_tls
 from .presence import go_offline, go_online
-from .relay_login import log_in_upstream
+from .relay_login import LoopLogin, log_in_upstream, read_login
 from .shedding import DATABASE_ERRORS, shed_cause
 from .upstream import Upstream
 from .wire import (
@@ -71,42 +69,17 @@ class RelayedSession:
     """One device relayed to the upstream; a DeviceLink for the offers."""
 
     __slots__ = (
-        "sock",
-        "upstream_sock",
-        "upstream",
-        "streams",
-        "serial",
-        "peer",
-        "address",
-        "devices",
-        "online",
-        "login_timeout",
-        "server_host",
-        "public_port",
-        "token",
-        "tag",
-        "identity",
-        "device_id",
-        "session_id",
-        "since",
-        "presence",
-        "report",
-        "buff_in",
-        "read_timeout",
-        "rate_limit",
-        "_window",
-        "_count",
-        "_info_msg_id",
-        "_ready",
-        "_closed",
-        "_kept",
-        "_ended",
-        "_url_base",
-        "_watchers",
-        "_to_device",
-        "_to_upstream",
-        "_first",
-    )
+        # the two connections, and what waits for each (outbox.py)
+        "sock", "upstream_sock", "upstream", "streams", "_to_device", "_to_upstream", "_watchers",
+        # who the device is, as the offers see it (a DeviceLink)
+        "serial", "peer", "address", "token", "tag", "identity", "device_id", "session_id",
+        "since", "presence", "report", "buff_in", "_url_base", "_info_msg_id", "_ready",
+        # its settings and limits
+        "devices", "online", "login_timeout", "server_host", "public_port", "read_timeout",
+        "rate_limit", "_window", "_count",
+        # its course: the login, the relaying, the end
+        "_first", "_seen_early", "_closed", "_kept", "_ended",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -138,36 +111,36 @@ class RelayedSession:
         self.login_timeout = login_timeout
         self.server_host, self.public_port = server_host, public_port
         self.token, self.tag = "", "-"
-        self.identity: DeviceIdentity | None = None
-        self.device_id: int | None = None
-        self.session_id: int | None = None
+        # Known once logged in: DeviceIdentity, its id, this session's id.
+        self.identity, self.device_id, self.session_id = None, None, None
         self.since = utcnow()
-        self.presence: AsyncResult | None = None
-        self.report: AsyncResult | None = None
+        self.presence, self.report = None, None  # AsyncResults: the login's write, the report's
         self.buff_in = DEFAULT_BUFF_IN
         self.read_timeout = heartbeat_timeout(DEFAULT_HEARTBEAT)
         self.rate_limit, self._window, self._count = max_messages_per_sec, 0.0, 0
         self._info_msg_id = 0  # the device's info message, until the upstream answers it
         self._ready = False  # the upstream answered the info message: `ota` may go
-        self._closed = False
-        self._kept = False  # the loop relays: it owns both sockets, and says when it is over
+        # `_kept`: the loop has the session; it owns both sockets, and says when it is over.
+        self._closed, self._kept = False, False
         self._ended = ended
         self._url_base: str | None = None
         self._watchers: dict[str, object] = {}
         self._to_device: Outbox | None = None  # what waits for each side (outbox.py)
         self._to_upstream: Outbox | TlsOutbox | None = None
+        self._seen_early: list = []  # events after the login, read before it was answered
 
     # --- the login, in a greenlet ----------------------------------------------------
 
     def run(self) -> bool:
-        """Log in through the upstream; True once the loop relays (the session owns
-        the connection from then on)."""
+        """Log in through the upstream; True once the loop has the session (it owns
+        the connections from then on): waiting for the upstream's answer on plain
+        connections, relaying on TLS ones."""
         try:
-            self._log_in()
-            self._relay()
+            if isinstance(self.sock, ssl.SSLSocket) or self.upstream.context is not None:
+                self._log_in_here()
+            else:
+                self._log_in_on_loop()
             self._kept = True
-        except DATABASE_ERRORS as error:
-            self._log(logging.INFO, "closed, database error (%s)", error)
         except SessionClosed as reason:
             level = logging.DEBUG if "cannot be reached" in str(reason) else logging.INFO
             self._log(level, "%s", reason)
@@ -186,27 +159,81 @@ class RelayedSession:
                 self._close()
         return self._kept
 
-    def _log_in(self) -> None:
-        login, self.upstream_sock, seen = log_in_upstream(
+    def _log_in_here(self) -> None:
+        """The whole login in this greenlet (a side speaks TLS: the ssl module may wait)."""
+        login, self.upstream_sock, self._seen_early = log_in_upstream(
             self.sock, self.streams, self.upstream, self.login_timeout, self._first
         )
         self._first = b""
-        self.tag = token_tag(login.token)
-        try:
-            identity = self.devices.adopt(login.token)
-        except DATABASE_ERRORS as error:
-            # The device keeps its Blynk server: relayed, without its updates
-            # until it logs in again with the database back.
-            metrics.SESSIONS_SHED.labels(shed_cause(error)).inc()
-            self._log(logging.INFO, "relayed without updates: database error (%s)", error)
+        self.token, self.tag = login.token, token_tag(login.token)
+        self.login_answered(Status.OK)
+
+    # --- the login, on the event loop (plain connections) -------------------------------
+
+    def _log_in_on_loop(self) -> None:
+        """Read the login here; the event loop does the rest (relay_login.LoopLogin)."""
+        deadline = time.monotonic() + self.login_timeout
+        login, login_bytes, self._seen_early = read_login(
+            self.sock, self.streams, deadline, self._first
+        )
+        self._first = b""
+        self.token, self.tag = login.token, token_tag(login.token)
+        exchange = LoopLogin(self, login, login_bytes, deadline)
+        self.upstream_sock = exchange.sock
+        self._watchers["login"] = exchange
+
+    def to_device(self, data: bytes) -> None:
+        """The upstream's bytes to the device while the login is answered."""
+        if self._to_device is None:
+            self.sock.setblocking(False)
+            self._to_device = Outbox(self.sock, self._device_failed, self._drained)
+        self._to_device.send(data)
+
+    def login_answered(self, status: int) -> None:
+        """The upstream answered the login: 200 relays once the device is known
+        here (adopted if new); anything else has gone to the device, and ends."""
+        self._watchers.pop("login", None)  # it has closed its watchers
+        if status != Status.OK:
+            self._end(f"closed, the upstream refused the login (status {status})")
             return
-        self._accept(identity)
+        found = self.devices.find_device_later(self.token)
+        found.rawlink(self._found)
+
+    def _found(self, found: AsyncResult) -> None:
+        if self._closed:
+            return
+        if found.successful() and found.value is None:  # new here: its row is written
+            gevent.spawn(self.devices.adopt, self.token).rawlink(self._found)
+            return
+        if found.successful():
+            self._accept(found.value)
+        else:
+            self._unrecorded(found.exception)
+        self._relay()
+        seen, self._seen_early = self._seen_early, []
         for event in seen:
             self._seen(event)
 
+    def login_failed(self, error: BaseException) -> None:
+        self._watchers.pop("login", None)
+        if isinstance(error, TimeoutError):
+            metrics.LOGIN_FAILURES.labels("no_login").inc()
+            self._end("closed, no login answered in time")
+        else:
+            self._end(str(error), quiet="cannot be reached" in str(error))
+
+    def _unrecorded(self, error: BaseException) -> None:
+        """The device keeps its Blynk server: relayed, without its updates until
+        it logs in again with the database back."""
+        if not isinstance(error, DATABASE_ERRORS):
+            log.error("device %s %s: relayed without updates after an internal error",
+                      self.tag, self.peer, exc_info=error)  # fmt: skip
+            return
+        metrics.SESSIONS_SHED.labels(shed_cause(error)).inc()
+        self._log(logging.INFO, "relayed without updates: database error (%s)", error)
+
     def _accept(self, identity: DeviceIdentity) -> None:
         self.identity, self.token, self.device_id = identity, identity.token, identity.id
-        self.tag = token_tag(identity.token)
         DEVICE_TAG.set(self.tag)
         go_online(self, identity)
         metrics.LOGINS.inc()
@@ -222,18 +249,17 @@ class RelayedSession:
         watch = self._watchers
         self._arm_deadline()
         if isinstance(self.sock, ssl.SSLSocket):
-            self.sock.settimeout(None)
-            watch["device reader"] = gevent.spawn(self._read_tls, self.sock, self._from_device)
+            watch["device reader"] = read_tls(self.sock, self._from_device, self._device_failed)
             self._to_device = TlsOutbox(self.sock, self._device_failed, self._drained)
         else:
             self.sock.setblocking(False)
             watch["device"] = loop.io(self.sock.fileno(), 1)
             watch["device"].start(self._device_readable)
-            self._to_device = Outbox(self.sock, self._device_failed, self._drained)
+            if self._to_device is None:  # made for the login's answer, on the loop
+                self._to_device = Outbox(self.sock, self._device_failed, self._drained)
         if isinstance(self.upstream_sock, ssl.SSLSocket):
-            self.upstream_sock.settimeout(None)
-            watch["upstream reader"] = gevent.spawn(
-                self._read_tls, self.upstream_sock, self._from_upstream
+            watch["upstream reader"] = read_tls(
+                self.upstream_sock, self._from_upstream, self._upstream_failed
             )
             self._to_upstream = TlsOutbox(self.upstream_sock, self._upstream_failed, self._drained)
         else:
@@ -295,19 +321,6 @@ class RelayedSession:
             return
         self._from_upstream(data)
 
-    def _read_tls(self, sock: ssl.SSLSocket, received: Callable[[bytes], None]) -> None:
-        """A TLS side's reads, in a greenlet: b"" (its end) included."""
-        while not self._closed:
-            try:
-                data = sock.recv(READ_BYTES)
-            except (OSError, ssl.SSLError) as error:
-                side = "device's" if sock is self.sock else "upstream"
-                self._end(f"the {side} connection failed ({error})")
-                return
-            received(data)
-            if not data:
-                return
-
     def _from_upstream(self, data: bytes) -> None:
         if self._closed:
             return
@@ -365,17 +378,12 @@ class RelayedSession:
         if not report.successful():
             self._log(logging.INFO, "info message not recorded (%s)", report.exception)
             return
-        if DEVICE_LINES.take(self.tag):
-            log.info(
-                "device %s (id %d) %s: logged in through the upstream, build %r, dev %r%s",
-                self.tag, self.device_id, self.peer, build, hardware,
-                ", update due" if report.value[1] else "",
-                extra={"device": self.tag},
-            )  # fmt: skip
+        due = ", update due" if report.value[1] else ""
+        self._log(logging.INFO, "logged in (id %d), build %r, dev %r%s",
+                  self.device_id, build, hardware, due)  # fmt: skip
 
     def _over_rate(self, frames: int) -> bool:
-        now = time.monotonic()
-        if now - self._window >= 1.0:
+        if (now := time.monotonic()) - self._window >= 1.0:
             self._window, self._count = now, 0
         self._count += frames
         return self._count > self.rate_limit
@@ -459,11 +467,10 @@ class RelayedSession:
         """Stop relaying and close both connections; the watchers are closed by `_close`."""
         self._closed = True
         for watcher in self._watchers.values():
-            if isinstance(watcher, gevent.Greenlet):
-                if watcher is not gevent.getcurrent():
-                    watcher.kill(block=False)
-            else:
+            if not isinstance(watcher, gevent.Greenlet):
                 watcher.stop()
+            elif watcher is not gevent.getcurrent():
+                watcher.kill(block=False)
         for outbox in (self._to_device, self._to_upstream):
             if outbox is not None:
                 outbox.stop()

@@ -7,7 +7,9 @@ and told in one line per UNREACHABLE_EVERY, however many devices met them.
 """
 
 import contextlib
+import errno
 import logging
+import os
 import socket
 import ssl
 import time
@@ -22,6 +24,7 @@ __all__ = ["UNREACHABLE", "Upstream"]
 
 log = logging.getLogger(__name__)
 
+RESOLVE_EVERY = 60.0  # seconds an upstream's name stays resolved
 UNREACHABLE_EVERY = 10.0  # seconds between two lines about an upstream that cannot be reached
 
 
@@ -46,6 +49,8 @@ class Upstream:
         self.host, self.port, self.connect_timeout = host, port, connect_timeout
         self.ssl_setting = ssl_setting
         self.context = None if ssl_setting == "false" else _client_context(ssl_setting)
+        self._address: tuple[int, tuple] | None = None  # (family, address), from `_resolved`
+        self._resolved_at = 0.0
         self.reachable: bool | None = None  # the last connection's outcome: /readyz, dashboard
         self.last_error = ""
 
@@ -73,18 +78,72 @@ class Upstream:
         except (OSError, ssl.SSLError) as error:
             if sock is not None:
                 sock.close()
-            cause = _cause(error)
-            self.reachable, self.last_error = False, f"{cause} ({error})"
-            metrics.RELAY_CONNECT_FAILURES.labels(cause).inc()
-            UNREACHABLE.add(cause)
-            raise SessionClosed(
-                f"closed unanswered, the upstream cannot be reached ({error})"
-            ) from None
+            raise self.unreachable(error) from None
+        self.connected(sock, started)
+        return sock
+
+    def begin_connect(self) -> socket.socket:
+        """A plain connection under way, without waiting: the event loop waits
+        for it to be writable, then reads its outcome (`outcome`). The name is
+        resolved here (cooperatively); raises SessionClosed if it cannot be."""
+        try:
+            family, address = self._resolved()
+        except OSError as error:
+            raise self.unreachable(error) from None
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        code = sock.connect_ex(address)
+        if code not in (0, errno.EINPROGRESS):
+            sock.close()
+            raise self.unreachable(OSError(code, os.strerror(code)))
+        return sock
+
+    def _resolved(self) -> tuple[int, tuple]:
+        """The upstream's address: an IP address as it is, a name resolved at most
+        once per RESOLVE_EVERY (in a reconnect storm, thousands of logins would
+        otherwise queue for the resolver's threads)."""
+        now = time.monotonic()
+        if self._address is None or now - self._resolved_at >= RESOLVE_EVERY:
+            family, _, _, _, address = gsocket.getaddrinfo(
+                self.host, self.port, 0, socket.SOCK_STREAM
+            )[0]
+            self._address, self._resolved_at = (family, address), now
+            if _is_address(self.host):
+                self._resolved_at = float("inf")  # never again
+        return self._address
+
+    @staticmethod
+    def outcome(sock: socket.socket) -> OSError | None:
+        """The error of a connection begun by `begin_connect`, once writable."""
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code == 0:
+            return None
+        error_type = ConnectionRefusedError if code == errno.ECONNREFUSED else OSError
+        return error_type(code, os.strerror(code))
+
+    def connected(self, sock: socket.socket, started: float) -> None:
+        """A connection made: counted, and its small frames sent at once."""
         self.reachable, self.last_error = True, ""
         metrics.RELAY_CONNECT_SECONDS.observe(time.monotonic() - started)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+
+    def unreachable(self, error: BaseException) -> SessionClosed:
+        """A connection that failed: counted by cause, told once per interval;
+        what the device's session ends with."""
+        cause = _cause(error)
+        self.reachable, self.last_error = False, f"{cause} ({error})"
+        metrics.RELAY_CONNECT_FAILURES.labels(cause).inc()
+        UNREACHABLE.add(cause)
+        return SessionClosed(f"closed unanswered, the upstream cannot be reached ({error})")
+
+
+def _is_address(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            socket.inet_pton(family, host)
+            return True
+    return False
 
 
 def _client_context(setting: str) -> ssl.SSLContext:
