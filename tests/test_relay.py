@@ -251,6 +251,21 @@ def test_an_upstream_that_does_not_answer_in_time(port_server_factory):
             sock.close()
 
 
+def test_a_silent_relayed_device_is_closed_after_its_heartbeat_span(socket_relay, upstream):
+    """h-beat 1: closed after ceil(1 × 2.3) = 3 s of silence, counted from its
+    last frame (a ping at 2 s moves the deadline to 5 s), and its upstream too."""
+    device = RawDevice(socket_relay.http_port)
+    started = time.monotonic()
+    assert device.log_in(TOKEN, **{"h-beat": "1"}) == (Response(1, 200), Response(2, 200))
+    time.sleep(2)
+    device.send(encode_frame(Command.PING, 3))
+    assert device.event() == Response(3, 200)
+    assert device.closed_within(5)
+    assert 4.5 < time.monotonic() - started < 6.5
+    wait_until(lambda: TOKEN in upstream.ended, timeout=1, message="the upstream side closed")
+    wait_until(lambda: "silent too long" in socket_relay.log(), message="the line saying why")
+
+
 @pytest.fixture
 def relay_port_free():
     with socket.socket() as sock:

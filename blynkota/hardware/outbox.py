@@ -27,7 +27,7 @@ OUTPUT_LIMIT = 256 * 1024  # bytes queued for one side before reads from the oth
 
 
 class Outbox:
-    __slots__ = ("sock", "pending", "_watcher", "_failed", "_drained")
+    __slots__ = ("sock", "fd", "pending", "_watcher", "_failed", "_drained")
 
     def __init__(
         self,
@@ -36,9 +36,9 @@ class Outbox:
         drained: Callable[[], None],
     ) -> None:
         """`failed(reason)` when the connection fails; `drained()` when what waited is sent."""
-        self.sock = sock
+        self.sock, self.fd = sock, sock.fileno()  # the number: read on every frame
         self.pending = bytearray()
-        self._watcher = get_hub().loop.io(sock.fileno(), 2)  # 2: writable
+        self._watcher = None  # made the first time the kernel does not take it all
         self._failed, self._drained = failed, drained
 
     @property
@@ -53,12 +53,14 @@ class Outbox:
         taken = self._write(data)
         if taken is not None and taken < len(data):
             self.pending += data[taken:]
+            if self._watcher is None:  # most connections never need one: memory
+                self._watcher = get_hub().loop.io(self.fd, 2)  # 2: writable
             self._watcher.start(self._writable)
 
     def _write(self, data: bytes) -> int | None:
         """Bytes the kernel took; None if the connection failed."""
         try:
-            return os.write(self.sock.fileno(), data)
+            return os.write(self.fd, data)
         except BlockingIOError:
             return 0
         except OSError as error:
@@ -75,10 +77,12 @@ class Outbox:
             self._drained()
 
     def stop(self) -> None:
-        self._watcher.stop()
+        if self._watcher is not None:
+            self._watcher.stop()
 
     def close(self) -> None:
-        self._watcher.close()
+        if self._watcher is not None:
+            self._watcher.close()
 
 
 class TlsOutbox:

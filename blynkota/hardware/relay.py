@@ -1,22 +1,20 @@
 """Relay mode: each device's session passed through to the Blynk server it belongs to.
 
 With `relay.upstream` set, blynkota stands in front of the operator's Blynk
-server. A device's login opens a connection to it and goes there as it
-came; the upstream's answer decides (200: a relayed session; anything else
-goes back to the device, and both sides close). From then on every frame
-passes through unchanged, both ways (protocol/relay.py); blynkota only
-reads on the way (the info message, for presence, offers and every rollout
-rule, as in standalone mode) and writes its own `ota` frames between two
+server. A device's login goes there as it came, and the upstream's answer
+decides (200: a relayed session; anything else goes back to the device, and
+both sides close). Then every frame passes through unchanged, both ways
+(protocol/relay.py): blynkota reads on the way (the info message, for presence,
+offers and every rollout rule) and writes its own `ota` frames between two
 upstream frames. Pings go through: the upstream answers the device's.
 
-The greenlet that accepted the connection reads the login; the event loop
-does the rest with no greenlet (in a reconnect storm, thousands of logins
-waiting for the upstream would each hold a stack): the upstream's connect
-and answer (relay_login.LoopLogin), then an io watcher per socket, a write
-watcher while a side does not take its bytes (its reads from the other side
-pause past OUTPUT_LIMIT), and the device's silence deadline. A side that
-speaks TLS is read and written by greenlets (outbox.py). When either side
-closes or fails, the other is closed at once: nothing stays half-open.
+The greenlet that accepted the connection reads the login; the event loop does
+the rest with no greenlet (thousands of logins waiting for the upstream in a
+storm would each hold a stack): the upstream's connect and answer
+(relay_login.LoopLogin), an io watcher per socket, a write watcher while a side
+does not take its bytes (past OUTPUT_LIMIT the other side is not read), the
+silence deadline. A side that speaks TLS is read and written by greenlets
+(outbox.py). When either side closes or fails, the other is closed at once.
 """
 
 import contextlib
@@ -33,13 +31,12 @@ from gevent import get_hub
 from gevent.event import AsyncResult
 
 from .. import metrics
-from ..logs import DEVICE_TAG
 from ..logsafe import device_line, printable, token_tag
 from ..ota import DeviceIdentity, DeviceSide, OfferFailed, OnlineDevices
 from ..protocol import Internal, RemoteProtocolError, Status, info_number
 from ..protocol.relay import RelayStreams
 from ..store import utcnow
-from .outbox import Outbox, TlsOutbox, read_tls
+from .outbox import OUTPUT_LIMIT, Outbox, TlsOutbox, read_tls
 from .presence import go_offline, go_online
 from .relay_login import LoopLogin, log_in_upstream, read_login
 from .shedding import DATABASE_ERRORS, shed_cause
@@ -53,6 +50,8 @@ from .wire import (
     SessionClosed,
     heartbeat_timeout,
     ota_frame,
+    over_rate,
+    over_rate_reason,
     rearmed,
     url_base,
 )
@@ -78,7 +77,7 @@ class RelayedSession:
         "devices", "online", "login_timeout", "server_host", "public_port", "read_timeout",
         "rate_limit", "_window", "_count",
         # its course: the login, the relaying, the end
-        "_first", "_seen_early", "_closed", "_kept", "_ended",
+        "_first", "_seen_early", "_closed", "_kept", "_ended", "_heard",
     )  # fmt: skip
 
     def __init__(
@@ -218,9 +217,8 @@ class RelayedSession:
         self._watchers.pop("login", None)
         if isinstance(error, TimeoutError):
             metrics.LOGIN_FAILURES.labels("no_login").inc()
-            self._end("closed, no login answered in time")
-        else:
-            self._end(str(error), quiet="cannot be reached" in str(error))
+            error = SessionClosed("closed, no login answered in time")
+        self._end(str(error), quiet="cannot be reached" in str(error))
 
     def _unrecorded(self, error: BaseException) -> None:
         """The device keeps its Blynk server: relayed, without its updates until
@@ -234,7 +232,6 @@ class RelayedSession:
 
     def _accept(self, identity: DeviceIdentity) -> None:
         self.identity, self.token, self.device_id = identity, identity.token, identity.id
-        DEVICE_TAG.set(self.tag)
         go_online(self, identity)
         metrics.LOGINS.inc()
         metrics.RELAYED_SESSIONS.inc()
@@ -274,7 +271,7 @@ class RelayedSession:
         if self._closed:
             return
         try:
-            data = os.read(self.sock.fileno(), READ_BYTES)
+            data = os.read(self._to_device.fd, READ_BYTES)
         except BlockingIOError:
             return
         except OSError as error:
@@ -295,17 +292,14 @@ class RelayedSession:
             self._end(f"closed, {error}")
             return
         frames = self.streams.device_frames - before
-        if frames and self._over_rate(frames):
-            self._end(
-                f"closed, more than {self.rate_limit} frames in a second "
-                "(hardware.max.messages.per.sec)"
-            )
+        if frames and over_rate(self, frames):
+            self._end(str(over_rate_reason(self.rate_limit)))
             return
         if out:
             metrics.RELAY_FRAMES_FROM_DEVICES.inc(frames)
             metrics.RELAY_BYTES_FROM_DEVICES.inc(len(out))
             self._send(self._to_upstream, "device", out)
-            self._arm_deadline()
+            self._heard = time.monotonic()
         for event in seen:
             self._seen(event)
 
@@ -313,7 +307,7 @@ class RelayedSession:
         if self._closed:
             return
         try:
-            data = os.read(self.upstream_sock.fileno(), READ_BYTES)
+            data = os.read(self._to_upstream.fd, READ_BYTES)
         except BlockingIOError:
             return
         except OSError as error:
@@ -382,26 +376,31 @@ class RelayedSession:
         self._log(logging.INFO, "logged in (id %d), build %r, dev %r%s",
                   self.device_id, build, hardware, due)  # fmt: skip
 
-    def _over_rate(self, frames: int) -> bool:
-        if (now := time.monotonic()) - self._window >= 1.0:
-            self._window, self._count = now, 0
-        self._count += frames
-        return self._count > self.rate_limit
-
-    def _arm_deadline(self) -> None:
+    def _arm_deadline(self, seconds: float | None = None) -> None:
+        """The device's silence deadline: read_timeout from now, or `seconds` from
+        now. A frame only notes its time (`_heard`): a timer re-armed per frame costs more."""
         if not self._closed:
+            if seconds is None:  # the relaying's start, a new h-beat
+                self._heard, seconds = time.monotonic(), self.read_timeout
             deadline = self._watchers.get("deadline")
-            self._watchers["deadline"] = rearmed(deadline, self.read_timeout, self._silent_too_long)
+            self._watchers["deadline"] = rearmed(deadline, seconds, self._deadline_due)
 
-    def _silent_too_long(self) -> None:
-        self._end("closed, silent too long")
+    def _deadline_due(self) -> None:
+        left = self.read_timeout - (time.monotonic() - self._heard)
+        if left <= 0.001:
+            self._end("closed, silent too long")
+            return
+        spent = self._watchers.pop("deadline")  # closed outside its own callback
+        spent.stop()
+        get_hub().loop.run_callback(spent.close)
+        self._arm_deadline(left)  # heard since: the rest of the span from that frame
 
     # --- writing without waiting (outbox.py) --------------------------------------------
 
     def _send(self, outbox: Outbox | TlsOutbox, source: str, data: bytes) -> None:
         """To `outbox`'s side; past its limit the `source` side is not read until it drains."""
         outbox.send(data)
-        if outbox.full:
+        if len(outbox.pending) > OUTPUT_LIMIT:  # outbox.full, on the hot path
             watcher = self._watchers.get(source)
             if watcher is not None:
                 watcher.stop()

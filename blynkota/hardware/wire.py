@@ -77,6 +77,22 @@ def ota_frame(url: str, buff_in: int) -> bytes:
         raise FrameTooLarge(str(error)) from None
 
 
+def over_rate(holder, frames: int) -> bool:
+    """Count `frames` against the rate of `holder` (a Wire, a relayed session: its
+    rate_limit, _window and _count slots); True past rate_limit in this second."""
+    now = time.monotonic()
+    if now - holder._window >= 1.0:
+        holder._window, holder._count = now, 0
+    holder._count += frames
+    return holder._count > holder.rate_limit
+
+
+def over_rate_reason(rate_limit: int) -> "SessionClosed":
+    return SessionClosed(
+        f"closed, more than {rate_limit} frames in a second (hardware.max.messages.per.sec)"
+    )
+
+
 class SessionClosed(Exception):
     """Ends the session quietly; the message is the one log line."""
 
@@ -107,16 +123,8 @@ class Wire:
     def take_event(self):
         """The next whole frame in the buffer, or NEED_DATA; counted against the rate."""
         event = self.reader.next_event()
-        if event is not NEED_DATA:
-            now = time.monotonic()
-            if now - self._window >= 1.0:
-                self._window, self._count = now, 0
-            self._count += 1
-            if self._count > self.rate_limit:
-                raise SessionClosed(
-                    f"closed, more than {self.rate_limit} frames in a second "
-                    "(hardware.max.messages.per.sec)"
-                )
+        if event is not NEED_DATA and over_rate(self, 1):
+            raise over_rate_reason(self.rate_limit)
         return event
 
     def next_event(self, timeout: float):
