@@ -57,6 +57,7 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
         max_attempts=settings.ota_max_attempts,
         backoff=settings.ota_retry_backoff,
         attempt_timeout=settings.ota_attempt_timeout,
+        offer_timeout=settings.ota_offer_timeout,
     )
     fleet_policy = FleetPolicy(
         max_concurrent=settings.ota_max_concurrent,

@@ -57,6 +57,7 @@ DEFAULTS: dict[str, str] = {
     "ota.max.attempts": "3",
     "ota.retry.backoff": "60",
     "ota.attempt.timeout": "900",
+    "ota.offer.timeout": "120",
     "ota.sweep.interval": "5",
     "ota.push.online": "false",
     "ota.max.concurrent": "50",
@@ -163,6 +164,7 @@ class Settings:
     ota_max_attempts: int
     ota_retry_backoff: float
     ota_attempt_timeout: float
+    ota_offer_timeout: float
     ota_sweep_interval: float
     ota_push_online: bool
     ota_max_concurrent: int
@@ -373,6 +375,7 @@ def load_settings(
         ota_max_attempts=_integer(values, "ota.max.attempts", 1, 100),
         ota_retry_backoff=_number(values, "ota.retry.backoff", 0, 7 * 86400),
         ota_attempt_timeout=_number(values, "ota.attempt.timeout", 0.1, 7 * 86400),
+        ota_offer_timeout=_number(values, "ota.offer.timeout", 0.1, 7 * 86400),
         ota_sweep_interval=_number(values, "ota.sweep.interval", 0.05, 3600),
         ota_push_online=_boolean(values, "ota.push.online"),
         ota_max_concurrent=_integer(values, "ota.max.concurrent", 1, 1_000_000),

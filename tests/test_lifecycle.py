@@ -1,6 +1,7 @@
 """Rollouts that finish: every row of the per-device state table, each failure reason,
 the loop breaker, the history, and restarts in the middle (issue: per-device lifecycle)."""
 
+import dataclasses
 import re
 import time
 
@@ -349,3 +350,61 @@ def test_a_transition_not_in_the_table_raises(app, fleet):
     assert (DeviceState.FAILED, DeviceState.OFFERED) not in TRANSITIONS
     assert (DeviceState.UPDATED, DeviceState.OFFERED) not in TRANSITIONS
     assert (DeviceState.INCOMPATIBLE, DeviceState.OFFERED) not in TRANSITIONS
+
+
+def test_an_offer_nobody_downloads_expires_after_the_offer_timeout(server_factory, fleet, app):
+    """ota.offer.timeout (here 0.5 s), well before ota.attempt.timeout (60 s): a
+    board that took the command and never asked for the file frees its slot."""
+    server = server_factory(**{**FAST, "ota.offer.timeout": 0.5, "ota.max.attempts": 2})
+    token = fleet.add_device("me@example.com", "Farm")
+    server.upload("/admin/ota/start", esp8266_image(BUILD_NEW))
+    device = start_device(server, token, BUILD_OLD, fail="refuse")
+    try:
+        wait_until(lambda: device_state(app, token).get("state") == DeviceState.FAILED,
+                   timeout=30)  # fmt: skip
+    finally:
+        device.stop()
+    assert len(device.ota_urls) == 2
+    reasons = [detail for _, to, detail in story(app, token) if to in ("pending", "failed")]
+    never = "offered, never downloaded within ota.offer.timeout (0.5 s)"
+    assert reasons[1].startswith(f"{never}; next attempt after ")
+    assert reasons[2] == f"{never}; all 2 attempt(s) used"
+
+
+def test_a_device_holding_another_rollouts_offer_does_not_hold_a_wave(app, fleet):
+    """Rollout 1 (replaced) still has its offer out to the third board; rollout 2's
+    first wave is the three boards, two of them updated. The third is not this
+    wave's to wait for: the wave is judged on two, and opens."""
+    for number in range(3):
+        fleet.add_device("me@example.com", "Farm", token=f"{number}" * 32)
+    guards = app.extensions["blynkota"].clock.guards
+    with app.extensions["blynkota.db"].begin() as session:
+        devices = [row[0] for row in session.execute(sqlalchemy.text("SELECT id FROM devices"))]
+        firmware = Firmware(name="f", original_name="f.bin", size=1, md5="x", sha256="y",
+                            uploaded_by="a")  # fmt: skip
+        session.add(firmware)
+        session.flush()
+        replaced = Rollout(scope="all", firmware_id=firmware.id, started_by="a",
+                           state="superseded")  # fmt: skip
+        current = Rollout(scope="all", firmware_id=firmware.id, started_by="a",
+                          waves="50,100", percent=50)  # fmt: skip
+        session.add_all([replaced, current])
+        session.flush()
+        now = utcnow()
+        held = start_tracking(session, rollout_id=replaced.id, device_id=devices[2],
+                              state=DeviceState.PENDING, at=now)  # fmt: skip
+        move(session, held, DeviceState.OFFERED, now, attempts=1)
+        for device_id, state in zip(devices, ("updated", "updated", "pending"), strict=True):
+            row = start_tracking(session, rollout_id=current.id, device_id=device_id,
+                                 state=DeviceState.PENDING, at=now, cohort_bucket=10)  # fmt: skip
+            if state == "updated":
+                move(session, row, DeviceState.OFFERED, now, attempts=1)
+                offered = dataclasses.replace(row, state=DeviceState.OFFERED, attempts=1)
+                move(session, offered, DeviceState.UPDATED, now)
+        share, why = guards.next_wave(session, current)
+        assert (share, why) == (100, "wave reached 100% updated of 2 finished (needs 100%)")
+        # Once it is free (its offer failed, back to pending here), it is the wave's again.
+        session.execute(sqlalchemy.text("UPDATE rollout_devices SET state = 'failed' "
+                                        "WHERE rollout_id = :r"), {"r": replaced.id})  # fmt: skip
+        share, why = guards.next_wave(session, current)
+        assert share is None and "2 of 3 device(s) finished" in why

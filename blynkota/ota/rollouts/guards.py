@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, bindparam, case, func, or_, select, true
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, bindparam, case, exists, func, or_, select, true
+from sqlalchemy.orm import Session, aliased
 
 from ...store import DeviceState, HotQuery, Rollout, RolloutDevice, RolloutState, utcnow
 from .candidates import target_of
@@ -231,12 +231,23 @@ class RolloutGuards:
 
     @staticmethod
     def _taking_the_update(session: Session, rollout_id: int, buckets: range) -> int:
-        """Devices of these buckets in the rollout that were not already on its build."""
+        """Devices of these buckets in the rollout that were not already on its build.
+
+        A device still pending here while it holds another rollout's offer is
+        not this wave's: that attempt, not this rollout, decides when it is
+        free, and the wave does not wait for it."""
+        rd, other = RolloutDevice, aliased(RolloutDevice)
+        held_elsewhere = exists().where(
+            other.device_id == rd.device_id,
+            other.rollout_id != rd.rollout_id,
+            other.state.in_(DeviceState.IN_FLIGHT),
+        )
         return session.scalar(
-            select(func.count(RolloutDevice.id)).where(
-                RolloutDevice.rollout_id == rollout_id,
-                RolloutDevice.already_current.is_(False),
-                RolloutDevice.cohort_bucket >= buckets.start,
-                RolloutDevice.cohort_bucket < buckets.stop,
+            select(func.count(rd.id)).where(
+                rd.rollout_id == rollout_id,
+                rd.already_current.is_(False),
+                rd.cohort_bucket >= buckets.start,
+                rd.cohort_bucket < buckets.stop,
+                ~and_(rd.state == DeviceState.PENDING, held_elsewhere),
             )
         )

@@ -24,7 +24,7 @@ taken again on the row as it is now.
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import and_, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from ...store import DeviceState, Firmware, Node, Rollout, RolloutDevice, RolloutState
@@ -51,6 +51,7 @@ class RetryPolicy:
     max_attempts: int = 3
     backoff: float = 60.0  # seconds before the 2nd attempt; doubles after each failure
     attempt_timeout: float = 900.0  # seconds from an offer to the login with the target
+    offer_timeout: float = 120.0  # seconds from an offer to the first request for its file
 
     def next_attempt_at(self, attempts_used: int, now: datetime) -> datetime:
         return now + timedelta(seconds=self.backoff * 2 ** max(0, attempts_used - 1))
@@ -396,23 +397,40 @@ class UpdateLifecycle:
 
     def time_out_attempts(self, session: Session, now: datetime) -> int:
         """Fail the attempts whose device did not come back updated in time
-        (the rollout's own attemptTimeout, or ota.attempt.timeout)."""
+        (the rollout's own attemptTimeout, or ota.attempt.timeout), and the
+        offers nobody downloaded within ota.offer.timeout: a board that took
+        the command and never asked for the file holds a download slot (and
+        its place in a wave) no longer than that."""
         # Attempts in flight may belong to a stopped rollout too: the shortest
         # timeout of any rollout bounds the rows read, each is judged on its own.
         shortest = session.scalar(select(func.min(Rollout.attempt_timeout)))
         default = self.policy.attempt_timeout
+        offer_limit = now - timedelta(seconds=self.policy.offer_timeout)
         rows = load_tracks(
             session,
             Rollout.id == RolloutDevice.rollout_id,
             RolloutDevice.state.in_(DeviceState.IN_FLIGHT),
-            RolloutDevice.offered_at < now - timedelta(seconds=min(default, shortest or default)),
+            or_(
+                RolloutDevice.offered_at
+                < now - timedelta(seconds=min(default, shortest or default)),
+                and_(
+                    RolloutDevice.state == DeviceState.OFFERED,
+                    RolloutDevice.offered_at < offer_limit,
+                ),
+            ),
             extra=(Rollout.state, Rollout.attempt_timeout, RolloutDevice.offered_at),
         )
-        return sum(
-            self.fail_attempt(session, track, rollout_state, "timed out", now)
-            for track, rollout_state, timeout, offered_at in rows
-            if offered_at < now - timedelta(seconds=self.policy.timeout_for(timeout))
-        )
+        failed = 0
+        for track, rollout_state, timeout, offered_at in rows:
+            if offered_at < now - timedelta(seconds=self.policy.timeout_for(timeout)):
+                reason = "timed out"
+            elif track.state == DeviceState.OFFERED and offered_at < offer_limit:
+                reason = (f"offered, never downloaded within ota.offer.timeout "
+                          f"({self.policy.offer_timeout:g} s)")  # fmt: skip
+            else:
+                continue
+            failed += self.fail_attempt(session, track, rollout_state, reason, now)
+        return failed
 
     @staticmethod
     def end_rollout(
