@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy
 
 from blynkota.ota import TRANSITIONS, IllegalDeviceTransition
+from blynkota.ota.rollouts.cohorts import bucket
 from blynkota.ota.rollouts.device_states import move, start_tracking
 from blynkota.simulator import SimulatedDevice
 from blynkota.status_text import render
@@ -408,3 +409,37 @@ def test_a_device_holding_another_rollouts_offer_does_not_hold_a_wave(app, fleet
                                         "WHERE rollout_id = :r"), {"r": replaced.id})  # fmt: skip
         share, why = guards.next_wave(session, current)
         assert share is None and "2 of 3 device(s) finished" in why
+
+
+def test_a_stuck_board_does_not_stall_the_next_rollouts_wave(server_factory, fleet, app):
+    """The issue's case, with boards: one takes rollout 1's offer and never
+    downloads; rollout 2 (waves 99,100) replaces rollout 1. Its first wave is
+    judged on the two boards that update, not on the stuck one, whose offer
+    (60 s) is still out when the second wave opens."""
+    server = server_factory(**{**FAST, "ota.offer.timeout": 60})
+    good = [fleet.add_device("me@example.com", "Farm") for _ in range(2)]
+    stuck = fleet.add_device("me@example.com", "Farm")
+    assert server.upload("/admin/ota/start?now=true", esp8266_image(BUILD_NEW)).status == 200
+    boards = [start_device(server, token, BUILD_OLD) for token in good]
+    boards.append(start_device(server, stuck, BUILD_OLD, fail="refuse"))
+    try:
+        wait_until(lambda: boards[2].ota_urls and all(b.build == BUILD_NEW for b in boards[:2]),
+                   timeout=30, message="rollout 1: two updated, one offered")  # fmt: skip
+        later = "Dec 31 2018 23:59:59"
+        answer = server.upload("/admin/ota/start?now=true&waves=99,100", esp8266_image(later))
+        assert answer.status == 200, answer.text
+        (second,) = query(app, "SELECT id, cohort_seed FROM rollouts WHERE state = 'active'")
+        if bucket(second["cohort_seed"], stuck) >= 99:
+            pytest.skip("the stuck board hashed outside the first wave (1 time in 100)")
+        wait_until(lambda: query(app, "SELECT percent FROM rollouts WHERE id = :r",
+                                 r=second["id"]) == [{"percent": 100}],
+                   timeout=30, message="the second wave opened")  # fmt: skip
+        assert device_state(app, stuck)["state"] == DeviceState.PENDING  # in rollout 2
+        held = query(app, "SELECT rd.state FROM rollout_devices rd JOIN devices d "
+                     "ON d.id = rd.device_id WHERE d.token = :t AND rd.rollout_id != :r",
+                     t=stuck, r=second["id"])  # fmt: skip
+        assert held == [{"state": DeviceState.OFFERED}]  # rollout 1's offer, still out
+        assert all(board.build == later for board in boards[:2])
+    finally:
+        for board in boards:
+            board.stop()
