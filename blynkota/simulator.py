@@ -80,6 +80,8 @@ class SimulatedDevice:
         legacy_login: bool = False,
         fallback_ports: tuple[int, ...] = (),
         chatter: float | None = None,
+        crash_after: float | None = None,
+        rollback: bool = False,
     ) -> None:
         if fail not in FAIL_MODES:
             raise ValueError(f"fail mode {fail!r} is not one of {', '.join(FAIL_MODES)}")
@@ -98,6 +100,13 @@ class SimulatedDevice:
         # sketch's timer sends them; None: silent apart from pings.
         self.chatter = chatter
         self.virtual_writes = 0
+        # A firmware that crashes: once updated, the board reboots `crash_after`
+        # seconds after each login, again and again (a crash loop). `rollback`:
+        # at its first crash it comes back on the build it had (ESP32's rollback).
+        self.crash_after, self.rollback = crash_after, rollback
+        self.crashes = 0
+        self.builds_reported: list[str | None] = []  # the build of each login, in order
+        self._before_update: tuple | None = None  # (build, fw, fw_type) it rolls back to
         self.logins = 0
         self.updates = 0  # updates finished: downloaded, flashed, logged in again
         self._flashed = False
@@ -189,14 +198,19 @@ class SimulatedDevice:
                 self._stop.wait(LOGIN_RETRY / 10)
                 return not self._stop.is_set()
             self.logins += 1
+            self.builds_reported.append(self.build)
             if self._flashed:
                 self.updates, self._flashed = self.updates + 1, False
             info_id = self._next_id()
             sock.sendall(encode_info(self._info(), info_id))
             next_ping, next_write = time.monotonic() + self.heartbeat, time.monotonic()
+            crashes_at = self._crash_time()
             while not self._stop.is_set():
+                if time.monotonic() >= crashes_at:
+                    self._crash()
+                    return True  # rebooting
                 next_ping, next_write = self._keep_talking(sock, next_ping, next_write)
-                wait = min(next_ping, next_write) - time.monotonic()
+                wait = min(next_ping, next_write, crashes_at) - time.monotonic()
                 try:
                     event = self._read_event(sock, reader, max(wait, 0.001))
                 except socket.timeout:
@@ -219,6 +233,21 @@ class SimulatedDevice:
             self.ready.clear()
             sock.close()
             self._sock = None
+
+    def _crash_time(self) -> float:
+        """When the running firmware crashes: never, unless it came by an update
+        and the board crashes after updates (`crash_after`, or `rollback`)."""
+        if self.updates == 0 or (self.crash_after is None and not self.rollback):
+            return float("inf")
+        if self.rollback and self._before_update is None:
+            return float("inf")  # rolled back: the old build runs fine
+        return time.monotonic() + (self.crash_after or 0.0)
+
+    def _crash(self) -> None:
+        self.crashes += 1
+        if self.rollback and self._before_update is not None:
+            (self.build, self.fw, self.fw_type), self._before_update = self._before_update, None
+        log.info("%s: crashed, rebooting on build %r", self.token, self.build)
 
     def _keep_talking(self, sock, next_ping: float, next_write: float) -> tuple[float, float]:
         """A ping every heartbeat and, with `chatter`, a virtual write every
@@ -254,6 +283,7 @@ class SimulatedDevice:
         download = self.download(url)
         self.downloads.append(download)
         if download.ok and self.fail == "none":
+            self._before_update = (self.build, self.fw, self.fw_type)
             # Now it runs the image: it reports what the image's block says.
             self.build = download.build
             self.fw = download.identity.get("fw_version") or self.fw
@@ -379,6 +409,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--chatter", type=float, default=None, help="a virtual write every N seconds (relay mode)"
     )
+    parser.add_argument(
+        "--crash-after",
+        type=float,
+        default=None,
+        help="once updated, reboot N seconds after every login (a crash loop)",
+    )
+    parser.add_argument(
+        "--rollback",
+        action="store_true",
+        help="once updated, crash and come back on the old build (ESP32's rollback)",
+    )
     parser.add_argument("--duration", type=float, default=None, help="stop after N seconds")
     parser.add_argument("--updates", type=int, default=None, help="stop after N updates each")
     arguments = parser.parse_args(argv)
@@ -402,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             hardware=arguments.dev,
             fail=arguments.fail,
             chatter=arguments.chatter,
+            crash_after=arguments.crash_after,
+            rollback=arguments.rollback,
         )
         for token in tokens[:count]
     ]

@@ -174,3 +174,20 @@ def test_the_simulator_command_runs_a_fleet_through_an_update(server, fleet, tmp
     lines = result.stdout.splitlines()
     assert lines[0] == "3 device(s), 3 updated"
     assert sorted(lines[1:]) == sorted(f"{token} build={BUILD_NEW!r} logins=2" for token in tokens)
+
+
+def test_the_simulator_crashes_after_an_update_as_asked(server, simulated, fleet):
+    """--crash-after: the updated board reboots again and again on the new build;
+    --rollback: it crashes once and comes back on the build it had."""
+    looping, rolling = (fleet.add_device("me@example.com", "Farm") for _ in range(2))
+    crashing = simulated(looping, BUILD_OLD, crash_after=0.3)
+    rolled = simulated(rolling, BUILD_OLD, rollback=True)
+    wait_until(lambda: crashing.ready.is_set() and rolled.ready.is_set())
+    for token in (looping, rolling):
+        answer = server.upload(f"/admin/ota/start?token={token}", esp8266_image(BUILD_NEW))
+        assert answer.status == 200, answer.text
+    wait_until(lambda: len(crashing.builds_reported) >= 5, timeout=30, message="a crash loop")
+    assert crashing.builds_reported[:5] == [BUILD_OLD] + [BUILD_NEW] * 4
+    assert crashing.updates == 1 and crashing.crashes >= 3
+    wait_until(lambda: len(rolled.builds_reported) >= 3, timeout=30, message="a rollback")
+    assert rolled.builds_reported[:3] == [BUILD_OLD, BUILD_NEW, BUILD_OLD]
