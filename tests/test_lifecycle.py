@@ -433,3 +433,26 @@ def test_a_stuck_board_does_not_stall_the_next_rollouts_wave(server_factory, fle
     finally:
         for board in boards:
             board.stop()
+
+
+def test_a_campaign_says_how_many_devices_it_targets_and_has_seen(fast_server, fleet, app):
+    """Before any device logs in, a campaign has met none ("0 of 0"): its reach
+    says what it targets and how many it has seen, in the JSON, the CLI text
+    and the dashboard."""
+    tokens = [fleet.add_device("me@example.com", "Farm") for _ in range(3)]
+    assert fast_server.upload("/admin/ota/start", esp8266_image(BUILD_NEW)).status == 200
+    (status,) = fast_server.admin("GET", "/admin/ota/status").json()
+    assert (status["device_count"], status["targeted"], status["seen"]) == (0, 3, 0)
+    assert status["reach"] == "3 targeted, 0 seen yet"
+    assert "reach: 3 targeted, 0 seen yet" in render([status])
+    page = fast_server.admin("GET", "/admin/").text
+    assert "3 targeted, 0 seen yet" in page
+    device = start_device(fast_server, tokens[0], BUILD_OLD)
+    try:
+        wait_until(lambda: fast_server.admin("GET", "/admin/ota/status").json()[0]["reach"]
+                   == "3 targeted, 1 seen since the start", message="one seen")  # fmt: skip
+    finally:
+        device.stop()
+    fast_server.admin("POST", f"/admin/ota/rollouts/{status['id']}/stop")
+    (ended,) = fast_server.admin("GET", "/admin/ota/status").json()
+    assert (ended["targeted"], ended["seen"], ended["reach"]) == (None, None, None)

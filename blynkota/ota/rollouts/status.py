@@ -4,7 +4,7 @@ Counts come from the `rollout_progress` view, the same numbers an operator
 gets with `SELECT * FROM rollout_progress`.
 """
 
-from sqlalchemy import func, select, text
+from sqlalchemy import case, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from ...store import (
@@ -19,8 +19,10 @@ from ...store import (
     User,
 )
 from ..firmware.catalog import identity_of, iso, served_path
+from .candidates import target_of
 from .guards import RolloutGuards
 from .lifecycle import RetryPolicy
+from .targeting import in_scope
 
 __all__ = [
     "with_outlook",
@@ -56,6 +58,26 @@ def _target(session: Session, rollout: Rollout) -> str:
     return "all devices"
 
 
+def _reach(session: Session, rollout: Rollout) -> tuple[int | None, int | None]:
+    """(devices the rollout's target names, how many of them were seen since it
+    started: logged in, reported or left, or online now), for a running rollout
+    of many devices. Its own rows count only the devices it has met, so a
+    campaign whose devices have not logged in yet would otherwise read "0 of 0"."""
+    if rollout.scope == RolloutScope.DEVICE or rollout.state not in RolloutState.RUNNING:
+        return None, None
+    seen = or_(Device.last_seen_at >= rollout.started_at, Device.node_id.is_not(None))
+    query = select(func.count(Device.id), func.coalesce(func.sum(case((seen, 1), else_=0)), 0))
+    targeted, seen_count = session.execute(in_scope(query, rollout.scope, target_of(rollout))).one()
+    return int(targeted), int(seen_count)
+
+
+def _reach_text(targeted: int | None, seen: int | None) -> str | None:
+    """The reach in words, as the CLI and the dashboard show it."""
+    if targeted is None:
+        return None
+    return f"{targeted} targeted, {seen} seen " + ("yet" if seen == 0 else "since the start")
+
+
 def rollout_summaries(
     session: Session, rollout_id: int | None = None, limit: int | None = None
 ) -> list[dict]:
@@ -74,6 +96,7 @@ def rollout_summaries(
     summaries = []
     for rollout in rollouts:
         counts = progress.get(rollout.id, {})
+        targeted, seen = _reach(session, rollout)
         summaries.append(
             {
                 "id": rollout.id,
@@ -102,6 +125,10 @@ def rollout_summaries(
                 else None,
                 "success_percent": rollout.success_percent,
                 "device_count": int(counts.get("devices") or 0),
+                # A campaign's reach (None for one device, or once it has ended).
+                "targeted": targeted,
+                "seen": seen,
+                "reach": _reach_text(targeted, seen),
                 "counts": {state: int(counts.get(state) or 0) for state in DeviceState.ALL},
                 "already_up_to_date": int(counts.get("already_up_to_date") or 0),
                 # Devices that came back on another build after updating, at least once.

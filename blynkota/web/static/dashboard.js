@@ -32,6 +32,8 @@ function showRollout(section, rollout) {
       ? (rollout.pause_reason ? " · paused: " + rollout.pause_reason : "")
       : (rollout.pause_reason || "-");
   }
+  const reach = section.querySelector('[data-field="reach"]');
+  if (reach) reach.textContent = rollout.reach || "";
   const wave = section.querySelector('[data-field="next_wave"]');
   if (wave) wave.textContent = rollout.next_wave || "-";
 }
