@@ -9,6 +9,7 @@ import gevent
 import pytest
 import sqlalchemy
 
+from blynkota.console.commands import finished
 from blynkota.ota import TRANSITIONS, IllegalDeviceTransition
 from blynkota.ota.rollouts.cohorts import bucket
 from blynkota.ota.rollouts.device_states import move, start_tracking
@@ -445,6 +446,7 @@ def test_a_campaign_says_how_many_devices_it_targets_and_has_seen(fast_server, f
     assert (status["device_count"], status["targeted"], status["seen"]) == (0, 3, 0)
     assert status["reach"] == "3 targeted, 0 seen yet"
     assert "reach: 3 targeted, 0 seen yet" in render([status])
+    assert not finished(status)  # `rollout status --watch` waits for the devices it has not met
     page = fast_server.admin("GET", "/admin/").text
     assert "3 targeted, 0 seen yet" in page
     device = start_device(fast_server, tokens[0], BUILD_OLD)

@@ -15,7 +15,7 @@ from ..status_text import describe, render
 from ..store import DeviceState
 from .client import AdminClient, AdminError, Target
 
-__all__ = ["blynkota"]
+__all__ = ["blynkota", "finished"]
 
 
 def _settings():
@@ -208,10 +208,15 @@ def rollout() -> None:
     """Look at and steer rollouts (through the admin API)."""
 
 
-def _finished(summary: dict) -> bool:
+def finished(summary: dict) -> bool:
+    """Nothing left to do: ended, or every device met has an outcome and a
+    campaign has met every device its target names (it waits for the rest)."""
+    if summary["state"] in ("stopped", "superseded"):
+        return True
     counts = summary["counts"]
     busy = counts.get("pending", 0) + sum(counts.get(state, 0) for state in DeviceState.IN_FLIGHT)
-    return summary["state"] in ("stopped", "superseded") or busy == 0
+    unmet = (summary.get("targeted") or 0) > summary["device_count"]
+    return busy == 0 and not unmet
 
 
 @rollout.command("status")
@@ -237,7 +242,7 @@ def status(rollout_id, watch, interval, timeout, **connection) -> None:
         if watch and sys.stdout.isatty():
             click.clear()
         click.echo(text)
-        if not watch or all(_finished(summary) for summary in shown):
+        if not watch or all(finished(summary) for summary in shown):
             return
         if timeout and time.monotonic() - started >= timeout:
             raise click.ClickException(f"still running after {timeout:g} s")
