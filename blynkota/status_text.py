@@ -67,6 +67,8 @@ def describe(summary: dict) -> str:
         f"target {summary['target']}  started by {summary['started_by']} {summary['started_at']}",
         _bar(summary),
     ]
+    if summary.get("outcome"):
+        lines.append(f"complete: {summary['outcome']}")
     if summary.get("reach"):
         lines.append(f"reach: {summary['reach']}")
     if summary.get("pause_reason"):

@@ -458,3 +458,58 @@ def test_a_campaign_says_how_many_devices_it_targets_and_has_seen(fast_server, f
     fast_server.admin("POST", f"/admin/ota/rollouts/{status['id']}/stop")
     (ended,) = fast_server.admin("GET", "/admin/ota/status").json()
     assert (ended["targeted"], ended["seen"], ended["reach"]) == (None, None, None)
+
+
+def test_rollouts_complete_and_a_campaign_reopens_for_a_device_that_joins(fast_server, fleet, app):
+    """A campaign completes once every device its target names has an outcome
+    (not while one has not been seen), goes back to active for a device that
+    joins, and completes again; --watch ends on complete."""
+    first, second = (fleet.add_device("me@example.com", "Farm") for _ in range(2))
+    assert fast_server.upload("/admin/ota/start", esp8266_image(BUILD_NEW)).status == 200
+
+    def summary() -> dict:
+        (found,) = fast_server.admin("GET", "/admin/ota/status").json()
+        return found
+
+    run_until(fast_server, app, first, BUILD_OLD, DeviceState.UPDATED)
+    time.sleep(0.6)  # three sweeps: the second device has not been seen, so not complete
+    assert summary()["state"] == "active" and not finished(summary())
+    run_until(fast_server, app, second, BUILD_OLD, DeviceState.UPDATED)
+    wait_until(lambda: summary()["state"] == "complete", message="complete")
+    assert summary()["outcome"] == "2 device(s): 2 updated, 0 failed"
+    assert finished(summary()) and "complete: 2 device(s): 2 updated, 0 failed" in render(
+        [summary()]
+    )
+    joining = fleet.add_device("me@example.com", "Farm")
+    board = start_device(fast_server, joining, BUILD_OLD)
+    try:
+        wait_until(lambda: board.build == BUILD_NEW, timeout=30, message="the joiner updated")
+        wait_until(lambda: summary()["outcome"] == "3 device(s): 3 updated, 0 failed",
+                   message="complete again")  # fmt: skip
+    finally:
+        board.stop()
+    details = [row["detail"] for row in query(
+        app, "SELECT detail FROM rollout_events WHERE device_id IS NULL ORDER BY id")]  # fmt: skip
+    assert details[-3:] == [
+        "complete: 2 device(s): 2 updated, 0 failed",
+        "active again: a device joined its target",
+        "complete: 3 device(s): 3 updated, 0 failed",
+    ]
+
+
+def test_a_single_device_rollout_completes_for_good(fast_server, fleet, app):
+    token = fleet.add_device("me@example.com", "Farm")
+    board = start_device(fast_server, token, BUILD_OLD)
+    try:
+        wait_until(board.ready.is_set)
+        answer = fast_server.upload(f"/admin/ota/start?token={token}", esp8266_image(BUILD_NEW))
+        assert answer.status == 200, answer.text
+        wait_until(lambda: fast_server.admin("GET", "/admin/ota/status").json()[0]["state"]
+                   == "complete", timeout=30, message="complete")  # fmt: skip
+    finally:
+        board.stop()
+    (done,) = fast_server.admin("GET", "/admin/ota/status").json()
+    assert done["outcome"] == "1 device(s): 1 updated, 0 failed"
+    assert (done["targeted"], done["reach"]) == (None, None)
+    page = fast_server.admin("GET", f"/admin/rollouts/{done['id']}").text
+    assert "1 device(s): 1 updated, 0 failed" in page

@@ -211,7 +211,7 @@ def rollout() -> None:
 def finished(summary: dict) -> bool:
     """Nothing left to do: ended, or every device met has an outcome and a
     campaign has met every device its target names (it waits for the rest)."""
-    if summary["state"] in ("stopped", "superseded"):
+    if summary["state"] in ("stopped", "superseded", "complete"):
         return True
     counts = summary["counts"]
     busy = counts.get("pending", 0) + sum(counts.get(state, 0) for state in DeviceState.IN_FLIGHT)

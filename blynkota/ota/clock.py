@@ -40,14 +40,18 @@ class RolloutClock:
     def sweep(self) -> tuple[int, int]:
         """The rollouts' clock, run by the node holding the sweeper lease.
 
-        Times out stale attempts, pauses rollouts past the failure threshold
-        and grows waves (entering connected devices for now=true rollouts).
+        Times out stale attempts, pauses rollouts past the failure threshold,
+        grows waves (entering connected devices for now=true rollouts), marks
+        the rollouts whose every device has an outcome complete, and makes a
+        complete campaign active again when a device joins it.
         Returns (attempts timed out, devices entered into grown waves).
         """
 
         def work(session: Session) -> tuple[int, list[int]]:
             now = utcnow()
             timed_out = self.lifecycle.time_out_attempts(session, now)
+            if self.guards.reopen_joined(session):
+                self.fill_due.set()  # the devices that joined are offered
             grown = []
             for rollout in session.scalars(
                 select(Rollout).where(Rollout.state == RolloutState.ACTIVE)
@@ -56,6 +60,8 @@ class RolloutClock:
                     continue
                 if self.guards.advance_wave(session, rollout) and rollout.push_online:
                     grown.append(rollout.id)
+                elif self.guards.complete_if_done(session, rollout):
+                    log.info("rollout %d complete", rollout.id)
             return timed_out, grown
 
         timed_out, grown = self.db.run(work)

@@ -262,8 +262,11 @@ class RolloutState:
     PAUSED = "paused"  # by hand or by the failure threshold: no offers until resumed
     SUPERSEDED = "superseded"
     STOPPED = "stopped"
+    # Every device it targets has an outcome; a campaign goes back to active
+    # when a device joins its target (a new one, one seen for the first time).
+    COMPLETE = "complete"
     # States in which a rollout still has a say over its devices.
-    RUNNING = (ACTIVE, PAUSED)
+    RUNNING = (ACTIVE, PAUSED, COMPLETE)
 
 
 class Rollout(Base):
@@ -360,6 +363,8 @@ class DeviceState:
         INCOMPATIBLE,
     )
     IN_FLIGHT = (OFFERED, DOWNLOADING, DOWNLOADED)
+    # Still to be decided: waiting for an offer, or an attempt under way.
+    OPEN = (PENDING, *IN_FLIGHT)
     # Nothing more will happen to the row unless an operator retries it.
     ENDED = (UPDATED, FAILED, CANCELLED, SUPERSEDED, INCOMPATIBLE)
 

@@ -14,13 +14,24 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, bindparam, case, exists, func, or_, select, true
 from sqlalchemy.orm import Session, aliased
 
-from ...store import DeviceState, HotQuery, Rollout, RolloutDevice, RolloutState, utcnow
+from ...store import (
+    DeviceState,
+    HotQuery,
+    Rollout,
+    RolloutDevice,
+    RolloutScope,
+    RolloutState,
+    utcnow,
+)
 from .candidates import target_of
 from .cohorts import bucket, parse_waves
 from .planner import RolloutPlanner
-from .targeting import tokens_in_scope
+from .targeting import devices_in_scope, tokens_in_scope
 
-__all__ = ["FleetPolicy", "RolloutGuards"]
+__all__ = ["FleetPolicy", "RolloutGuards", "outcome"]
+
+# A device's end states in a running rollout: it has an outcome.
+_OUTCOMES = (DeviceState.UPDATED, DeviceState.FAILED, DeviceState.INCOMPATIBLE)
 
 # Holding a download slot: offered and not yet done downloading.
 SLOT_STATES = (DeviceState.OFFERED, DeviceState.DOWNLOADING)
@@ -51,6 +62,16 @@ class FleetPolicy:
 
     def abort_ratio_for(self, own: float | None) -> float:
         return self.abort_failure_ratio if own is None else own
+
+
+def outcome(counts) -> str:
+    """A rollout's outcome in words, from its devices by state:
+    "12 device(s): 10 updated, 2 failed"."""
+    ended = sum(counts.get(state) or 0 for state in _OUTCOMES)
+    parts = [f"{counts.get(state) or 0} {state}" for state in _OUTCOMES[:2]]
+    if counts.get(DeviceState.INCOMPATIBLE):
+        parts.append(f"{counts[DeviceState.INCOMPATIBLE]} incompatible")
+    return f"{ended} device(s): " + ", ".join(parts)
 
 
 class RolloutGuards:
@@ -153,6 +174,45 @@ class RolloutGuards:
             ).where(rd.rollout_id == rollout_id)
         ).one()
         return int(row[0]), int(row[1])
+
+    def complete_if_done(self, session: Session, rollout: Rollout) -> bool:
+        """Mark an active rollout complete when every device it targets has an
+        outcome; True if it did. A campaign's target is its devices registered
+        now, once its whole share is open (a rollout held at percent= below 100
+        completes when it is expanded to 100)."""
+        if rollout.state != RolloutState.ACTIVE:
+            return False
+        counts = dict(
+            session.execute(
+                select(RolloutDevice.state, func.count())
+                .where(RolloutDevice.rollout_id == rollout.id)
+                .group_by(RolloutDevice.state)
+            ).all()
+        )
+        ended = sum(counts.get(state, 0) for state in _OUTCOMES)
+        if ended == 0 or any(counts.get(state) for state in DeviceState.OPEN):
+            return False
+        if rollout.scope != RolloutScope.DEVICE:
+            if rollout.percent < 100:
+                return False
+            if ended < devices_in_scope(session, rollout.scope, target_of(rollout)):
+                return False  # devices it has not met yet
+        return self.planner.complete(session, rollout, outcome(counts))
+
+    @staticmethod
+    def reopen_joined(session: Session) -> int:
+        """Complete campaigns a device has joined since (it entered pending): active again."""
+        joined = session.scalars(
+            select(Rollout.id).where(
+                Rollout.state == RolloutState.COMPLETE,
+                Rollout.scope != RolloutScope.DEVICE,
+                exists().where(
+                    RolloutDevice.rollout_id == Rollout.id,
+                    RolloutDevice.state.in_(DeviceState.OPEN),
+                ),
+            )
+        ).all()
+        return sum(RolloutPlanner.reopen(session, rollout_id) for rollout_id in joined)
 
     def advance_wave(self, session: Session, rollout: Rollout) -> bool:
         """Grow an active rollout to its next wave when the current one did well enough."""

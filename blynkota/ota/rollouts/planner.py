@@ -127,6 +127,22 @@ class RolloutPlanner:
         )
 
     @staticmethod
+    def complete(session: Session, rollout: Rollout, outcome: str) -> bool:
+        return _change_state(
+            session, rollout.id, RolloutState.ACTIVE, RolloutState.COMPLETE, f"complete: {outcome}"
+        )
+
+    @staticmethod
+    def reopen(session: Session, rollout_id: int) -> bool:
+        return _change_state(
+            session,
+            rollout_id,
+            RolloutState.COMPLETE,
+            RolloutState.ACTIVE,
+            "active again: a device joined its target",
+        )
+
+    @staticmethod
     def widen(session: Session, rollout: Rollout, percent: int, why: str) -> bool:
         """Let more devices in, if the rollout still has the share it was judged at."""
         before = rollout.percent

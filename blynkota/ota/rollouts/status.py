@@ -20,7 +20,7 @@ from ...store import (
 )
 from ..firmware.catalog import identity_of, iso, served_path
 from .candidates import target_of
-from .guards import RolloutGuards
+from .guards import RolloutGuards, outcome
 from .lifecycle import RetryPolicy
 from .targeting import in_scope
 
@@ -129,6 +129,7 @@ def rollout_summaries(
                 "targeted": targeted,
                 "seen": seen,
                 "reach": _reach_text(targeted, seen),
+                "outcome": outcome(counts) if rollout.state == RolloutState.COMPLETE else None,
                 "counts": {state: int(counts.get(state) or 0) for state in DeviceState.ALL},
                 "already_up_to_date": int(counts.get("already_up_to_date") or 0),
                 # Devices that came back on another build after updating, at least once.
