@@ -84,6 +84,8 @@ def test_now_true_reaches_connected_devices(server_factory, fleet_of, app):
     assert server.upload("/admin/ota/start?now=true", esp8266_image(BUILD_NEW)).status == 200
     wait_until(lambda: list(states(app).values()) == ["updated"] * 8, timeout=30)
     assert all(d.build == BUILD_NEW and d.logins == 2 for d in devices)
+    # Every device has its outcome: the sweep marks the rollout complete.
+    wait_until(lambda: server.admin("GET", "/admin/ota/status").json()[0]["state"] == "complete")
     (rollout, older) = server.admin("GET", "/admin/ota/status").json()  # newest first
     assert rollout["push_online"] is True and rollout["counts"]["updated"] == 8
     # One rollout, or the newest N (what the dashboard polls):

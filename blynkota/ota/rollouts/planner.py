@@ -105,10 +105,14 @@ class RolloutPlanner:
 
     @staticmethod
     def pause(session: Session, rollout: Rollout, reason: str) -> bool:
+        # A complete campaign too: it then offers nothing to the devices that join it.
+        before = (
+            RolloutState.COMPLETE if rollout.state == RolloutState.COMPLETE else RolloutState.ACTIVE
+        )
         return _change_state(
             session,
             rollout.id,
-            RolloutState.ACTIVE,
+            before,
             RolloutState.PAUSED,
             f"paused: {reason}",
             pause_reason=reason[:255],
