@@ -621,11 +621,15 @@ def test_a_value_cut_to_its_column_is_counted_and_told_once_per_device_and_key(
         device = RawDevice(server.http_port)
         assert device.log_in(token=token, ver=long_ver)[1] == Response(2, Status.OK)
         device.close()
-    with app.extensions["blynkota.db"].engine.connect() as connection:
-        stored = connection.execute(
-            sqlalchemy.text("SELECT lib_version FROM devices WHERE token = :t"), {"t": token}
-        ).scalar_one()
-    assert stored == long_ver[:32]
+
+    def stored() -> str | None:
+        with app.extensions["blynkota.db"].engine.connect() as connection:
+            return connection.execute(
+                sqlalchemy.text("SELECT lib_version FROM devices WHERE token = :t"), {"t": token}
+            ).scalar_one()
+
+    # The info message is answered at once; its report is written behind the answer.
+    wait_until(lambda: stored() == long_ver[:32], message="the value stored, cut")
     metrics = server.admin("GET", "/metrics", auth=None, secure=False).text
     assert 'blynkota_values_cut_total{key="ver"} 2.0' in metrics
     told = [line for line in server.log().splitlines() if "cut to its column" in line]

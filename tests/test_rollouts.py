@@ -81,7 +81,8 @@ def test_rollouts_survive_kill_9(server, server_factory, simulated, fleet, app):
     finally:
         device.stop()
         greenlet.join(5)
-    assert rows(app, "SELECT state FROM rollouts") == [("active",)]
+    # Still running (complete, once the sweep has seen its one device's outcome).
+    assert rows(app, "SELECT state FROM rollouts") in ([("active",)], [("complete",)])
 
 
 def test_a_restarted_node_clears_its_own_stale_sessions_at_once(server, fleet, app):

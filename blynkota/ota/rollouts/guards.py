@@ -201,11 +201,12 @@ class RolloutGuards:
 
     @staticmethod
     def reopen_joined(session: Session) -> int:
-        """Complete campaigns a device has joined since (it entered pending): active again."""
+        """Complete rollouts with a device to decide again: active again. A device
+        joined a campaign, an operator retried a failed one, or an updated one
+        came back on another build (each enters pending)."""
         joined = session.scalars(
             select(Rollout.id).where(
                 Rollout.state == RolloutState.COMPLETE,
-                Rollout.scope != RolloutScope.DEVICE,
                 exists().where(
                     RolloutDevice.rollout_id == Rollout.id,
                     RolloutDevice.state.in_(DeviceState.OPEN),

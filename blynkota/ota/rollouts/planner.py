@@ -143,7 +143,7 @@ class RolloutPlanner:
             rollout_id,
             RolloutState.COMPLETE,
             RolloutState.ACTIVE,
-            "active again: a device joined its target",
+            "active again: a device to update (joined, retried or reverted)",
         )
 
     @staticmethod
