@@ -43,7 +43,7 @@ class RolloutClock:
         Times out stale attempts, pauses rollouts past the failure threshold,
         grows waves (entering connected devices for now=true rollouts), marks
         the rollouts whose every device has an outcome complete, and makes a
-        complete campaign active again when a device joins it.
+        complete one active again when it has a device to update again.
         Returns (attempts timed out, devices entered into grown waves).
         """
 
@@ -51,7 +51,7 @@ class RolloutClock:
             now = utcnow()
             timed_out = self.lifecycle.time_out_attempts(session, now)
             if self.guards.reopen_joined(session):
-                self.fill_due.set()  # the devices that joined are offered
+                self.fill_due.set()  # their pending devices are offered
             grown = []
             for rollout in session.scalars(
                 select(Rollout).where(Rollout.state == RolloutState.ACTIVE)
