@@ -15,6 +15,7 @@ from .ota import (
     FirmwareCatalog,
     FleetPolicy,
     FleetRegistry,
+    HealthPolicy,
     OnlineDevices,
     RetryPolicy,
     build_service,
@@ -66,12 +67,23 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
         abort_failure_ratio=settings.ota_abort_failure_ratio,
         abort_min_devices=settings.ota_abort_min_devices,
     )
+    health_policy = HealthPolicy(
+        window=settings.ota_health_window,
+        max_logins=settings.ota_health_max_logins,
+        returns_within=settings.ota_health_return,
+    )
     control = Database(settings.db_url, pool_size=1)
     control.health = db.health  # one outage, logged once
     node = ClusterNode(db, NodeSettings(heartbeat=settings.node_heartbeat), control=control)
     app.extensions["blynkota.control_db"] = node.control
     app.extensions["blynkota"] = build_service(
-        db, catalog, OnlineDevices(), node, policy=policy, fleet_policy=fleet_policy
+        db,
+        catalog,
+        OnlineDevices(),
+        node,
+        policy=policy,
+        fleet_policy=fleet_policy,
+        health_policy=health_policy,
     )
     app.extensions["blynkota.fleet"] = FleetRegistry(db)
     app.extensions["blynkota.admins"] = AdminDirectory(db)

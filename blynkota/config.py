@@ -58,6 +58,9 @@ DEFAULTS: dict[str, str] = {
     "ota.retry.backoff": "60",
     "ota.attempt.timeout": "900",
     "ota.offer.timeout": "120",
+    "ota.health.window": "600",
+    "ota.health.max.logins": "3",
+    "ota.health.return": "300",
     "ota.sweep.interval": "5",
     "ota.push.online": "false",
     "ota.max.concurrent": "50",
@@ -165,6 +168,9 @@ class Settings:
     ota_retry_backoff: float
     ota_attempt_timeout: float
     ota_offer_timeout: float
+    ota_health_window: float  # seconds a device verifies the new build (0: no window)
+    ota_health_max_logins: int  # logins inside the window that make it a crash loop
+    ota_health_return: float  # seconds from a download to the login (0: not judged)
     ota_sweep_interval: float
     ota_push_online: bool
     ota_max_concurrent: int
@@ -376,6 +382,9 @@ def load_settings(
         ota_retry_backoff=_number(values, "ota.retry.backoff", 0, 7 * 86400),
         ota_attempt_timeout=_number(values, "ota.attempt.timeout", 0.1, 7 * 86400),
         ota_offer_timeout=_number(values, "ota.offer.timeout", 0.1, 7 * 86400),
+        ota_health_window=_number(values, "ota.health.window", 0, 7 * 86400),
+        ota_health_max_logins=_integer(values, "ota.health.max.logins", 2, 1000),
+        ota_health_return=_number(values, "ota.health.return", 0, 7 * 86400),
         ota_sweep_interval=_number(values, "ota.sweep.interval", 0.05, 3600),
         ota_push_online=_boolean(values, "ota.push.online"),
         ota_max_concurrent=_integer(values, "ota.max.concurrent", 1, 1_000_000),

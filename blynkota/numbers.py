@@ -9,7 +9,7 @@ ignored info field).
 
 import re
 
-__all__ = ["ROW_ID_MAX", "fraction", "seconds", "whole_number"]
+__all__ = ["ROW_ID_MAX", "fraction", "in_words", "seconds", "whole_number"]
 
 ROW_ID_MAX = 2**31 - 1  # an INTEGER primary key, on MySQL as on SQLite
 _DIGITS = re.compile(r"[0-9]{1,19}")  # [0-9] is ASCII only; 19 digits cover 64 bits
@@ -34,6 +34,17 @@ def seconds(text: str | None, *, low: int, high: int) -> int | None:
         return None
     value = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     return value if low <= value <= high else None
+
+
+def in_words(seconds: float) -> str:
+    """A span of seconds as an operator reads it: "40 s", "4 min", "2 h 5 min"."""
+    seconds = max(0, round(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 120:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min"
 
 
 def fraction(text: str | None) -> float | None:

@@ -41,7 +41,10 @@ __all__ = ["Download", "SimulatedDevice", "FAIL_MODES", "main"]
 
 log = logging.getLogger("blynkota.simulator")
 
-FAIL_MODES = ("none", "refuse", "half", "old-build")
+# refuse: takes the `ota` and never downloads; half: the download breaks off
+# midway; old-build: flashes nothing, comes back on the build it had; brick:
+# downloads the whole file and never comes back (a firmware that does not boot).
+FAIL_MODES = ("none", "refuse", "half", "old-build", "brick")
 LOGIN_ANSWER_TIMEOUT = 3.0  # what the C++ library waits for its login answer
 LOGIN_RETRY = 5.0
 
@@ -290,6 +293,9 @@ class SimulatedDevice:
             self.fw_type = download.identity.get("fw_type") or self.fw_type
             self._flashed = True
         log.info("%s: download %s: %s", self.token, url, download.error or "flashed")
+        if download.ok and self.fail == "brick":
+            log.info("%s: the new firmware does not boot: never back", self.token)
+            self._stop.set()
 
     def download(self, url: str) -> Download:
         """GET the image as ESP8266httpUpdate does and check it as the updater would."""

@@ -14,6 +14,7 @@ __all__ = ["describe", "render", "table"]
 BAR_WIDTH = 40
 SEGMENTS = (  # (label, states, character) of the text progress bar
     ("updated", ("updated",), "#"),
+    ("verifying", ("verifying",), "+"),
     ("in flight", DeviceState.IN_FLIGHT, ">"),
     ("pending", ("pending",), "."),
     ("failed", ("failed",), "x"),

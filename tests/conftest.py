@@ -106,7 +106,8 @@ def latin1_mysql_url():
 
 def _migrated_app(db_url: str, folder):
     upgrade(db_url)
-    return create_app({"db.url": db_url, "data.folder": folder})
+    # No health window, as the test servers (servers.py): test_health.py sets one.
+    return create_app({"db.url": db_url, "data.folder": folder, "ota.health.window": 0})
 
 
 @pytest.fixture

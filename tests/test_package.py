@@ -100,6 +100,7 @@ def test_serve_upload_and_watch_a_rollout(blynkota_command, tmp_path):
     config.write_text(
         "http.port=0\nhttps.port=0\nlisten.address=127.0.0.1\ndata.folder=fleet\n"
         "admin.pass=s3cret-pass\nota.sweep.interval=0.2\nnode.poll.interval=0.1\n"
+        "ota.health.window=1\n"
     )
     token = _run(blynkota_command, "--config", str(config), "devices", "add", "--user",
                  "farm@example.com", "--project", "Farm", cwd=tmp_path).stdout.strip()  # fmt: skip
@@ -141,7 +142,9 @@ def test_serve_upload_and_watch_a_rollout(blynkota_command, tmp_path):
         assert watched.returncode == 0, watched.stderr
         lines = watched.stdout.strip().splitlines()
         bar = [line for line in lines if line.startswith("[")][-1]
-        assert bar.startswith("[" + "#" * 40 + "] 100%  updated 1  in flight 0  pending 0")
+        assert bar.startswith(
+            "[" + "#" * 40 + "] 100%  updated 1  verifying 0  in flight 0  pending 0"
+        )
         # (then "complete: 1 device(s): ..." once the sweep has marked it)
         assert lines[-1] == "reach: 1 targeted, 1 seen since the start"
         paused = _run(blynkota_command, "--config", str(config), "rollout", "pause", "1",

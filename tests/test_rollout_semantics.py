@@ -296,7 +296,7 @@ def test_per_rollout_limits_are_shown_and_hold(server_factory, fleet, app):
         wait_until(lambda: all(device.ready.is_set() for device in devices))
         answer = server.upload(
             "/admin/ota/start?now=true&maxConcurrent=2&attemptTimeout=1&maxAttempts=1"
-            "&abortRatio=1", esp8266_image(BUILD_NEW),
+            "&abortRatio=1&healthWindow=5m", esp8266_image(BUILD_NEW),
         )  # fmt: skip
         assert answer.status == 200, answer.text
         (rollout,) = server.admin("GET", "/admin/ota/status").json()
@@ -306,6 +306,7 @@ def test_per_rollout_limits_are_shown_and_hold(server_factory, fleet, app):
             "max_attempts": 1,
             "abort_ratio": 1.0,
             "wave_delay": None,
+            "health_window": 300,
         }
         # Devices that never download: each holds its slot until its one attempt
         # times out (1 s), then is failed; never more than 2 offered at once.

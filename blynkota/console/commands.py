@@ -155,10 +155,11 @@ def firmware() -> None:
 @click.option("--attempt-timeout", help="90, 15m, 24h")
 @click.option("--abort-ratio", help="pause above this failure share, e.g. 0.2")
 @click.option("--wave-delay", help="time between waves: 30m, 1d")
+@click.option("--health-window", help="time a device verifies the update: 10m, 1h, 0 for none")
 @_connection_options
 def upload(file: Path, token, user, project, dry_run, now, queue, percent, waves, success,
            max_concurrent, max_attempts, attempt_timeout, abort_ratio, wave_delay,
-           **connection) -> None:  # fmt: skip
+           health_window, **connection) -> None:  # fmt: skip
     """Upload FILE and roll it out; prints the rollout id."""
     if token and (user or project):
         raise click.UsageError("give --token (one device) or --user/--project, not both")
@@ -179,6 +180,7 @@ def upload(file: Path, token, user, project, dry_run, now, queue, percent, waves
         "attemptTimeout": attempt_timeout,
         "abortRatio": abort_ratio,
         "waveDelay": wave_delay,
+        "healthWindow": health_window,
     }
     client = _client(**connection)
     size = file.stat().st_size
@@ -209,12 +211,13 @@ def rollout() -> None:
 
 
 def finished(summary: dict) -> bool:
-    """Nothing left to do: ended, or every device met has an outcome and a
+    """Nothing left to do: ended, or every device met has an outcome (its
+    health window passed) and a
     campaign has met every device its target names (it waits for the rest)."""
     if summary["state"] in ("stopped", "superseded", "complete"):
         return True
     counts = summary["counts"]
-    busy = counts.get("pending", 0) + sum(counts.get(state, 0) for state in DeviceState.IN_FLIGHT)
+    busy = sum(counts.get(state, 0) for state in DeviceState.OPEN)
     unmet = (summary.get("targeted") or 0) > summary["device_count"]
     return busy == 0 and not unmet
 

@@ -52,6 +52,7 @@ from .rollouts import (
     Controls,
     ControlsError,
     FleetPolicy,
+    HealthPolicy,
     IllegalDeviceTransition,
     RetryPolicy,
 )
@@ -100,6 +101,7 @@ __all__ = [
     "ControlsError",
     "FleetPolicy",
     "IllegalDeviceTransition",
+    "HealthPolicy",
     "RetryPolicy",
     "OtaService",
     "build_service",

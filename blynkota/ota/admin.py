@@ -358,7 +358,7 @@ class RolloutAdmin:
     def status(self, rollout_id: int | None = None, *, limit: int | None = None) -> list[dict]:
         def work(session: Session) -> list[dict]:
             summaries = rollout_summaries(session, rollout_id, limit)
-            return with_outlook(session, self.guards, self.lifecycle.policy, summaries)
+            return with_outlook(session, self.guards, self.lifecycle, summaries)
 
         return self.db.run(work)
 
@@ -375,7 +375,7 @@ class RolloutAdmin:
     def detail(self, rollout_id: int) -> dict:
         def work(session: Session) -> dict | None:
             found = rollout_detail(session, rollout_id)
-            return found and with_outlook(session, self.guards, self.lifecycle.policy, [found])[0]
+            return found and with_outlook(session, self.guards, self.lifecycle, [found])[0]
 
         found = self.db.run(work)
         if found is None:

@@ -1,8 +1,9 @@
-"""The rollouts' clock: attempts that time out, failure thresholds, waves that
-grow, and connected devices entered into a rollout (now=true, expand, a grown
-wave). The sweep runs on the node holding the sweeper lease (runner.py); the
-enrolment of connected devices on the process that answered the request, or
-on the sweeper if that process stopped first.
+"""The rollouts' clock: attempts that time out, health windows that end,
+failure thresholds, waves that grow, and connected devices entered into a
+rollout (now=true, expand, a grown wave). The sweep runs on the node holding
+the sweeper lease (runner.py); the enrolment of connected devices on the
+process that answered the request, or on the sweeper if that process
+stopped first.
 """
 
 import logging
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session
 from ..store import Database, Rollout, RolloutState, utcnow
 from .rollouts.enrolment import OnlineEnrolment
 from .rollouts.guards import RolloutGuards
+from .rollouts.health import catch_silence, end_windows
 from .rollouts.lifecycle import UpdateLifecycle
 
 __all__ = ["ENROLMENT_GRACE", "RolloutClock"]
@@ -40,7 +42,9 @@ class RolloutClock:
     def sweep(self) -> tuple[int, int]:
         """The rollouts' clock, run by the node holding the sweeper lease.
 
-        Times out stale attempts, pauses rollouts past the failure threshold,
+        Times out stale attempts, ends the health windows that passed and
+        fails the devices that never came back after their download (health.py),
+        pauses rollouts past the failure threshold,
         grows waves (entering connected devices for now=true rollouts), marks
         the rollouts whose every device has an outcome complete, and makes a
         complete one active again when it has a device to update again.
@@ -49,7 +53,10 @@ class RolloutClock:
 
         def work(session: Session) -> tuple[int, list[int]]:
             now = utcnow()
-            timed_out = self.lifecycle.time_out_attempts(session, now)
+            health = self.lifecycle.health
+            timed_out = catch_silence(session, health, now)
+            timed_out += self.lifecycle.time_out_attempts(session, now)
+            end_windows(session, health, now)
             if self.guards.reopen_joined(session):
                 self.fill_due.set()  # their pending devices are offered
             grown = []

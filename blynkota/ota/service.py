@@ -28,6 +28,7 @@ from .download_tracker import DownloadTracker
 from .firmware.catalog import FirmwareCatalog
 from .fleet.online import OnlineDevices
 from .rollouts.guards import FleetPolicy, RolloutGuards
+from .rollouts.health import HealthPolicy
 from .rollouts.lifecycle import RetryPolicy, UpdateLifecycle
 from .rollouts.offering import Offers
 from .rollouts.planner import RolloutPlanner
@@ -58,10 +59,11 @@ def build_service(
     *,
     policy: RetryPolicy | None = None,
     fleet_policy: FleetPolicy | None = None,
+    health_policy: HealthPolicy | None = None,
 ) -> OtaService:
     fill_due = Event()
     planner = RolloutPlanner()
-    lifecycle = UpdateLifecycle(policy or RetryPolicy())
+    lifecycle = UpdateLifecycle(policy or RetryPolicy(), health_policy or HealthPolicy())
     guards = RolloutGuards(fleet_policy or FleetPolicy(), planner)
     downloads = DownloadTracker(db, guards, fill_due)
     devices = DeviceSide(db, node, lifecycle, downloads, fill_due)

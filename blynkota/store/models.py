@@ -41,6 +41,7 @@ __all__ = [
     "RolloutScope",
     "RolloutState",
     "DeviceState",
+    "HealthOutcome",
     "RolloutDevice",
     "RolloutEvent",
 ]
@@ -305,12 +306,13 @@ class Rollout(Base):
     # work is done, and the sweeper finishes what a stopped process left.
     enrol_due_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     # This rollout's own limits (maxConcurrent=, attemptTimeout=, maxAttempts=,
-    # abortRatio=, waveDelay=); NULL: the server's setting.
+    # abortRatio=, waveDelay=, healthWindow=); NULL: the server's setting.
     max_concurrent: Mapped[Optional[int]]
     attempt_timeout: Mapped[Optional[int]]  # seconds
     max_attempts: Mapped[Optional[int]]
     abort_ratio: Mapped[Optional[float]] = mapped_column(Float)
     wave_delay: Mapped[Optional[int]]  # seconds
+    health_window: Mapped[Optional[int]]  # seconds (healthWindow=, 0: none)
     # When the current wave opened: with wave_delay, the next one waits for it.
     wave_opened_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     # The failure threshold judges only devices that finished after this.
@@ -346,7 +348,10 @@ class DeviceState:
     OFFERED = "offered"  # the `ota` frame was written to its socket
     DOWNLOADING = "downloading"  # its HTTP request for that offer arrived
     DOWNLOADED = "downloaded"  # the whole file was written to it
-    UPDATED = "updated"  # it logged in again reporting the rollout's build
+    # It logged in reporting the rollout's build after an attempt: judged
+    # for its health window (crash loop, rollback) before it counts as updated.
+    VERIFYING = "verifying"
+    UPDATED = "updated"  # on the rollout's build (and through its health window)
     FAILED = "failed"  # attempts exhausted: never offered this rollout again
     CANCELLED = "cancelled"  # the rollout was stopped
     SUPERSEDED = "superseded"  # the rollout was replaced
@@ -356,6 +361,7 @@ class DeviceState:
         OFFERED,
         DOWNLOADING,
         DOWNLOADED,
+        VERIFYING,
         UPDATED,
         FAILED,
         CANCELLED,
@@ -364,9 +370,19 @@ class DeviceState:
     )
     IN_FLIGHT = (OFFERED, DOWNLOADING, DOWNLOADED)
     # Still to be decided: waiting for an offer, or an attempt under way.
-    OPEN = (PENDING, *IN_FLIGHT)
+    OPEN = (PENDING, *IN_FLIGHT, VERIFYING)
     # Nothing more will happen to the row unless an operator retries it.
     ENDED = (UPDATED, FAILED, CANCELLED, SUPERSEDED, INCOMPATIBLE)
+
+
+class HealthOutcome:
+    """How a device's health window ended (rollout_devices.health; ota/rollouts/health.py)."""
+
+    PASSED = "passed"  # the window passed without trouble: updated
+    CRASH_LOOP = "crash_loop"  # ota.health.max.logins logins inside the window
+    ROLLBACK = "rollback"  # a login inside the window reported another build
+    SILENCE = "silence"  # no login within ota.health.return of the download
+    ALL = (PASSED, CRASH_LOOP, ROLLBACK, SILENCE)
 
 
 class RolloutDevice(Base):
@@ -405,7 +421,12 @@ class RolloutDevice(Base):
     offered_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     downloading_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     downloaded_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
-    # when it reported the rollout's build
+    # When it first reported the rollout's build after an attempt (its health
+    # window opened), and its logins since, that one included.
+    verifying_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
+    health_logins: Mapped[int] = mapped_column(default=0, server_default="0")
+    health: Mapped[Optional[str]] = mapped_column(String(16))  # HealthOutcome; NULL: not judged
+    # when it reported the rollout's build (after its health window, if it had one)
     updated_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     failed_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     ended_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)  # cancelled, superseded

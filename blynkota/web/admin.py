@@ -175,6 +175,7 @@ def _controls() -> Controls:
             max_attempts=_number("maxAttempts", 1, 100),
             abort_ratio=_ratio("abortRatio"),
             wave_delay=_duration("waveDelay", 1, 90 * 86400),
+            health_window=_duration("healthWindow", 0, 7 * 86400),
             allow_downgrade=_flag("allowDowngrade"),
         )
     except ControlsError as error:

@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 
 from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
 
-from ..numbers import whole_number
+from ..numbers import in_words, whole_number
 from ..ota import Conflict, NotFound, OtaError, Refused
 from ..store import DeviceState
 from .admin import parse_rollout_id
@@ -36,6 +36,7 @@ ACTIONS = ("pause", "resume", "stop", "retry", "expand")
 # The progress bar's segments, in order, with the states each one adds up.
 SEGMENTS = (
     ("updated", (DeviceState.UPDATED,)),
+    ("verifying", (DeviceState.VERIFYING,)),
     ("in-flight", DeviceState.IN_FLIGHT),
     ("pending", (DeviceState.PENDING,)),
     ("failed", (DeviceState.FAILED,)),
@@ -52,6 +53,12 @@ def _guard():
 @dashboard.context_processor
 def _helpers() -> dict:
     return {"csrf_token": csrf_token, "segments": segments}
+
+
+@dashboard.app_template_filter("span")
+def span(seconds: float | None) -> str:
+    """Seconds as people read them: "10 min"; "none" for 0."""
+    return "none" if not seconds else in_words(seconds)
 
 
 @dashboard.app_template_filter("when")

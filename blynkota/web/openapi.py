@@ -125,6 +125,11 @@ _CAMPAIGN = [
     _query("abortRatio", "failure share that pauses it, 0 to 1 (ota.abort.failure.ratio)"),
     _query("waveDelay", "with waves: the least time (90s, 15m, 24h) between two waves"),
     _query(
+        "healthWindow",
+        "time (10m, 1h; 0: none) a device verifies the new build before it counts as "
+        "updated (ota.health.window)",
+    ),
+    _query(
         "allowDowngrade",
         "offer devices on a newer firmware version (or build) than the image's too",
         _FLAG,

@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..metrics import PROCESS
 from ..ota.rollouts.status import online_per_node
-from ..store import Database, Rollout, RolloutDevice, RolloutState
+from ..store import Database, DeviceState, Rollout, RolloutDevice, RolloutState
 from .addresses import address_in
 from .auth import auth, guard_admin_request
 
@@ -56,7 +56,7 @@ class FleetCollector:
     def collect(self):
         up = GaugeMetricFamily("blynkota_database_up", "1 if the database answered this scrape.")
         try:
-            online, states = self.db.run(self._read)
+            online, states, health = self.db.run(self._read)
         except SQLAlchemyError as error:
             log.info("metrics: the database did not answer (%s)", type(error).__name__)
             up.add_metric([], 0)
@@ -80,6 +80,18 @@ class FleetCollector:
         for rollout_id, state, count in states:
             by_state.add_metric([str(rollout_id), state], count)
         yield by_state
+        by_health = GaugeMetricFamily(
+            "blynkota_rollout_device_health",
+            "Devices of each running rollout by how their health window went: verifying "
+            "(in it now), passed, crash_loop, rollback, silence.",
+            labels=["rollout", "outcome"],
+        )
+        for rollout_id, state, count in states:
+            if state == DeviceState.VERIFYING:
+                by_health.add_metric([str(rollout_id), state], count)
+        for rollout_id, outcome, count in health:
+            by_health.add_metric([str(rollout_id), outcome], count)
+        yield by_health
 
     @staticmethod
     def _read(session):
@@ -90,7 +102,13 @@ class FleetCollector:
             .where(Rollout.state.in_(RolloutState.RUNNING))
             .group_by(RolloutDevice.rollout_id, RolloutDevice.state)
         ).all()
-        return online, states
+        health = session.execute(
+            select(RolloutDevice.rollout_id, RolloutDevice.health, func.count())
+            .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
+            .where(Rollout.state.in_(RolloutState.RUNNING), RolloutDevice.health.is_not(None))
+            .group_by(RolloutDevice.rollout_id, RolloutDevice.health)
+        ).all()
+        return online, states, health
 
 
 def _text(body: str, status: int) -> Response:

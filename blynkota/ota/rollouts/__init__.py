@@ -9,6 +9,7 @@ from .candidates import Candidate
 from .cohorts import Controls, ControlsError
 from .device_states import TRANSITIONS, IllegalDeviceTransition
 from .guards import FleetPolicy
+from .health import HealthPolicy
 from .lifecycle import RetryPolicy
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "TRANSITIONS",
     "IllegalDeviceTransition",
     "FleetPolicy",
+    "HealthPolicy",
     "RetryPolicy",
 ]

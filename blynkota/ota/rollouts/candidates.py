@@ -51,6 +51,7 @@ _CANDIDATE_COLUMNS = (
     _firmware.c.fw_type,
     _firmware.c.fw_version,
     _rollouts.c.allow_downgrade,
+    _rollouts.c.health_window,
 )
 _ALL_RUNNING = (
     select(
@@ -92,6 +93,7 @@ class Candidate:
     fw_type: str | None = None  # what the image's blnkinf block says
     fw_version: str | None = None
     allow_downgrade: bool = False
+    health_window: int | None = None  # its own healthWindow=, seconds
 
     @functools.cached_property  # judged for every device a login batch reports
     def image(self) -> ImageIdentity:
@@ -195,4 +197,5 @@ def candidate_of(rollout: Rollout) -> Candidate:
         fw_type=firmware.fw_type,
         fw_version=firmware.fw_version,
         allow_downgrade=rollout.allow_downgrade,
+        health_window=rollout.health_window,
     )

@@ -51,6 +51,7 @@ class Controls:
     max_attempts: int | None = None  # ota.max.attempts
     abort_ratio: float | None = None  # ota.abort.failure.ratio
     wave_delay: int | None = None  # seconds a wave runs at least before the next opens
+    health_window: int | None = None  # seconds, ota.health.window (0: none)
     allow_downgrade: bool = False  # devices on a newer version or build are offered it too
 
     def __post_init__(self) -> None:

@@ -64,8 +64,21 @@ TRANSITIONS: dict[tuple[str | None, str], str] = {
     (S.UPDATED, S.PENDING): "reverted: reported another build after updating",
     (S.UPDATED, S.FAILED): "reverted after updating, no attempts left",
 }
+# The health window (health.py): a device that reported the rollout's build
+# after an attempt verifies it before it counts as updated.
+TRANSITIONS.update(
+    {
+        (S.PENDING, S.VERIFYING): "reported the rollout's build after an attempt: verifying",
+        (S.VERIFYING, S.VERIFYING): "logged in again inside its health window",
+        (S.VERIFYING, S.UPDATED): "passed its health window",
+        (S.VERIFYING, S.FAILED): "failed its health window",
+        (S.VERIFYING, S.CANCELLED): "moved to another build in a stopped rollout",
+        (S.VERIFYING, S.SUPERSEDED): "moved to another build in a replaced rollout",
+    }
+)
 for _in_flight in DeviceState.IN_FLIGHT:
     TRANSITIONS[(_in_flight, S.UPDATED)] = "logged in reporting the rollout's build"
+    TRANSITIONS[(_in_flight, S.VERIFYING)] = "logged in reporting the rollout's build: verifying"
     TRANSITIONS[(_in_flight, S.PENDING)] = "attempt failed, retry after the backoff"
     TRANSITIONS[(_in_flight, S.FAILED)] = "attempt failed, no attempts left"
     TRANSITIONS[(_in_flight, S.CANCELLED)] = "attempt ended in a stopped rollout"
@@ -77,6 +90,7 @@ _STAMP = {
     S.OFFERED: "offered_at",
     S.DOWNLOADING: "downloading_at",
     S.DOWNLOADED: "downloaded_at",
+    S.VERIFYING: "verifying_at",
     S.UPDATED: "updated_at",
     S.FAILED: "failed_at",
     S.CANCELLED: "ended_at",
@@ -84,6 +98,13 @@ _STAMP = {
     S.INCOMPATIBLE: "ended_at",
 }
 
+
+# States whose stamp says when they were entered, not when the row last moved
+# within them: a health window runs from the first login on the new build.
+_STAMPED_ONCE = {S.VERIFYING}
+
+# Moves into these (and out of updated) are logged, besides the event.
+_LOGGED = {S.VERIFYING, S.UPDATED, S.FAILED}
 
 # The stamps a device can enter a rollout with: every row of one INSERT names them all.
 _ENTRY_STAMPS = sorted(
@@ -242,6 +263,7 @@ def enter_all(session: Session, entries: list[dict], at: datetime) -> None:
             {
                 "attempts": 0,
                 "reverts": 0,
+                "health_logins": 0,
                 "already_current": state == S.UPDATED,
                 "pending_at": at,
                 **{stamp: (at if stamp == _STAMP[state] else None) for stamp in _ENTRY_STAMPS},
@@ -269,8 +291,10 @@ def move(
     before = track.state
     if (before, state) not in TRANSITIONS:
         raise IllegalDeviceTransition(f"{before!r} -> {state!r} for device {track.device_id}")
-    changes = {"state": state, _STAMP[state]: at, **values}
-    if state == S.UPDATED:
+    changes = {"state": state, **values}
+    if before != state or state not in _STAMPED_ONCE:
+        changes[_STAMP[state]] = at
+    if state in (S.UPDATED, S.VERIFYING):
         changes.setdefault("last_error", None)  # stale once updated; the events keep it
     result = session.execute(
         update(RolloutDevice)
@@ -288,7 +312,7 @@ def move(
         if hasattr(track, name):
             setattr(track, name, value)
     log_events(session, [_event(track, before, state, detail, at)])
-    if state in (S.UPDATED, S.FAILED) or before == S.UPDATED:
+    if before != state and (state in _LOGGED or before == S.UPDATED):
         log.info(
             "rollout %d: device %d %s -> %s%s",
             track.rollout_id,

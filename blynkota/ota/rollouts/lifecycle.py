@@ -7,7 +7,8 @@ row whose state moves only on what the server itself observes:
 - an `ota` frame written            -> offered (one attempt used)
 - the download request for it       -> downloading, then downloaded when
                                        every byte was written
-- a login reporting the target      -> updated
+- a login reporting the target      -> verifying, then updated once its
+                                       health window passed (health.py)
 - a login reporting anything else   -> the attempt failed ("came back with
   after an offer                       build X", "download interrupted at N of
                                        M bytes")
@@ -39,6 +40,7 @@ from .device_states import (
     run_tracks_query,
     tracks_query,
 )
+from .health import ENDED_ROLLOUT, AttemptContext, HealthPolicy, judge_verifying, reached_target
 
 __all__ = ["ReportedBuild", "RetryPolicy", "UpdateLifecycle", "rollout_entry"]
 
@@ -64,22 +66,25 @@ class RetryPolicy:
         return self.attempt_timeout if own is None else own
 
 
-# What a failed attempt turns into when its rollout no longer offers anything.
-_ENDED_ROLLOUT = {
-    RolloutState.STOPPED: DeviceState.CANCELLED,
-    RolloutState.SUPERSEDED: DeviceState.SUPERSEDED,
-}
-
-# Devices' open attempts, each with its rollout's state and target build and
-# size: read for every batch of info messages (by device) and again for the
-# rows another process moved first (by row id). Built once, on the tables.
+# Devices' open attempts and health windows, each with what judging it needs
+# (AttemptContext): read for every batch of info messages (by device) and
+# again for the rows another process moved first (by row id). Built once, on
+# the tables.
 _rd, _rollouts, _firmware = RolloutDevice.__table__, Rollout.__table__, Firmware.__table__
+_JUDGED_AT_LOGIN = (*DeviceState.IN_FLIGHT, DeviceState.VERIFYING)
 _IN_FLIGHT_WITH_TARGET = (
     _rollouts.c.id == _rd.c.rollout_id,
     _firmware.c.id == _rollouts.c.firmware_id,
-    _rd.c.state.in_(DeviceState.IN_FLIGHT),
+    _rd.c.state.in_(_JUDGED_AT_LOGIN),
 )
-_TARGET_COLUMNS = (_rollouts.c.state, _firmware.c.build, _firmware.c.size)
+_TARGET_COLUMNS = (
+    _rollouts.c.state,
+    _firmware.c.build,
+    _firmware.c.size,
+    _rollouts.c.health_window,
+    _rd.c.verifying_at,
+    _rd.c.health_logins,
+)
 _IN_FLIGHT_OF_DEVICES = tracks_query(
     _rd.c.device_id.in_(bindparam("devices", expanding=True)),
     *_IN_FLIGHT_WITH_TARGET,
@@ -172,12 +177,14 @@ def rollout_entry(
 
 
 class UpdateLifecycle:
-    def __init__(self, policy: RetryPolicy) -> None:
+    def __init__(self, policy: RetryPolicy, health: HealthPolicy | None = None) -> None:
         self.policy = policy
+        self.health = health or HealthPolicy()
 
     @staticmethod
     def in_flight_by_device(session: Session, device_ids: list[int]) -> dict[int, list]:
-        """The open attempts of these devices, by device: one query for a batch of logins."""
+        """The open attempts and health windows of these devices, by device: one
+        query for a batch of logins."""
         grouped: dict[int, list] = {}
         parameters = {"devices": sorted(set(device_ids))}
         for row in run_tracks_query(session, _IN_FLIGHT_OF_DEVICES, parameters):
@@ -190,20 +197,23 @@ class UpdateLifecycle:
         rows: list,
         reported_build: str | None,
         now: datetime,
-        bytes_written: dict[int, int],
+        written: dict[int, int],
     ) -> bool:
-        """A login ends every open attempt of the device, in any rollout; True if any.
+        """A login ends every open attempt of the device, in any rollout, and
+        is judged by every health window it is in; True if there was any.
 
-        `rows` are the device's open attempts, from `in_flight_by_device`.
+        `rows` are the device's, from `in_flight_by_device`; `written`, the
+        bytes this process's downloads in progress have written, by row.
         """
         found = bool(rows)
         for _ in range(_RETAKES):
+            judged = [(track, AttemptContext(*columns)) for track, *columns in rows]
+            # A build another of its rows aims at was taken through that attempt.
+            taken = {c.target for track, c in judged if track.state in DeviceState.IN_FLIGHT}
             lost = [
                 track.id
-                for track, rollout_state, target, size in rows
-                if not self._settle(
-                    session, track, rollout_state, target, size, reported_build, now, bytes_written
-                )
+                for track, context in judged
+                if not self._judge(session, track, context, reported_build, taken, now, written)
             ]
             if not lost:
                 break
@@ -212,46 +222,45 @@ class UpdateLifecycle:
             rows = run_tracks_query(session, _IN_FLIGHT_ROWS, {"rows": lost})
         return found
 
+    def _judge(self, session, track, context, reported_build, taken, now, written) -> bool:
+        """One row of a device that logged in; True if it was still as seen."""
+        if track.state != DeviceState.VERIFYING:
+            return self._settle(session, track, context, reported_build, now, written)
+        moved_on = reported_build in taken and reported_build != context.target
+        return judge_verifying(session, track, context, self.health, reported_build, moved_on, now)
+
     def _settle(
         self,
         session: Session,
         track: Track,
-        rollout_state: str,
-        target: str | None,
-        size: int,
+        context: AttemptContext,
         reported_build: str | None,
         now: datetime,
         bytes_written: dict[int, int],
     ) -> bool:
+        target, window = context.target, self.health.window_for(context.health_window)
         if target is not None and reported_build == target:
-            return move(session, track, DeviceState.UPDATED, now)
+            return reached_target(session, track, window, now)
         if target is None and track.state == DeviceState.DOWNLOADED:
             # Nothing to compare: a complete download and a login is all there is.
-            return move(
-                session,
-                track,
-                DeviceState.UPDATED,
-                now,
-                "logged in after a complete download (the firmware has no build)",
-            )
+            detail = "logged in after a complete download (the firmware has no build)"
+            return reached_target(session, track, window, now, detail)
         sent = max(track.bytes_sent or 0, bytes_written.get(track.id, 0))
-        if track.state == DeviceState.DOWNLOADING and sent < size:
-            reason = f"download interrupted at {sent} of {size} bytes"
+        if track.state == DeviceState.DOWNLOADING and sent < context.size:
+            reason = f"download interrupted at {sent} of {context.size} bytes"
         elif reported_build:
             reason = f"came back with build {reported_build}"
         else:
             reason = "came back reporting no build"
-        return self.fail_attempt(session, track, rollout_state, reason, now)
+        return self.fail_attempt(session, track, context.rollout_state, reason, now)
 
     def fail_attempt(
         self, session: Session, track: Track, rollout_state: str, reason: str, now: datetime
     ) -> bool:
         """End an attempt; True if the row was still as `track` saw it."""
         error = reason[:255]
-        if rollout_state in _ENDED_ROLLOUT:
-            return move(
-                session, track, _ENDED_ROLLOUT[rollout_state], now, reason, last_error=error
-            )
+        if rollout_state in ENDED_ROLLOUT:
+            return move(session, track, ENDED_ROLLOUT[rollout_state], now, reason, last_error=error)
         if track.state != DeviceState.DOWNLOADED and _offer_outlived(session, track):
             # The run of the node that made the offer ended before the download
             # completed (a crash, a restart): the server cut it, not the device.
@@ -354,7 +363,7 @@ class UpdateLifecycle:
         if track.state != DeviceState.PENDING:
             return False
         if on_target:
-            move(session, track, DeviceState.UPDATED, now)
+            reached_target(session, track, self.health.window_for(candidate.health_window), now)
             return False
         if unfit is not None:
             move(session, track, DeviceState.INCOMPATIBLE, now, unfit, last_error=unfit)

@@ -64,6 +64,7 @@ from .device_states import (
     tracks_query,
 )
 from .guards import RolloutGuards
+from .health import reached_target
 from .lifecycle import UpdateLifecycle
 
 __all__ = ["IN_FLIGHT", "NO_SLOT", "Offer", "Offers", "new_offer", "replace_unstarted_offers"]
@@ -281,8 +282,12 @@ class Offers:
             )
             if claimed:
                 return claimed[0]
-            if str(refused) == NOT_PENDING and self._offered_here(session, found[0].id):
-                return None
+            if str(refused) == NOT_PENDING:
+                state, offered_here = self._row_now(session, found[0].id)
+                if offered_here:
+                    return None  # this node's fill offered it a moment before
+                if state == DeviceState.UPDATED:
+                    return OfferDeferred(ON_TARGET)  # its info message, a moment before
             return refused
 
         outcome = self.db.run(claim)
@@ -293,19 +298,19 @@ class Offers:
             if error is not None:
                 raise OfferFailed(error)
 
-    def _offered_here(self, session: Session, row_id: int) -> bool:
-        """The row is in flight on an offer of this node's run (its fill's): read as
-        it is now, past the transaction's snapshot (a locking read)."""
+    def _row_now(self, session: Session, row_id: int) -> tuple[str | None, bool]:
+        """(the row's state, whether it is in flight on an offer of this node's
+        run, its fill's): read as it is now, past the transaction's snapshot
+        (a locking read)."""
         row = session.execute(
             select(RolloutDevice.state, RolloutDevice.offer_node_id, RolloutDevice.offer_node_run)
             .where(RolloutDevice.id == row_id)
             .with_for_update()
         ).first()
-        return (
-            row is not None
-            and row.state in DeviceState.IN_FLIGHT
-            and (row.offer_node_id, row.offer_node_run) == (self.node.id, self.node.run_number)
-        )
+        if row is None:
+            return None, False
+        here = (row.offer_node_id, row.offer_node_run) == (self.node.id, self.node.run_number)
+        return row.state, row.state in DeviceState.IN_FLIGHT and here
 
     # --- one claim --------------------------------------------------------------
 
@@ -352,7 +357,8 @@ class Offers:
                 reason, settled = judged
                 refused = OfferDeferred(reason)
                 if settled == DeviceState.UPDATED:
-                    move(session, track, settled, now)
+                    window = self.lifecycle.health.window_for(candidate.health_window)
+                    reached_target(session, track, window, now)
                 elif settled is not None:  # it cannot run the image: the reason is its error
                     move(session, track, settled, now, reason, last_error=reason)
                 continue

@@ -60,6 +60,7 @@ class RolloutPlanner:
             max_attempts=controls.max_attempts,
             abort_ratio=controls.abort_ratio,
             wave_delay=controls.wave_delay,
+            health_window=controls.health_window,
             wave_opened_at=now if controls.waves else None,
         )
         if scope in TARGET_COLUMN:
@@ -229,6 +230,7 @@ def _describe(controls: Controls) -> str:
         ("maxAttempts", controls.max_attempts),
         ("abortRatio", controls.abort_ratio),
         ("waveDelay", controls.wave_delay),
+        ("healthWindow", controls.health_window),
     ):
         if value is not None:
             parts.append(f"{name}={value:g}")

@@ -21,7 +21,7 @@ from ...store import (
 from ..firmware.catalog import identity_of, iso, served_path
 from .candidates import target_of
 from .guards import RolloutGuards, outcome
-from .lifecycle import RetryPolicy
+from .lifecycle import UpdateLifecycle
 from .targeting import in_scope
 
 __all__ = [
@@ -39,6 +39,7 @@ _TIMESTAMPS = (
     "offered_at",
     "downloading_at",
     "downloaded_at",
+    "verifying_at",
     "updated_at",
     "failed_at",
     "ended_at",
@@ -146,6 +147,8 @@ def _device_row(row: RolloutDevice, token: str, name: str) -> dict:
         "state": row.state,
         "attempts": row.attempts,
         "reverts": row.reverts,
+        "health": row.health,
+        "health_logins": row.health_logins,
         "last_error": row.last_error,
         "bytes_sent": row.bytes_sent,
         "already_up_to_date": row.already_current,
@@ -226,11 +229,11 @@ def fleet_overview(session: Session) -> dict:
 
 
 def with_outlook(
-    session: Session, guards: RolloutGuards, retries: RetryPolicy, summaries: list[dict]
+    session: Session, guards: RolloutGuards, lifecycle: UpdateLifecycle, summaries: list[dict]
 ) -> list[dict]:
     """Add the rollout's limits (its own, or the server's) and `next_wave`:
     why a running rollout with waves has not grown yet."""
-    fleet = guards.policy
+    fleet, retries, health = guards.policy, lifecycle.policy, lifecycle.health
     for summary in summaries:
         rollout = session.get(Rollout, summary["id"])
         summary["limits"] = {
@@ -239,6 +242,7 @@ def with_outlook(
             "max_attempts": retries.attempts_for(rollout.max_attempts),
             "abort_ratio": fleet.abort_ratio_for(rollout.abort_ratio),
             "wave_delay": rollout.wave_delay,
+            "health_window": health.window_for(rollout.health_window),
         }
         summary["next_wave"] = None
         if summary["waves"] and summary["state"] in RolloutState.RUNNING:

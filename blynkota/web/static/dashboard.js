@@ -6,6 +6,7 @@ const POLL_MS = 2000;
 const csrf = () => document.querySelector('meta[name="csrf-token"]').content;
 const SEGMENTS = {
   "updated": ["updated"],
+  "verifying": ["verifying"],
   "in-flight": ["offered", "downloading", "downloaded"],
   "pending": ["pending"],
   "failed": ["failed"],
