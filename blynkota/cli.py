@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 from flask import Flask, current_app
-from flask.cli import AppGroup, with_appcontext
+from flask.cli import AppGroup, ScriptInfo, with_appcontext
+from sqlalchemy.exc import DBAPIError
 
 from .ota import (
     BlynkDataError,
@@ -19,7 +20,7 @@ from .ota import (
     read_blynk_folder,
 )
 from .status_text import render, table
-from .store import upgrade
+from .store import connection_problem, upgrade
 
 __all__ = ["devices", "import_blynk", "init_app"]
 
@@ -30,7 +31,36 @@ def _fleet():
     return current_app.extensions["blynkota.fleet"]
 
 
-@click.group("devices", cls=AppGroup, help="Provision and list devices.")
+class DatabaseUnusable(click.ClickException):
+    """The database cannot be used at all: one line, exit 2, as a wrong setting."""
+
+    exit_code = 2
+
+
+class _OneLineDatabaseErrors:
+    """A command whose database cannot be reached, or refuses the login, says so
+    in one line naming the database, its host and the cause (no traceback)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DBAPIError as error:
+            url = ctx.ensure_object(ScriptInfo).load_app().config["SETTINGS"].db_url
+            problem = connection_problem(url, error)
+            if problem is None:
+                raise
+            raise DatabaseUnusable(problem) from None
+
+
+class DatabaseGroup(_OneLineDatabaseErrors, AppGroup):
+    pass
+
+
+class DatabaseCommand(_OneLineDatabaseErrors, click.Command):
+    pass
+
+
+@click.group("devices", cls=DatabaseGroup, help="Provision and list devices.")
 def devices() -> None:
     pass
 
@@ -167,7 +197,7 @@ def export_csv(csv_file) -> None:
         )
 
 
-@click.command("import-blynk")
+@click.command("import-blynk", cls=DatabaseCommand)
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @with_appcontext
 def import_blynk(data_dir: Path) -> None:
@@ -184,7 +214,7 @@ def import_blynk(data_dir: Path) -> None:
     )
 
 
-@click.group("ota", cls=AppGroup, help="Look at rollouts.")
+@click.group("ota", cls=DatabaseGroup, help="Look at rollouts.")
 def ota() -> None:
     pass
 

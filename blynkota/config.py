@@ -143,6 +143,30 @@ def _env_name(key: str) -> str:
     return "BLYNKOTA_" + key.upper().replace(".", "_").replace("-", "_")
 
 
+# BLYNKOTA_ variables that are not settings: the properties file, the `blynkota`
+# command's target, and the test suite's switches.
+OTHER_VARIABLES = {
+    "BLYNKOTA_CONFIG",
+    "BLYNKOTA_URL",
+    "BLYNKOTA_CA_FILE",
+    "BLYNKOTA_TEST_MYSQL_URL",
+    "BLYNKOTA_REQUIRE_MYSQL",
+    "BLYNKOTA_REQUIRE_BROWSER",
+}
+
+
+def _unknown_variables(environ: Mapping[str, str], warnings: list[str]) -> None:
+    """A BLYNKOTA_ variable that names no setting (a typo) is told, never silently ignored."""
+    known = {_env_name(key) for key in DEFAULTS} | OTHER_VARIABLES
+    # Compared without the prefix they all share, which would make any two alike.
+    names = {name.removeprefix("BLYNKOTA_"): name for name in known}
+    for name in sorted(environ):
+        if name.startswith("BLYNKOTA_") and name not in known:
+            close = difflib.get_close_matches(name.removeprefix("BLYNKOTA_"), sorted(names), n=1)
+            hint = f" (did you mean {names[close[0]]}?)" if close else ""
+            warnings.append(f"environment: unknown variable {name} ignored{hint}")
+
+
 @dataclass(frozen=True)
 class Settings:
     http_port: int
@@ -348,6 +372,7 @@ def load_settings(
     for key in DEFAULTS:
         if _env_name(key) in environ:
             values[key] = environ[_env_name(key)]
+    _unknown_variables(environ, warnings)
     for key, value in (overrides or {}).items():
         values[key] = str(value)
 

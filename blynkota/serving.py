@@ -28,9 +28,12 @@ import sys
 import time
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError
+
 from .app import create_app
 from .config import ConfigError
 from .logs import configure_logging
+from .store import connection_problem
 
 __all__ = ["app", "create_app", "load_for_gunicorn", "main"]
 
@@ -166,6 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"blynkota: {error}", file=sys.stderr)
         return 2
     _configure_logging(application)
+    try:
+        return _serve(application, arguments, argv)
+    except DBAPIError as error:
+        problem = connection_problem(application.config["SETTINGS"].db_url, error)
+        if problem is None:
+            raise
+        print(f"blynkota: {problem}", file=sys.stderr)
+        return 2
+
+
+def _serve(application, arguments, argv: list[str]) -> int:
     from blynkota.runner import BlynkotaServer
     from blynkota.store import upgrade
 

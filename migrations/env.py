@@ -1,11 +1,13 @@
 """Alembic environment: the URL comes from the blynkota settings, never from alembic.ini."""
 
+import sys
 from logging.config import fileConfig
 
 from alembic import context
+from sqlalchemy.exc import DBAPIError
 
 from blynkota.config import load_settings
-from blynkota.store.db import make_engine
+from blynkota.store.db import connection_problem, make_engine
 from blynkota.store.models import Base
 
 config = context.config
@@ -47,7 +49,15 @@ def run_migrations_online() -> None:
     url = _database_url()
     _ensure_sqlite_folder(url)
     engine = make_engine(url)
-    with engine.connect() as connection:
+    try:
+        connection = engine.connect()
+    except DBAPIError as error:
+        problem = connection_problem(url, error)
+        if problem is None or config.attributes.get("db_url"):
+            raise  # blynkota's own upgrade (store/migrate.py) says it its way
+        print(f"alembic: {problem}", file=sys.stderr)  # the `alembic` command: one line
+        sys.exit(2)
+    with connection:
         context.configure(
             connection=connection,
             target_metadata=target_metadata,

@@ -238,6 +238,27 @@ def test_no_file_in_the_request(shared_server):
     assert answer.status == 400 and "curl -F file=@" in answer.text
 
 
+def test_an_unknown_parameter_is_refused_with_the_closest_known_one(shared_server):
+    """A typo never widens a start to every device by being ignored."""
+    before = len(shared_server.admin("GET", "/admin/ota/status").json())
+    for query, told in (
+        ("tag=greenhouse", "Unknown parameter 'tag': this route takes abortRatio,"),
+        ("usr=me@example.com", "Unknown parameter 'usr' (did you mean 'user'?)"),
+        ("user=me@example.com&waevs=10,100", "Unknown parameter 'waevs' (did you mean 'waves'?)"),
+    ):
+        answer = shared_server.upload(f"/admin/ota/start?{query}", esp8266_image(BUILD_NEW))
+        assert answer.status == 400 and answer.text.startswith(told), answer.text
+        assert "\n" not in answer.text.strip() and "this route takes" in answer.text
+    assert len(shared_server.admin("GET", "/admin/ota/status").json()) == before
+    limit = shared_server.admin("GET", "/admin/ota/status?limt=1")
+    assert limit.status == 400 and "(did you mean 'limit'?)" in limit.text
+    none = shared_server.admin("GET", "/admin/devices?x=1")
+    assert none.status == 400 and none.text.endswith("this route takes none.")
+    # Credentials are checked first: a stranger learns nothing of the parameters.
+    stranger = shared_server.admin("GET", "/admin/devices?x=1", auth=("x@example.com", "y"))
+    assert stranger.status in (401, 403)
+
+
 def test_any_form_field_name_carries_the_file(shared_server):
     answer = shared_server.admin(
         "POST", "/admin/ota/start", files={"upfile": ("x.bin", esp8266_image(BUILD_NEW))}

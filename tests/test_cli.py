@@ -42,10 +42,34 @@ def test_devices_add_prints_a_token_and_list_shows_it(app):
 
 
 def test_devices_add_refuses_a_taken_token(app):
-    arguments = ["devices", "add", "--user", "a@b.c", "--project", "P", "--token", "abc123"]
+    token = "abc123" + "0" * 26
+    arguments = ["devices", "add", "--user", "a@b.c", "--project", "P", "--token", token]
     assert run(app, *arguments).exit_code == 0
     again = run(app, *arguments)
     assert again.exit_code != 0 and "already belongs" in again.output
+
+
+@pytest.mark.parametrize("token", ["abc", "a" * 31, "a" * 33, "a" * 31 + "!", "a" * 31 + "é"])
+def test_every_provisioning_path_checks_the_token(app, tmp_path, token):
+    """32 characters of the token alphabet: `abc` is a typo, refused with the rule."""
+    rule = "A token is 32 characters: letters, digits, '-' or '_'."
+    added = run(app, "devices", "add", "--user", "a@b.c", "--project", "P", "--token", token)
+    assert added.exit_code != 0 and rule in added.output
+    rows = tmp_path / "devices.csv"
+    rows.write_text(f"token,user,project,name\n{'b' * 32},a@b.c,P,ok\n{token},a@b.c,P,x\n")
+    imported = run(app, "devices", "import-csv", str(rows))
+    assert imported.exit_code != 0 and f"device 2: {rule}" in imported.output
+    folder = tmp_path / "blynk-data"
+    folder.mkdir()
+    write_user(folder, "u_c@example.com.user", blynk_user("c@example.com", [
+        {"id": 1, "name": "G", "devices": [{"id": 0, "token": token}]}]))  # fmt: skip
+    blynk = run(app, "import-blynk", str(folder))
+    assert blynk.exit_code != 0
+    assert "u_c@example.com.user: dashboard 1 has a token that is not 32 characters" in (
+        blynk.output
+    )
+    with app.extensions["blynkota.db"].engine.connect() as connection:
+        assert connection.execute(sqlalchemy.text("SELECT count(*) FROM devices")).scalar() == 0
 
 
 def write_user(folder, name, document):

@@ -90,6 +90,30 @@ def test_unknown_keys_are_named_with_the_closest_known_key(tmp_path):
     )
 
 
+def test_unknown_environment_variables_are_named_with_the_closest_known_one():
+    """BLYNKOTA_ADMIN_PASSWORD (for BLYNKOTA_ADMIN_PASS) must not pass unseen:
+    the server would run with the default password."""
+    environ = {
+        "BLYNKOTA_ADMIN_PASSWORD": "s3cret",
+        "BLYNKOTA_HTTP_PROT": "8081",
+        "BLYNKOTA_NOTHING_LIKE_IT": "1",
+        "BLYNKOTA_CONFIG_FILE": "x",
+        "BLYNKOTA_URL": "https://ota.example:9443",  # the `blynkota` command's, known
+        "OTHER_ADMIN_PASSWORD": "not ours",
+    }
+    settings = load_settings(environ=environ)
+    assert settings.admin_pass == "admin" and settings.http_port == 8080
+    assert [w for w in settings.warnings if w.startswith("environment:")] == [
+        "environment: unknown variable BLYNKOTA_ADMIN_PASSWORD ignored "
+        "(did you mean BLYNKOTA_ADMIN_PASS?)",
+        "environment: unknown variable BLYNKOTA_CONFIG_FILE ignored "
+        "(did you mean BLYNKOTA_CONFIG?)",
+        "environment: unknown variable BLYNKOTA_HTTP_PROT ignored "
+        "(did you mean BLYNKOTA_HTTP_PORT?)",
+        "environment: unknown variable BLYNKOTA_NOTHING_LIKE_IT ignored",
+    ]
+
+
 def test_relative_paths_are_from_the_properties_files_folder(tmp_path, monkeypatch):
     folder = tmp_path / "etc"
     folder.mkdir()

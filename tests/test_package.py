@@ -71,21 +71,25 @@ def test_provisioning_commands_work_offline_from_any_folder(blynkota_command, tm
                  cwd=tmp_path)  # fmt: skip
     assert added.returncode == 0, added.stderr
     (tmp_path / "devices.csv").write_text(
-        "token,user,project,name\n,farm@example.com,Farm,pump\nabc123,farm@example.com,Farm,gate\n"
+        "token,user,project,name\n,farm@example.com,Farm,pump\nabc12300000000000000000000000000,farm@example.com,Farm,gate\n"
     )
     imported = _run(blynkota_command, *data, "devices", "import-csv", "devices.csv", cwd=tmp_path)
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.startswith("Added 2 device(s), 1 with a new token")
     again = _run(blynkota_command, *data, "devices", "import-csv", "devices.csv", cwd=tmp_path)
     assert again.returncode == 1
-    assert "nothing added: device 2: Token abc123 already belongs to a device." in again.stderr
+    taken = "nothing added: device 2: Token abc12300000000000000000000000000 already belongs"
+    assert taken in again.stderr
     exported = _run(blynkota_command, *data, "devices", "export-csv", cwd=tmp_path)
     rows = exported.stdout.splitlines()
     assert rows[0] == (
         "token,user,project,name,build,online,last_seen_at,fw_version,fw_type,lib_version"
     )
     assert f"{added.stdout.strip()},a@b.c,P,,,no,,,," in rows
-    assert "abc123,farm@example.com,Farm,gate,,no,,,," in rows and len(rows) == 4
+    assert (
+        "abc12300000000000000000000000000,farm@example.com,Farm,gate,,no,,,," in rows
+        and len(rows) == 4
+    )
     bad = _run(blynkota_command, "devices", "list", cwd=tmp_path,
                env={"PATH": "/usr/bin:/bin", "BLYNKOTA_LOG_LEVEL": "LOUD"})  # fmt: skip
     assert bad.returncode == 2

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 from alembic.script import ScriptDirectory
 
 from blynkota.store import alembic_config
@@ -286,3 +287,35 @@ def test_the_device_port_listens_with_the_configured_backlog_and_warns_past_soma
             assert warned == (backlog > somaxconn)
         finally:
             server.stop()
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "wsgi.py"],
+        ["flask", "--app", "wsgi", "devices", "list"],
+        [sys.executable, "-c", "from blynkota.console import main; main()", "devices", "list"],
+        ["alembic", "upgrade", "head"],
+    ],
+    ids=["server", "flask", "blynkota", "alembic"],
+)
+def test_a_database_refusing_the_login_is_one_line_and_exit_2(mysql_url, tmp_path, command):
+    """A wrong password: one line naming the database, its host and the cause, never
+    the password and no traceback, from the server and every command on the database."""
+    server = sqlalchemy.engine.make_url(mysql_url)  # skipped without MariaDB
+    url = server.set(username="blynkota_nobody", password="wrong-Pa55")
+    config = write_properties(
+        tmp_path / "server.properties",
+        {"db.url": url.render_as_string(hide_password=False), "data.folder": tmp_path / "data",
+         "http.port": 0, "https.port": 0},
+    )  # fmt: skip
+    result = subprocess.run(
+        command, cwd=ROOT, env=clean_env(BLYNKOTA_CONFIG=config), capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    where = f"cannot use the database {server.database!r} on {server.host}:{server.port or 3306}: "
+    assert where in last and "blynkota_nobody" in last and last.endswith("(db.url)")
+    assert "Traceback" not in result.stderr and "wrong-Pa55" not in result.stderr

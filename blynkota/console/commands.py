@@ -156,11 +156,15 @@ def firmware() -> None:
 @click.option("--abort-ratio", help="pause above this failure share, e.g. 0.2")
 @click.option("--wave-delay", help="time between waves: 30m, 1d")
 @click.option("--health-window", help="time a device verifies the update: 10m, 1h, 0 for none")
+@click.option(
+    "--yes", is_flag=True, help="with no target: start it for every device without asking"
+)
 @_connection_options
 def upload(file: Path, token, user, project, dry_run, now, queue, percent, waves, success,
            max_concurrent, max_attempts, attempt_timeout, abort_ratio, wave_delay,
-           health_window, **connection) -> None:  # fmt: skip
-    """Upload FILE and roll it out; prints the rollout id."""
+           health_window, yes, **connection) -> None:  # fmt: skip
+    """Upload FILE and roll it out; prints the rollout id. With no --token,
+    --user or --project it reaches every device: asked first (a dry run's count)."""
     if token and (user or project):
         raise click.UsageError("give --token (one device) or --user/--project, not both")
     if token and dry_run:
@@ -183,18 +187,18 @@ def upload(file: Path, token, user, project, dry_run, now, queue, percent, waves
         "healthWindow": health_window,
     }
     client = _client(**connection)
-    size = file.stat().st_size
-    with click.progressbar(length=size, label=f"Uploading {file.name}", file=sys.stderr) as bar:
-        answer = _call(lambda: client.upload("/admin/ota/start", query, file, bar.update))
+    everyone = not (token or user or project or dry_run)
+    if everyone and not yes:
+        if not sys.stdin.isatty():
+            raise Refusal(
+                "with no --token, --user or --project this starts a rollout to every device: "
+                "add --yes to start it (--dry-run shows them first)"
+            )
+        plan = _send(client, file, {**query, "dryRun": "true"})
+        click.confirm(f"{_planned(plan)} Start it for every device?", abort=True, err=True)
+    answer = _send(client, file, query)
     if dry_run:
-        incompatible = answer["incompatible"]
-        version = f"version {answer['fw_version']}, " if answer.get("fw_version") else ""
-        click.echo(
-            f"Dry run: {version}build {answer['build']} ({answer['chip'] or 'any chip'}), "
-            f"{len(answer['devices'])} device(s) would be taken in now"
-            + (f", {len(incompatible)} incompatible" if incompatible else "")
-            + ". Nothing was started."
-        )
+        click.echo(f"Dry run: {_planned(answer)} Nothing was started.")
         return
     firmware = answer.get("firmware") or {}
     version = f", version {firmware['title']}" if firmware.get("fw_version") else ""
@@ -205,6 +209,31 @@ def upload(file: Path, token, user, project, dry_run, now, queue, percent, waves
     )
 
 
+class Refusal(click.ClickException):
+    """One line and exit 2, as for a wrong setting."""
+
+    exit_code = 2
+
+
+def _send(client: AdminClient, file: Path, query: dict):
+    """POST the file to /admin/ota/start with `query`, with a progress bar on stderr."""
+    size = file.stat().st_size
+    with click.progressbar(length=size, label=f"Uploading {file.name}", file=sys.stderr) as bar:
+        return _call(lambda: client.upload("/admin/ota/start", query, file, bar.update))
+
+
+def _planned(answer: dict) -> str:
+    """A dry run's answer in words: "build X (esp8266), 12 device(s) would be taken in now"."""
+    incompatible = answer["incompatible"]
+    version = f"version {answer['fw_version']}, " if answer.get("fw_version") else ""
+    return (
+        f"{version}build {answer['build']} ({answer['chip'] or 'any chip'}), "
+        f"{len(answer['devices'])} device(s) would be taken in now"
+        + (f", {len(incompatible)} incompatible" if incompatible else "")
+        + "."
+    )
+
+
 @blynkota.group()
 def rollout() -> None:
     """Look at and steer rollouts (through the admin API)."""
@@ -212,8 +241,8 @@ def rollout() -> None:
 
 def finished(summary: dict) -> bool:
     """Nothing left to do: ended, or every device met has an outcome (its
-    health window passed) and a
-    campaign has met every device its target names (it waits for the rest)."""
+    health window passed) and a campaign has met every device its target
+    names (it waits for the rest)."""
     if summary["state"] in ("stopped", "superseded", "complete"):
         return True
     counts = summary["counts"]

@@ -3,6 +3,7 @@
 from .db import (
     Database,
     DatabaseHealth,
+    connection_problem,
     is_locked,
     is_outage,
     is_transient,
@@ -40,6 +41,7 @@ from .models import (
 __all__ = [
     "Database",
     "DatabaseHealth",
+    "connection_problem",
     "GroupCommit",
     "HotQuery",
     "ManyRows",

@@ -36,6 +36,7 @@ from ..metrics import DATABASE_ERRORS
 __all__ = [
     "Database",
     "DatabaseHealth",
+    "connection_problem",
     "is_locked",
     "is_outage",
     "is_transient",
@@ -204,6 +205,27 @@ def is_outage(error: BaseException) -> bool:
             or "unable to open database" in str(error.orig)
         )
     return False
+
+
+# Refusals when connecting: the settings are wrong, not the moment.
+_REFUSED_MYSQL = {1044, 1045, 1049, 1698, 2005}
+
+
+def connection_problem(url: str, error: BaseException) -> str | None:
+    """One line for an error that stops every use of the database at `url`
+    (unreachable, the login refused, no such database), naming the database,
+    its host and the cause; None for any other error. A password is never in it."""
+    if not isinstance(error, DBAPIError):
+        return None
+    if not (_mysql_code(error) in _REFUSED_MYSQL or is_outage(error)):
+        return None
+    args = getattr(error.orig, "args", ())
+    cause = str(args[1] if len(args) > 1 else error.orig).strip().splitlines()[0]
+    where = make_url(url)
+    if where.get_backend_name() == "sqlite":
+        return f"cannot open the SQLite database {where.database}: {cause} (db.url)"
+    host = f"{where.host or 'localhost'}:{where.port or 3306}"
+    return f"cannot use the database {where.database!r} on {host}: {cause} (db.url)"
 
 
 def is_unavailable(error: BaseException) -> bool:

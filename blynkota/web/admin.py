@@ -13,6 +13,7 @@ from .auth import auth, guard_admin_request
 from .csrf import check_csrf
 from .errors import TooLarge, status_of
 from .openapi import OPENAPI
+from .parameters import unknown_parameter
 
 __all__ = ["admin", "parse_rollout_id"]
 
@@ -31,7 +32,14 @@ def _service():
 
 @admin.before_request
 def _guard():
-    return guard_admin_request() or check_csrf()
+    refused = guard_admin_request() or check_csrf()
+    if refused is not None:
+        return refused
+    unknown = unknown_parameter()
+    if unknown is None:
+        return None
+    # Answered as the route would be: credentials first, so a stranger learns nothing.
+    return auth.login_required(lambda: _text(unknown, 400))()
 
 
 @admin.errorhandler(TooManyAttempts)

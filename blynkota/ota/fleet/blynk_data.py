@@ -7,10 +7,29 @@ keep one token per dashboard in `dashTokens`.
 """
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BlynkDevice", "BlynkProject", "BlynkUser", "BlynkDataError", "read_blynk_folder"]
+__all__ = [
+    "TOKEN_RULE",
+    "BlynkDevice",
+    "BlynkProject",
+    "BlynkUser",
+    "BlynkDataError",
+    "is_token",
+    "read_blynk_folder",
+]
+
+# A Blynk auth token: 32 characters, hex from the Blynk server, letters, digits,
+# '-' and '_' from the Blynk cloud (URL-safe base64). Every way of provisioning
+# a device checks it: a token a board cannot have is a typo.
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
+TOKEN_RULE = "32 characters: letters, digits, '-' or '_'"
+
+
+def is_token(text: str) -> bool:
+    return _TOKEN.fullmatch(text) is not None
 
 
 class BlynkDataError(ValueError):
@@ -73,6 +92,11 @@ def _read_user(path: Path) -> BlynkUser:
         legacy = legacy_tokens.get(str(dash_id))
         if not devices and legacy:
             devices.append(BlynkDevice(0, legacy, dashboard.get("boardType"), ""))
+        for device in devices:
+            if not isinstance(device.token, str) or not is_token(device.token):
+                raise BlynkDataError(
+                    f"{path.name}: dashboard {dash_id} has a token that is not {TOKEN_RULE}"
+                )
         projects.append(BlynkProject(dash_id, dashboard.get("name") or "", tuple(devices)))
     return BlynkUser(email=email, projects=tuple(projects))
 

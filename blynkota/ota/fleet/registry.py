@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from ...logsafe import token_tag
 from ...store import Database, Device, Project, User
-from .blynk_data import BlynkUser
+from .blynk_data import TOKEN_RULE, BlynkUser, is_token
 
 __all__ = [
     "UNKNOWN_OWNER",
@@ -87,8 +87,8 @@ class NewDevice:
             raise ProvisioningError(f"A project name is 1 to {TEXT_LIMIT} characters.")
         if len(self.name) > TEXT_LIMIT:
             raise ProvisioningError(f"A device name is at most {TEXT_LIMIT} characters.")
-        if self.token is not None and (not self.token.isalnum() or len(self.token) > 64):
-            raise ProvisioningError("A token is 1 to 64 letters and digits.")
+        if self.token is not None and not is_token(self.token):
+            raise ProvisioningError(f"A token is {TOKEN_RULE}.")
 
 
 # Where a device the upstream Blynk server accepted, and blynkota did not know,

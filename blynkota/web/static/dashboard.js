@@ -80,7 +80,7 @@ function query(form) {
   }
   if (scope !== "device") {
     for (const name of ["percent", "waves", "success", "maxConcurrent", "maxAttempts",
-                        "attemptTimeout", "abortRatio"]) {
+                        "attemptTimeout", "abortRatio", "healthWindow"]) {
       const value = (data.get(name) || "").trim();
       if (value) params.set(name, value);
     }
