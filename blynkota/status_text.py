@@ -68,6 +68,10 @@ def describe(summary: dict) -> str:
         f"target {summary['target']}  started by {summary['started_by']} {summary['started_at']}",
         _bar(summary),
     ]
+    if summary.get("state") == "scheduled":
+        lines.append(f"scheduled: starts at {summary['start_at']}")
+    if summary.get("window_outlook"):
+        lines.append(f"window: {summary['window_outlook']}")
     if summary.get("outcome"):
         lines.append(f"complete: {summary['outcome']}")
     if summary.get("reach"):

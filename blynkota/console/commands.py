@@ -156,13 +156,16 @@ def firmware() -> None:
 @click.option("--abort-ratio", help="pause above this failure share, e.g. 0.2")
 @click.option("--wave-delay", help="time between waves: 30m, 1d")
 @click.option("--health-window", help="time a device verifies the update: 10m, 1h, 0 for none")
+@click.option("--start-at", help="ISO 8601 time to start at (2026-12-24T02:00:00+01:00)")
+@click.option("--window", help="daily offer window, e.g. 02:00-05:00")
+@click.option("--tz", help="zone of --window and --start-at (Europe/Berlin)")
 @click.option(
     "--yes", is_flag=True, help="with no target: start it for every device without asking"
 )
 @_connection_options
 def upload(file: Path, token, user, project, dry_run, now, queue, percent, waves, success,
            max_concurrent, max_attempts, attempt_timeout, abort_ratio, wave_delay,
-           health_window, yes, **connection) -> None:  # fmt: skip
+           health_window, start_at, window, tz, yes, **connection) -> None:  # fmt: skip
     """Upload FILE and roll it out; prints the rollout id. With no --token,
     --user or --project it reaches every device: asked first (a dry run's count)."""
     if token and (user or project):
@@ -185,6 +188,9 @@ def upload(file: Path, token, user, project, dry_run, now, queue, percent, waves
         "abortRatio": abort_ratio,
         "waveDelay": wave_delay,
         "healthWindow": health_window,
+        "startAt": start_at,
+        "window": window,
+        "tz": tz,
     }
     client = _client(**connection)
     everyone = not (token or user or project or dry_run)
@@ -203,8 +209,11 @@ def upload(file: Path, token, user, project, dry_run, now, queue, percent, waves
     firmware = answer.get("firmware") or {}
     version = f", version {firmware['title']}" if firmware.get("fw_version") else ""
     reused = " (the same bytes as a stored firmware: reused)" if firmware.get("reused") else ""
+    started = "started"
+    if answer.get("state") == "scheduled":
+        started = f"scheduled for {answer['start_at']}"
     click.echo(
-        f"Rollout {answer['rollout']} started: {answer['devices']} device(s), "
+        f"Rollout {answer['rollout']} {started}: {answer['devices']} device(s), "
         f"build {answer['build']}, file {answer['path']}{version}{reused}"
     )
 

@@ -11,7 +11,8 @@
   `build_service`, and the refusals the domain answers with (errors.py).
 """
 
-from .admin import RolloutAdmin, Started
+from .admin import RolloutAdmin
+from .answers import Started
 from .clock import RolloutClock
 from .device_side import DeviceSide
 from .download_tracker import DownloadTicket, DownloadTracker

@@ -9,7 +9,7 @@ the rows they leave behind (pending devices that their node offers).
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 
 from gevent.event import Event
 from sqlalchemy import delete, select, update
@@ -29,10 +29,11 @@ from ..store import (
     RolloutState,
     utcnow,
 )
+from .answers import Started, firmware_answer
 from .clock import RolloutClock
 from .device_side import DeviceSide
 from .errors import Conflict, NotFound, Refused
-from .firmware.catalog import FirmwareCatalog, Upload, identity_of, served_path
+from .firmware.catalog import FirmwareCatalog, Upload, iso, served_path
 from .firmware.image import FirmwareRejected, ImageReport
 from .fleet.identities import DeviceIdentity
 from .fleet.online import FrameTooLarge, OfferDeferred, OfferFailed, OnlineDevices
@@ -53,34 +54,9 @@ from .rollouts.status import (
 )
 from .rollouts.targeting import campaign_target, devices_in_scope, devices_taken_in
 
-__all__ = ["RolloutAdmin", "Started"]
+__all__ = ["RolloutAdmin"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Started:
-    """What a start answers: the file's path (Blynk's plain-text answer), and in
-    JSON also the rollout id every later call needs and the devices it aims at."""
-
-    path: str
-    rollout: int
-    scope: str
-    devices: int  # registered devices in the rollout's scope
-    build: str | None
-    # The firmware sent: its identity (catalog.identity_of), its name, and
-    # whether the upload's bytes were a stored firmware already.
-    firmware: dict | None = None
-    # A single-device start whose device is downloading an earlier offer:
-    # this one waits for that download to end (the JSON answer says so).
-    waiting: str | None = None
-
-    def as_json(self) -> dict:
-        return asdict(self)
-
-
-def _firmware_answer(firmware: Firmware) -> dict:
-    return {"name": firmware.name, **identity_of(firmware), "reused": firmware.reused}
 
 
 class RolloutAdmin:
@@ -172,14 +148,15 @@ class RolloutAdmin:
 
         firmware, rollout = self.db.run(start)
         log.info(
-            "rollout %d of %s (build %s) to %s started by %s",
+            "rollout %d of %s (build %s) to %s %s by %s",
             rollout.id,
             firmware.name,
             report.build,
             scope,
+            rollout.state if rollout.state == RolloutState.SCHEDULED else "started",
             admin,
         )
-        if rollout.push_online:
+        if rollout.push_online and rollout.state == RolloutState.ACTIVE:
             self.clock.enrol_in_background(rollout.id)  # answered first: under a second at 10k
         devices = self.db.run(lambda session: devices_in_scope(session, scope, target_id))
         return Started(
@@ -188,7 +165,9 @@ class RolloutAdmin:
             scope,
             devices,
             report.build,
-            _firmware_answer(firmware),
+            firmware_answer(firmware),
+            state=rollout.state,
+            start_at=iso(rollout.start_at),
         )
 
     def _campaign_report(self, upload: Upload) -> ImageReport:
@@ -485,7 +464,7 @@ class RolloutAdmin:
             RolloutScope.DEVICE,
             1,
             firmware.build,
-            _firmware_answer(firmware),
+            firmware_answer(firmware),
             waiting,
         )
 

@@ -59,7 +59,7 @@ class RolloutClock:
             end_windows(session, health, now)
             if self.guards.reopen_joined(session):
                 self.fill_due.set()  # their pending devices are offered
-            grown = []
+            grown = self._start_scheduled(session, now)
             for rollout in session.scalars(
                 select(Rollout).where(Rollout.state == RolloutState.ACTIVE)
             ).all():
@@ -77,6 +77,21 @@ class RolloutClock:
         owed = set(grown) | set(self.enrolment.overdue(ENROLMENT_GRACE))
         entered = sum(self.enrol_online(rollout_id) for rollout_id in sorted(owed))
         return timed_out, entered
+
+    def _start_scheduled(self, session: Session, now) -> list[int]:
+        """Scheduled rollouts whose startAt has come start (planner.start_scheduled,
+        once whatever the number of nodes); those with now=true enter their
+        connected devices at once (returned)."""
+        due = session.scalars(
+            select(Rollout).where(Rollout.state == RolloutState.SCHEDULED, Rollout.start_at <= now)
+        ).all()
+        started = [
+            rollout for rollout in due if self.guards.planner.start_scheduled(session, rollout, now)
+        ]
+        for rollout in started:
+            log.info("rollout %d started as scheduled", rollout.id)
+            self.fill_due.set()
+        return [rollout.id for rollout in started if rollout.push_online]
 
     def enrol_online(self, rollout_id: int) -> int:
         """now=true, expand, a grown wave: connected devices enter (enrolment.py)."""

@@ -266,8 +266,13 @@ class RolloutState:
     # Every device it targets has an outcome; a campaign goes back to active
     # when a device joins its target (a new one, one seen for the first time).
     COMPLETE = "complete"
+    # startAt= in the future: started by the sweep at that time; no say over
+    # any device until then.
+    SCHEDULED = "scheduled"
     # States in which a rollout still has a say over its devices.
     RUNNING = (ACTIVE, PAUSED, COMPLETE)
+    # Not ended yet: `stop` applies.
+    LIVE = (*RUNNING, SCHEDULED)
 
 
 class Rollout(Base):
@@ -313,6 +318,12 @@ class Rollout(Base):
     abort_ratio: Mapped[Optional[float]] = mapped_column(Float)
     wave_delay: Mapped[Optional[int]]  # seconds
     health_window: Mapped[Optional[int]]  # seconds (healthWindow=, 0: none)
+    # startAt=: when a scheduled rollout starts (ota/rollouts/schedule.py).
+    start_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
+    # window=, tz=: offers only between these minutes of the day in that zone.
+    window_start: Mapped[Optional[int]]
+    window_end: Mapped[Optional[int]]
+    window_tz: Mapped[Optional[str]] = mapped_column(String(64))
     # When the current wave opened: with wave_delay, the next one waits for it.
     wave_opened_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     # The failure threshold judges only devices that finished after this.

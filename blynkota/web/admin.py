@@ -9,6 +9,8 @@ from ..numbers import ROW_ID_MAX, fraction, seconds, whole_number
 from ..ota import Controls, ControlsError, OtaError, Refused, Started, Upload
 from ..ota.fleet.login_limits import TooManyAttempts
 from ..ota.rollouts.cohorts import parse_waves
+from ..ota.rollouts.schedule import ScheduleError, parse_start_at, parse_window, zone
+from ..store import utcnow
 from .auth import auth, guard_admin_request
 from .csrf import check_csrf
 from .errors import TooLarge, status_of
@@ -83,6 +85,9 @@ def start_ota() -> Response:
     token = request.args.get("token")
     if token is not None and ("user" in request.args or "project" in request.args):
         raise Refused("Give token (one device) or user/project (a campaign), not both.")
+    campaign_only = [name for name in CAMPAIGN_ONLY if name in request.args]
+    if token is not None and campaign_only:
+        raise Refused(f"{', '.join(campaign_only)}: for campaigns, not one device (token).")
     queue = _flag("queue")  # offline device: keep the update pending for its next login
     if request.method == "GET":
         file_name = request.args.get("fileName")
@@ -168,11 +173,37 @@ def _ratio(name: str) -> float | None:
     return number
 
 
+# Parameters of a campaign's start that one device's (?token=) has no use for.
+CAMPAIGN_ONLY = (
+    "now", "percent", "waves", "success", "dryRun", "maxConcurrent", "attemptTimeout",
+    "maxAttempts", "abortRatio", "waveDelay", "healthWindow", "startAt", "window", "tz",
+)  # fmt: skip
+
+
+def _schedule() -> dict:
+    """startAt=, window= and tz=, checked (schedule.py)."""
+    window, start_at = request.args.get("window"), request.args.get("startAt")
+    if "tz" in request.args and window is None and start_at is None:
+        raise Refused("tz needs window or startAt: it is the zone they are read in.")
+    try:
+        tz = zone(request.args.get("tz"))
+        return {
+            "window": None if window is None else parse_window(window),
+            "window_tz": tz if window is not None else None,
+            "start_at": None if start_at is None else parse_start_at(start_at, tz, utcnow()),
+        }
+    except ScheduleError as error:
+        raise Refused(str(error)) from None
+
+
 def _controls() -> Controls:
-    """now=, percent=, waves=, success=, dryRun= and the rollout's own limits."""
+    """now=, percent=, waves=, success=, dryRun=, the rollout's own limits, its
+    start time and offer window."""
+    schedule = _schedule()
     try:
         waves = request.args.get("waves")
         return Controls(
+            **schedule,
             push_online=_flag("now") if "now" in request.args else None,
             percent=_number("percent", 1, 100),
             waves=parse_waves(waves) if waves is not None else (),

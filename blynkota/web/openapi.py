@@ -83,6 +83,12 @@ _STARTED = {
                         "nullable": True,
                         "description": "why a single-device update waits (a download under way)",
                     },
+                    "state": {"type": "string", "enum": ["active", "scheduled"]},
+                    "start_at": {
+                        "type": "string",
+                        "nullable": True,
+                        "description": "startAt=: when a scheduled rollout starts (UTC)",
+                    },
                 },
             }
         },
@@ -124,6 +130,19 @@ _CAMPAIGN = [
     _query("maxAttempts", "attempts per device (ota.max.attempts)", _INT),
     _query("abortRatio", "failure share that pauses it, 0 to 1 (ota.abort.failure.ratio)"),
     _query("waveDelay", "with waves: the least time (90s, 15m, 24h) between two waves"),
+    _query(
+        "startAt",
+        "ISO 8601 time (2026-12-24T02:00:00+01:00; without an offset: in tz): the rollout "
+        "is created scheduled and starts then",
+    ),
+    _query(
+        "window",
+        "daily offer window HH:MM-HH:MM (02:00-05:00; across midnight allowed): offers only "
+        "inside it; downloads begun inside may finish",
+    ),
+    _query(
+        "tz", "the zone of window and startAt (IANA, e.g. Europe/Berlin; default: the server's)"
+    ),
     _query(
         "healthWindow",
         "time (10m, 1h; 0: none) a device verifies the new build before it counts as "

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from ...store import DeviceState, Firmware, Rollout, RolloutDevice, RolloutScope, RolloutState
 from .cohorts import bucket, parse_waves, wave_of
 from .compatibility import BoardReport, ImageIdentity, incompatibility, runs_already
+from .schedule import OfferWindow, window_of
 
 __all__ = [
     "TARGET_COLUMN",
@@ -52,6 +53,9 @@ _CANDIDATE_COLUMNS = (
     _firmware.c.fw_version,
     _rollouts.c.allow_downgrade,
     _rollouts.c.health_window,
+    _rollouts.c.window_start,
+    _rollouts.c.window_end,
+    _rollouts.c.window_tz,
 )
 _ALL_RUNNING = (
     select(
@@ -94,6 +98,14 @@ class Candidate:
     fw_version: str | None = None
     allow_downgrade: bool = False
     health_window: int | None = None  # its own healthWindow=, seconds
+    window_start: int | None = None  # window=: minutes of the day, in window_tz
+    window_end: int | None = None
+    window_tz: str | None = None
+
+    @functools.cached_property
+    def window(self) -> OfferWindow | None:
+        """When it may offer: its daily window, or None (all day)."""
+        return window_of(self.window_start, self.window_end, self.window_tz)
 
     @functools.cached_property  # judged for every device a login batch reports
     def image(self) -> ImageIdentity:
@@ -198,4 +210,7 @@ def candidate_of(rollout: Rollout) -> Candidate:
         fw_version=firmware.fw_version,
         allow_downgrade=rollout.allow_downgrade,
         health_window=rollout.health_window,
+        window_start=rollout.window_start,
+        window_end=rollout.window_end,
+        window_tz=rollout.window_tz,
     )

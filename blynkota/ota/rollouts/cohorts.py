@@ -7,6 +7,7 @@ percentage always includes the narrower one (canary devices stay in).
 
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 
 from ...numbers import whole_number
 
@@ -52,6 +53,9 @@ class Controls:
     abort_ratio: float | None = None  # ota.abort.failure.ratio
     wave_delay: int | None = None  # seconds a wave runs at least before the next opens
     health_window: int | None = None  # seconds, ota.health.window (0: none)
+    start_at: datetime | None = None  # naive UTC: created scheduled, started then
+    window: tuple[int, int] | None = None  # minutes of the day: offers only inside
+    window_tz: str | None = None  # the window's zone (IANA), with window
     allow_downgrade: bool = False  # devices on a newer version or build are offered it too
 
     def __post_init__(self) -> None:

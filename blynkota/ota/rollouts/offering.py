@@ -6,15 +6,14 @@ slot, devices entered by now=true, expand, resume, a login that found an
 update due, a ?token= request served by another process); `send_now` takes
 the one device of a ?token= request connected to this process, at once.
 Both claim in `_claim`, by `_refusal`: the rollout active and healthy, still
-the device's most specific one, the device not on the target already and
-able to run the image, its row pending and due, no other `ota` in flight to
-it, a download slot free in the server and in the rollout. The offer-slots
-row is locked for the claim, so no two processes both take the last slot;
-rows are locked while they are judged. A campaign to ten thousand connected
-devices is a few dozen transactions, not forty thousand.
+the device's most specific one, inside its offer window (window=), the device
+not on the target already and able to run the image, its row pending and due,
+no other `ota` in flight to it, a download slot free in the server and in the
+rollout. The offer-slots row is locked for the claim, so no two processes both
+take the last slot; rows are locked while they are judged. Ten thousand
+connected devices are a few dozen transactions, not forty thousand.
 
-Recorded first, written after: the device may ask for the file before the
-writing greenlet runs again.
+Recorded first, written after: the device may ask for the file at once.
 """
 
 import logging
@@ -66,6 +65,7 @@ from .device_states import (
 from .guards import RolloutGuards
 from .health import reached_target
 from .lifecycle import UpdateLifecycle
+from .schedule import closed_rollouts
 
 __all__ = ["IN_FLIGHT", "NO_SLOT", "Offer", "Offers", "new_offer", "replace_unstarted_offers"]
 
@@ -98,6 +98,7 @@ _DUE = HotQuery(
         (RolloutDevice.next_attempt_at.is_(None))
         | (RolloutDevice.next_attempt_at <= bindparam("now")),
         Rollout.state == RolloutState.ACTIVE,
+        Rollout.id.not_in(bindparam("closed", expanding=True)),
         Device.node_id == bindparam("node"),
     )
     .order_by(RolloutDevice.pending_at, RolloutDevice.id)
@@ -203,6 +204,8 @@ def _refusal(
         return IN_FLIGHT, None  # one `ota` in flight per device, whatever rollouts name it
     if candidate is None or candidate.rollout_id != item.rollout_id:
         return TAKEN_OVER, None
+    if candidate.window is not None and not candidate.window.contains(now):
+        return candidate.window.outlook(now), None  # pending until the window opens
     return verdicts.of(candidate, reported)
 
 
@@ -237,7 +240,10 @@ class Offers:
             budget = self._free_hint or self.guards.free_slots(session)
             if budget <= 0:
                 return []
-            return _DUE.rows(session, now=utcnow(), node=node_id, limit=min(limit, 2 * budget + 10))
+            now, most = utcnow(), min(limit, 2 * budget + 10)
+            # Outside their offer window ([0]: none; an empty hot IN list matches nothing).
+            closed = closed_rollouts(session, now) or [0]
+            return _DUE.rows(session, now=now, node=node_id, closed=closed, limit=most)
 
         def find_and_claim(session: Session) -> list[_Claimed]:
             # One transaction: the due rows are read before the offer-slots
@@ -299,9 +305,8 @@ class Offers:
                 raise OfferFailed(error)
 
     def _row_now(self, session: Session, row_id: int) -> tuple[str | None, bool]:
-        """(the row's state, whether it is in flight on an offer of this node's
-        run, its fill's): read as it is now, past the transaction's snapshot
-        (a locking read)."""
+        """(its state, whether it is in flight on an offer of this node's run, its
+        fill's): read as it is now, past the snapshot (a locking read)."""
         row = session.execute(
             select(RolloutDevice.state, RolloutDevice.offer_node_id, RolloutDevice.offer_node_run)
             .where(RolloutDevice.id == row_id)

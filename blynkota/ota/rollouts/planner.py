@@ -11,7 +11,7 @@ from ...store import (
     RolloutState,
     utcnow,
 )
-from .candidates import TARGET_COLUMN, running_key
+from .candidates import TARGET_COLUMN, running_key, target_of
 from .cohorts import Controls
 from .lifecycle import UpdateLifecycle
 
@@ -43,14 +43,20 @@ class RolloutPlanner:
         """
         now = utcnow()
         controls = controls or Controls()
+        scheduled = controls.start_at is not None and controls.start_at > now
         rollout = Rollout(
             scope=scope,
             firmware_id=firmware.id,
             started_by=started_by,
             started_at=now,
+            state=RolloutState.SCHEDULED if scheduled else RolloutState.ACTIVE,
+            start_at=controls.start_at,
+            window_start=controls.window[0] if controls.window else None,
+            window_end=controls.window[1] if controls.window else None,
+            window_tz=controls.window_tz if controls.window else None,
             push_online=controls.push_online,
             allow_downgrade=controls.allow_downgrade,
-            enrol_due_at=now if controls.push_online else None,
+            enrol_due_at=now if controls.push_online and not scheduled else None,
             percent=controls.start_percent,
             waves=",".join(map(str, controls.waves)) or None,
             success_percent=controls.success_percent,
@@ -61,41 +67,72 @@ class RolloutPlanner:
             abort_ratio=controls.abort_ratio,
             wave_delay=controls.wave_delay,
             health_window=controls.health_window,
-            wave_opened_at=now if controls.waves else None,
+            wave_opened_at=now if controls.waves and not scheduled else None,
         )
         if scope in TARGET_COLUMN:
             setattr(rollout, TARGET_COLUMN[scope].key, target_id)
         rollout.firmware = firmware
         session.add(rollout)
         session.flush()
+        verb = "started"
+        if scheduled:
+            verb = f"scheduled for {controls.start_at:%Y-%m-%d %H:%M:%S} UTC"
         _log(
             session,
             rollout.id,
             None,
             rollout.state,
-            f"started by {started_by}{_describe(controls)}",
+            f"{verb} by {started_by}{_describe(controls)}",
             now,
         )
-        key = running_key(scope, target_id)
+        if not scheduled:
+            self._take_over(session, rollout.id, running_key(scope, target_id), started_by, now)
+        return rollout
+
+    def _take_over(self, session: Session, rollout_id: int, key: str, by: str, now) -> None:
+        """The rollout becomes the one running for its scope and target: the
+        one running there until now is superseded."""
         running = session.execute(
             select(Rollout.id, Rollout.state).where(Rollout.running_key == key).with_for_update()
         ).all()
         for old_id, old_state in running:
             self._end(
-                session, old_id, old_state, RolloutState.SUPERSEDED, started_by, now,
-                superseded_by_id=rollout.id,
+                session, old_id, old_state, RolloutState.SUPERSEDED, by, now,
+                superseded_by_id=rollout_id,
             )  # fmt: skip
         session.execute(
             update(Rollout)
-            .where(Rollout.id == rollout.id)
+            .where(Rollout.id == rollout_id)
             .values(running_key=key)
             .execution_options(synchronize_session=False)
         )
-        return rollout
+
+    def start_scheduled(self, session: Session, rollout: Rollout, now) -> bool:
+        """A scheduled rollout whose time has come starts (once: a conditional
+        UPDATE, whatever the number of nodes sweeping); True if this call did it."""
+        result = session.execute(
+            update(Rollout)
+            .where(Rollout.id == rollout.id, Rollout.state == RolloutState.SCHEDULED)
+            .values(
+                state=RolloutState.ACTIVE,
+                started_at=now,
+                enrol_due_at=now if rollout.push_online else None,
+                wave_opened_at=now if rollout.waves else None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:
+            return False
+        _log(session, rollout.id, RolloutState.SCHEDULED, RolloutState.ACTIVE,
+             f"started as scheduled (startAt {rollout.start_at:%Y-%m-%d %H:%M:%S} UTC)",
+             now)  # fmt: skip
+        key = running_key(rollout.scope, target_of(rollout))
+        self._take_over(session, rollout.id, key, rollout.started_by, now)
+        return True
 
     def stop(self, session: Session, stopped_by: str, rollout_id: int | None = None) -> int:
         """Stop one rollout, or every running one; returns how many this call stopped."""
-        query = select(Rollout.id, Rollout.state).where(Rollout.state.in_(RolloutState.RUNNING))
+        query = select(Rollout.id, Rollout.state).where(Rollout.state.in_(RolloutState.LIVE))
         if rollout_id is not None:
             query = query.where(Rollout.id == rollout_id)
         now = utcnow()
@@ -234,6 +271,10 @@ def _describe(controls: Controls) -> str:
     ):
         if value is not None:
             parts.append(f"{name}={value:g}")
+    if controls.window:
+        start, end = controls.window
+        parts.append(f"window={start // 60:02d}:{start % 60:02d}-{end // 60:02d}:{end % 60:02d}")
+        parts.append(f"tz={controls.window_tz}")
     return f" ({', '.join(parts)})" if parts else ""
 
 

@@ -17,11 +17,13 @@ from ...store import (
     RolloutScope,
     RolloutState,
     User,
+    utcnow,
 )
 from ..firmware.catalog import identity_of, iso, served_path
 from .candidates import target_of
 from .guards import RolloutGuards, outcome
 from .lifecycle import UpdateLifecycle
+from .schedule import window_of
 from .targeting import in_scope
 
 __all__ = [
@@ -94,10 +96,12 @@ def rollout_summaries(
         for row in session.execute(text("SELECT * FROM rollout_progress")).mappings()
     }
 
-    summaries = []
+    summaries, now = [], utcnow()
     for rollout in rollouts:
         counts = progress.get(rollout.id, {})
         targeted, seen = _reach(session, rollout)
+        window = window_of(rollout.window_start, rollout.window_end, rollout.window_tz)
+        running = rollout.state in RolloutState.LIVE
         summaries.append(
             {
                 "id": rollout.id,
@@ -131,6 +135,10 @@ def rollout_summaries(
                 "seen": seen,
                 "reach": _reach_text(targeted, seen),
                 "outcome": outcome(counts) if rollout.state == RolloutState.COMPLETE else None,
+                # startAt= and window= (schedule.py): when it starts, when it offers.
+                "start_at": iso(rollout.start_at),
+                "window": window.text if window else None,
+                "window_outlook": window.outlook(now) if window and running else None,
                 "counts": {state: int(counts.get(state) or 0) for state in DeviceState.ALL},
                 "already_up_to_date": int(counts.get("already_up_to_date") or 0),
                 # Devices that came back on another build after updating, at least once.
