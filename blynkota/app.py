@@ -21,6 +21,7 @@ from .ota import (
     build_service,
 )
 from .ota.firmware.signatures import load_public_keys
+from .ota.notifications import WebhookNotifier
 from .store import Database
 
 __all__ = ["BadSettings", "create_app", "create_app_for_commands"]
@@ -84,7 +85,12 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
         policy=policy,
         fleet_policy=fleet_policy,
         health_policy=health_policy,
+        notifier=WebhookNotifier(
+            db, settings.webhook_urls, settings.webhook_secret, settings.webhook_backoff
+        ),
     )
+    if settings.webhook_urls and not settings.webhook_secret:
+        log.warning("notify.webhook.urls without notify.webhook.secret: webhooks go unsigned")
     app.extensions["blynkota.fleet"] = FleetRegistry(db)
     app.extensions["blynkota.admins"] = AdminDirectory(db)
 

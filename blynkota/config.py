@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import javaproperties
 from sqlalchemy.engine import make_url
@@ -82,6 +83,9 @@ DEFAULTS: dict[str, str] = {
     "relay.upstream": "",
     "relay.upstream.ssl": "false",
     "relay.connect.timeout": "5",
+    "notify.webhook.urls": "",
+    "notify.webhook.secret": "",
+    "notify.webhook.backoff": "10",
 }
 
 DEFAULT_ADMIN_PASS = DEFAULTS["admin.pass"]
@@ -217,6 +221,11 @@ class Settings:
     relay_upstream: tuple[str, int] | None
     relay_ssl: str  # "false", "true" (the system's CAs), "insecure", or a CA file's path
     relay_connect_timeout: float
+    # Rollout events POSTed as JSON to these URLs (ota/notifications.py), signed
+    # with an HMAC-SHA256 of the body under the secret; retried from `backoff` s.
+    webhook_urls: tuple[str, ...]
+    webhook_secret: str
+    webhook_backoff: float
     source: str  # which properties file was read, for the start-up log
     # Keys that were ignored (a typo, say), one line each, for the start-up log.
     warnings: tuple[str, ...] = field(default=())
@@ -257,6 +266,18 @@ def _number(values: Mapping[str, str], key: str, low: float, high: float) -> flo
 def _paths(text: str) -> tuple[Path, ...]:
     """A comma-separated list of paths (`~` expanded), empty items left out."""
     return tuple(Path(part.strip()).expanduser() for part in text.split(",") if part.strip())
+
+
+def _urls(values: Mapping[str, str], key: str) -> tuple[str, ...]:
+    """A comma-separated list of http(s) URLs, each at most 255 characters."""
+    urls = tuple(part.strip() for part in values[key].split(",") if part.strip())
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 255:
+            raise ConfigError(
+                f"{key}: {url[:60]!r} is not an http(s) URL of at most 255 characters"
+            )
+    return urls
 
 
 def _boolean(values: Mapping[str, str], key: str) -> bool:
@@ -431,6 +452,9 @@ def load_settings(
         relay_upstream=_host_port(values, "relay.upstream"),
         relay_ssl=_relay_ssl(values, "relay.upstream.ssl"),
         relay_connect_timeout=_number(values, "relay.connect.timeout", 0.1, 120),
+        webhook_urls=_urls(values, "notify.webhook.urls"),
+        webhook_secret=values["notify.webhook.secret"],
+        webhook_backoff=_number(values, "notify.webhook.backoff", 0.1, 3600),
         source=", ".join(sources) or "built-in defaults",
         warnings=tuple(warnings),
     )

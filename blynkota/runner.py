@@ -365,6 +365,7 @@ class BlynkotaServer:
                 self.app.extensions["blynkota.admins"].limits.forget_quiet()
             with SWEEPS.time():
                 timed_out, entered = self.service.clock.sweep()
+            self.service.notifier.kick()  # webhooks: in a greenlet of their own
             if timed_out or entered:
                 log.info(
                     "sweep: %d attempt(s) timed out, %d device(s) entered a grown wave",

@@ -37,6 +37,7 @@ from .firmware.catalog import FirmwareCatalog, Upload, iso, served_path
 from .firmware.image import FirmwareRejected, ImageReport
 from .fleet.identities import DeviceIdentity
 from .fleet.online import FrameTooLarge, OfferDeferred, OfferFailed, OnlineDevices
+from .notifications import delivery_report
 from .rollouts.candidates import Candidate
 from .rollouts.cohorts import Controls
 from .rollouts.compatibility import BoardReport, ImageIdentity, incompatibility
@@ -350,6 +351,9 @@ class RolloutAdmin:
 
     def fleet_overview(self) -> dict:
         return self.db.run(fleet_overview)
+
+    def webhooks(self) -> list[dict]:
+        return self.db.run(delivery_report)
 
     def detail(self, rollout_id: int) -> dict:
         def work(session: Session) -> dict | None:

@@ -27,6 +27,7 @@ from .device_side import DeviceSide
 from .download_tracker import DownloadTracker
 from .firmware.catalog import FirmwareCatalog
 from .fleet.online import OnlineDevices
+from .notifications import WebhookNotifier
 from .rollouts.guards import FleetPolicy, RolloutGuards
 from .rollouts.health import HealthPolicy
 from .rollouts.lifecycle import RetryPolicy, UpdateLifecycle
@@ -49,6 +50,8 @@ class OtaService:
     # Set when pending devices connected here may be offered: the device
     # role's fill clock waits on it (runner.py).
     fill_due: Event
+    # Rollout events to notify.webhook.urls, sent by the sweeping node.
+    notifier: WebhookNotifier
 
 
 def build_service(
@@ -60,6 +63,7 @@ def build_service(
     policy: RetryPolicy | None = None,
     fleet_policy: FleetPolicy | None = None,
     health_policy: HealthPolicy | None = None,
+    notifier: WebhookNotifier | None = None,
 ) -> OtaService:
     fill_due = Event()
     planner = RolloutPlanner()
@@ -72,4 +76,7 @@ def build_service(
     admin = RolloutAdmin(
         db, catalog, planner, lifecycle, guards, devices, offers, clock, online, fill_due
     )
-    return OtaService(devices, downloads, offers, admin, clock, catalog, online, node, fill_due)
+    notifier = notifier or WebhookNotifier(db, (), "", 10.0)
+    return OtaService(
+        devices, downloads, offers, admin, clock, catalog, online, node, fill_due, notifier
+    )

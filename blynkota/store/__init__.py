@@ -35,6 +35,8 @@ from .models import (
     RolloutScope,
     RolloutState,
     User,
+    WebhookDelivery,
+    WebhookEndpoint,
     utcnow,
 )
 
@@ -73,6 +75,8 @@ __all__ = [
     "RolloutScope",
     "RolloutState",
     "User",
+    "WebhookDelivery",
+    "WebhookEndpoint",
     "drain",
     "utcnow",
 ]

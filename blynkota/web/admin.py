@@ -309,6 +309,13 @@ def list_devices() -> Response:
     return jsonify([_jsonable(asdict(row)) for row in fleet.list_devices()])
 
 
+@admin.get("/webhooks")
+@auth.login_required
+def list_webhooks() -> Response:
+    """Each webhook URL: its deliveries by state and the latest attempt's outcome."""
+    return jsonify(_service().webhooks())
+
+
 @admin.get("/firmware")
 @auth.login_required
 def list_firmware() -> Response:

@@ -13,6 +13,7 @@ from flask import Blueprint, Response, current_app, redirect, render_template, r
 
 from ..numbers import in_words, whole_number
 from ..ota import Conflict, NotFound, OtaError, Refused
+from ..ota.notifications import where
 from ..store import DeviceState
 from .admin import parse_rollout_id
 from .auth import auth, guard_admin_request
@@ -171,7 +172,12 @@ def rollout_action(rollout_id: str) -> Response:
 @dashboard.get("/fleet")
 @auth.login_required
 def fleet() -> str:
-    return render_template("dashboard/fleet.html", fleet=_service().fleet_overview(), mode=_mode())
+    return render_template(
+        "dashboard/fleet.html",
+        fleet=_service().fleet_overview(),
+        mode=_mode(),
+        webhooks=[{**hook, "where": where(hook["url"])} for hook in _service().webhooks()],
+    )
 
 
 def _mode() -> dict:

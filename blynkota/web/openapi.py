@@ -239,6 +239,12 @@ OPENAPI = {
                 "responses": _answers(_JSON_OK, 404, 409),
             }
         },
+        "/admin/webhooks": {
+            "get": {
+                "summary": "Each notify.webhook.urls URL: deliveries by state, the latest outcome",
+                "responses": _answers(_JSON_OK),
+            }
+        },
         "/admin/firmware": {
             "get": {"summary": "Every uploaded firmware", "responses": _answers(_JSON_OK)}
         },
