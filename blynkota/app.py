@@ -11,6 +11,7 @@ from .cluster import ClusterNode, NodeSettings
 from .config import ConfigError, load_settings
 from .ota import (
     AdminDirectory,
+    AuditTrail,
     FirmwareCache,
     FirmwareCatalog,
     FleetPolicy,
@@ -93,6 +94,7 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
         log.warning("notify.webhook.urls without notify.webhook.secret: webhooks go unsigned")
     app.extensions["blynkota.fleet"] = FleetRegistry(db)
     app.extensions["blynkota.admins"] = AdminDirectory(db)
+    app.extensions["blynkota.audit"] = AuditTrail(db)
 
     web.init_app(app)
     cli.init_app(app)

@@ -5,6 +5,10 @@ The same commands serve `flask --app wsgi ...` and `blynkota ...` (console.py).
 """
 
 import csv
+import functools
+import getpass
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -20,9 +24,9 @@ from .ota import (
     read_blynk_folder,
 )
 from .status_text import render, table
-from .store import connection_problem, upgrade
+from .store import AdminRole, connection_problem, upgrade
 
-__all__ = ["devices", "import_blynk", "init_app"]
+__all__ = ["admins", "devices", "import_blynk", "init_app"]
 
 
 def _fleet():
@@ -60,6 +64,40 @@ class DatabaseCommand(_OneLineDatabaseErrors, click.Command):
     pass
 
 
+def audited(action: str, described: Callable[..., str]):
+    """The command writes an audit entry (ota/fleet/audit.py): done (200) or
+    refused (400), by the command line's user; `described` says what, from its
+    arguments (never a token, never a password)."""
+
+    def wrap(command):
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            status = 400
+            try:
+                result = command(*args, **kwargs)
+                status = 200
+                return result
+            finally:
+                current_app.extensions["blynkota.audit"].record(
+                    admin=f"command line ({_os_user()})",
+                    address="command line",
+                    action=action,
+                    status=status,
+                    detail=described(**kwargs),
+                )
+
+        return run
+
+    return wrap
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for the process's user (a container)
+        return str(os.getuid())
+
+
 @click.group("devices", cls=DatabaseGroup, help="Provision and list devices.")
 def devices() -> None:
     pass
@@ -70,6 +108,7 @@ def devices() -> None:
 @click.option("--project", required=True, help="Project name (created if new).")
 @click.option("--name", default="", help="Device name.")
 @click.option("--token", default=None, help="32-character token (random when omitted).")
+@audited("add device", lambda email, project, name, token: f"{email} / {project} {name}".strip())
 def add_device(email: str, project: str, name: str, token: str | None) -> None:
     """Add a device and print its token."""
     try:
@@ -159,6 +198,7 @@ def _csv_devices(path: Path) -> list[NewDevice]:
 
 @devices.command("import-csv")
 @click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@audited("import csv", lambda csv_file: str(csv_file))
 def import_csv(csv_file: Path) -> None:
     """Add the devices of a CSV file (token,user,project,name), all or none."""
     rows = _csv_devices(csv_file)
@@ -200,6 +240,7 @@ def export_csv(csv_file) -> None:
 @click.command("import-blynk", cls=DatabaseCommand)
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @with_appcontext
+@audited("import blynk", lambda data_dir: str(data_dir))
 def import_blynk(data_dir: Path) -> None:
     """Import users, projects and device tokens from a Blynk server's data folder."""
     try:
@@ -232,7 +273,67 @@ def ota_status(rollout: int | None) -> None:
     click.echo(render(summaries))
 
 
+@click.group("admins", cls=DatabaseGroup, help="Admin accounts and their roles.")
+def admins() -> None:
+    pass
+
+
+def _admins():
+    upgrade(current_app.config["SETTINGS"].db_url)
+    return current_app.extensions["blynkota.admins"]
+
+
+_ROLE = click.Choice(AdminRole.ALL)
+
+
+@admins.command("add")
+@click.argument("email")
+@click.option("--role", type=_ROLE, default=AdminRole.VIEWER, show_default=True)
+@click.password_option(help="at least 8 characters (asked for when not given)")
+@audited("add admin", lambda email, role, password: f"{email} as {role}")
+def add_admin(email: str, role: str, password: str) -> None:
+    """Add an account: viewers read, operators also steer rollouts, admins also
+    delete devices and firmware."""
+    try:
+        _admins().add(email, password, role)
+    except ProvisioningError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"Added {email} as {role}.")
+
+
+@admins.command("list")
+def list_admins() -> None:
+    """Every account and its role."""
+    click.echo(table([("EMAIL", "ROLE"), *_admins().accounts()]))
+
+
+@admins.command("role")
+@click.argument("email")
+@click.argument("role", type=_ROLE)
+@audited("set role", lambda email, role: f"{email} to {role}")
+def set_role(email: str, role: str) -> None:
+    """Give an account another role (the last admin keeps its own)."""
+    try:
+        _admins().set_role(email, role)
+    except ProvisioningError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{email} is {role} now.")
+
+
+@admins.command("remove")
+@click.argument("email")
+@audited("remove admin", lambda email: email)
+def remove_admin(email: str) -> None:
+    """Remove an account (never the last admin; admin.email comes back at the next start)."""
+    try:
+        _admins().remove(email)
+    except ProvisioningError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"Removed {email}.")
+
+
 def init_app(app: Flask) -> None:
+    app.cli.add_command(admins)
     app.cli.add_command(devices)
     app.cli.add_command(import_blynk)
     app.cli.add_command(ota)

@@ -87,7 +87,11 @@ class RequestHandler(WSGIHandler):
     def log_request(self) -> None:
         gone = getattr(self, "_client_gone", None)
         if gone is None:
-            return super().log_request()
+            logger = getattr(self.server.log, "_logger", None)
+            if not isinstance(logger, logging.Logger):
+                return super().log_request()
+            # The line as text, and its fields for log.format=json (logs.JsonLines).
+            return logger.info(self.format_request(), extra={"access": self._access_fields()})
         self._client_gone = None
         log.info(
             'request from %s: "%s" ended: the client went away before the answer (%s)',
@@ -119,6 +123,18 @@ class RequestHandler(WSGIHandler):
         now = datetime.now().replace(microsecond=0)
         line = _request_line(self.requestline or "")
         return f'{self._client() or "-"} - - [{now}] "{line}" {status} {length} {seconds}'
+
+    def _access_fields(self) -> dict:
+        parts = _request_line(self.requestline or "").split(" ")
+        status = (self._orig_status or self.status or "000").split()[0]
+        return {
+            "method": parts[0] if len(parts) == 3 else None,
+            "path": parts[1] if len(parts) == 3 else None,
+            "status": int(status) if status.isdigit() else None,
+            "bytes": self.response_length or 0,
+            "duration": round(self.time_finish - self.time_start, 6) if self.time_finish else None,
+            "client": self._client(),
+        }
 
     def _client(self) -> str | None:
         address = self.client_address

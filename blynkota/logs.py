@@ -140,6 +140,9 @@ class JsonLines(logging.Formatter):
         rollout = getattr(record, "rollout", None)
         if rollout is not None:
             line["rollout"] = rollout
+        access = getattr(record, "access", None)  # an HTTP request's (http_handler.py)
+        if access:
+            line.update(access)
         if _node["name"]:
             line["node"] = _node["name"]
         if record.exc_info:

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,7 @@ class ServerProcess:
         path: str,
         *,
         files: dict[str, tuple[str, bytes]] | None = None,
+        form: dict[str, str] | None = None,
         auth: tuple[str, str] | None = (ADMIN_EMAIL, ADMIN_PASS),
         secure: bool = True,
         headers: dict[str, str] | None = None,
@@ -217,6 +219,9 @@ class ServerProcess:
                 parts.append(head.encode() + data + b"\r\n")
             body = b"".join(parts) + f"--{boundary}--\r\n".encode()
             headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
+        if form is not None:  # as a plain HTML form posts (no browser headers: no CSRF asked)
+            body = urllib.parse.urlencode(form).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
         if secure:
             context = ssl.create_default_context()
             context.check_hostname = False

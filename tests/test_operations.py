@@ -97,6 +97,14 @@ def test_metrics_count_logins_offers_downloads_and_the_fleet(monitored):
     connected = [name for name in after if name.startswith("blynkota_devices_connected{")]
     assert len(connected) == 1 and after[connected[0]] == 1  # one node, one device
     assert after["blynkota_sweep_seconds_count"] > 0  # this process holds the sweeper lease
+    rollouts = {
+        name: value for name, value in after.items() if name.startswith("blynkota_rollouts{")
+    }
+    assert rollouts in ({'blynkota_rollouts{state="active"}': 1.0},
+                        {'blynkota_rollouts{state="complete"}': 1.0})  # fmt: skip
+    builds = {name: value for name, value in after.items()
+              if name.startswith("blynkota_devices_by_build{")}  # fmt: skip
+    assert builds == {f'blynkota_devices_by_build{{build="{NEW}",fw_version=""}}': 1.0}
 
 
 def test_metrics_need_an_allowed_address_or_an_admin(monitored):
@@ -136,6 +144,17 @@ def test_json_log_lines_name_the_device_the_rollout_and_the_node(monitored):
     assert logged_in and all(line["device"] == tag and line["node"] for line in logged_in)
     offered = [line for line in lines if "sent ota" in line["event"]]
     assert offered and all(line["device"] == tag and line["rollout"] == 1 for line in offered)
+
+
+def test_json_access_lines_carry_their_fields(monitored):
+    server, _ = monitored
+    assert server.admin("GET", "/admin/ota/status?limit=3").status == 200
+    wait_until(lambda: '"path": "/admin/ota/status"' in server.log(), message="the access line")
+    lines = [json.loads(line) for line in server.log().splitlines() if line.strip()]
+    (access,) = [line for line in lines if line.get("path") == "/admin/ota/status"][-1:]
+    assert access["method"] == "GET" and access["status"] == 200 and access["client"] == "127.0.0.1"
+    assert access["bytes"] > 0 and 0 <= access["duration"] < 30
+    assert "limit" not in access["event"]  # the query never reaches the log
 
 
 def test_the_json_line_of_a_replaced_connection_names_its_device(monitored):

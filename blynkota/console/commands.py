@@ -9,7 +9,7 @@ import click
 from flask.cli import ScriptInfo
 
 from ..app import BadSettings, create_app_for_commands
-from ..cli import devices, import_blynk
+from ..cli import admins, devices, import_blynk
 from ..config import ConfigError, load_settings
 from ..status_text import describe, render
 from ..store import DeviceState
@@ -67,6 +67,7 @@ def serve(role: str, workers: int) -> None:
 
 devices.add_command(import_blynk)  # also `blynkota devices import-blynk`
 blynkota.add_command(devices)
+blynkota.add_command(admins)
 
 
 # --- through a running server's admin API -----------------------------------------------

@@ -31,6 +31,7 @@ from .firmware import (
 )
 from .fleet import (
     AdminDirectory,
+    AuditTrail,
     BlynkDataError,
     DeviceIdentity,
     DeviceLink,
@@ -81,6 +82,7 @@ __all__ = [
     "read_build",
     "served_path",
     "AdminDirectory",
+    "AuditTrail",
     "BlynkDataError",
     "DeviceIdentity",
     "DeviceLink",

@@ -17,6 +17,8 @@ from .migrate import alembic_config, upgrade
 from .models import (
     CHUNK_BYTES,
     Admin,
+    AdminRole,
+    AuditEntry,
     Base,
     Device,
     DeviceState,
@@ -62,6 +64,8 @@ __all__ = [
     "alembic_config",
     "upgrade",
     "Admin",
+    "AdminRole",
+    "AuditEntry",
     "Base",
     "Device",
     "Firmware",

@@ -30,6 +30,8 @@ __all__ = [
     "Project",
     "Device",
     "Admin",
+    "AdminRole",
+    "AuditEntry",
     "Firmware",
     "FirmwareBlob",
     "FirmwareChunk",
@@ -135,13 +137,40 @@ class Device(Base):
     project: Mapped[Project] = relationship(back_populates="devices")
 
 
+class AdminRole:
+    """What an admin account may do; each role may do what the ones before it may."""
+
+    VIEWER = "viewer"  # read everything
+    OPERATOR = "operator"  # also start, pause, resume, stop, retry, expand rollouts
+    ADMIN = "admin"  # also delete devices and firmware; accounts (on the command line)
+    ALL = (VIEWER, OPERATOR, ADMIN)
+
+
 class Admin(Base):
     __tablename__ = "admins"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     email: Mapped[str] = mapped_column(String(255), unique=True)
     password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16), default="admin", server_default="admin")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    """Append-only: every state-changing request, by API, dashboard or command line."""
+
+    __tablename__ = "audit_entries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(PreciseDateTime, default=utcnow, index=True)
+    admin: Mapped[str] = mapped_column(String(255))  # who; "-" if not signed in
+    address: Mapped[str] = mapped_column(String(64))  # the client's, or "command line"
+    action: Mapped[str] = mapped_column(String(64))  # e.g. "POST /admin/ota/start"
+    rollout_id: Mapped[Optional[int]]
+    device: Mapped[Optional[str]] = mapped_column(String(16))  # the token's tag, never the token
+    firmware: Mapped[Optional[str]] = mapped_column(String(64))  # its served name
+    status: Mapped[int]  # the answer's HTTP status (0 for a command that failed)
+    detail: Mapped[Optional[str]] = mapped_column(String(255))
 
 
 class Firmware(Base):

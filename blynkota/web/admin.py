@@ -3,7 +3,7 @@
 from dataclasses import asdict
 from datetime import datetime
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from ..numbers import ROW_ID_MAX, fraction, seconds, whole_number
 from ..ota import Controls, ControlsError, OtaError, Refused, Started, Upload
@@ -11,7 +11,8 @@ from ..ota.fleet.login_limits import TooManyAttempts
 from ..ota.rollouts.cohorts import parse_waves
 from ..ota.rollouts.schedule import ScheduleError, parse_start_at, parse_window, zone
 from ..store import utcnow
-from .auth import auth, guard_admin_request
+from .audit import audit_request
+from .auth import ADMIN, OPERATOR, VIEWER, auth, guard_admin_request
 from .csrf import check_csrf
 from .errors import TooLarge, status_of
 from .openapi import OPENAPI
@@ -42,6 +43,9 @@ def _guard():
         return None
     # Answered as the route would be: credentials first, so a stranger learns nothing.
     return auth.login_required(lambda: _text(unknown, 400))()
+
+
+admin.after_request(audit_request)
 
 
 @admin.errorhandler(TooManyAttempts)
@@ -79,7 +83,7 @@ def _flag(name: str) -> bool:
 
 
 @admin.route("/ota/start", methods=["GET", "POST"])
-@auth.login_required
+@auth.login_required(role=OPERATOR)
 def start_ota() -> Response:
     service, who = _service(), auth.current_user()
     token = request.args.get("token")
@@ -125,6 +129,8 @@ def start_ota() -> Response:
 
 def _started(started: Started) -> Response:
     """Blynk's answer (the file's path, plain text) unless the client asks for JSON."""
+    g.audit_rollout = started.rollout  # for the audit trail (audit.py)
+    g.audit_firmware = (started.firmware or {}).get("name")
     if request.accept_mimetypes.best_match(["text/plain", "application/json"]) == (
         "application/json"
     ):
@@ -227,7 +233,7 @@ def _rollout_id() -> int | None:
 
 
 @admin.route("/ota/stop", methods=["GET", "POST"])
-@auth.login_required
+@auth.login_required(role=OPERATOR)
 def stop_ota() -> Response:
     """Stop every running rollout, or only ?rollout=<id>."""
     stopped = _service().stop(auth.current_user(), _rollout_id())
@@ -235,35 +241,35 @@ def stop_ota() -> Response:
 
 
 @admin.get("/ota/status")
-@auth.login_required
+@auth.login_required(role=VIEWER)
 def ota_status() -> Response:
     """Newest first; ?rollout=ID for one, ?limit=N for the newest N (the dashboard polls it)."""
     return jsonify(_service().status(_rollout_id(), limit=_number("limit", 1, STATUS_LIMIT)))
 
 
 @admin.get("/ota/rollouts/<rollout_id>")
-@auth.login_required
+@auth.login_required(role=VIEWER)
 def rollout_detail(rollout_id: str) -> Response:
     rollout = parse_rollout_id(rollout_id)
     return jsonify(_service().detail(rollout))
 
 
 @admin.post("/ota/rollouts/<rollout_id>/pause")
-@auth.login_required
+@auth.login_required(role=OPERATOR)
 def pause_rollout(rollout_id: str) -> Response:
     rollout = parse_rollout_id(rollout_id)
     return jsonify(_service().pause(rollout, auth.current_user()))
 
 
 @admin.post("/ota/rollouts/<rollout_id>/resume")
-@auth.login_required
+@auth.login_required(role=OPERATOR)
 def resume_rollout(rollout_id: str) -> Response:
     rollout = parse_rollout_id(rollout_id)
     return jsonify(_service().resume(rollout, auth.current_user()))
 
 
 @admin.post("/ota/rollouts/<rollout_id>/stop")
-@auth.login_required
+@auth.login_required(role=OPERATOR)
 def stop_rollout(rollout_id: str) -> Response:
     rollout = parse_rollout_id(rollout_id)
     service = _service()
@@ -272,7 +278,7 @@ def stop_rollout(rollout_id: str) -> Response:
 
 
 @admin.post("/ota/rollouts/<rollout_id>/expand")
-@auth.login_required
+@auth.login_required(role=OPERATOR)
 def expand_rollout(rollout_id: str) -> Response:
     rollout = parse_rollout_id(rollout_id)
     percent = _number("percent", 1, 100)
@@ -282,7 +288,7 @@ def expand_rollout(rollout_id: str) -> Response:
 
 
 @admin.post("/ota/rollouts/<rollout_id>/retry")
-@auth.login_required
+@auth.login_required(role=OPERATOR)
 def retry_rollout(rollout_id: str) -> Response:
     """The rollout's failed devices get a fresh set of attempts."""
     rollout = parse_rollout_id(rollout_id)
@@ -297,40 +303,53 @@ def _jsonable(row: dict) -> dict:
 
 
 @admin.get("/openapi.json")
-@auth.login_required
+@auth.login_required(role=VIEWER)
 def openapi() -> Response:
     return jsonify(OPENAPI)
 
 
 @admin.get("/devices")
-@auth.login_required
+@auth.login_required(role=VIEWER)
 def list_devices() -> Response:
     fleet = current_app.extensions["blynkota.fleet"]
     return jsonify([_jsonable(asdict(row)) for row in fleet.list_devices()])
 
 
+AUDIT_PAGE_LIMIT = 1000  # largest ?limit= of /admin/audit
+
+
+@admin.get("/audit")
+@auth.login_required(role=VIEWER)
+def audit_trail() -> Response:
+    """Newest first: ?offset= and ?limit= (50 by default) page through it."""
+    offset = _number("offset", 0, 2**31 - 1) or 0
+    limit = _number("limit", 1, AUDIT_PAGE_LIMIT) or 50
+    entries, total = current_app.extensions["blynkota.audit"].page(offset, limit)
+    return jsonify({"total": total, "offset": offset, "entries": entries})
+
+
 @admin.get("/webhooks")
-@auth.login_required
+@auth.login_required(role=VIEWER)
 def list_webhooks() -> Response:
     """Each webhook URL: its deliveries by state and the latest attempt's outcome."""
     return jsonify(_service().webhooks())
 
 
 @admin.get("/firmware")
-@auth.login_required
+@auth.login_required(role=VIEWER)
 def list_firmware() -> Response:
     return jsonify(current_app.extensions["blynkota"].catalog.listing())
 
 
 @admin.delete("/firmware/<name>")
-@auth.login_required
+@auth.login_required(role=ADMIN)
 def delete_firmware(name: str) -> Response:
     """Stop serving an uploaded file; 409 while a running rollout sends it."""
     return jsonify(_service().delete_firmware(name, auth.current_user()))
 
 
 @admin.delete("/devices/<token>")
-@auth.login_required
+@auth.login_required(role=ADMIN)
 def delete_device(token: str) -> Response:
     """Remove a device and its rows in every rollout; 409 while an update is in flight."""
     return jsonify(_service().delete_device(token, auth.current_user()))

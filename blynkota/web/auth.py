@@ -1,13 +1,25 @@
-"""Who may use /admin: HTTPS only, allowed addresses only, basic auth against the admins table."""
+"""Who may use /admin: HTTPS only, allowed addresses only, basic auth against
+the admins table, and each route open to the roles that may use it: every
+route names the least role it needs (`auth.login_required(role=...)`)."""
 
-from flask import Response, current_app, request
+from flask import Response, current_app, g, request
 from flask_httpauth import HTTPBasicAuth
 
+from ..store import AdminRole
 from .addresses import address_in, client_address
 
-__all__ = ["auth", "guard_admin_request"]
+__all__ = ["ADMIN", "OPERATOR", "VIEWER", "auth", "guard_admin_request"]
 
 auth = HTTPBasicAuth(realm="blynkota admin")
+
+VIEWER, OPERATOR, ADMIN = AdminRole.VIEWER, AdminRole.OPERATOR, AdminRole.ADMIN
+
+
+@auth.get_user_roles
+def _roles(email: str) -> list[str]:
+    """An account's role and every role below it (an operator may view)."""
+    role = current_app.extensions["blynkota.admins"].role_of(email)
+    return list(AdminRole.ALL[: AdminRole.ALL.index(role) + 1]) if role in AdminRole.ALL else []
 
 
 @auth.verify_password
@@ -20,6 +32,15 @@ def _verify(email: str, password: str) -> str | None:
 
 @auth.error_handler
 def _auth_error(status: int) -> Response:
+    if status == 403:  # signed in, but the role does not allow it
+        g.refused_admin = email = request.authorization.username  # for the audit trail
+        role = current_app.extensions["blynkota.admins"].role_of(email)
+        return Response(
+            f"Not allowed for the {role} role: viewers read, operators also steer rollouts, "
+            "admins also delete devices and firmware.\n",
+            403,
+            mimetype="text/plain",
+        )
     # Blynk's answer to wrong credentials is 403; with none at all, 401 asks for them.
     if request.authorization is not None:
         return Response("Authentication failed.\n", 403, mimetype="text/plain")

@@ -16,7 +16,8 @@ from ..ota import Conflict, NotFound, OtaError, Refused
 from ..ota.notifications import where
 from ..store import DeviceState
 from .admin import parse_rollout_id
-from .auth import auth, guard_admin_request
+from .audit import audit_request
+from .auth import OPERATOR, VIEWER, auth, guard_admin_request
 from .csrf import check_csrf, csrf_token
 from .errors import status_of
 
@@ -44,6 +45,9 @@ SEGMENTS = (
     ("incompatible", (DeviceState.INCOMPATIBLE,)),
     ("ended", (DeviceState.CANCELLED, DeviceState.SUPERSEDED)),
 )
+
+
+dashboard.after_request(audit_request)
 
 
 @dashboard.before_request
@@ -92,7 +96,7 @@ def _request_error(error: OtaError) -> Response:
 
 
 @dashboard.get("/")
-@auth.login_required
+@auth.login_required(role=VIEWER)
 def rollouts() -> str:
     newest = _service().status(limit=ROLLOUTS_SHOWN + 1)  # one more: are there older ones?
     return render_template(
@@ -105,7 +109,7 @@ def rollouts() -> str:
 
 
 @dashboard.get("/rollouts/<rollout_id>")
-@auth.login_required
+@auth.login_required(role=VIEWER)
 def rollout(rollout_id: str) -> str:
     number = parse_rollout_id(rollout_id)
     found = _service().status(number)
@@ -140,7 +144,7 @@ def rollout(rollout_id: str) -> str:
 
 
 @dashboard.post("/rollouts/<rollout_id>/action")
-@auth.login_required
+@auth.login_required(role=OPERATOR)
 def rollout_action(rollout_id: str) -> Response:
     number = parse_rollout_id(rollout_id)
     action = request.form.get("action", "")
@@ -169,8 +173,27 @@ def rollout_action(rollout_id: str) -> Response:
     return redirect(target, 303)
 
 
+@dashboard.get("/activity")
+@auth.login_required(role=VIEWER)
+def activity() -> str:
+    """The audit trail, newest first, a page at a time."""
+    page = whole_number(request.args.get("page", "1"), low=1, high=10**9)
+    if page is None:
+        raise Refused("page must be a whole number from 1.")
+    audit = current_app.extensions["blynkota.audit"]
+    entries, total = audit.page((page - 1) * PAGE_SIZE, PAGE_SIZE)
+    return render_template(
+        "dashboard/activity.html",
+        entries=entries,
+        total=total,
+        page=page,
+        pages=max(1, -(-total // PAGE_SIZE)),
+        page_url=lambda to: url_for("dashboard.activity") + f"?page={to}",
+    )
+
+
 @dashboard.get("/fleet")
-@auth.login_required
+@auth.login_required(role=VIEWER)
 def fleet() -> str:
     return render_template(
         "dashboard/fleet.html",
@@ -197,7 +220,7 @@ def _mode() -> dict:
 
 
 @dashboard.get("/upload")
-@auth.login_required
+@auth.login_required(role=VIEWER)
 def firmware() -> str:
     settings = current_app.config["SETTINGS"]
     return render_template(

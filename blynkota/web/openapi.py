@@ -5,6 +5,18 @@ here with its methods (and nothing else is), and schemathesis sends generated
 requests for each operation to a running server, none of which may get a 5xx.
 """
 
+from .openapi_schemas import (
+    AUDIT_PAGE,
+    DELETED,
+    DEVICES,
+    FIRMWARE_LIST,
+    ROLLOUT,
+    ROLLOUT_DETAIL,
+    ROLLOUTS,
+    SPEC,
+    WEBHOOKS,
+)
+
 __all__ = ["OPENAPI"]
 
 
@@ -47,7 +59,12 @@ def _answers(ok: dict, *errors: int) -> dict:
 
 
 _TEXT_OK = {"description": "done", "content": {"text/plain": {"schema": {"type": "string"}}}}
-_JSON_OK = {"description": "done", "content": {"application/json": {"schema": {}}}}
+
+
+def _json(schema: dict, description: str = "done") -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
 # A start answers the path as text (Blynk's answer), or JSON on Accept: application/json.
 _STARTED = {
     "description": "started: the file's path, or with Accept: application/json "
@@ -161,7 +178,7 @@ def _rollout_action(summary: str, *extra: dict) -> dict:
         "post": {
             "summary": summary,
             "parameters": [_ROLLOUT, *extra],
-            "responses": _answers(_JSON_OK, 404),
+            "responses": _answers(_json(ROLLOUT, "the rollout as it is now"), 404),
         }
     }
 
@@ -211,14 +228,14 @@ OPENAPI = {
                     _query("rollout", "only this rollout", {"type": "integer"}),
                     _query("limit", "only the newest N", {"type": "integer"}),
                 ],
-                "responses": _answers(_JSON_OK),
+                "responses": _answers(_json(ROLLOUTS)),
             }
         },
         "/admin/ota/rollouts/{rollout_id}": {
             "get": {
                 "summary": "One rollout with a row per device",
                 "parameters": [_ROLLOUT],
-                "responses": _answers(_JSON_OK, 404),
+                "responses": _answers(_json(ROLLOUT_DETAIL), 404),
             }
         },
         "/admin/ota/rollouts/{rollout_id}/pause": _rollout_action("Pause a rollout"),
@@ -231,32 +248,47 @@ OPENAPI = {
             "Widen a rollout's share",
             {**_query("percent", "the new share", {"type": "integer"}), "required": True},
         ),
-        "/admin/devices": {"get": {"summary": "Every device", "responses": _answers(_JSON_OK)}},
+        "/admin/devices": {
+            "get": {"summary": "Every device", "responses": _answers(_json(DEVICES))}
+        },
         "/admin/devices/{token}": {
             "delete": {
                 "summary": "Remove a device and its rows in every rollout",
                 "parameters": [_path("token", "the device's token")],
-                "responses": _answers(_JSON_OK, 404, 409),
+                "responses": _answers(_json(DELETED), 404, 409),
+            }
+        },
+        "/admin/audit": {
+            "get": {
+                "summary": "The audit trail, newest first: who changed what, from where",
+                "parameters": [
+                    _query("offset", "entries to skip", {"type": "integer", "minimum": 0}),
+                    _query("limit", "entries to return (50)", {"type": "integer", "minimum": 1}),
+                ],
+                "responses": _answers(_json(AUDIT_PAGE)),
             }
         },
         "/admin/webhooks": {
             "get": {
                 "summary": "Each notify.webhook.urls URL: deliveries by state, the latest outcome",
-                "responses": _answers(_JSON_OK),
+                "responses": _answers(_json(WEBHOOKS)),
             }
         },
         "/admin/firmware": {
-            "get": {"summary": "Every uploaded firmware", "responses": _answers(_JSON_OK)}
+            "get": {
+                "summary": "Every uploaded firmware",
+                "responses": _answers(_json(FIRMWARE_LIST)),
+            }
         },
         "/admin/firmware/{name}": {
             "delete": {
                 "summary": "Stop serving an uploaded file (its rows stay for history)",
                 "parameters": [_path("name", "the served name (24 hex digits)")],
-                "responses": _answers(_JSON_OK, 404, 409),
+                "responses": _answers(_json(DELETED), 404, 409),
             }
         },
         "/admin/openapi.json": {
-            "get": {"summary": "This description", "responses": _answers(_JSON_OK)}
+            "get": {"summary": "This description", "responses": _answers(_json(SPEC))}
         },
     },
 }

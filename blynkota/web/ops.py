@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..metrics import PROCESS
 from ..ota.rollouts.status import online_per_node
-from ..store import Database, DeviceState, Rollout, RolloutDevice, RolloutState
+from ..store import Database, Device, DeviceState, Rollout, RolloutDevice, RolloutState
 from .addresses import address_in
 from .auth import auth, guard_admin_request
 
@@ -56,7 +56,7 @@ class FleetCollector:
     def collect(self):
         up = GaugeMetricFamily("blynkota_database_up", "1 if the database answered this scrape.")
         try:
-            online, states, health = self.db.run(self._read)
+            online, states, health, rollouts, builds = self.db.run(self._read)
         except SQLAlchemyError as error:
             log.info("metrics: the database did not answer (%s)", type(error).__name__)
             up.add_metric([], 0)
@@ -92,6 +92,21 @@ class FleetCollector:
         for rollout_id, outcome, count in health:
             by_health.add_metric([str(rollout_id), outcome], count)
         yield by_health
+        by_rollout_state = GaugeMetricFamily(
+            "blynkota_rollouts", "Rollouts by state.", labels=["state"]
+        )
+        for state, count in rollouts:
+            by_rollout_state.add_metric([state], count)
+        yield by_rollout_state
+        by_build = GaugeMetricFamily(
+            "blynkota_devices_by_build",
+            f"Devices by the build and firmware version they report: the {TOP_BUILDS} "
+            'commonest, the rest as build="other".',
+            labels=["build", "fw_version"],
+        )
+        for build, fw_version, count in builds:
+            by_build.add_metric([build, fw_version], count)
+        yield by_build
 
     @staticmethod
     def _read(session):
@@ -108,7 +123,25 @@ class FleetCollector:
             .where(Rollout.state.in_(RolloutState.RUNNING), RolloutDevice.health.is_not(None))
             .group_by(RolloutDevice.rollout_id, RolloutDevice.health)
         ).all()
-        return online, states, health
+        rollouts = session.execute(
+            select(Rollout.state, func.count()).group_by(Rollout.state).order_by(Rollout.state)
+        ).all()
+        return online, states, health, rollouts, _builds(session)
+
+
+TOP_BUILDS = 20  # labelled builds: a fleet's every build would make a series each
+
+
+def _builds(session) -> list[tuple[str, str, int]]:
+    """(build, fw_version, devices): the TOP_BUILDS commonest, then ("other", "", rest)."""
+    rows = session.execute(
+        select(Device.build, Device.fw_version, func.count())
+        .group_by(Device.build, Device.fw_version)
+        .order_by(func.count().desc(), Device.build)
+    ).all()
+    top = [(build or "none", version or "", count) for build, version, count in rows[:TOP_BUILDS]]
+    rest = sum(count for _, _, count in rows[TOP_BUILDS:])
+    return top + ([("other", "", rest)] if rest else [])
 
 
 def _text(body: str, status: int) -> Response:

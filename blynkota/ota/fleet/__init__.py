@@ -3,6 +3,7 @@ is (identities.py), admins and their login limits, the Blynk server's data
 folder, and the devices connected to this process (online.py)."""
 
 from .admins import AdminDirectory
+from .audit import AuditTrail
 from .blynk_data import BlynkDataError, read_blynk_folder
 from .identities import DeviceIdentity, IdentityCache
 from .online import (
@@ -24,6 +25,7 @@ from .registry import (
 
 __all__ = [
     "AdminDirectory",
+    "AuditTrail",
     "BlynkDataError",
     "read_blynk_folder",
     "DeviceIdentity",

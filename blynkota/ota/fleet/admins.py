@@ -15,11 +15,12 @@ import logging
 import secrets
 
 import gevent
-from sqlalchemy import select
+from sqlalchemy import func, select
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from ...store import Admin, Database
+from ...store import Admin, AdminRole, Database
 from .login_limits import LoginLimits
+from .registry import ProvisioningError
 
 __all__ = ["AdminDirectory"]
 
@@ -60,6 +61,57 @@ class AdminDirectory:
         self._db.run(work)
         self._verified.clear()
 
+    def role_of(self, email: str) -> str | None:
+        with self._db.begin() as session:
+            return session.scalar(select(Admin.role).where(Admin.email == email))
+
+    def accounts(self) -> list[tuple[str, str]]:
+        """(e-mail, role) of every account, by e-mail."""
+        with self._db.begin() as session:
+            return [tuple(row) for row in session.execute(
+                select(Admin.email, Admin.role).order_by(Admin.email))]  # fmt: skip
+
+    def add(self, email: str, password: str, role: str) -> None:
+        """A new account; ProvisioningError if the e-mail has one, or a value is wrong."""
+        _check_role(role)
+        if not email or "@" not in email or len(email) > 255:
+            raise ProvisioningError(f"{email!r} is not an e-mail address.")
+        if len(password) < 8:
+            raise ProvisioningError("A password is at least 8 characters.")
+
+        def work(session) -> None:
+            if session.scalar(select(Admin.id).where(Admin.email == email)) is not None:
+                raise ProvisioningError(f"{email} has an account already.")
+            hashed = generate_password_hash(password)
+            session.add(Admin(email=email, password_hash=hashed, role=role))
+
+        self._db.run(work)
+
+    def set_role(self, email: str, role: str) -> None:
+        _check_role(role)
+
+        def work(session) -> None:
+            admin = session.scalar(select(Admin).where(Admin.email == email))
+            if admin is None:
+                raise ProvisioningError(f"No account {email}.")
+            if admin.role == AdminRole.ADMIN and role != AdminRole.ADMIN:
+                _keep_an_admin(session, email)
+            admin.role = role
+
+        self._db.run(work)
+
+    def remove(self, email: str) -> None:
+        def work(session) -> None:
+            admin = session.scalar(select(Admin).where(Admin.email == email))
+            if admin is None:
+                raise ProvisioningError(f"No account {email}.")
+            if admin.role == AdminRole.ADMIN:
+                _keep_an_admin(session, email)
+            session.delete(admin)
+
+        self._db.run(work)
+        self._verified.clear()
+
     def csrf_token(self, email: str) -> str | None:
         """A token for the dashboard's forms: an HMAC keyed by the admin's stored
         hash, so every process computes the same one, and a new password voids it."""
@@ -94,3 +146,19 @@ class AdminDirectory:
         if stored is not None and self._verified.get(key) == stored:
             return True  # known good, and the budget is not spent: no hash, no turn
         return self.limits.judge(keys, matches)
+
+
+def _check_role(role: str) -> None:
+    if role not in AdminRole.ALL:
+        raise ProvisioningError(f"A role is one of {', '.join(AdminRole.ALL)}, not {role!r}.")
+
+
+def _keep_an_admin(session, leaving: str) -> None:
+    """Refuse to leave the fleet without an account that may manage accounts."""
+    others = session.scalar(
+        select(func.count(Admin.id)).where(Admin.role == AdminRole.ADMIN, Admin.email != leaving)
+    )
+    if not others:
+        raise ProvisioningError(
+            f"{leaving} is the last admin: give another account that role first."
+        )
