@@ -18,9 +18,11 @@ from sqlalchemy.exc import DBAPIError
 
 from .ota import (
     BlynkDataError,
+    DeviceFilter,
     NewDevice,
     OtaError,
     ProvisioningError,
+    check_tag,
     read_blynk_folder,
 )
 from .status_text import render, table
@@ -117,11 +119,30 @@ def add_device(email: str, project: str, name: str, token: str | None) -> None:
         raise click.ClickException(str(error)) from None
 
 
+@devices.command("tag")
+@click.argument("tag")
+@click.argument("devices", nargs=-1, required=True)
+@click.option("--remove", is_flag=True, help="take the tag off instead")
+@audited("tag devices", lambda tag, devices, remove: f"{'-' if remove else '+'}{tag}")
+def tag_devices(tag: str, devices: tuple[str, ...], remove: bool) -> None:
+    """Put TAG on DEVICES (tokens or device names), or take it off (--remove)."""
+    try:
+        changed, unknown = _fleet().tag_devices(tag, list(devices), remove=remove)
+    except ProvisioningError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{'Untagged' if remove else 'Tagged'} {changed} device(s).")
+    if unknown:
+        raise click.ClickException(f"no device is {', '.join(unknown[:5])}")
+
+
 @devices.command("list")
-def list_devices() -> None:
+@click.option("--tag", help="only the devices carrying this tag")
+@click.option("--search", help="a token's start, a log tag, or part of a name, user, build…")
+def list_devices(tag: str | None, search: str | None) -> None:
     """Print token, user, project, what the device last reported (build, firmware
-    version and type, library version), whether it is online, and its tag in the log."""
-    rows = _fleet().list_devices()
+    version and type, library version), whether it is online, its tags and its tag
+    in the log."""
+    rows = _fleet().list_devices(DeviceFilter(search=search, tag=tag))
     click.echo(
         table(
             [
@@ -134,6 +155,7 @@ def list_devices() -> None:
                     "FW TYPE",
                     "LIBRARY",
                     "ONLINE",
+                    "TAGS",
                     "LOG TAG",
                 )
             ]
@@ -147,6 +169,7 @@ def list_devices() -> None:
                     row.fw_type or "-",
                     row.lib_version or "-",
                     "yes" if row.online else "no",
+                    ",".join(row.tags) or "-",
                     row.tag,
                 )
                 for row in rows
@@ -164,12 +187,14 @@ EXPORT_COLUMNS = (
     "fw_version",
     "fw_type",
     "lib_version",
+    "tags",
 )
 CSV_MAX_ROWS = 1_000_000
 
 
-def _csv_devices(path: Path) -> list[NewDevice]:
-    """Rows of `token,user,project,name` (a header line names them; token may be empty)."""
+def _csv_devices(path: Path) -> tuple[list[NewDevice], list[tuple[str, ...]]]:
+    """Rows of `token,user,project,name[,tags]` (a header line names them; token
+    may be empty; tags, space-separated), and each row's tags."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -179,7 +204,7 @@ def _csv_devices(path: Path) -> list[NewDevice]:
                     f"{path}: the header line needs the columns {', '.join(CSV_COLUMNS)} "
                     f"(token and name may be empty); missing: {', '.join(sorted(missing))}"
                 )
-            devices = []
+            devices, tags = [], []
             for row in reader:
                 if len(devices) >= CSV_MAX_ROWS:
                     raise click.ClickException(f"{path}: more than {CSV_MAX_ROWS} rows")
@@ -191,7 +216,11 @@ def _csv_devices(path: Path) -> list[NewDevice]:
                         token=(row.get("token") or "").strip() or None,
                     )
                 )
-            return devices
+                try:
+                    tags.append(tuple(check_tag(t) for t in (row.get("tags") or "").split()))
+                except ProvisioningError as error:
+                    raise click.ClickException(f"{path}: row {len(devices)}: {error}") from None
+            return devices, tags
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise click.ClickException(f"{path}: cannot read it ({error})") from None
 
@@ -201,12 +230,18 @@ def _csv_devices(path: Path) -> list[NewDevice]:
 @audited("import csv", lambda csv_file: str(csv_file))
 def import_csv(csv_file: Path) -> None:
     """Add the devices of a CSV file (token,user,project,name), all or none."""
-    rows = _csv_devices(csv_file)
+    rows, tags = _csv_devices(csv_file)
     try:
         tokens = _fleet().add_devices(rows)
     except ProvisioningError as error:
         # Devices count from the first line after the header.
         raise click.ClickException(f"{csv_file}: nothing added: {error}") from None
+    tagged: dict[str, list[str]] = {}
+    for token, row_tags in zip(tokens, tags, strict=True):
+        for tag in row_tags:
+            tagged.setdefault(tag, []).append(token)
+    for tag, members in tagged.items():
+        _fleet().tag_devices(tag, members)
     generated = sum(row.token is None for row in rows)
     click.echo(
         f"Added {len(tokens)} device(s), {generated} with a new token "
@@ -233,6 +268,7 @@ def export_csv(csv_file) -> None:
                 row.fw_version or "",
                 row.fw_type or "",
                 row.lib_version or "",
+                " ".join(row.tags),
             )
         )
 

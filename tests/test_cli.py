@@ -23,7 +23,7 @@ def test_devices_add_prints_a_token_and_list_shows_it(app):
     listing = run(app, "devices", "list").output.splitlines()
     assert listing[0].split() == [
         "TOKEN", "USER", "PROJECT", "BUILD", "FW", "VERSION", "FW", "TYPE", "LIBRARY",
-        "ONLINE", "LOG", "TAG",
+        "ONLINE", "TAGS", "LOG", "TAG",
     ]  # fmt: skip
     unreported = ["-", "-", "-", "-"]  # build, firmware version and type, library
     assert sorted(line.split() for line in listing[1:]) == sorted(
@@ -34,9 +34,10 @@ def test_devices_add_prints_a_token_and_list_shows_it(app):
                 "Farm",
                 *unreported,
                 "no",
+                "-",
                 token_tag("0123456789abcdef0123456789abcdef"),
             ],
-            [token, "me@example.com", "Farm", *unreported, "no", token_tag(token)],  # any case
+            [token, "me@example.com", "Farm", *unreported, "no", "-", token_tag(token)],  # any case
         ]
     )
 

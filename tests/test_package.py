@@ -83,11 +83,11 @@ def test_provisioning_commands_work_offline_from_any_folder(blynkota_command, tm
     exported = _run(blynkota_command, *data, "devices", "export-csv", cwd=tmp_path)
     rows = exported.stdout.splitlines()
     assert rows[0] == (
-        "token,user,project,name,build,online,last_seen_at,fw_version,fw_type,lib_version"
+        "token,user,project,name,build,online,last_seen_at,fw_version,fw_type,lib_version,tags"
     )
-    assert f"{added.stdout.strip()},a@b.c,P,,,no,,,," in rows
+    assert f"{added.stdout.strip()},a@b.c,P,,,no,,,,," in rows
     assert (
-        "abc12300000000000000000000000000,farm@example.com,Farm,gate,,no,,,," in rows
+        "abc12300000000000000000000000000,farm@example.com,Farm,gate,,no,,,,," in rows
         and len(rows) == 4
     )
     bad = _run(blynkota_command, "devices", "list", cwd=tmp_path,

@@ -145,6 +145,7 @@ def firmware() -> None:
 @click.option("--token", help="one device: its update starts now (or at its next login)")
 @click.option("--user", help="a user's devices (e-mail)")
 @click.option("--project", help="with --user: one project (name or dashboard id)")
+@click.option("--tag", help="only the devices carrying this tag (with --user/--project too)")
 @click.option("--dry-run", is_flag=True, help="say which devices it would take in; start nothing")
 @click.option("--now", is_flag=True, default=None, help="offer connected devices at once")
 @click.option("--queue", is_flag=True, help="with --token: keep it for an offline device")
@@ -164,7 +165,7 @@ def firmware() -> None:
     "--yes", is_flag=True, help="with no target: start it for every device without asking"
 )
 @_connection_options
-def upload(file: Path, token, user, project, dry_run, now, queue, percent, waves, success,
+def upload(file: Path, token, user, project, tag, dry_run, now, queue, percent, waves, success,
            max_concurrent, max_attempts, attempt_timeout, abort_ratio, wave_delay,
            health_window, start_at, window, tz, yes, **connection) -> None:  # fmt: skip
     """Upload FILE and roll it out; prints the rollout id. With no --token,
@@ -177,6 +178,7 @@ def upload(file: Path, token, user, project, dry_run, now, queue, percent, waves
         "token": token,
         "user": user,
         "project": project,
+        "tag": tag,
         "dryRun": "true" if dry_run else None,
         "now": None if now is None else "true",
         "queue": "true" if queue else None,
@@ -194,7 +196,7 @@ def upload(file: Path, token, user, project, dry_run, now, queue, percent, waves
         "tz": tz,
     }
     client = _client(**connection)
-    everyone = not (token or user or project or dry_run)
+    everyone = not (token or user or project or tag or dry_run)
     if everyone and not yes:
         if not sys.stdin.isatty():
             raise Refusal(

@@ -20,6 +20,7 @@ from ..store import (
     Database,
     Device,
     DeviceState,
+    DeviceTag,
     Firmware,
     OtaCommand,
     Rollout,
@@ -42,6 +43,7 @@ from .rollouts.candidates import Candidate
 from .rollouts.cohorts import Controls
 from .rollouts.compatibility import BoardReport, ImageIdentity, incompatibility
 from .rollouts.device_states import devices_in_flight, load_tracks, move_all, start_tracking
+from .rollouts.device_story import device_story
 from .rollouts.guards import RolloutGuards
 from .rollouts.lifecycle import UpdateLifecycle
 from .rollouts.offering import Offers, replace_unstarted_offers
@@ -130,7 +132,9 @@ class RolloutAdmin:
         with now=true; to a share of them with percent= or waves=.
         """
         controls = controls or Controls()
-        scope, target_id = self.db.run(lambda session: campaign_target(session, user, project))
+        scope, target_id = self.db.run(
+            lambda session: campaign_target(session, user, project, controls.tag)
+        )
         report = self._campaign_report(upload)
         if controls.push_online is None:
             controls = replace(controls, push_online=self.guards.policy.push_online)
@@ -159,7 +163,9 @@ class RolloutAdmin:
         )
         if rollout.push_online and rollout.state == RolloutState.ACTIVE:
             self.clock.enrol_in_background(rollout.id)  # answered first: under a second at 10k
-        devices = self.db.run(lambda session: devices_in_scope(session, scope, target_id))
+        devices = self.db.run(
+            lambda session: devices_in_scope(session, scope, target_id, controls.tag)
+        )
         return Started(
             served_path(firmware.name),
             rollout.id,
@@ -185,7 +191,9 @@ class RolloutAdmin:
         self, upload: Upload, *, user: str | None, project: str | None, controls: Controls
     ) -> dict:
         """The devices a campaign would take in now; nothing is stored or started."""
-        scope, target_id = self.db.run(lambda session: campaign_target(session, user, project))
+        scope, target_id = self.db.run(
+            lambda session: campaign_target(session, user, project, controls.tag)
+        )
         report = self._campaign_report(upload)
         candidate = Candidate(
             rollout_id=0,
@@ -200,6 +208,7 @@ class RolloutAdmin:
             fw_type=report.fw_type,
             fw_version=report.fw_version,
             allow_downgrade=controls.allow_downgrade,
+            tag=controls.tag,
         )
         devices, incompatible = self.db.run(
             lambda session: devices_taken_in(session, candidate, target_id)
@@ -303,6 +312,7 @@ class RolloutAdmin:
                     session.execute(delete(table).where(table.rollout_id.in_(own)))
             if own:
                 session.execute(delete(Rollout).where(Rollout.id.in_(own)))
+            session.execute(delete(DeviceTag).where(DeviceTag.device_id == device_id))
             session.execute(delete(Device).where(Device.id == device_id))
             return device_id
 
@@ -354,6 +364,12 @@ class RolloutAdmin:
 
     def webhooks(self) -> list[dict]:
         return self.db.run(delivery_report)
+
+    def device(self, device_id: int) -> dict:
+        found = self.db.run(lambda session: device_story(session, device_id))
+        if found is None:
+            raise NotFound(f"No device {device_id}.")
+        return found
 
     def detail(self, rollout_id: int) -> dict:
         def work(session: Session) -> dict | None:

@@ -22,6 +22,7 @@ from ..store import Database, Device, GroupCommit, HotQuery, ManyRows, Project, 
 from .download_tracker import DownloadTracker
 from .fleet.identities import DeviceIdentity, IdentityCache
 from .fleet.registry import adopt_device
+from .fleet.tags import tags_of
 from .rollouts.candidates import RunningRollouts
 from .rollouts.lifecycle import ReportedBuild, UpdateLifecycle
 
@@ -179,6 +180,7 @@ class DeviceSide:
             connection, [device.id for device, _ in reports]
         )
         running = RunningRollouts(connection)
+        tags = tags_of(connection, [device.id for device, _ in reports]) if running.tagged else {}
         settled, due = [False] * len(reports), [False] * len(reports)
         judged: list[tuple[int, ReportedBuild]] = []
         # Attempts first, the device rows last: every writer locks the
@@ -191,7 +193,10 @@ class DeviceSide:
                     connection, attempts, report["build"], now, bytes_written
                 )
             candidate = running.rollout_for(
-                device_id=device.id, project_id=device.project_id, user_id=device.user_id
+                device_id=device.id,
+                project_id=device.project_id,
+                user_id=device.user_id,
+                tags=tags.get(device.id, frozenset()),
             )
             if candidate is not None:
                 judged.append(

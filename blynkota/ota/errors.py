@@ -5,7 +5,7 @@ answers (web/errors.py), the command line to one line and exit code 1. The
 message is the whole answer, written for the person who asked.
 """
 
-__all__ = ["Conflict", "NotFound", "OtaError", "Refused"]
+__all__ = ["Conflict", "NotFound", "OtaError", "ProvisioningError", "Refused"]
 
 
 class OtaError(Exception):
@@ -22,3 +22,7 @@ class NotFound(OtaError):
 
 class Conflict(OtaError):
     """The request is right, but the state of things forbids it now (in use, already done)."""
+
+
+class ProvisioningError(ValueError):
+    """A device, tag or account cannot be added or changed as asked; the message says why."""

@@ -29,6 +29,7 @@ __all__ = [
     "User",
     "Project",
     "Device",
+    "DeviceTag",
     "Admin",
     "AdminRole",
     "AuditEntry",
@@ -144,6 +145,17 @@ class AdminRole:
     OPERATOR = "operator"  # also start, pause, resume, stop, retry, expand rollouts
     ADMIN = "admin"  # also delete devices and firmware; accounts (on the command line)
     ALL = (VIEWER, OPERATOR, ADMIN)
+
+
+class DeviceTag(Base):
+    """A device's membership of a group (`devices tag`): campaigns may aim at a tag."""
+
+    __tablename__ = "device_tags"
+    __table_args__ = (UniqueConstraint("device_id", "tag"), Index("ix_device_tags_tag", "tag"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), index=True)
+    tag: Mapped[str] = mapped_column(String(24))  # lowercase: letters, digits, . _ -
 
 
 class Admin(Base):
@@ -349,6 +361,8 @@ class Rollout(Base):
     abort_ratio: Mapped[Optional[float]] = mapped_column(Float)
     wave_delay: Mapped[Optional[int]]  # seconds
     health_window: Mapped[Optional[int]]  # seconds (healthWindow=, 0: none)
+    # tag=: only the devices of its scope carrying this tag (fleet/tags.py).
+    tag: Mapped[Optional[str]] = mapped_column(String(24))
     # startAt=: when a scheduled rollout starts (ota/rollouts/schedule.py).
     start_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     # window=, tz=: offers only between these minutes of the day in that zone.

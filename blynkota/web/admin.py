@@ -6,8 +6,20 @@ from datetime import datetime
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from ..numbers import ROW_ID_MAX, fraction, seconds, whole_number
-from ..ota import Controls, ControlsError, OtaError, Refused, Started, Upload
+from ..ota import (
+    Controls,
+    ControlsError,
+    DeviceFilter,
+    NotFound,
+    OtaError,
+    Refused,
+    Started,
+    Upload,
+)
+from ..ota.fleet.blynk_data import is_token
 from ..ota.fleet.login_limits import TooManyAttempts
+from ..ota.fleet.registry import ProvisioningError
+from ..ota.fleet.tags import check_tag
 from ..ota.rollouts.cohorts import parse_waves
 from ..ota.rollouts.schedule import ScheduleError, parse_start_at, parse_window, zone
 from ..store import utcnow
@@ -182,7 +194,7 @@ def _ratio(name: str) -> float | None:
 # Parameters of a campaign's start that one device's (?token=) has no use for.
 CAMPAIGN_ONLY = (
     "now", "percent", "waves", "success", "dryRun", "maxConcurrent", "attemptTimeout",
-    "maxAttempts", "abortRatio", "waveDelay", "healthWindow", "startAt", "window", "tz",
+    "maxAttempts", "abortRatio", "waveDelay", "healthWindow", "startAt", "window", "tz", "tag",
 )  # fmt: skip
 
 
@@ -207,9 +219,10 @@ def _controls() -> Controls:
     start time and offer window."""
     schedule = _schedule()
     try:
-        waves = request.args.get("waves")
+        waves, tag = request.args.get("waves"), request.args.get("tag")
         return Controls(
             **schedule,
+            tag=None if tag is None else check_tag(tag),
             push_online=_flag("now") if "now" in request.args else None,
             percent=_number("percent", 1, 100),
             waves=parse_waves(waves) if waves is not None else (),
@@ -223,7 +236,7 @@ def _controls() -> Controls:
             health_window=_duration("healthWindow", 0, 7 * 86400),
             allow_downgrade=_flag("allowDowngrade"),
         )
-    except ControlsError as error:
+    except (ControlsError, ProvisioningError) as error:
         raise Refused(str(error)) from None
 
 
@@ -311,8 +324,50 @@ def openapi() -> Response:
 @admin.get("/devices")
 @auth.login_required(role=VIEWER)
 def list_devices() -> Response:
+    """Every device, or those the filters and search match; ?offset=&limit= page
+    through them (X-Total-Count says how many match)."""
+    online = request.args.get("online")
+    found = DeviceFilter(
+        search=request.args.get("search"),
+        tag=request.args.get("tag"),
+        user=request.args.get("user"),
+        project=request.args.get("project"),
+        build=request.args.get("build"),
+        online=None if online is None else _flag("online"),
+    )
+    offset = _number("offset", 0, 2**31 - 1) or 0
+    limit = _number("limit", 1, 100_000)
+    rows, total = current_app.extensions["blynkota.fleet"].devices_page(found, offset, limit)
+    answer = jsonify([_jsonable(asdict(row)) for row in rows])
+    answer.headers["X-Total-Count"] = str(total)
+    return answer
+
+
+@admin.post("/devices/<token>/tags")
+@auth.login_required(role=OPERATOR)
+def tag_device(token: str) -> Response:
+    """Put ?tag= on the device; DELETE /admin/devices/<token>/tags/<tag> takes it off."""
+    return jsonify(_tagged(token, request.args.get("tag") or "", remove=False))
+
+
+@admin.delete("/devices/<token>/tags/<tag>")
+@auth.login_required(role=OPERATOR)
+def untag_device(token: str, tag: str) -> Response:
+    return jsonify(_tagged(token, tag, remove=True))
+
+
+def _tagged(token: str, tag: str, *, remove: bool) -> dict:
     fleet = current_app.extensions["blynkota.fleet"]
-    return jsonify([_jsonable(asdict(row)) for row in fleet.list_devices()])
+    if not is_token(token):
+        raise NotFound("No such device.")
+    try:
+        changed, unknown = fleet.tag_devices(tag, [token], remove=remove)
+    except ProvisioningError as error:
+        raise Refused(str(error)) from None
+    if unknown:
+        raise NotFound("No such device.")
+    (row,), _ = fleet.devices_page(DeviceFilter(search=token), 0, 1)
+    return {"device": row.tag, "tags": list(row.tags), "changed": changed}
 
 
 AUDIT_PAGE_LIMIT = 1000  # largest ?limit= of /admin/audit

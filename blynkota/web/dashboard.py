@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
 
 from ..numbers import in_words, whole_number
-from ..ota import Conflict, NotFound, OtaError, Refused
+from ..ota import Conflict, DeviceFilter, NotFound, OtaError, Refused
 from ..ota.notifications import where
 from ..store import DeviceState
 from .admin import parse_rollout_id
@@ -171,6 +171,43 @@ def rollout_action(rollout_id: str) -> Response:
         notice = f"Rollout {number}: {action} refused: {str(error).strip()}"
     target = url_for("dashboard.rollout", rollout_id=number) + "?" + urlencode({"notice": notice})
     return redirect(target, 303)
+
+
+@dashboard.get("/fleet/devices")
+@auth.login_required(role=VIEWER)
+def devices() -> str:
+    """The device list: search and filters, a page at a time."""
+    page = whole_number(request.args.get("page", "1"), low=1, high=10**9)
+    if page is None:
+        raise Refused("page must be a whole number from 1.")
+    online = {"yes": True, "no": False}.get(request.args.get("online", ""))
+    found = DeviceFilter(
+        search=request.args.get("search") or None,
+        tag=request.args.get("tag") or None,
+        online=online,
+    )
+    fleet = current_app.extensions["blynkota.fleet"]
+    rows, total = fleet.devices_page(found, (page - 1) * PAGE_SIZE, PAGE_SIZE)
+    query = {k: v for k, v in request.args.items() if k in ("search", "tag", "online") and v}
+    return render_template(
+        "dashboard/devices.html",
+        devices=rows,
+        total=total,
+        found=found,
+        page=page,
+        pages=max(1, -(-total // PAGE_SIZE)),
+        page_url=lambda to: url_for("dashboard.devices") + "?" + urlencode({**query, "page": to}),
+    )
+
+
+@dashboard.get("/fleet/devices/<device_id>")
+@auth.login_required(role=VIEWER)
+def device(device_id: str) -> str:
+    """One device: what it reported, its connection, tags, rollouts and events."""
+    number = whole_number(device_id, low=1, high=2**31 - 1)
+    if number is None:
+        raise NotFound(f"No device {device_id[:20]}.")
+    return render_template("dashboard/device.html", device=_service().device(number))
 
 
 @dashboard.get("/activity")

@@ -14,6 +14,7 @@ from .openapi_schemas import (
     ROLLOUT_DETAIL,
     ROLLOUTS,
     SPEC,
+    TAGGED,
     WEBHOOKS,
 )
 
@@ -136,6 +137,7 @@ _CAMPAIGN = [
     _query("token", "one device: send the update to it now (or queue=true)"),
     _query("user", "only this user's devices (e-mail)"),
     _query("project", "with user: only this project's devices (name or dashboard id)"),
+    _query("tag", "only the devices (of the user or project, if given) carrying this tag"),
     _query("queue", "with token: keep it pending for an offline device", _FLAG),
     _query("now", "offer connected devices at once", _FLAG),
     _query("percent", "a stable share of the devices", {"type": "integer"}),
@@ -249,7 +251,41 @@ OPENAPI = {
             {**_query("percent", "the new share", {"type": "integer"}), "required": True},
         ),
         "/admin/devices": {
-            "get": {"summary": "Every device", "responses": _answers(_json(DEVICES))}
+            "get": {
+                "summary": "Every device, or those the filters match (X-Total-Count: how many)",
+                "parameters": [
+                    _query(
+                        "search",
+                        "a token's start, a log tag (t:…), a tag, or part of a "
+                        "name, user, project, build or firmware version",
+                    ),
+                    _query("tag", "only devices carrying this tag"),
+                    _query("user", "only this user's devices (e-mail)"),
+                    _query("project", "only devices of projects of this name"),
+                    _query("build", "only devices reporting this build"),
+                    _query("online", "only online (true) or offline (false) devices", _FLAG),
+                    _query("offset", "devices to skip", {"type": "integer", "minimum": 0}),
+                    _query("limit", "devices to return", {"type": "integer", "minimum": 1}),
+                ],
+                "responses": _answers(_json(DEVICES)),
+            }
+        },
+        "/admin/devices/{token}/tags": {
+            "post": {
+                "summary": "Put ?tag= on a device",
+                "parameters": [
+                    _path("token", "the device's token"),
+                    {**_query("tag", "the tag"), "required": True},
+                ],
+                "responses": _answers(_json(TAGGED), 404),
+            }
+        },
+        "/admin/devices/{token}/tags/{tag}": {
+            "delete": {
+                "summary": "Take a tag off a device",
+                "parameters": [_path("token", "the device's token"), _path("tag", "the tag")],
+                "responses": _answers(_json(TAGGED), 404),
+            }
         },
         "/admin/devices/{token}": {
             "delete": {

@@ -14,6 +14,7 @@ __all__ = [
     "ROLLOUT_DETAIL",
     "ROLLOUTS",
     "SPEC",
+    "TAGGED",
     "WEBHOOKS",
 ]
 
@@ -143,9 +144,12 @@ DEVICES = _list(
             "last_address": _TEXT,
             "online": _BOOL,
             "tag": _STRING,
+            "tags": _list(_STRING),
+            "id": _INT,
         }
     )
 )
+TAGGED = _object({"device": _STRING, "tags": _list(_STRING), "changed": _COUNT})
 FIRMWARE_LIST = _list(
     {
         "allOf": [

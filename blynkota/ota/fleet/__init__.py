@@ -5,6 +5,7 @@ folder, and the devices connected to this process (online.py)."""
 from .admins import AdminDirectory
 from .audit import AuditTrail
 from .blynk_data import BlynkDataError, read_blynk_folder
+from .device_search import DeviceFilter
 from .identities import DeviceIdentity, IdentityCache
 from .online import (
     DeviceLink,
@@ -22,11 +23,14 @@ from .registry import (
     ProvisioningError,
     new_token,
 )
+from .tags import check_tag
 
 __all__ = [
     "AdminDirectory",
     "AuditTrail",
     "BlynkDataError",
+    "DeviceFilter",
+    "check_tag",
     "read_blynk_folder",
     "DeviceIdentity",
     "IdentityCache",

@@ -19,8 +19,8 @@ from sqlalchemy import func, select
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from ...store import Admin, AdminRole, Database
+from ..errors import ProvisioningError
 from .login_limits import LoginLimits
-from .registry import ProvisioningError
 
 __all__ = ["AdminDirectory"]
 

@@ -4,12 +4,15 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from ...logsafe import token_tag
 from ...store import Database, Device, Project, User
+from ..errors import ProvisioningError
 from .blynk_data import TOKEN_RULE, BlynkUser, is_token
+from .device_search import DeviceFilter, find_devices
+from .tags import add_tag, remove_tag
 
 __all__ = [
     "UNKNOWN_OWNER",
@@ -24,10 +27,6 @@ __all__ = [
 
 
 TEXT_LIMIT = 255  # characters of an e-mail, a project or a device name (their columns)
-
-
-class ProvisioningError(ValueError):
-    """A device cannot be added as asked; the message says why."""
 
 
 def new_token() -> str:
@@ -51,6 +50,8 @@ class DeviceRow:
     last_address: str | None
     online: bool
     tag: str  # what the server's log shows instead of the token
+    tags: tuple[str, ...] = ()  # its groups (`devices tag`)
+    id: int = 0  # its row's (the dashboard's device page)
 
 
 @dataclass
@@ -230,30 +231,55 @@ class FleetRegistry:
 
         return self._db.run(work)
 
-    def list_devices(self) -> list[DeviceRow]:
+    def list_devices(
+        self, found: DeviceFilter | None = None, offset: int = 0, limit: int | None = None
+    ) -> list[DeviceRow]:
+        return self.devices_page(found, offset, limit)[0]
+
+    def devices_page(
+        self, found: DeviceFilter | None = None, offset: int = 0, limit: int | None = None
+    ) -> tuple[list[DeviceRow], int]:
+        """A page of the devices matching `found` (every one without), and how many match."""
         with self._db.begin() as session:
-            rows = session.execute(
-                select(Device, Project, User)
-                .join(Project, Device.project_id == Project.id)
-                .join(User, Project.user_id == User.id)
-                .order_by(User.email, Project.dash_id, Device.id)
-            ).all()
+            rows, total = find_devices(session, found or DeviceFilter(), offset, limit)
             return [
-                DeviceRow(
-                    token=device.token,
-                    name=device.name,
-                    user=user.email,
-                    project=project.name,
-                    dash_id=project.dash_id,
-                    build=device.build,
-                    fw_version=device.fw_version,
-                    fw_type=device.fw_type,
-                    lib_version=device.lib_version,
-                    hardware=device.hardware,
-                    last_seen_at=device.last_seen_at,
-                    last_address=device.last_address,
-                    online=device.online_since is not None,
-                    tag=token_tag(device.token),
+                _row(device, project, user, tags) for device, project, user, tags in rows
+            ], total
+
+    def tag_devices(self, tag: str, refs: list[str], *, remove: bool = False) -> tuple[int, list]:
+        """Tag (or untag) the devices named by token or by name; (how many changed,
+        the names that match no device). ProvisioningError for a bad tag."""
+
+        def work(session: Session) -> tuple[int, list]:
+            found = session.execute(
+                select(Device.id, Device.token, Device.name).where(
+                    or_(Device.token.in_(refs), Device.name.in_(refs))
                 )
-                for device, project, user in rows
-            ]
+            ).all()
+            known = {token for _, token, _ in found} | {name for _, _, name in found}
+            ids = [device_id for device_id, _, _ in found]
+            change = remove_tag if remove else add_tag
+            return change(session, tag, ids) if ids else 0, [r for r in refs if r not in known]
+
+        return self._db.run(work)
+
+
+def _row(device: Device, project: Project, user: User, tags: tuple[str, ...]) -> DeviceRow:
+    return DeviceRow(
+        token=device.token,
+        name=device.name,
+        user=user.email,
+        project=project.name,
+        dash_id=project.dash_id,
+        build=device.build,
+        fw_version=device.fw_version,
+        fw_type=device.fw_type,
+        lib_version=device.lib_version,
+        hardware=device.hardware,
+        last_seen_at=device.last_seen_at,
+        last_address=device.last_address,
+        online=device.online_since is not None,
+        tag=token_tag(device.token),
+        tags=tags,
+        id=device.id,
+    )

@@ -56,6 +56,7 @@ _CANDIDATE_COLUMNS = (
     _rollouts.c.window_start,
     _rollouts.c.window_end,
     _rollouts.c.window_tz,
+    _rollouts.c.tag,
 )
 _ALL_RUNNING = (
     select(
@@ -101,6 +102,7 @@ class Candidate:
     window_start: int | None = None  # window=: minutes of the day, in window_tz
     window_end: int | None = None
     window_tz: str | None = None
+    tag: str | None = None  # tag=: only devices carrying it
 
     @functools.cached_property
     def window(self) -> OfferWindow | None:
@@ -136,9 +138,11 @@ class Candidate:
 
 
 def _most_specific(rows):
+    """The rollout that owns a device: the most specific scope; within a scope a
+    tagged rollout before an untagged one; then the newest."""
     return min(
         rows,
-        key=lambda row: (RolloutScope.BY_PRECEDENCE.index(row[1]), -row[0]),
+        key=lambda row: (RolloutScope.BY_PRECEDENCE.index(row[1]), row.tag is None, -row[0]),
         default=None,
     )
 
@@ -158,18 +162,30 @@ class RunningRollouts:
         # One Candidate per rollout, shared by every device it owns: what it
         # parses once (its image's version and build) serves the whole batch.
         self._candidates: dict[int, Candidate] = {}
+        # Whether any running rollout aims at a tag: only then are the devices'
+        # tags read (fleet/tags.py), one query per batch.
+        self.tagged = False
         for row in session.execute(_ALL_RUNNING).all():
+            self.tagged = self.tagged or row.tag is not None
             if row.scope == RolloutScope.ALL:
                 self._everyone.append(row)
             else:
                 self._by_target.setdefault((row.scope, target_of(row)), []).append(row)
 
-    def rollout_for(self, *, device_id: int, project_id: int, user_id: int) -> Candidate | None:
+    def rollout_for(
+        self, *, device_id: int, project_id: int, user_id: int, tags: frozenset = frozenset()
+    ) -> Candidate | None:
+        """The rollout that owns the device; `tags`, the device's (tags_of): a
+        tagged rollout reaches only devices that carry its tag."""
         rows = [
-            *self._everyone,
-            *self._by_target.get((RolloutScope.DEVICE, device_id), ()),
-            *self._by_target.get((RolloutScope.PROJECT, project_id), ()),
-            *self._by_target.get((RolloutScope.USER, user_id), ()),
+            row
+            for row in (
+                *self._everyone,
+                *self._by_target.get((RolloutScope.DEVICE, device_id), ()),
+                *self._by_target.get((RolloutScope.PROJECT, project_id), ()),
+                *self._by_target.get((RolloutScope.USER, user_id), ()),
+            )
+            if row.tag is None or row.tag in tags
         ]
         best = _most_specific(rows)
         if best is None:
@@ -187,9 +203,9 @@ def target_of(rollout) -> int | None:
     return None if column is None else getattr(rollout, column.key)
 
 
-def running_key(scope: str, target_id: int | None) -> str:
-    """The unique key a running rollout holds for its scope and target."""
-    return f"{scope}:{'' if target_id is None else target_id}"
+def running_key(scope: str, target_id: int | None, tag: str | None = None) -> str:
+    """The unique key a running rollout holds for its scope, target and tag."""
+    return f"{scope}:{'' if target_id is None else target_id}" + (f"#{tag}" if tag else "")
 
 
 def candidate_of(rollout: Rollout) -> Candidate:
@@ -213,4 +229,5 @@ def candidate_of(rollout: Rollout) -> Candidate:
         window_start=rollout.window_start,
         window_end=rollout.window_end,
         window_tz=rollout.window_tz,
+        tag=rollout.tag,
     )

@@ -56,6 +56,7 @@ class Controls:
     start_at: datetime | None = None  # naive UTC: created scheduled, started then
     window: tuple[int, int] | None = None  # minutes of the day: offers only inside
     window_tz: str | None = None  # the window's zone (IANA), with window
+    tag: str | None = None  # only the devices of the target carrying this tag
     allow_downgrade: bool = False  # devices on a newer version or build are offered it too
 
     def __post_init__(self) -> None:

@@ -27,6 +27,7 @@ from ...store import (
     RolloutState,
     utcnow,
 )
+from ..fleet.tags import tags_of
 from .candidates import RunningRollouts, candidate_of, target_of
 from .compatibility import BoardReport
 from .device_states import enter_all
@@ -93,7 +94,7 @@ class OnlineEnrolment:
         if rollout is None or rollout.state not in RolloutState.RUNNING:
             return []
         query = (
-            in_scope(select(Device.id), rollout.scope, target_of(rollout))
+            in_scope(select(Device.id), rollout.scope, target_of(rollout), rollout.tag)
             .where(
                 Device.node_id.is_not(None),
                 ~exists().where(
@@ -131,9 +132,15 @@ class OnlineEnrolment:
         # Precedence judged in memory: one read of the running rollouts per
         # chunk, not a query per device.
         running = RunningRollouts(session)
+        tags = tags_of(session, [row[0] for row in devices]) if running.tagged else {}
         entries = []
         for device_id, token, build, hardware, fw_type, fw_version, project_id, user_id in devices:
-            owner = running.rollout_for(device_id=device_id, project_id=project_id, user_id=user_id)
+            owner = running.rollout_for(
+                device_id=device_id,
+                project_id=project_id,
+                user_id=user_id,
+                tags=tags.get(device_id, frozenset()),
+            )
             if owner is None or owner.rollout_id != rollout_id:
                 continue  # a more specific rollout keeps this device
             board = BoardReport(hardware, fw_type, fw_version, build)

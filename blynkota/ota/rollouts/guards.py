@@ -195,7 +195,7 @@ class RolloutGuards:
         if rollout.scope != RolloutScope.DEVICE:
             if rollout.percent < 100:
                 return False
-            if ended < devices_in_scope(session, rollout.scope, target_of(rollout)):
+            if ended < devices_in_scope(session, rollout.scope, target_of(rollout), rollout.tag):
                 return False  # devices it has not met yet
         return self.planner.complete(session, rollout, outcome(counts))
 
@@ -287,7 +287,7 @@ class RolloutGuards:
         """
         return sum(
             bucket(rollout.cohort_seed, token) in buckets
-            for token in tokens_in_scope(session, rollout.scope, target_of(rollout))
+            for token in tokens_in_scope(session, rollout.scope, target_of(rollout), rollout.tag)
         )
 
     @staticmethod

@@ -52,6 +52,7 @@ from ..fleet.online import (
     OfferFailed,
     OnlineDevices,
 )
+from ..fleet.tags import tags_of
 from .candidates import Candidate, RunningRollouts
 from .compatibility import BoardReport
 from .device_states import (
@@ -265,12 +266,10 @@ class Offers:
     def send_now(self, device: DeviceIdentity, rollout_id: int) -> None:
         """Offer `rollout_id` to `device`, connected to this process, now (?token=).
 
-        Raises OfferDeferred when it may not be offered now (paused, every
-        download slot taken, another update in flight): the device stays
-        pending. Raises OfferFailed when the frame cannot be built or written
-        (the attempt fails with that reason). This node's fill may have
-        offered it a moment before: that is the offer sent.
-        """
+        OfferDeferred when it may not be offered now (paused, no download slot,
+        another update in flight): it stays pending. OfferFailed when the frame
+        cannot be built or written (the attempt fails with that reason). This
+        node's fill may have offered it a moment before: that is the offer sent."""
         link = self.online.get_ready(device.token)
         if link is None:
             raise OfferFailed(NOT_IN_SESSION)
@@ -344,17 +343,17 @@ class Offers:
         tracks = {
             track.id: track for track in run_tracks_query(session, _PENDING_ROWS, {"rows": rows})
         }
-        boards = {
-            row[0]: tuple(row[1:])
-            for row in _BOARDS.rows(session, devices=sorted({w.device.id for w in waiting}))
-        }
+        ids = sorted({w.device.id for w in waiting})
+        boards = {row[0]: tuple(row[1:]) for row in _BOARDS.rows(session, devices=ids)}
+        tags = tags_of(session, ids) if running.tagged else {}
         verdicts = _Verdicts()
         claimed, journal, refused = [], [], None
         for item in waiting:
             device, track = item.device, tracks.get(item.row_id)
             candidate = running.rollout_for(
-                device_id=device.id, project_id=device.project_id, user_id=device.user_id
-            )
+                device_id=device.id, project_id=device.project_id, user_id=device.user_id,
+                tags=tags.get(device.id, frozenset()),
+            )  # fmt: skip
             reported = boards.get(device.id, _NOTHING_REPORTED)
             state = states.get(item.rollout_id)
             judged = _refusal(item, track, state, candidate, reported, verdicts, busy, now)

@@ -35,7 +35,7 @@ class RolloutPlanner:
         target_id: int | None = None,
         controls: Controls | None = None,
     ) -> Rollout:
-        """Create a rollout; the running one for the same scope and target is superseded.
+        """Create a rollout; the running one for the same scope, target and tag is superseded.
 
         The unique running key decides between processes starting rollouts for
         one target at the same moment: the second to set it gets a duplicate
@@ -50,6 +50,7 @@ class RolloutPlanner:
             started_by=started_by,
             started_at=now,
             state=RolloutState.SCHEDULED if scheduled else RolloutState.ACTIVE,
+            tag=controls.tag,
             start_at=controls.start_at,
             window_start=controls.window[0] if controls.window else None,
             window_end=controls.window[1] if controls.window else None,
@@ -86,7 +87,8 @@ class RolloutPlanner:
             now,
         )
         if not scheduled:
-            self._take_over(session, rollout.id, running_key(scope, target_id), started_by, now)
+            key = running_key(scope, target_id, controls.tag)
+            self._take_over(session, rollout.id, key, started_by, now)
         return rollout
 
     def _take_over(self, session: Session, rollout_id: int, key: str, by: str, now) -> None:
@@ -126,7 +128,7 @@ class RolloutPlanner:
         _log(session, rollout.id, RolloutState.SCHEDULED, RolloutState.ACTIVE,
              f"started as scheduled (startAt {rollout.start_at:%Y-%m-%d %H:%M:%S} UTC)",
              now)  # fmt: skip
-        key = running_key(rollout.scope, target_of(rollout))
+        key = running_key(rollout.scope, target_of(rollout), rollout.tag)
         self._take_over(session, rollout.id, key, rollout.started_by, now)
         return True
 

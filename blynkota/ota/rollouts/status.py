@@ -50,6 +50,11 @@ _TIMESTAMPS = (
 
 
 def _target(session: Session, rollout: Rollout) -> str:
+    scoped = _scope_target(session, rollout)
+    return scoped if rollout.tag is None else f"{scoped} tagged {rollout.tag}"
+
+
+def _scope_target(session: Session, rollout: Rollout) -> str:
     if rollout.scope == RolloutScope.DEVICE:
         return session.get(Device, rollout.device_id).token
     if rollout.scope == RolloutScope.PROJECT:
@@ -70,7 +75,8 @@ def _reach(session: Session, rollout: Rollout) -> tuple[int | None, int | None]:
         return None, None
     seen = or_(Device.last_seen_at >= rollout.started_at, Device.node_id.is_not(None))
     query = select(func.count(Device.id), func.coalesce(func.sum(case((seen, 1), else_=0)), 0))
-    targeted, seen_count = session.execute(in_scope(query, rollout.scope, target_of(rollout))).one()
+    scoped = in_scope(query, rollout.scope, target_of(rollout), rollout.tag)
+    targeted, seen_count = session.execute(scoped).one()
     return int(targeted), int(seen_count)
 
 
@@ -116,6 +122,7 @@ def rollout_summaries(
                     **identity_of(rollout.firmware),
                 },
                 "allow_downgrade": rollout.allow_downgrade,
+                "tag": rollout.tag,
                 "state": rollout.state,
                 "started_by": rollout.started_by,
                 "started_at": iso(rollout.started_at),

@@ -5,8 +5,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ...numbers import ROW_ID_MAX, whole_number
-from ...store import Device, Project, RolloutScope, User
+from ...store import Device, DeviceTag, Project, RolloutScope, User
 from ..errors import Refused
+from ..fleet.tags import tags_of
 from .candidates import Candidate, RunningRollouts
 from .compatibility import BoardReport
 
@@ -20,9 +21,13 @@ __all__ = [
 
 
 def campaign_target(
-    session: Session, email: str | None, project_ref: str | None
+    session: Session, email: str | None, project_ref: str | None, tag: str | None = None
 ) -> tuple[str, int | None]:
-    """(scope, target id) for the query parameters; Refused for unknown ones."""
+    """(scope, target id) for the query parameters; Refused for unknown ones (a
+    tag no device carries is a typo: refused, not a campaign to nobody)."""
+    tagged = select(DeviceTag.id).where(DeviceTag.tag == tag).limit(1)
+    if tag is not None and session.scalar(tagged) is None:
+        raise Refused(f"No device is tagged {tag!r}.")
     if email is None:
         if project_ref is not None:
             raise Refused("The project parameter needs the user parameter too.")
@@ -47,10 +52,12 @@ def campaign_target(
     return RolloutScope.PROJECT, matches[0].id
 
 
-def in_scope(query, scope: str, target_id: int | None):
+def in_scope(query, scope: str, target_id: int | None, tag: str | None = None):
     """`query` (on devices) joined to their projects and narrowed to the
-    devices a rollout of `scope` and target reaches."""
+    devices a rollout of `scope`, target and tag reaches."""
     query = query.join(Project, Project.id == Device.project_id)
+    if tag is not None:
+        query = query.where(Device.id.in_(select(DeviceTag.device_id).where(DeviceTag.tag == tag)))
     if scope == RolloutScope.USER:
         return query.where(Project.user_id == target_id)
     if scope == RolloutScope.PROJECT:
@@ -60,14 +67,18 @@ def in_scope(query, scope: str, target_id: int | None):
     return query
 
 
-def devices_in_scope(session: Session, scope: str, target_id: int | None) -> int:
-    """How many registered devices a campaign of `scope` and target reaches."""
-    return session.scalar(in_scope(select(func.count(Device.id)), scope, target_id)) or 0
+def devices_in_scope(
+    session: Session, scope: str, target_id: int | None, tag: str | None = None
+) -> int:
+    """How many registered devices a campaign of `scope`, target and tag reaches."""
+    return session.scalar(in_scope(select(func.count(Device.id)), scope, target_id, tag)) or 0
 
 
-def tokens_in_scope(session: Session, scope: str, target_id: int | None) -> list[str]:
-    """The tokens of every registered device a rollout of `scope` and target reaches."""
-    return list(session.scalars(in_scope(select(Device.token), scope, target_id)).all())
+def tokens_in_scope(
+    session: Session, scope: str, target_id: int | None, tag: str | None = None
+) -> list[str]:
+    """The tokens of every registered device a rollout of `scope`, target and tag reaches."""
+    return list(session.scalars(in_scope(select(Device.token), scope, target_id, tag)).all())
 
 
 def devices_taken_in(
@@ -79,17 +90,24 @@ def devices_taken_in(
     Which rollout owns each device is judged in memory, on one read of the
     running rollouts, as enrolment does: not a query per device.
     """
-    precedence = RolloutScope.BY_PRECEDENCE.index(candidate.scope)
+    precedence = (RolloutScope.BY_PRECEDENCE.index(candidate.scope), candidate.tag is None)
     query = (
-        in_scope(select(Device, Project, User), candidate.scope, target_id)
+        in_scope(select(Device, Project, User), candidate.scope, target_id, candidate.tag)
         .join(User, User.id == Project.user_id)
         .order_by(Device.id)
     )
+    rows = session.execute(query).all()
     running = RunningRollouts(session)
+    tags = tags_of(session, [device.id for device, _, _ in rows]) if running.tagged else {}
     devices, incompatible = [], []
-    for device, project, user in session.execute(query).all():
-        owner = running.rollout_for(device_id=device.id, project_id=project.id, user_id=user.id)
-        if owner is not None and RolloutScope.BY_PRECEDENCE.index(owner.scope) < precedence:
+    for device, project, user in rows:
+        owner = running.rollout_for(
+            device_id=device.id,
+            project_id=project.id,
+            user_id=user.id,
+            tags=tags.get(device.id, frozenset()),
+        )
+        if owner is not None and _rank(owner) < precedence:
             continue  # a more specific rollout keeps this device
         taking_part, _, wave = candidate.takes_part(device.token)
         board = BoardReport(device.hardware, device.fw_type, device.fw_version, device.build)
@@ -111,6 +129,10 @@ def devices_taken_in(
             else:
                 incompatible.append({**entry, "reason": unfit})
     return devices, incompatible
+
+
+def _rank(candidate: Candidate) -> tuple[int, bool]:
+    return RolloutScope.BY_PRECEDENCE.index(candidate.scope), candidate.tag is None
 
 
 def _dash_id(project_ref: str) -> int:
