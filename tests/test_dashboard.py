@@ -223,6 +223,8 @@ def test_upload_watch_pause_resume_and_a_failed_device(fleet_server, browser, sc
     _press(driver, "button.pause")
     assert "pause done" in _notice(driver)
     assert driver.find_element(By.CSS_SELECTOR, '[data-field="state"]').text == "paused"
+    # Buttons by state: nothing to pause on a paused rollout.
+    assert _enabled(driver) == {"pause": False, "resume": True, "stop": True}
     assert driver.find_element(By.CSS_SELECTOR, '[data-field="pause_reason"]').text.startswith(
         "by "
     )
@@ -253,28 +255,44 @@ def test_upload_watch_pause_resume_and_a_failed_device(fleet_server, browser, sc
     WebDriverWait(driver, WAIT).until(staleness_of(page), message="the next page")
     assert "stop done" in _notice(driver)
     assert driver.find_element(By.CSS_SELECTOR, '[data-field="state"]').text == "stopped"
-    page = driver.find_element(By.TAG_NAME, "html")
-    driver.find_element(By.CSS_SELECTOR, "button.stop").click()
-    WebDriverWait(driver, WAIT).until(alert_is_present()).accept()
-    WebDriverWait(driver, WAIT).until(staleness_of(page), message="the next page")
-    assert "stop refused: it is not running." in _notice(driver)
+    # Stopped: nothing left to press.
+    assert _enabled(driver) == {"pause": False, "resume": False, "stop": False}
+    assert not driver.find_element(By.CSS_SELECTOR, "button.retry").is_enabled()
+
+
+def _enabled(driver) -> dict[str, bool]:
+    return {
+        action: driver.find_element(By.CSS_SELECTOR, f"button.{action}").is_enabled()
+        for action in ("pause", "resume", "stop")
+    }
 
 
 def test_every_page_renders_on_a_laptop_and_a_phone(fleet_server, browser, screenshots):
     server, _ = fleet_server
     driver = browser
     base = f"https://127.0.0.1:{server.https_port}/admin"
-    for size, (width, height) in {"laptop": (1280, 1000), "phone": (390, 844)}.items():
+    device_id = server.admin("GET", "/admin/devices?search=stubborn").json()[0]["id"]
+    pages = (
+        ("/", "Rollouts"),
+        ("/rollouts/1", "Rollout #1"),
+        ("/fleet", "Fleet"),
+        ("/fleet/devices", "Devices"),
+        (f"/fleet/devices/{device_id}", "stubborn"),
+        ("/upload", "Firmware"),
+        ("/activity", "Audit trail"),
+    )
+    for size, (width, height) in {"laptop": (1280, 1000), "phone": (375, 812)}.items():
         driver.set_window_size(width, height)
-        for page, heading in (("/", "Rollouts"), ("/fleet", "Fleet"), ("/upload", "Firmware")):
+        for page, heading in pages:
             driver.get(base + page)
-            assert driver.find_element(By.TAG_NAME, "h1").text == heading
+            assert driver.find_element(By.TAG_NAME, "h1").text.startswith(heading)
             # Nothing wider than the screen: tables scroll inside their cards.
             overflow = driver.execute_script(
                 "return document.documentElement.scrollWidth - window.innerWidth"
             )
             assert overflow <= 0, f"{page} is {overflow}px wider than a {size} screen"
-            driver.save_screenshot(str(screenshots / f"{size}-{page.strip('/') or 'rollouts'}.png"))
+            name = page.strip("/").replace("/", "-") or "rollouts"
+            driver.save_screenshot(str(screenshots / f"{size}-{name}.png"))
     driver.set_window_size(1280, 1000)
     driver.get(base + "/fleet")
     assert "devices online" in driver.find_element(By.CSS_SELECTOR, ".big").text
@@ -299,3 +317,51 @@ def test_a_form_without_the_token_is_refused(fleet_server, browser):
     status, body = driver.execute_async_script(post, token)
     assert (status, body) == (404, "No rollout 999.")  # past the check: the route's own answer
     assert server.admin("POST", "/admin/ota/stop?rollout=999").status == 404  # a script: no token
+
+
+def test_devices_search_a_device_page_and_the_audit_trail(fleet_server, browser, screenshots):
+    server, _ = fleet_server
+    driver = browser
+    base = f"https://127.0.0.1:{server.https_port}/admin"
+    driver.get(base + "/fleet/devices")
+    rows = driver.find_elements(By.CSS_SELECTOR, "tr[data-device]")
+    assert len(rows) == GOOD_DEVICES + 1
+    search = driver.find_element(By.NAME, "search")
+    search.send_keys("stubborn")
+    _press(driver, "form.search button")
+    (row,) = driver.find_elements(By.CSS_SELECTOR, "tr[data-device]")
+    assert "stubborn" in row.text and "bad@example.com / Shed" in row.text
+    page = driver.find_element(By.TAG_NAME, "html")
+    row.find_element(By.TAG_NAME, "a").click()
+    WebDriverWait(driver, WAIT).until(staleness_of(page), message="the device's page")
+    assert driver.find_element(By.TAG_NAME, "h1").text.startswith("stubborn t:")
+    facts = driver.find_element(By.CSS_SELECTOR, ".facts").text
+    assert "bad@example.com / Shed" in facts and "online since" in facts
+    driver.save_screenshot(str(screenshots / "device-page.png"))
+    driver.get(base + "/activity")
+    entries = driver.find_elements(By.CSS_SELECTOR, "tr[data-audit]")
+    starts = [entry.text for entry in entries if " start " in f" {entry.text} "]
+    assert starts and all("admin@blynk.cc" in text and "200" in text for text in starts)
+
+
+def test_the_upload_form_shows_its_targets_fields_and_no_start_for_nobody(fleet_server, browser):
+    server, folder = fleet_server
+    driver = browser
+    driver.get(f"https://127.0.0.1:{server.https_port}/admin/upload")
+    user = driver.find_element(By.NAME, "user")
+    token = driver.find_element(By.NAME, "token")
+    assert not user.is_displayed() and not token.is_displayed()  # all devices: no field
+    driver.find_element(By.CSS_SELECTOR, '[name="scope"][value="device"]').click()
+    assert token.is_displayed() and not user.is_displayed()
+    driver.find_element(By.CSS_SELECTOR, '[name="scope"][value="user"]').click()
+    assert user.is_displayed() and not token.is_displayed()
+    # A dry run that takes in nobody (a user no board of which differs) offers no start.
+    image = folder / "nobody.bin"
+    image.write_bytes(esp8266_image(OLD, size=64 * 1024))
+    driver.find_element(By.NAME, "file").send_keys(str(image))
+    user.send_keys("bad@example.com")
+    driver.find_element(By.ID, "dry-run").click()
+    result = driver.find_element(By.ID, "upload-result")
+    _wait(driver, lambda: result.text.startswith("Dry run"), "the dry run's answer")
+    assert "0 device(s) would be taken in now" in result.text
+    assert not driver.find_element(By.ID, "start").is_enabled()

@@ -57,7 +57,7 @@ def _guard():
 
 @dashboard.context_processor
 def _helpers() -> dict:
-    return {"csrf_token": csrf_token, "segments": segments}
+    return {"csrf_token": csrf_token, "segments": segments, "action_allowed": action_allowed}
 
 
 @dashboard.app_template_filter("span")
@@ -72,6 +72,25 @@ def when(stamp: str | None) -> str:
     if not stamp:
         return ""
     return stamp[:19].replace("T", " ") + " UTC"
+
+
+# Which buttons a rollout's state allows (dashboard.js ALLOWED says the same).
+ALLOWED = {
+    "pause": ("active", "complete"),
+    "resume": ("paused",),
+    "stop": ("scheduled", "active", "paused", "complete"),
+    "retry": ("active", "paused", "complete"),
+    "expand": ("active", "paused", "complete"),
+}
+
+
+def action_allowed(rollout: dict, action: str) -> bool:
+    allowed = rollout["state"] in ALLOWED.get(action, ())
+    if action == "retry":
+        return allowed and rollout["counts"].get("failed", 0) > 0
+    if action == "expand":
+        return allowed and rollout["percent"] < 100
+    return allowed
 
 
 def segments(rollout: dict) -> list[dict]:

@@ -37,6 +37,7 @@ function showRollout(section, rollout) {
   if (reach) reach.textContent = rollout.reach || "";
   const wave = section.querySelector('[data-field="next_wave"]');
   if (wave) wave.textContent = rollout.next_wave || "-";
+  enableButtons(section, rollout);
 }
 
 async function refreshDevices(table) {
@@ -157,9 +158,39 @@ function planTable(plan) {
   return wrapper;
 }
 
+// A rollout's buttons by its state: nothing to pause on a paused rollout.
+const ALLOWED = {
+  pause: ["active", "complete"],
+  resume: ["paused"],
+  stop: ["scheduled", "active", "paused", "complete"],
+  retry: ["active", "paused", "complete"],
+  expand: ["active", "paused", "complete"],
+};
+
+function enableButtons(section, rollout) {
+  for (const [action, states] of Object.entries(ALLOWED)) {
+    const button = section.querySelector(`button[value="${action}"]`);
+    if (!button) continue;
+    let allowed = states.includes(rollout.state);
+    if (action === "retry") allowed = allowed && (rollout.counts.failed || 0) > 0;
+    if (action === "expand") allowed = allowed && rollout.percent < 100;
+    button.disabled = !allowed;
+  }
+}
+
+function showTargetFields(form) {
+  // Only the fields of the chosen target; without script every field shows.
+  const scope = new FormData(form).get("scope");
+  form.querySelectorAll("[data-for]").forEach((label) => {
+    label.hidden = label.dataset.for !== scope;
+  });
+}
+
 function setUpUpload(form) {
   const start = document.getElementById("start");
   const result = document.getElementById("upload-result");
+  showTargetFields(form);
+  form.addEventListener("change", () => showTargetFields(form));
   // Any change after a dry run asks for a new one.
   form.addEventListener("input", () => { start.disabled = true; });
   form.addEventListener("submit", (event) => {
@@ -191,7 +222,8 @@ function setUpUpload(form) {
         (plan.incompatible.length ? `, ${plan.incompatible.length} incompatible` : "") +
         `. Nothing was started.`;
       result.append(planTable(plan));
-      start.disabled = false;
+      // A rollout that would take in nobody is not offered as a start.
+      start.disabled = plan.devices.length === 0;
     });
   });
 }
@@ -205,4 +237,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   const form = document.getElementById("upload");
   if (form) setUpUpload(form);
+  document.querySelectorAll("[data-rollout][data-state]").forEach((section) => {
+    enableButtons(section, JSON.parse(section.dataset.state));
+  });
 });
