@@ -337,7 +337,15 @@ def test_devices_search_a_device_page_and_the_audit_trail(fleet_server, browser,
     assert driver.find_element(By.TAG_NAME, "h1").text.startswith("stubborn t:")
     facts = driver.find_element(By.CSS_SELECTOR, ".facts").text
     assert "bad@example.com / Shed" in facts and "online since" in facts
+    driver.find_element(By.CSS_SELECTOR, '#add-tag [name="tag"]').send_keys("Shed-North")
+    _press(driver, "#add-tag button")
+    assert "Tag added." in _notice(driver)
+    chips = [chip.text for chip in driver.find_elements(By.CSS_SELECTOR, ".facts .chip")]
+    assert [chip.split()[0] for chip in chips] == ["shed-north"]
     driver.save_screenshot(str(screenshots / "device-page.png"))
+    _press(driver, ".facts button.untag")
+    assert "Tag removed." in _notice(driver)
+    assert driver.find_elements(By.CSS_SELECTOR, ".facts .chip") == []
     driver.get(base + "/activity")
     entries = driver.find_elements(By.CSS_SELECTOR, "tr[data-audit]")
     starts = [entry.text for entry in entries if " start " in f" {entry.text} "]

@@ -35,6 +35,8 @@ ROUTES = {
     ("GET", "/admin/activity", "/admin/activity"): "viewer",
     ("GET", "/admin/fleet/devices", "/admin/fleet/devices"): "viewer",
     ("GET", "/admin/fleet/devices/999", "/admin/fleet/devices/<device_id>"): "viewer",
+    ("POST", "/admin/fleet/devices/999/tags", "/admin/fleet/devices/<device_id>/tags"):
+    "operator",
     ("POST", f"/admin/devices/{TOKEN}/tags?tag=x", "/admin/devices/<token>/tags"): "operator",
     ("DELETE", f"/admin/devices/{TOKEN}/tags/x", "/admin/devices/<token>/tags/<tag>"): "operator",
     ("POST", "/admin/ota/start?user=nobody@example.com", "/admin/ota/start"): "operator",

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
 
 from ..numbers import in_words, whole_number
-from ..ota import Conflict, DeviceFilter, NotFound, OtaError, Refused
+from ..ota import Conflict, DeviceFilter, NotFound, OtaError, ProvisioningError, Refused
 from ..ota.notifications import where
 from ..store import DeviceState
 from .admin import parse_rollout_id
@@ -226,7 +226,30 @@ def device(device_id: str) -> str:
     number = whole_number(device_id, low=1, high=2**31 - 1)
     if number is None:
         raise NotFound(f"No device {device_id[:20]}.")
-    return render_template("dashboard/device.html", device=_service().device(number))
+    return render_template(
+        "dashboard/device.html", device=_service().device(number), notice=request.args.get("notice")
+    )
+
+
+@dashboard.post("/fleet/devices/<device_id>/tags")
+@auth.login_required(role=OPERATOR)
+def device_tags(device_id: str) -> Response:
+    """The device page's tag form: put a tag on, or take one off (`remove`)."""
+    number = whole_number(device_id, low=1, high=2**31 - 1)
+    if number is None:
+        raise NotFound(f"No device {device_id[:20]}.")
+    remove = request.form.get("remove") == "true"
+    fleet = current_app.extensions["blynkota.fleet"]
+    rows, _ = fleet.devices_page(DeviceFilter(device_id=number), 0, 1)
+    if not rows:
+        raise NotFound(f"No device {number}.")
+    try:
+        fleet.tag_devices(request.form.get("tag", ""), [rows[0].token], remove=remove)
+        notice = f"Tag {'removed' if remove else 'added'}."
+    except ProvisioningError as error:
+        notice = str(error)
+    target = url_for("dashboard.device", device_id=number) + "?" + urlencode({"notice": notice})
+    return redirect(target, 303)
 
 
 @dashboard.get("/activity")

@@ -26,6 +26,7 @@ class DeviceFilter:
     project: str | None = None
     build: str | None = None
     online: bool | None = None
+    device_id: int | None = None  # one device, by its row
 
 
 def _like(text: str) -> str:
@@ -34,6 +35,8 @@ def _like(text: str) -> str:
 
 
 def _narrowed(query, found: DeviceFilter, session: Session):
+    if found.device_id is not None:
+        query = query.where(Device.id == found.device_id)
     if found.tag:
         query = query.where(
             Device.id.in_(select(DeviceTag.device_id).where(DeviceTag.tag == found.tag.lower()))

@@ -80,6 +80,8 @@ function query(form) {
     if (data.get("project").trim()) params.set("project", data.get("project").trim());
   }
   if (scope !== "device") {
+    const tag = (data.get("tag") || "").trim();
+    if (tag) params.set("tag", tag);
     for (const name of ["percent", "waves", "success", "maxConcurrent", "maxAttempts",
                         "attemptTimeout", "abortRatio", "healthWindow"]) {
       const value = (data.get(name) || "").trim();
@@ -183,6 +185,9 @@ function showTargetFields(form) {
   const scope = new FormData(form).get("scope");
   form.querySelectorAll("[data-for]").forEach((label) => {
     label.hidden = label.dataset.for !== scope;
+  });
+  form.querySelectorAll("[data-for-not]").forEach((label) => {
+    label.hidden = label.dataset.forNot === scope;
   });
 }
 
