@@ -242,7 +242,7 @@ def test_an_unknown_parameter_is_refused_with_the_closest_known_one(shared_serve
     """A typo never widens a start to every device by being ignored."""
     before = len(shared_server.admin("GET", "/admin/ota/status").json())
     for query, told in (
-        ("tag=greenhouse", "Unknown parameter 'tag': this route takes abortRatio,"),
+        ("group=greenhouse", "Unknown parameter 'group': this route takes abortRatio,"),
         ("usr=me@example.com", "Unknown parameter 'usr' (did you mean 'user'?)"),
         ("user=me@example.com&waevs=10,100", "Unknown parameter 'waevs' (did you mean 'waves'?)"),
     ):
@@ -252,7 +252,7 @@ def test_an_unknown_parameter_is_refused_with_the_closest_known_one(shared_serve
     assert len(shared_server.admin("GET", "/admin/ota/status").json()) == before
     limit = shared_server.admin("GET", "/admin/ota/status?limt=1")
     assert limit.status == 400 and "(did you mean 'limit'?)" in limit.text
-    none = shared_server.admin("GET", "/admin/devices?x=1")
+    none = shared_server.admin("GET", "/admin/firmware?x=1")
     assert none.status == 400 and none.text.endswith("this route takes none.")
     # Credentials are checked first: a stranger learns nothing of the parameters.
     stranger = shared_server.admin("GET", "/admin/devices?x=1", auth=("x@example.com", "y"))
