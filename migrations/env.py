@@ -7,6 +7,7 @@ from alembic import context
 from sqlalchemy.exc import DBAPIError
 
 from blynkota.config import load_settings
+from blynkota.store import records  # noqa: F401 (its tables join the metadata)
 from blynkota.store.db import connection_problem, make_engine
 from blynkota.store.models import Base
 

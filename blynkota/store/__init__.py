@@ -18,7 +18,6 @@ from .models import (
     CHUNK_BYTES,
     Admin,
     AdminRole,
-    AuditEntry,
     Base,
     Device,
     DeviceState,
@@ -38,10 +37,9 @@ from .models import (
     RolloutScope,
     RolloutState,
     User,
-    WebhookDelivery,
-    WebhookEndpoint,
     utcnow,
 )
+from .records import AuditEntry, WebhookDelivery, WebhookEndpoint
 
 __all__ = [
     "Database",
