@@ -7,7 +7,10 @@ device waits for its frame, and the time from the info answer to the frame
 is printed as p50/p99. `--concurrency 10000`: every device at once, a
 reconnect storm. `--repeat 5`: five runs, each with a fresh server and
 mosquitto, and the median of their CPU ratios: a run's ratio varies by
-a fifth on a shared machine).
+a fifth on a shared machine). `--cycle`: the whole reconnect cycle a board
+that loses WiFi goes through: connect, HW_LOGIN, info, both answered, and
+close; the server's CPU is counted until it is idle again (its session ends,
+presence and report written), against mosquitto's CONNECT/CONNACK/DISCONNECT).
 Prints, for the same server in the same run:
 - the time for N plain TCP connect/close to port 8080 (the reference),
 - the time for N full logins (HW_LOGIN + info message, both answered,
@@ -50,8 +53,9 @@ from tests.servers import ServerProcess  # noqa: E402
 DEADLINE = 120.0
 
 
-def mqtt_connect(port: int, client: int) -> None:
-    """One MQTT 3.1.1 handshake: CONNECT (clean session), CONNACK, close."""
+def mqtt_connect(port: int, client: int, disconnect: bool = False) -> None:
+    """One MQTT 3.1.1 handshake: CONNECT (clean session), CONNACK, then with
+    `disconnect` a DISCONNECT packet, and close."""
     client_id = f"bench-{client}".encode()
     variable = b"\x00\x04MQTT\x04\x02\x00\x3c"  # protocol, level 4, clean session, 60 s
     payload = len(client_id).to_bytes(2, "big") + client_id
@@ -66,11 +70,15 @@ def mqtt_connect(port: int, client: int) -> None:
                 raise ConnectionError("mosquitto closed")
             answer += chunk
         assert answer == b"\x20\x02\x00\x00", answer  # CONNACK, accepted
+        if disconnect:
+            sock.sendall(b"\xe0\x00")
     finally:
         sock.close()
 
 
-def mosquitto_cpu(count: int, concurrency: int, folder: str) -> tuple[float, float] | None:
+def mosquitto_cpu(
+    count: int, concurrency: int, folder: str, cycle: bool = False
+) -> tuple[float, float] | None:
     """Mosquitto's (user, system) CPU seconds for `count` handshakes, or None without it."""
     if shutil.which("mosquitto") is None:
         return None
@@ -83,11 +91,26 @@ def mosquitto_cpu(count: int, concurrency: int, folder: str) -> tuple[float, flo
     try:
         wait_for_port(port)
         before = cpu_split([broker.pid])
-        timed_storm(mqtt_connect, [(port, i) for i in range(count)], concurrency)
+        timed_storm(mqtt_connect, [(port, i, cycle) for i in range(count)], concurrency)
+        if cycle:
+            until_idle([broker.pid])
         return cpu_used(before, cpu_split([broker.pid]))
     finally:
         broker.terminate()
         broker.wait(timeout=10)
+
+
+def until_idle(pids: list[int], quiet: float = 0.01, step: float = 0.5) -> None:
+    """Wait until the processes use less than `quiet` CPU seconds in `step` s
+    (bounded by DEADLINE): the work a storm left behind is done."""
+    deadline = time.monotonic() + DEADLINE
+    last = sum(cpu_split(pids))
+    while time.monotonic() < deadline:
+        time.sleep(step)
+        now = sum(cpu_split(pids))
+        if now - last < quiet:
+            return
+        last = now
 
 
 def cpu_used(before: tuple[float, float], after: tuple[float, float]) -> tuple[float, float]:
@@ -101,6 +124,19 @@ def cpu_line(split: tuple[float, float]) -> str:
 def bare_connect(port: int) -> None:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.close()
+
+
+def log_in_and_leave(port: int, token: str) -> None:
+    """The whole reconnect cycle: connect, log in, report, both answered, close."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        reader = FrameReader()
+        sock.sendall(encode_login(token, 1))
+        assert read_frame(sock, reader).status == 200
+        sock.sendall(encode_info({"ver": "0.6.1", "h-beat": "60", "build": "Jan  1 2018"}, 2))
+        assert read_frame(sock, reader).status == 200
+    finally:
+        sock.close()
 
 
 def log_in(port: int, token: str, sockets: list, offers: list | None) -> None:
@@ -146,6 +182,9 @@ def main() -> int:
     parser.add_argument("--db-url", default=None)
     parser.add_argument("--campaign", action="store_true", help="offer every device an update")
     parser.add_argument(
+        "--cycle", action="store_true", help="the whole cycle: log in, report, close; until idle"
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="runs, each with a fresh server and mosquitto"
     )
     arguments = parser.parse_args()
@@ -181,6 +220,8 @@ def one_run(arguments: argparse.Namespace) -> float | None:
             if arguments.campaign:
                 server.upload("/admin/ota/start?queue=true", esp8266_image("Mar  3 2019 03:03:03"))
             port = server.http_port
+            if arguments.cycle:
+                return whole_cycle(arguments, server, tokens, folder)
             baseline_rss = rss_kib(server.process.pid)
             reference = timed_storm(bare_connect, [(port,)] * count, arguments.concurrency)
             sockets: list = []
@@ -222,6 +263,30 @@ def one_run(arguments: argparse.Namespace) -> float | None:
         finally:
             server.stop()
             app.extensions["blynkota.db"].dispose()
+    return ratio
+
+
+def whole_cycle(arguments, server: ServerProcess, tokens: list[str], folder: str) -> float | None:
+    """Every device through the whole reconnect cycle; the server's CPU until idle
+    again, against mosquitto's CONNECT/CONNACK/DISCONNECT: the ratio (or None)."""
+    count, pids = len(tokens), [server.process.pid]
+    until_idle(pids)
+    before = cpu_split(pids)
+    took = timed_storm(
+        log_in_and_leave, [(server.http_port, token) for token in tokens], arguments.concurrency
+    )
+    until_idle(pids)
+    used = cpu_used(before, cpu_split(pids))
+    print(f"devices                     {count} ({arguments.concurrency} at once)")
+    print(f"whole cycles                {took:.3f} s, {count / took:.0f} a second")
+    print(f"server CPU until idle       {cpu_line(used)}")
+    anchor = mosquitto_cpu(count, arguments.concurrency, folder, cycle=True)
+    if anchor is None:
+        print("mosquitto missing (apt-get install mosquitto): no CPU ratio")
+        return None
+    ratio = sum(used) / max(sum(anchor), 0.01)
+    print(f"mosquitto CPU, N cycles     {cpu_line(anchor)}")
+    print(f"ratio CPU / mosquitto       {ratio:.1f}x")
     return ratio
 
 
