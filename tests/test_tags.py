@@ -3,7 +3,10 @@ tag, and the device list's search and pages (issue 29)."""
 
 import urllib.parse
 
+import pytest
+
 from blynkota.logsafe import token_tag
+from blynkota.ota import NewDevice
 from blynkota.simulator import SimulatedDevice
 
 from .devices import BUILD_NEW, BUILD_OLD
@@ -104,3 +107,17 @@ def test_the_device_list_searches_pages_and_tags_through_the_api(server, fleet):
     assert "valve-1" in story and token_tag(tokens[1]) in story and "north" in story
     assert tokens[1] not in story  # the page names it by its tag, never the token
     assert server.admin("GET", "/admin/fleet/devices/99999").status == 404
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the pages' links, not the database
+def test_the_device_list_comes_a_page_at_a_time(server, fleet):
+    fleet.add_devices([NewDevice("me@example.com", "Farm", f"d{n:02d}") for n in range(51)])
+    first = server.admin("GET", "/admin/fleet/devices").text
+    assert first.count("<tr data-device=") == 50 and "page 1 of 2" in first
+    assert 'href="/admin/fleet/devices?page=2" rel="next">next →</a>' in first
+    assert 'rel="prev"' not in first
+    second = server.admin("GET", "/admin/fleet/devices?page=2").text
+    assert second.count("<tr data-device=") == 1 and "page 2 of 2" in second
+    assert 'rel="prev">← previous</a>' in second and 'rel="next"' not in second
+    refused = server.admin("GET", "/admin/fleet/devices?page=0")
+    assert refused.status == 400 and "page must be a whole number from 1." in refused.text

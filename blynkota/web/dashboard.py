@@ -105,6 +105,18 @@ def segments(rollout: dict) -> list[dict]:
     return parts
 
 
+def _page_asked() -> int:
+    """?page=, from 1."""
+    page = whole_number(request.args.get("page", "1"), low=1, high=10**9)
+    if page is None:
+        raise Refused("page must be a whole number from 1.")
+    return page
+
+
+def _pages(total: int) -> int:
+    return max(1, -(-total // PAGE_SIZE))
+
+
 def _service():
     return current_app.extensions["blynkota"].admin
 
@@ -137,11 +149,9 @@ def rollout(rollout_id: str) -> str:
     state = request.args.get("state") or None
     if state is not None and state not in DeviceState.ALL:
         raise Refused(f"state must be one of {', '.join(DeviceState.ALL)}, not {state!r}.")
-    page = whole_number(request.args.get("page", "1"), low=1, high=10**9)
-    if page is None:
-        raise Refused("page must be a whole number from 1.")
+    page = _page_asked()
     devices, total = _service().devices_page(number, state, (page - 1) * PAGE_SIZE, PAGE_SIZE)
-    pages = max(1, -(-total // PAGE_SIZE))
+    pages = _pages(total)
 
     def page_url(to: int) -> str:
         query = {"page": to, **({"state": state} if state else {})}
@@ -196,9 +206,7 @@ def rollout_action(rollout_id: str) -> Response:
 @auth.login_required(role=VIEWER)
 def devices() -> str:
     """The device list: search and filters, a page at a time."""
-    page = whole_number(request.args.get("page", "1"), low=1, high=10**9)
-    if page is None:
-        raise Refused("page must be a whole number from 1.")
+    page = _page_asked()
     online = {"yes": True, "no": False}.get(request.args.get("online", ""))
     found = DeviceFilter(
         search=request.args.get("search") or None,
@@ -214,7 +222,7 @@ def devices() -> str:
         total=total,
         found=found,
         page=page,
-        pages=max(1, -(-total // PAGE_SIZE)),
+        pages=_pages(total),
         page_url=lambda to: url_for("dashboard.devices") + "?" + urlencode({**query, "page": to}),
     )
 
@@ -256,9 +264,7 @@ def device_tags(device_id: str) -> Response:
 @auth.login_required(role=VIEWER)
 def activity() -> str:
     """The audit trail, newest first, a page at a time."""
-    page = whole_number(request.args.get("page", "1"), low=1, high=10**9)
-    if page is None:
-        raise Refused("page must be a whole number from 1.")
+    page = _page_asked()
     audit = current_app.extensions["blynkota.audit"]
     entries, total = audit.page((page - 1) * PAGE_SIZE, PAGE_SIZE)
     return render_template(
@@ -266,7 +272,7 @@ def activity() -> str:
         entries=entries,
         total=total,
         page=page,
-        pages=max(1, -(-total // PAGE_SIZE)),
+        pages=_pages(total),
         page_url=lambda to: url_for("dashboard.activity") + f"?page={to}",
     )
 
