@@ -6,8 +6,6 @@ import pty
 import subprocess
 import sys
 
-import pytest
-
 from .devices import BUILD_NEW
 from .images import esp8266_image
 from .servers import ADMIN_EMAIL, ADMIN_PASS, ROOT, clean_env
@@ -38,8 +36,6 @@ def upload(server, image, *options: str, terminal: bytes | None = None):
     return process.returncode, out.decode(), err.decode()
 
 
-# The command's behaviour, not the database's: once is enough.
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_start_for_every_device_is_confirmed_first(server, fleet, tmp_path):
     for _ in range(2):
         fleet.add_device("me@example.com", "Farm")

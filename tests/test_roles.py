@@ -72,7 +72,6 @@ def test_the_table_names_every_admin_route(app):
     assert served == {(method, rule) for method, _, rule in ROUTES}
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_each_role_on_each_route(server, accounts):
     """Below the route's role: 403 with the reason. At or above it: anything
     but 403 (a 404 for the rollout 999, a 400 for the unknown user...)."""
