@@ -98,7 +98,8 @@ def test_a_scheduled_rollout_starts_at_its_time_and_takes_over_then(server, flee
         started = answer.json()
         assert started["state"] == "scheduled" and started["start_at"].startswith(start_at[:19])
         (scheduled, running) = server.admin("GET", "/admin/ota/status").json()
-        assert (scheduled["state"], running["state"]) == ("scheduled", "active")
+        assert scheduled["state"] == "scheduled"
+        assert running["state"] in ("active", "complete")  # its one board has updated
         assert f"scheduled: starts at {started['start_at']}" in render([scheduled])
         assert board.ota_urls == []
         wait_until(lambda: board.ota_urls, timeout=30, message="the offer once it started")

@@ -96,6 +96,12 @@ def judge_verifying(
     """
     since = now - (context.verifying_at or now)
     after = in_words(since.total_seconds())
+    window = policy.window_for(context.health_window)
+    if since.total_seconds() >= window:
+        # Past its window, before the sweep ended it: passed, and this login is
+        # judged as any updated device's (a revert re-offers, lifecycle.py).
+        detail = f"passed its health window ({in_words(window)})"
+        return move(session, track, S.UPDATED, now, detail, health=HealthOutcome.PASSED)
     if reported_build and context.target is not None and reported_build != context.target:
         if moved_on:
             return move(
