@@ -417,16 +417,30 @@ def measure(arguments: argparse.Namespace, folder: Path) -> None:
 
         print("now=true to every device...", flush=True)
         service = app.extensions["blynkota"]
+        before = _cpu(device_pids), _cpu(_database_pids()), _cpu([os.getpid()])
+        database_before = _database_work(admin_engine)
         started = time.time()
         service.admin.start_campaign(
             Upload(esp8266_image(NEW), "bench.bin"), "bench", controls=Controls(push_online=True)
         )
         answered = time.time() - started
+        entered = gevent.spawn(_until_entered, engine, logged_in, started + DEADLINE)
         _wait(reports, "offered", logged_in, started + DEADLINE)
         last = reports.last("last_offer")
         took = (last + start_at - started) if last else float("nan")
         print(f"  {reports.total('offered')} of {logged_in} offered; the start answered in "
               f"{answered:.2f} s; the last `ota` {took:.1f} s after the start")  # fmt: skip
+        after = _cpu(device_pids), _cpu(_database_pids()), _cpu([os.getpid()])
+        entered_at = entered.get(timeout=DEADLINE)
+        print(f"  (every device entered the rollout {entered_at - started:.1f} s after the start)")
+        devices_cpu, database_cpu, own_cpu = (sum(after[i]) - sum(before[i]) for i in range(3))
+        print(f"  CPU s: device processes {devices_cpu:.1f}, MariaDB {database_cpu:.1f}, "
+              f"this process (the start, the enrolment) {own_cpu:.1f}")  # fmt: skip
+        database_after = _database_work(admin_engine)
+        work = ", ".join(
+            f"{name} {database_after[name] - database_before[name]:,}" for name in DATABASE_WORK
+        )
+        print(f"  MariaDB's work: {work}")
         app.extensions["blynkota.db"].dispose()
     finally:
         for client in clients:
@@ -459,6 +473,31 @@ def _print_storm(arguments: argparse.Namespace, reports: Reports, server_log: Pa
     for line in told[:5]:
         print(f"    {line[:200]}")
     print(f"  connections lost after their login: {reports.total('dropped')}")
+
+
+# MariaDB's counters of statements and of rows read and written (SHOW GLOBAL STATUS).
+DATABASE_WORK = (
+    "Com_commit", "Com_select", "Com_insert", "Com_update", "Handler_read_next",
+    "Handler_read_key", "Handler_write", "Handler_update",
+)  # fmt: skip
+
+
+def _database_work(engine) -> dict[str, int]:
+    with engine.connect() as connection:
+        rows = connection.execute(sqlalchemy.text("SHOW GLOBAL STATUS")).all()
+    status = dict(rows)
+    return {name: int(status.get(name, 0)) for name in DATABASE_WORK}
+
+
+def _until_entered(engine, devices: int, deadline: float) -> float:
+    """When the rollout's rows (pending, then offered) reached `devices`."""
+    while time.time() < deadline:
+        with engine.connect() as connection:
+            rows = connection.execute(sqlalchemy.text("SELECT count(*) FROM rollout_devices"))
+            if rows.scalar() >= devices:
+                return time.time()
+        gevent.sleep(0.25)
+    return float("nan")
 
 
 def _until_nodes(engine, processes: int) -> None:
