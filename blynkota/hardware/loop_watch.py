@@ -232,7 +232,7 @@ class LoopWatch:
         write lock held until then.
         """
         session = self.session
-        if session.wire.write_lock.locked():
+        if session.wire.writing():
             return b""  # another greenlet is in the middle of a write
         reaction = reaction_to(session.machine.state, event)
         presence = session.presence

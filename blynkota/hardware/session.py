@@ -77,7 +77,6 @@ class DeviceSession:
         "wire",
         "serial",
         "peer",
-        "address",
         "devices",
         "online",
         "login_timeout",
@@ -125,7 +124,6 @@ class DeviceSession:
         self._parks = not isinstance(sock, ssl.SSLSocket)
         self.serial = next(_SERIALS)
         self.peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-        self.address = address[0] if isinstance(address, tuple) else str(address)
         self.devices = devices
         self.online = online
         self.login_timeout = login_timeout
@@ -151,6 +149,13 @@ class DeviceSession:
         # Made at the first park (or a start in the loop), reused. Once set, no
         # handler waits for the session: it closes its connection and says so.
         self.watch: LoopWatch | None = None
+
+    @property
+    def address(self) -> str:
+        """The peer's address without its port (its presence row's): read at
+        login and when presence is reconciled, so not kept beside `peer`."""
+        host, colon, _ = self.peer.rpartition(":")
+        return host if colon else self.peer
 
     # --- who runs it ---------------------------------------------------------------
 

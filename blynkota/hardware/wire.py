@@ -103,7 +103,7 @@ class Wire:
 
     # Tens of thousands are alive at once: slots, and the rate's two numbers
     # here rather than in an object of their own.
-    __slots__ = ("sock", "reader", "write_lock", "rate_limit", "_window", "_count")
+    __slots__ = ("sock", "reader", "_write_lock", "rate_limit", "_window", "_count")
 
     def __init__(self, sock: socket.socket, max_messages_per_sec: int) -> None:
         self.sock = sock
@@ -113,7 +113,7 @@ class Wire:
         except OSError:
             pass  # a connection already reset: its first read says so
         self.reader = FrameReader()
-        self.write_lock = Semaphore()
+        self._write_lock: Semaphore | None = None  # made at the first write that may wait
         self.rate_limit = max_messages_per_sec
         self._window = 0.0
         self._count = 0
@@ -157,6 +157,21 @@ class Wire:
         return SessionClosed("disconnected")
 
     # --- writing ----------------------------------------------------------------
+
+    @property
+    def write_lock(self) -> Semaphore:
+        """Whoever writes holds it, so frames never interleave. Made when first
+        asked for (never twice: nothing yields in between): most of a fleet's
+        sessions are answered from the event loop and never need one, and a
+        lock is about 170 bytes of the ~3 KiB a parked session costs."""
+        lock = self._write_lock
+        if lock is None:
+            lock = self._write_lock = Semaphore()
+        return lock
+
+    def writing(self) -> bool:
+        """Whether another write holds the lock now."""
+        return self._write_lock is not None and self._write_lock.locked()
 
     def write(self, frame: bytes) -> None:
         with self.write_lock:

@@ -87,6 +87,8 @@ def split_words(body: bytes) -> tuple[str, ...]:
 class FrameReader:
     """Accumulates bytes and yields one event per complete frame."""
 
+    __slots__ = ("_buffer", "_max_body")  # one per connected device: no dict each
+
     def __init__(self, max_body: int = DEFAULT_MAX_BODY) -> None:
         self._buffer = bytearray()
         self._max_body = max_body
