@@ -81,7 +81,9 @@ TAKEN_OVER = "a more specific rollout took over"
 BACKING_OFF = "backing off after a failed attempt"
 NOT_IN_SESSION = "the device is not in session"
 
-# The pending devices due on a node, oldest first (built once: a campaign fills many a second).
+# The pending devices due on a node, oldest first (built once: a campaign fills many a
+# second), read from the pending rows on: STRAIGHT_JOIN keeps MariaDB from starting at
+# the active rollouts and reading every row they have (0.2 s a fill at 100k devices).
 _DUE = HotQuery(
     select(
         RolloutDevice.id,
@@ -104,6 +106,7 @@ _DUE = HotQuery(
     )
     .order_by(RolloutDevice.pending_at, RolloutDevice.id)
     .limit(bindparam("limit", type_=Integer))
+    .prefix_with("STRAIGHT_JOIN", dialect="mysql")
 )
 # A claim's rows, locked while they are judged, and what its devices last reported.
 _PENDING_ROWS = tracks_query(
@@ -156,8 +159,6 @@ class _Waiting:
 
 # A claimed offer: (the waiting device, its Offer, the frame to write).
 _Claimed = tuple[_Waiting, Offer, bytes]
-
-
 _NOTHING_REPORTED = (None, None, None, None)
 
 
