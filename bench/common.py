@@ -11,7 +11,9 @@ __all__ = [
     "SHIPPED_TIMINGS",
     "cpu_seconds",
     "cpu_split",
+    "bench_fleet",
     "child_pids",
+    "database_pids",
     "free_port",
     "percentile",
     "read_frame",
@@ -85,6 +87,41 @@ def child_pids(parent: int) -> list[int]:
             if int(fields[1]) == parent:
                 found.append(int(entry.name))
     return found
+
+
+def database_pids() -> list[int]:
+    """The local MariaDB/MySQL server's processes (none where it runs elsewhere)."""
+    import subprocess
+
+    found = subprocess.run(["pgrep", "-x", "mariadbd|mysqld"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def bench_fleet(url: str, devices: int, folder: Path):
+    """A migrated database holding `devices` devices of one project, inserted in
+    bulk (the provisioning API would take minutes for 100,000): the app on it,
+    and the tokens, the first made by the provisioning API."""
+    import hashlib
+
+    import sqlalchemy
+
+    from blynkota import create_app
+    from blynkota.store import upgrade
+
+    upgrade(url)
+    app = create_app({"db.url": url, "data.folder": folder / "bench", "log.level": "WARNING"})
+    first = app.extensions["blynkota.fleet"].add_device("bench@example.com", "Bench")
+    tokens = [first] + [hashlib.md5(f"d{i}".encode()).hexdigest() for i in range(1, devices)]
+    insert = sqlalchemy.text(
+        "INSERT INTO devices (project_id, name, token, created_at) "
+        "VALUES (:p, '', :t, CURRENT_TIMESTAMP)"
+    )
+    with app.extensions["blynkota.db"].engine.begin() as connection:
+        project = connection.execute(sqlalchemy.text("SELECT project_id FROM devices")).scalar()
+        for at in range(1, devices, 10_000):
+            chunk = tokens[at : at + 10_000]
+            connection.execute(insert, [{"p": project, "t": token} for token in chunk])
+    return app, tokens
 
 
 def free_port() -> int:

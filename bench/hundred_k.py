@@ -39,7 +39,6 @@ if "--client" not in sys.argv:  # a client is a plain epoll loop (below)
 import argparse
 import contextlib
 import errno
-import hashlib
 import heapq
 import json
 import os
@@ -61,7 +60,15 @@ sys.path.insert(0, str(ROOT))
 
 import sqlalchemy
 
-from bench.common import SHIPPED_TIMINGS, child_pids, cpu_seconds, rss_kib
+from bench.common import (
+    SHIPPED_TIMINGS,
+    bench_fleet,
+    child_pids,
+    cpu_seconds,
+    database_pids,
+    free_port,
+    rss_kib,
+)
 from blynkota.protocol import (
     NEED_DATA,
     FrameReader,
@@ -271,32 +278,6 @@ def run_client(arguments: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- the conductor
 
 
-def _database_pids() -> list[int]:
-    found = subprocess.run(["pgrep", "-x", "mariadbd|mysqld"], capture_output=True, text=True)
-    return [int(pid) for pid in found.stdout.split()]
-
-
-def _fleet(url: str, devices: int, folder: Path):
-    """A migrated database with `devices` devices; the app, for the campaign; the tokens."""
-    from blynkota import create_app
-    from blynkota.store import upgrade
-
-    upgrade(url)
-    app = create_app({"db.url": url, "data.folder": folder / "bench", "log.level": "WARNING"})
-    first = app.extensions["blynkota.fleet"].add_device("bench@example.com", "Bench")
-    tokens = [first] + [hashlib.md5(f"d{i}".encode()).hexdigest() for i in range(1, devices)]
-    with app.extensions["blynkota.db"].engine.begin() as connection:
-        project = connection.execute(sqlalchemy.text("SELECT project_id FROM devices")).scalar()
-        insert = sqlalchemy.text(
-            "INSERT INTO devices (project_id, name, token, created_at) "
-            "VALUES (:p, '', :t, CURRENT_TIMESTAMP)"
-        )
-        for at in range(1, devices, 10_000):
-            chunk = tokens[at : at + 10_000]
-            connection.execute(insert, [{"p": project, "t": token} for token in chunk])
-    return app, tokens
-
-
 class Reports:
     """The clients' latest lines, read from their pipes."""
 
@@ -348,12 +329,12 @@ def measure(arguments: argparse.Namespace, folder: Path) -> None:
     clients: list[subprocess.Popen] = []
     try:
         print(f"creating {arguments.devices} devices...", flush=True)
-        app, tokens = _fleet(url, arguments.devices, folder)
-        port = _free_port()
+        app, tokens = bench_fleet(url, arguments.devices, folder)
+        port = free_port()
         timings = "".join(f"{key}={value}\n" for key, value in SHIPPED_TIMINGS.items())
         properties = folder / "bench.properties"
         properties.write_text(
-            f"http.port={port}\nlisten.address=127.0.0.1\nhttps.port={_free_port()}\n"
+            f"http.port={port}\nlisten.address=127.0.0.1\nhttps.port={free_port()}\n"
             f"data.folder={folder / 'data'}\ndb.url={url}\nlog.level=WARNING\n"
             f"hardware.max.connections=19000\nota.max.concurrent={arguments.devices}\n"
             f"{timings}"
@@ -399,11 +380,11 @@ def measure(arguments: argparse.Namespace, folder: Path) -> None:
         reports = Reports(clients)
         client_pids = [client.pid for client in clients]
         gevent.sleep(max(0.0, start_at - time.time()))
-        before = _cpu(device_pids), _cpu(_database_pids()), _cpu(client_pids)
+        before = _cpu(device_pids), _cpu(database_pids()), _cpu(client_pids)
         print(f"storm: {arguments.devices} devices, {arguments.clients} client processes, "
               f"{arguments.at_once} logging in at once in each...", flush=True)  # fmt: skip
         _wait(reports, "logged_in", arguments.devices, start_at + DEADLINE)
-        after = _cpu(device_pids), _cpu(_database_pids()), _cpu(client_pids)
+        after = _cpu(device_pids), _cpu(database_pids()), _cpu(client_pids)
         _print_storm(arguments, reports, server_log)
         rss = sum(rss_kib(pid) for pid in device_pids)
         logged_in = reports.total("logged_in")
@@ -417,7 +398,7 @@ def measure(arguments: argparse.Namespace, folder: Path) -> None:
 
         print("now=true to every device...", flush=True)
         service = app.extensions["blynkota"]
-        before = _cpu(device_pids), _cpu(_database_pids()), _cpu([os.getpid()])
+        before = _cpu(device_pids), _cpu(database_pids()), _cpu([os.getpid()])
         database_before = _database_work(admin_engine)
         started = time.time()
         service.admin.start_campaign(
@@ -430,7 +411,7 @@ def measure(arguments: argparse.Namespace, folder: Path) -> None:
         took = (last + start_at - started) if last else float("nan")
         print(f"  {reports.total('offered')} of {logged_in} offered; the start answered in "
               f"{answered:.2f} s; the last `ota` {took:.1f} s after the start")  # fmt: skip
-        after = _cpu(device_pids), _cpu(_database_pids()), _cpu([os.getpid()])
+        after = _cpu(device_pids), _cpu(database_pids()), _cpu([os.getpid()])
         entered_at = entered.get(timeout=DEADLINE)
         print(f"  (every device entered the rollout {entered_at - started:.1f} s after the start)")
         devices_cpu, database_cpu, own_cpu = (sum(after[i]) - sum(before[i]) for i in range(3))
@@ -511,12 +492,6 @@ def _until_nodes(engine, processes: int) -> None:
             return
         gevent.sleep(0.2)
     raise SystemExit(f"the {processes} device processes did not start within 60 s")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main() -> int:

@@ -29,7 +29,6 @@ monkey.patch_all()  # the bench's own database calls must let the devices run
 
 import argparse
 import contextlib
-import hashlib
 import os
 import signal
 import subprocess
@@ -48,8 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 import sqlalchemy
 
-from bench.common import child_pids, cpu_seconds, free_port, read_frame
-from blynkota import create_app
+from bench.common import bench_fleet, child_pids, cpu_seconds, database_pids, free_port, read_frame
 from blynkota.ota import Controls, Upload
 from blynkota.protocol import (
     FrameReader,
@@ -60,7 +58,6 @@ from blynkota.protocol import (
     encode_login,
     encode_ping,
 )
-from blynkota.store import upgrade
 from tests.images import esp8266_image
 
 DEADLINE = 300.0  # seconds for each phase
@@ -112,10 +109,8 @@ class Device:
 
 def _other_cpu() -> tuple[float, float]:
     """CPU seconds so far of the database server (mariadbd/mysqld) and of this client."""
-    found = subprocess.run(["pgrep", "-x", "mariadbd|mysqld"], capture_output=True, text=True)
-    database = [int(pid) for pid in found.stdout.split()]
     times = os.times()
-    return cpu_seconds(database), times.user + times.system
+    return cpu_seconds(database_pids()), times.user + times.system
 
 
 def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict:
@@ -132,21 +127,8 @@ def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict
         url = sqlalchemy.engine.make_url(server_url).set(database=name).render_as_string(False)
     process = None
     try:
-        upgrade(url)
-        app = create_app({"db.url": url, "data.folder": folder / "bench", "log.level": "WARNING"})
-        fleet = app.extensions["blynkota.fleet"]
+        app, tokens = bench_fleet(url, devices, folder)
         engine = app.extensions["blynkota.db"].engine
-        first = fleet.add_device("bench@example.com", "Bench")
-        tokens = [first] + [hashlib.md5(f"d{i}".encode()).hexdigest() for i in range(1, devices)]
-        with engine.begin() as connection:
-            project = connection.execute(sqlalchemy.text("SELECT project_id FROM devices")).scalar()
-            connection.execute(
-                sqlalchemy.text(
-                    "INSERT INTO devices (project_id, name, token, created_at) "
-                    "VALUES (:p, '', :t, CURRENT_TIMESTAMP)"
-                ),
-                [{"p": project, "t": token} for token in tokens[1:]],
-            )
         port = free_port()
         properties = folder / f"bench-{processes}.properties"
         properties.write_text(
