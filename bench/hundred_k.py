@@ -375,7 +375,7 @@ def measure(arguments: argparse.Namespace, folder: Path) -> None:
                     ],
                     stdout=subprocess.PIPE,
                     text=True,
-                )  # fmt: skip
+                )
             )
         reports = Reports(clients)
         client_pids = [client.pid for client in clients]
