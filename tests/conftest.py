@@ -8,6 +8,8 @@ turns that skip into a failure so CI can never silently lose them.
 
 import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -104,7 +106,103 @@ def latin1_mysql_url():
         yield url
 
 
+class _Templates:
+    """One database migrated per run and kind, copied for each test that wants a
+    migrated one: the migrations take 0.45 s on MariaDB (0.09 s on SQLite), a
+    copy a third of it. Only the copy's speed differs: `upgrade` still runs on
+    it (and would migrate it were it behind); test_migrations.py migrates from
+    empty, and holds the copy to the migrated schema."""
+
+    def __init__(self) -> None:
+        self.sqlite: Path | None = None
+        self.mysql: str | None = None
+        self.folder: Path | None = None
+
+    def copy_to(self, db_url: str) -> None:
+        url = sqlalchemy.engine.make_url(db_url)
+        if url.get_backend_name() == "sqlite":
+            target = Path(url.database)
+            if not target.exists():
+                shutil.copyfile(self._sqlite(), target)
+        elif url.get_backend_name() == "mysql":
+            clone_mysql(self._mysql(), db_url)
+
+    def _sqlite(self) -> Path:
+        if self.sqlite is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="blynkota-template-"))
+            self.sqlite = self.folder / "migrated.db"
+            database_url = f"sqlite:///{self.sqlite}"
+            upgrade(database_url)
+            sqlalchemy.create_engine(database_url).dispose()  # its WAL folded back in
+        return self.sqlite
+
+    def _mysql(self) -> str:
+        if self.mysql is None:
+            self.mysql = f"blynkota_test_template_{uuid.uuid4().hex[:8]}"
+            server = sqlalchemy.create_engine(MYSQL_SERVER_URL)
+            with server.connect() as connection:
+                connection.exec_driver_sql(f"CREATE DATABASE {self.mysql} CHARACTER SET utf8mb4")
+            server.dispose()
+            upgrade(_mysql_url_of(self.mysql))
+        return self.mysql
+
+    def drop(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        if self.mysql is not None:
+            server = sqlalchemy.create_engine(MYSQL_SERVER_URL)
+            with server.connect() as connection:
+                connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {self.mysql}")
+            server.dispose()
+
+
+def _mysql_url_of(name: str) -> str:
+    url = sqlalchemy.engine.make_url(MYSQL_SERVER_URL)
+    return url.set(database=name, query={"charset": "utf8mb4"}).render_as_string(False)
+
+
+def clone_mysql(template: str, db_url: str) -> None:
+    """Make the database at `db_url` a copy of `template` (same server): its
+    tables as SHOW CREATE TABLE gives them (keys, foreign keys, the
+    AUTO_INCREMENT reached), their rows, and its views, read from the template.
+    Only if it is still empty: a test's servers may have migrated it already."""
+    engine = sqlalchemy.create_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            if connection.exec_driver_sql("SHOW TABLES").first() is not None:
+                return
+            connection.exec_driver_sql("SET FOREIGN_KEY_CHECKS=0")  # tables in any order
+            objects = connection.exec_driver_sql(
+                "SELECT table_name, table_type FROM information_schema.tables "
+                f"WHERE table_schema = '{template}' ORDER BY table_name"
+            ).all()
+            for name, kind in objects:
+                if kind == "BASE TABLE":
+                    ddl = connection.exec_driver_sql(f"SHOW CREATE TABLE {template}.{name}")
+                    connection.exec_driver_sql(ddl.one()[1])
+                    connection.exec_driver_sql(
+                        f"INSERT INTO {name} SELECT * FROM {template}.{name}"
+                    )
+            for name, kind in objects:
+                if kind == "VIEW":
+                    ddl = connection.exec_driver_sql(f"SHOW CREATE VIEW {template}.{name}")
+                    connection.exec_driver_sql(ddl.one()[1].replace(f"`{template}`.", ""))
+            connection.commit()
+    finally:
+        engine.dispose()
+
+
+TEMPLATES = _Templates()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _templates_dropped():
+    yield
+    TEMPLATES.drop()
+
+
 def _migrated_app(db_url: str, folder):
+    TEMPLATES.copy_to(db_url)
     upgrade(db_url)
     # No health window, as the test servers (servers.py): test_health.py sets one.
     return create_app({"db.url": db_url, "data.folder": folder, "ota.health.window": 0})

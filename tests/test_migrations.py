@@ -108,3 +108,40 @@ def test_every_table_holds_any_unicode_on_a_latin1_mysql_server(latin1_mysql_url
         stored = connection.scalar(sqlalchemy.text("SELECT name FROM projects"))
     assert stored == rocket
     engine.dispose()
+
+
+def _schema(url: str) -> dict[str, object]:
+    """Every table's and view's definition and every table's rows, by name, with
+    the database's own name taken out of the views."""
+    engine = sqlalchemy.create_engine(url)
+    name = engine.url.database
+    found = {}
+    with engine.connect() as connection:
+        kinds = connection.exec_driver_sql(
+            "SELECT table_name, table_type FROM information_schema.tables "
+            f"WHERE table_schema = '{name}'"
+        ).all()
+        for table, kind in kinds:
+            if kind == "VIEW":
+                ddl = connection.exec_driver_sql(f"SHOW CREATE VIEW {table}").one()[1]
+                found[table] = ddl.replace(f"`{name}`.", "")
+            else:
+                ddl = connection.exec_driver_sql(f"SHOW CREATE TABLE {table}").one()[1]
+                rows = connection.exec_driver_sql(f"SELECT * FROM {table}").all()
+                found[table] = (ddl, sorted(map(tuple, rows)))
+    engine.dispose()
+    return found
+
+
+@pytest.mark.mysql
+def test_the_tests_copy_of_a_migrated_mysql_database_is_the_migrated_database(mysql_url):
+    """conftest copies one migrated database for the tests that want one
+    (TEMPLATES): tables, keys, rows and views equal a migration's own."""
+    from .conftest import TEMPLATES, _mysql_database
+
+    with _mysql_database() as copy_url:
+        TEMPLATES.copy_to(copy_url)
+        upgrade(mysql_url)
+        migrated, copied = _schema(mysql_url), _schema(copy_url)
+    assert "rollout_progress" in migrated and "alembic_version" in migrated
+    assert copied == migrated
