@@ -5,6 +5,7 @@ The server is started exactly as an operator starts it (`python wsgi.py
 from its "listening" log lines.
 """
 
+import atexit
 import base64
 import http.client
 import json
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import gevent
 
+from .forkserver import ForkedProcess, ForkServer
 from .images import esp8266_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +55,10 @@ class HttpAnswer:
 # (PYTHONDONTWRITEBYTECODE), or each of the suite's 350 servers would compile
 # the project again (0.15 s a start).
 PYCACHE = Path(tempfile.gettempdir()) / "blynkota-tests-pycache"
+
+
+FORK_SERVER = ForkServer()
+atexit.register(FORK_SERVER.close)
 
 
 def clean_env(**values) -> dict[str, str]:
@@ -127,8 +133,9 @@ class ServerProcess:
         }
         self.config_file = folder / f"server-{uuid.uuid4().hex[:6]}.properties"
         self.log_file = folder / "server.log"
-        self.process: subprocess.Popen | None = None
-        # Put before the command: a bench runs the server under a profiler.
+        self.process: subprocess.Popen | ForkedProcess | None = None
+        # Put before the command: a bench runs the server under a profiler
+        # (`python wsgi.py` then, not a fork of the fork server).
         self.launcher: list[str] = []
         self.http_port = self.https_port = 0
         self.open_files: int | None = None  # the process's RLIMIT_NOFILE, when set
@@ -139,15 +146,21 @@ class ServerProcess:
         write_properties(self.config_file, self.properties)
         env = clean_env()
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
-                [*self.launcher, sys.executable, "wsgi.py", "-serverConfig", str(self.config_file)],
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                preexec_fn=None if self.open_files is None else self._limit_open_files,
+        command = ["wsgi.py", "-serverConfig", str(self.config_file)]
+        if not self.launcher:
+            self.process = FORK_SERVER.spawn(
+                command, cwd=ROOT, env=env, output=self.log_file, open_files=self.open_files
             )
+        else:
+            with open(self.log_file, "ab") as log:
+                self.process = subprocess.Popen(
+                    [*self.launcher, sys.executable, *command],
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    preexec_fn=None if self.open_files is None else self._limit_open_files,
+                )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ports = dict(_LISTENING.findall(self.log_file.read_text()[offset:]))
