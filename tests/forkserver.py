@@ -18,6 +18,7 @@ Protocol, one JSON line each way on this process's stdin and stdout:
 """
 
 import ctypes
+import gc
 import json
 import os
 import resource
@@ -177,6 +178,9 @@ if __name__ == "__main__":
     import blynkota.runner  # noqa: F401
     from blynkota.serving import main
 
+    # What is imported now is never garbage: no server's collections walk it.
+    gc.collect()
+    gc.freeze()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # pytest's ^C is the test process's to handle
     _become(_serve_requests())
     sys.exit(main(sys.argv[1:]))

@@ -28,7 +28,7 @@ from blynkota.store.models import Node, utcnow
 
 from .devices import BUILD_NEW, BUILD_OLD, TOKEN, RawDevice
 from .images import esp8266_image
-from .servers import ServerProcess, trickled_head, wait_until
+from .servers import ServerProcess, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -545,17 +545,6 @@ def test_half_a_method_word_costs_almost_no_cpu(port_server_factory):
     finally:
         for sock in held:
             sock.close()
-
-
-def test_a_trickling_http_client_is_dropped_after_the_head_deadline(port_server_factory):
-    """One header byte a second is 'active' for a per-read timeout; the head as
-    a whole has 10 s (http_handler.HEAD_DEADLINE)."""
-    device_server = port_server_factory()
-    answer, seconds = trickled_head(device_server.http_port, "GET /anything HTTP/1.1")
-    assert answer.startswith(b"HTTP/1.1 400"), answer
-    assert 9 <= seconds < 20
-    assert "request head not complete" in device_server.log()
-    assert "Traceback" not in device_server.log()
 
 
 def test_http_clients_and_devices_have_a_limit_each(port_server_factory):

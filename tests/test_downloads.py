@@ -4,6 +4,7 @@ import hashlib
 import re
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy
@@ -241,17 +242,22 @@ def test_a_request_head_that_arrives_in_pieces_is_answered(shared_server, upload
     assert head.startswith(b"HTTP/1.1 200 ") and body == image
 
 
-def test_a_firmware_request_trickling_its_head_is_closed_after_the_head_deadline(
-    port_server_factory,
-):
-    """The fast path's own deadline: a header byte a second keeps a per-read
-    timeout happy, the head as a whole has HEAD_DEADLINE (10 s). The file
-    sender reads no database: SQLite alone, so the suite waits these 10 s once."""
+def test_requests_trickling_their_heads_are_closed_after_the_head_deadline(port_server_factory):
+    """A header byte a second keeps a per-read timeout happy; the head as a
+    whole has HEAD_DEADLINE (10 s), on the firmware fast path (closed
+    unanswered) as for any other request (a 400). Both trickle at once, on
+    SQLite alone (no database has a part in it), so the suite waits 10 s once."""
     server = port_server_factory()
     path = server.upload("/admin/ota/start", esp8266_image(BUILD_NEW, size=50_000)).text
-    answer, seconds = trickled_head(server.http_port, f"GET {path} HTTP/1.1")
-    assert answer == b""  # closed, unanswered
-    assert 9 <= seconds < 20
+    with ThreadPoolExecutor(2) as pool:
+        firmware = pool.submit(trickled_head, server.http_port, f"GET {path} HTTP/1.1")
+        other = pool.submit(trickled_head, server.http_port, "GET /anything HTTP/1.1")
+        (firmware_answer, firmware_seconds), (answer, seconds) = firmware.result(), other.result()
+    assert firmware_answer == b""  # closed, unanswered
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert 9 <= firmware_seconds < 20 and 9 <= seconds < 20
+    assert "request head not complete" in server.log()
+    assert "Traceback" not in server.log()
 
 
 def test_a_request_line_reaches_the_log_escaped_and_without_its_query(port_server_factory):

@@ -97,8 +97,8 @@ def test_three_nodes_serve_one_fleet(cluster, engine, mysql_app):
         others = tuple(port for port in ports if port != home)
         devices.append(SimulatedDevice("127.0.0.1", home, token, BUILD_OLD, fallback_ports=others))
     try:
-        for batch in range(0, DEVICES, 150):  # a fleet coming up, not one burst
-            for device in devices[batch : batch + 150]:
+        for batch in range(0, DEVICES, 300):  # a fleet coming up, not one burst
+            for device in devices[batch : batch + 300]:
                 device.start()
             gevent.sleep(1.0)
         wait_until(
