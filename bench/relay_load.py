@@ -107,10 +107,10 @@ def _accept_all(listener, poller, connections) -> None:
 
 
 class Device:
-    __slots__ = ("token", "sock", "buffer", "step", "message", "sent_at")
+    __slots__ = ("index", "token", "sock", "buffer", "step", "message", "sent_at")
 
-    def __init__(self, token: str) -> None:
-        self.token = token
+    def __init__(self, index: int) -> None:
+        self.index, self.token = index, f"{index:032x}"  # the tokens bench/relay.py provisions
         self.sock: socket.socket | None = None
         self.buffer = bytearray()
         self.step = 0  # 0 login sent, 1 info sent, 2 held
@@ -119,7 +119,7 @@ class Device:
 
 
 def run_devices(port: int, count: int, seconds: float, at_once: int) -> None:
-    devices = [Device(f"{number:032x}") for number in range(count)]
+    devices = [Device(index) for index in range(count)]
     poller = select.epoll()
     by_fd: dict[int, Device] = {}
     held = _log_in(devices, port, at_once, poller, by_fd)
@@ -142,22 +142,28 @@ def _log_in(devices, port: int, at_once: int, poller, by_fd) -> int:
             poller.register(device.sock.fileno(), select.EPOLLIN)
             device.sock.send(encode_login(device.token, 1))
             under_way += 1
-        for fd, _events in poller.poll(0.1):
-            device = by_fd[fd]
-            data = device.sock.recv(4096)
-            if not data:
-                raise ConnectionError("a relay closed a device that was logging in")
-            device.buffer += data
-            for command, _msg_id, _frame in frames(device.buffer):
-                if command != RESPONSE:
-                    continue
-                device.step += 1
-                if device.step == 1:
-                    device.sock.send(encode_info(INFO, 2))
-                elif device.step == 2:
-                    under_way -= 1
-                    held += 1
+        for device, command, _msg_id in _heard(poller, by_fd, 0.1):
+            if command != RESPONSE:
+                continue
+            device.step += 1
+            if device.step == 1:
+                device.sock.send(encode_info(INFO, 2))
+            elif device.step == 2:
+                under_way -= 1
+                held += 1
     return held
+
+
+def _heard(poller, by_fd, timeout: float):
+    """The frames the devices received within `timeout`: (device, command, id) each."""
+    for fd, _events in poller.poll(timeout):
+        device = by_fd[fd]
+        data = device.sock.recv(4096)
+        if not data:
+            raise ConnectionError("a relay closed a device")
+        device.buffer += data
+        for command, msg_id, _frame in frames(device.buffer):
+            yield device, command, msg_id
 
 
 def _steady(devices, seconds: float, poller, by_fd) -> list[float]:
@@ -177,25 +183,15 @@ def _steady(devices, seconds: float, poller, by_fd) -> list[float]:
             device.sock.send(HEADER.pack(HARDWARE, device.message, len(body)) + body)
             waiting_for += 1
         timeout = max(0.0, min(due[0][0] - time.perf_counter(), 0.05)) if due else 0.05
-        for fd, _events in poller.poll(timeout):
-            device = by_fd[fd]
-            data = device.sock.recv(4096)
-            if not data:
-                raise ConnectionError("a relay closed a held device")
-            device.buffer += data
-            for command, msg_id, _frame in frames(device.buffer):
-                if command == HARDWARE and msg_id == device.message:
-                    heard = time.perf_counter()
-                    latencies.append(heard - device.sent_at)
-                    waiting_for -= 1
-                    device.message += 1
-                    if device.sent_at + 1.0 < ends:
-                        heapq.heappush(due, (max(heard, device.sent_at + 1.0), index_of(device)))
+        for device, command, msg_id in _heard(poller, by_fd, timeout):
+            if command == HARDWARE and msg_id == device.message:
+                heard = time.perf_counter()
+                latencies.append(heard - device.sent_at)
+                waiting_for -= 1
+                device.message += 1
+                if device.sent_at + 1.0 < ends:
+                    heapq.heappush(due, (max(heard, device.sent_at + 1.0), device.index))
     return latencies
-
-
-def index_of(device: Device) -> int:
-    return int(device.token, 16)
 
 
 if __name__ == "__main__":
