@@ -136,23 +136,25 @@ def test_url_uses_server_host_and_the_http_port(server_factory, simulated, fleet
 
 
 def test_an_ota_frame_that_does_not_fit_buff_in_is_not_sent(server_factory, fleet, app):
-    # The node's own fill polls rarely here: polling every 0.1 s, it may claim the
-    # new row between the start's commit and the request's own claim, and the
-    # request then answers 200 (the fill's offer) while the frame fails (a known
-    # race, left in the issue note).
-    server = server_factory(**{"node.poll.interval": 60})
-    token = fleet.add_device("me@example.com", "Farm")
-    device = SimulatedDevice("127.0.0.1", server.http_port, token, BUILD_OLD, buff_in=40)
-    device.start()
-    try:
-        wait_until(device.ready.is_set)
-        answer = server.upload(f"/admin/ota/start?token={token}", esp8266_image(BUILD_NEW))
-        assert answer.status == 400 and "receive buffer" in answer.text
-        gevent.sleep(0.3)
-        assert device.ota_urls == []
-        assert rows(app, "SELECT count(*) FROM ota_commands") == [(0,)]
-    finally:
-        device.stop()
+    """A 400 with the reason, whoever claims the new row first: the request, or
+    the node's own fill (polling every 10 ms here, it often wins the race
+    between the start's commit and the request's own claim, and fails the row)."""
+    server = server_factory(**{"node.poll.interval": 0.01})
+    for attempt in range(4):
+        token = fleet.add_device("me@example.com", "Farm")
+        device = SimulatedDevice("127.0.0.1", server.http_port, token, BUILD_OLD, buff_in=40)
+        device.start()
+        try:
+            wait_until(device.ready.is_set)
+            answer = server.upload(f"/admin/ota/start?token={token}", esp8266_image(BUILD_NEW))
+            assert answer.status == 400 and "receive buffer" in answer.text, (attempt, answer)
+            gevent.sleep(0.3)
+            assert device.ota_urls == []
+        finally:
+            device.stop()
+    assert rows(app, "SELECT count(*) FROM ota_commands") == [(0,)]
+    failed = rows(app, "SELECT last_error FROM rollout_devices WHERE state = 'failed'")
+    assert len(failed) == 4 and all("receive buffer" in error for (error,) in failed)
 
 
 def test_a_campaign_device_whose_buffer_is_too_small_fails_at_once(server, simulated, fleet, app):

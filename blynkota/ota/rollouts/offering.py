@@ -234,8 +234,7 @@ class Offers:
     # --- the two ways in --------------------------------------------------------
 
     def fill(self, limit: int) -> int:
-        """Offer the pending devices connected to this node, while slots are free;
-        the number of offers sent."""
+        """Offer this node's connected pending devices while slots are free; how many went."""
         node_id = self.node.id
 
         def due(session: Session) -> list:
@@ -288,12 +287,13 @@ class Offers:
             )
             if claimed:
                 return claimed[0]
-            if str(refused) == NOT_PENDING:
-                state, offered_here = self._row_now(session, found[0].id)
-                if offered_here:
-                    return None  # this node's fill offered it a moment before
-                if state == DeviceState.UPDATED:
-                    return OfferDeferred(ON_TARGET)  # its info message, a moment before
+            state, offered_here, error = self._row_now(session, found[0].id)
+            if state == DeviceState.FAILED:  # here, or by a fill just before (a frame too
+                return FrameTooLarge(error)  # large, say; which may pause the rollout): why
+            if offered_here:
+                return None  # this node's fill offered it a moment before
+            if state == DeviceState.UPDATED:
+                return OfferDeferred(ON_TARGET)  # its info message, a moment before
             return refused
 
         outcome = self.db.run(claim)
@@ -304,18 +304,16 @@ class Offers:
             if error is not None:
                 raise OfferFailed(error)
 
-    def _row_now(self, session: Session, row_id: int) -> tuple[str | None, bool]:
+    def _row_now(self, session: Session, row_id: int) -> tuple[str | None, bool, str | None]:
         """(its state, whether it is in flight on an offer of this node's run, its
-        fill's): read as it is now, past the snapshot (a locking read)."""
-        row = session.execute(
-            select(RolloutDevice.state, RolloutDevice.offer_node_id, RolloutDevice.offer_node_run)
-            .where(RolloutDevice.id == row_id)
-            .with_for_update()
+        fill's, its last error): read as it is now, past the snapshot (locking)."""
+        row = session.scalars(
+            select(RolloutDevice).where(RolloutDevice.id == row_id).with_for_update()
         ).first()
         if row is None:
-            return None, False
+            return None, False, None
         here = (row.offer_node_id, row.offer_node_run) == (self.node.id, self.node.run_number)
-        return row.state, row.state in DeviceState.IN_FLIGHT and here
+        return row.state, row.state in DeviceState.IN_FLIGHT and here, row.last_error
 
     # --- one claim --------------------------------------------------------------
 
@@ -378,7 +376,8 @@ class Offers:
             except FrameTooLarge as error:
                 # Its receive buffer is too small for the URL: no retry can help.
                 refused = error
-                move(session, track, DeviceState.FAILED, now, f"not offered: {error}")
+                move(session, track, DeviceState.FAILED, now, f"not offered: {error}",
+                     last_error=str(error))  # fmt: skip
                 continue
             except OfferFailed:
                 # The connection closed meanwhile: offered at its next login.
