@@ -305,10 +305,12 @@ class Offers:
                 raise OfferFailed(error)
 
     def _row_now(self, session: Session, row_id: int) -> tuple[str | None, bool, str | None]:
-        """(its state, whether it is in flight on an offer of this node's run, its
-        fill's, its last error): read as it is now, past the snapshot (locking)."""
-        row = session.scalars(
-            select(RolloutDevice).where(RolloutDevice.id == row_id).with_for_update()
+        """(state, in flight on an offer of this node's run, last error), as now (locking)."""
+        row = session.execute(
+            select(RolloutDevice.state, RolloutDevice.offer_node_id, RolloutDevice.offer_node_run)
+            .add_columns(RolloutDevice.last_error)
+            .where(RolloutDevice.id == row_id)
+            .with_for_update()
         ).first()
         if row is None:
             return None, False, None
@@ -373,8 +375,7 @@ class Offers:
             offer = new_offer(candidate, device)
             try:
                 url, frame = item.link.ota_frame(offer.url_path)
-            except FrameTooLarge as error:
-                # Its receive buffer is too small for the URL: no retry can help.
+            except FrameTooLarge as error:  # a buffer too small for the URL: no retry helps
                 refused = error
                 move(session, track, DeviceState.FAILED, now, f"not offered: {error}",
                      last_error=str(error))  # fmt: skip
