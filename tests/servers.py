@@ -170,7 +170,7 @@ class ServerProcess:
                 return self
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited:\n{self.log()}")
-            gevent.sleep(0.05)
+            gevent.sleep(0.02)
         raise RuntimeError(f"server did not start in {timeout}s:\n{self.log()}")
 
     def _limit_open_files(self) -> None:
@@ -182,7 +182,7 @@ class ServerProcess:
         self.process.send_signal(sig)
         deadline = time.monotonic() + timeout
         while self.process.poll() is None and time.monotonic() < deadline:
-            gevent.sleep(0.05)
+            gevent.sleep(0.02)
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()

@@ -2,6 +2,7 @@
 the loop breaker, the history, and restarts in the middle (issue: per-device lifecycle)."""
 
 import dataclasses
+import hashlib
 import re
 import time
 
@@ -411,20 +412,24 @@ def test_a_stuck_board_does_not_stall_the_next_rollouts_wave(server_factory, fle
     judged on the two boards that update, not on the stuck one, whose offer
     (60 s) is still out when the second wave opens."""
     server = server_factory(**{**FAST, "ota.offer.timeout": 60})
+    later = "Dec 31 2018 23:59:59"
+    later_image = esp8266_image(later)
+    # A rollout's cohort seed is its image's digest: the stuck board's token is
+    # one that hashes into rollout 2's first wave (99 buckets in 100 do).
+    seed = hashlib.sha256(later_image).hexdigest()[:16]
+    stuck = next(t for t in (f"{n:032x}" for n in range(1, 100)) if bucket(seed, t) < 99)
     good = [fleet.add_device("me@example.com", "Farm") for _ in range(2)]
-    stuck = fleet.add_device("me@example.com", "Farm")
+    fleet.add_device("me@example.com", "Farm", token=stuck)
     assert server.upload("/admin/ota/start?now=true", esp8266_image(BUILD_NEW)).status == 200
     boards = [start_device(server, token, BUILD_OLD) for token in good]
     boards.append(start_device(server, stuck, BUILD_OLD, fail="refuse"))
     try:
         wait_until(lambda: boards[2].ota_urls and all(b.build == BUILD_NEW for b in boards[:2]),
                    timeout=30, message="rollout 1: two updated, one offered")  # fmt: skip
-        later = "Dec 31 2018 23:59:59"
-        answer = server.upload("/admin/ota/start?now=true&waves=99,100", esp8266_image(later))
+        answer = server.upload("/admin/ota/start?now=true&waves=99,100", later_image)
         assert answer.status == 200, answer.text
         (second,) = query(app, "SELECT id, cohort_seed FROM rollouts WHERE state = 'active'")
-        if bucket(second["cohort_seed"], stuck) >= 99:
-            pytest.skip("the stuck board hashed outside the first wave (1 time in 100)")
+        assert second["cohort_seed"] == seed and bucket(seed, stuck) < 99
         wait_until(lambda: query(app, "SELECT percent FROM rollouts WHERE id = :r",
                                  r=second["id"]) == [{"percent": 100}],
                    timeout=30, message="the second wave opened")  # fmt: skip
