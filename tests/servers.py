@@ -1,8 +1,10 @@
 """A real blynkota server in a child process, and clients that talk to it.
 
-The server is started exactly as an operator starts it (`python wsgi.py
--serverConfig FILE`), on ports chosen by the kernel; the ports are read back
-from its "listening" log lines.
+The server runs `wsgi.py`'s own `main` with `-serverConfig FILE`, as an
+operator starts it, in a process forked from one that imported the server
+once (forkserver.py; `python wsgi.py` itself when a launcher is set), on
+ports chosen by the kernel; the ports are read back from its "listening"
+log lines.
 """
 
 import atexit
