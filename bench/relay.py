@@ -21,6 +21,7 @@ Every loop is bounded by the device count and a deadline.
 """
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -46,18 +47,17 @@ from tests.servers import ServerProcess  # noqa: E402
 
 LOAD = Path(__file__).resolve().parent / "relay_load.py"
 DEADLINE = 120.0
-# Logins under way at once (--logins-at-once): all of them, a reconnect storm, by default.
-LOGINS_AT_ONCE = 0
 
 
 # --- the load (bench/relay_load.py) ---------------------------------------------------
 
 
-def run_devices(port: int, count: int, seconds: float, pids: list[int]) -> dict:
-    """Log every device in, then `seconds` of one virtual write a second each; the
-    relay's CPU (user, system) over that steady phase and the round trips."""
+def run_devices(port: int, count: int, seconds: float, pids: list[int], at_once: int) -> dict:
+    """Log every device in, `at_once` under way at a time, then `seconds` of one
+    virtual write a second each; the relay's CPU (user, system) over that steady
+    phase and the round trips."""
     command = [sys.executable, str(LOAD), "devices", str(port), str(count), str(seconds),
-               str(LOGINS_AT_ONCE or count)]  # fmt: skip
+               str(at_once)]  # fmt: skip
     devices = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         ready = devices.stdout.readline().split()
@@ -123,9 +123,8 @@ def main() -> int:
         print("haproxy missing (apt-get install haproxy): nothing to compare with")
         return 0
     count, seconds = arguments.devices, arguments.seconds
-    if arguments.logins_at_once:
-        global LOGINS_AT_ONCE
-        LOGINS_AT_ONCE = arguments.logins_at_once
+    # All at once by default: a reconnect storm.
+    load = functools.partial(run_devices, at_once=arguments.logins_at_once or count)
     tokens = [f"{number:032x}" for number in range(count)]
     upstream_port = free_port()
     upstream = subprocess.Popen([sys.executable, str(LOAD), "upstream", str(upstream_port)])
@@ -144,9 +143,9 @@ def main() -> int:
                 # slow moments fall on each path alike.
                 for _ in range(arguments.repeat):
                     rounds.append({
-                        "direct": run_devices(upstream_port, count, seconds, []),
-                        "haproxy": run_devices(proxy_port, count, seconds, [proxy.pid]),
-                        "blynkota": run_devices(
+                        "direct": load(upstream_port, count, seconds, []),
+                        "haproxy": load(proxy_port, count, seconds, [proxy.pid]),
+                        "blynkota": load(
                             relay.http_port, count, seconds, [relay.process.pid]
                         ),
                     })  # fmt: skip
@@ -159,7 +158,7 @@ def main() -> int:
             alone = blynkota(Path(folder), count, tokens)
             try:
                 memory["standalone_idle"] = rss_kib(alone.process.pid)
-                held = run_devices(alone.http_port, count, 0, [alone.process.pid])
+                held = load(alone.http_port, count, 0, [alone.process.pid])
                 memory["standalone"] = held["rss"][0]
             finally:
                 alone.stop(timeout=60)

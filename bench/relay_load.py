@@ -169,7 +169,9 @@ def _heard(poller, by_fd, timeout: float):
 def _steady(devices, seconds: float, poller, by_fd) -> list[float]:
     now = time.perf_counter()
     ends = now + seconds
-    due = [(now + random.random(), index) for index in range(len(devices))]
+    # Each at its own moment of the first second, if that is before the end (none
+    # for seconds=0: the devices only stay logged in while their memory is read).
+    due = [(at, index) for index in range(len(devices)) if (at := now + random.random()) < ends]
     heapq.heapify(due)
     latencies: list[float] = []
     waiting_for = 0  # echoes not yet heard
