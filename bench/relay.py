@@ -2,16 +2,21 @@
 hearing it back from the upstream, through blynkota and through HAProxy (`mode tcp`),
 to the same upstream, in one run.
 
-Run by hand: `python bench/relay.py [--devices 9500] [--seconds 20]` (Debian package
-`haproxy`). The upstream is a Blynk server stand-in (bench/relay_load.py, its own
+Run by hand: `python bench/relay.py [--devices 9500] [--seconds 20] [--workers 2]`
+(Debian package `haproxy`). HAProxy runs a thread per core (two here); `--workers N`
+runs blynkota as `python wsgi.py devices --workers N` on MariaDB (`--mysql URL`: the
+devices role refuses SQLite), one event loop per core likewise; without it, one
+process on SQLite. The upstream is a Blynk server stand-in (bench/relay_load.py, its own
 process): it answers logins, info messages and pings, and sends every HARDWARE
 frame straight back, as an app writing the pin would. Each device (one process
 of epoll for all, bench/relay_load.py) sends a 20-byte `vw` frame a second and
 waits for its echo. Prints, per path:
-- the relay's CPU seconds over the steady phase (from /proc: user and system),
-  blynkota's against HAProxy's, and the ratio;
+- the relay's CPU seconds over the steady phase (from /proc: user and system, summed
+  over its processes), blynkota's against HAProxy's, and the ratio (with workers,
+  MariaDB's CPU over the same phase counts as blynkota's);
 - the round trip p50/p99 through each, against the direct one, and the latency
-  each adds (p99 through, less p99 direct);
+  each adds (p99 through, less p99 direct), measured once the relay is idle
+  again after the logins (`settle`);
 - blynkota's resident memory per relayed device, against a standalone session's
   (the same devices logged in to a standalone server).
 
@@ -29,13 +34,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import sqlalchemy  # noqa: E402
+
 from bench.common import (  # noqa: E402
     SHIPPED_TIMINGS,
+    child_pids,
     cpu_split,
+    database_pids,
     free_port,
     percentile,
     rss_kib,
@@ -45,36 +56,53 @@ from blynkota import create_app  # noqa: E402
 from blynkota.store import upgrade  # noqa: E402
 from tests.servers import ServerProcess  # noqa: E402
 
-LOAD = Path(__file__).resolve().parent / "relay_load.py"
+ROOT = Path(__file__).resolve().parent.parent
+LOAD = ROOT / "bench" / "relay_load.py"
 DEADLINE = 120.0
 
 
 # --- the load (bench/relay_load.py) ---------------------------------------------------
 
 
-def run_devices(port: int, count: int, seconds: float, pids: list[int], at_once: int) -> dict:
+def run_devices(
+    port: int, count: int, seconds: float, pids: list[int], at_once: int, rss=lambda: 0
+) -> dict:
     """Log every device in, `at_once` under way at a time, then `seconds` of one
     virtual write a second each; the relay's CPU (user, system) over that steady
-    phase and the round trips."""
+    phase, the round trips, and `rss()` with every device logged in."""
     command = [sys.executable, str(LOAD), "devices", str(port), str(count), str(seconds),
                str(at_once)]  # fmt: skip
     devices = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         ready = devices.stdout.readline().split()
         logged_in = int(ready[1]) if ready[:1] == ["ready"] else 0
-        rss = [rss_kib(pid) for pid in pids]
-        before = [cpu_split([pid]) for pid in pids]
+        held = rss()
+        settle(pids)
+        before = cpu_split(pids)
         devices.stdin.write("go\n")
         devices.stdin.flush()
         latencies = json.loads(devices.stdout.readline() or "[]")
-        after = [cpu_split([pid]) for pid in pids]
+        after = cpu_split(pids)
         devices.wait(DEADLINE)
     finally:
         if devices.poll() is None:
             devices.kill()
             devices.wait()
-    cpu = [(a[0] - b[0], a[1] - b[1]) for a, b in zip(after, before, strict=True)]
-    return {"logged_in": logged_in, "latencies": latencies, "cpu": cpu, "rss": rss}
+    cpu = (after[0] - before[0], after[1] - before[1])
+    return {"logged_in": logged_in, "latencies": latencies, "cpu": cpu, "rss": held}
+
+
+def settle(pids: list[int], deadline: float = 30.0) -> None:
+    """Until the relay is idle after the storm (what a login leaves to do, its
+    presence and its info message's report, is written after its answer): the
+    steady phase measures relaying, not the storm's tail. At most `deadline` s."""
+    ends, last = time.monotonic() + deadline, sum(cpu_split(pids))
+    while time.monotonic() < ends:
+        time.sleep(0.5)
+        now = sum(cpu_split(pids))
+        if now - last < 0.02:  # under 4 % of a core
+            return
+        last = now
 
 
 # --- the relays ---------------------------------------------------------------------------
@@ -94,20 +122,72 @@ def haproxy(folder: Path, port: int, upstream: int, devices: int) -> subprocess.
     return process
 
 
-def blynkota(folder: Path, devices: int, tokens: list[str], **extra) -> ServerProcess:
-    db_url = f"sqlite:///{folder}/bench.db"
-    upgrade(db_url)
-    if tokens:  # a standalone server must know its devices
-        app = create_app({"db.url": db_url, "data.folder": str(folder / "data")})
-        from blynkota.ota import NewDevice
+class Relay:
+    """blynkota as the bench runs it: `pids` (the processes that serve the devices,
+    MariaDB's counted with them where it is the store), `port` and `stop`."""
 
-        app.extensions["blynkota.fleet"].add_devices(
-            [NewDevice("bench@example.com", "Bench", token=token) for token in tokens]
+    def __init__(self, folder: Path, devices: int, tokens: list[str], options, **extra) -> None:
+        self.workers = options.workers
+        if self.workers == 1:
+            self.db_url = f"sqlite:///{folder}/bench.db"
+        else:  # a database of its own on the MariaDB server
+            admin = sqlalchemy.create_engine(options.mysql)
+            name = f"blynkota_relay_{uuid.uuid4().hex[:8]}"
+            with admin.connect() as connection:
+                connection.execute(sqlalchemy.text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+            admin.dispose()
+            url = sqlalchemy.engine.make_url(options.mysql).set(database=name)
+            self.db_url, self.database = url.render_as_string(False), name
+        upgrade(self.db_url)
+        if tokens:  # a standalone server must know its devices
+            app = create_app({"db.url": self.db_url, "data.folder": str(folder / "data")})
+            from blynkota.ota import NewDevice
+
+            app.extensions["blynkota.fleet"].add_devices(
+                [NewDevice("bench@example.com", "Bench", token=token) for token in tokens]
+            )
+            app.extensions["blynkota.db"].dispose()
+        settings = {**SHIPPED_TIMINGS, "hardware.max.connections": devices + 100, **extra}
+        self.options = options
+        if self.workers == 1:
+            self.server = ServerProcess(folder, self.db_url, **settings).start(timeout=60)
+            self.port, self.pids = self.server.http_port, [self.server.process.pid]
+            return
+        self.port = free_port()
+        settings.update({"http.port": self.port, "https.port": free_port(),
+                         "listen.address": "127.0.0.1", "db.url": self.db_url,
+                         "data.folder": folder / "data", "log.level": "WARNING"})  # fmt: skip
+        properties = folder / "relay.properties"
+        properties.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
+        self.server = subprocess.Popen(
+            [sys.executable, "wsgi.py", "-serverConfig", str(properties), "devices",
+             "--workers", str(self.workers)],
+            cwd=ROOT, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while len(child_pids(self.server.pid)) < self.workers and time.monotonic() < deadline:
+            time.sleep(0.1)
+        wait_for_port(self.port, 60)
+        time.sleep(2)  # every worker listening (they bind the port each, SO_REUSEPORT)
+        self.pids = child_pids(self.server.pid) + database_pids()
+
+    def stop(self) -> None:
+        if self.workers == 1:
+            self.server.stop(timeout=60)
+            return
+        self.server.terminate()
+        self.server.wait(60)
+        admin = sqlalchemy.create_engine(self.options.mysql)
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f"DROP DATABASE {self.database}"))
+        admin.dispose()
+
+    def rss_kib(self) -> int:
+        return (
+            sum(rss_kib(pid) for pid in child_pids(self.server.pid))
+            if self.workers > 1
+            else rss_kib(self.pids[0])
         )
-        app.extensions["blynkota.db"].dispose()
-    settings = {**SHIPPED_TIMINGS, "hardware.max.connections": devices + 100, **extra}
-    server = ServerProcess(folder, db_url, **settings)
-    return server.start(timeout=60)
 
 
 def main() -> int:
@@ -118,6 +198,8 @@ def main() -> int:
     parser.add_argument(
         "--logins-at-once", type=int, default=0, help="logins under way at once (0: all)"
     )
+    parser.add_argument("--workers", type=int, default=1, help="device processes (MariaDB)")
+    parser.add_argument("--mysql", default="mysql+pymysql://root@127.0.0.1:3306/")
     arguments = parser.parse_args()
     if shutil.which("haproxy") is None:
         print("haproxy missing (apt-get install haproxy): nothing to compare with")
@@ -136,42 +218,45 @@ def main() -> int:
             proxy = haproxy(Path(folder), proxy_port, upstream_port, count)
             address = f"127.0.0.1:{upstream_port}"
             # Known here, as after `import-blynk` (a token new here is a row to write).
-            relay = blynkota(Path(folder), count, tokens, **{"relay.upstream": address})
+            relay = Relay(Path(folder), count, tokens, arguments, **{"relay.upstream": address})
             try:
-                memory["relayed_idle"] = rss_kib(relay.process.pid)
+                memory["relayed_idle"] = relay.rss_kib()
                 # The paths one after the other, round after round: the machine's
                 # slow moments fall on each path alike.
                 for _ in range(arguments.repeat):
                     rounds.append({
                         "direct": load(upstream_port, count, seconds, []),
                         "haproxy": load(proxy_port, count, seconds, [proxy.pid]),
-                        "blynkota": load(
-                            relay.http_port, count, seconds, [relay.process.pid]
-                        ),
+                        "blynkota": load(relay.port, count, seconds, relay.pids, rss=relay.rss_kib),
                     })  # fmt: skip
+                memory["relayed"] = rounds[0]["blynkota"]["rss"]
             finally:
                 proxy.terminate()
                 proxy.wait(10)
-                relay.stop(timeout=60)
-        memory["relayed"] = rounds[0]["blynkota"]["rss"][0]
+                relay.stop()
         with tempfile.TemporaryDirectory() as folder:
-            alone = blynkota(Path(folder), count, tokens)
+            alone = Relay(Path(folder), count, tokens, arguments)
             try:
-                memory["standalone_idle"] = rss_kib(alone.process.pid)
-                held = load(alone.http_port, count, 0, [alone.process.pid])
-                memory["standalone"] = held["rss"][0]
+                memory["standalone_idle"] = alone.rss_kib()
+                held = load(alone.port, count, 0, alone.pids, rss=alone.rss_kib)
+                memory["standalone"] = held["rss"]
             finally:
-                alone.stop(timeout=60)
+                alone.stop()
     finally:
         upstream.terminate()
         upstream.wait(10)
-    report(rounds, memory, count, seconds)
+    report(rounds, memory, count, seconds, arguments.workers)
     return 0
 
 
-def report(rounds: list[dict], memory: dict, count: int, seconds: float) -> None:
+def report(rounds: list[dict], memory: dict, count: int, seconds: float, workers: int) -> None:
     print(f"devices {count}, {seconds:g} s of one 20-byte virtual write a second each, echoed;"
           f" {len(rounds)} round(s) of the three paths")  # fmt: skip
+    print(
+        "blynkota: one process on SQLite"
+        if workers == 1
+        else f"blynkota: {workers} device processes on MariaDB (its CPU counted as blynkota's)"
+    )
     print(f"{'round':<6}{'path':<10}{'logged in':>10}{'round trips':>12}{'p50 ms':>8}"
           f"{'p99 ms':>8}{'added p99':>10}{'CPU s (user/sys)':>22}")  # fmt: skip
     added, ratios = {"haproxy": [], "blynkota": []}, []
@@ -179,7 +264,7 @@ def report(rounds: list[dict], memory: dict, count: int, seconds: float) -> None
         direct_p99 = percentile(paths["direct"]["latencies"], 0.99)
         for name, found in paths.items():
             latencies = found["latencies"]
-            cpu = found["cpu"][0] if found["cpu"] else (0.0, 0.0)
+            cpu = found["cpu"]
             through = percentile(latencies, 0.99)
             extra = ""
             if name != "direct":
@@ -189,7 +274,7 @@ def report(rounds: list[dict], memory: dict, count: int, seconds: float) -> None
             print(f"{number:<6}{name:<10}{found['logged_in']:>10}{len(latencies):>12}"
                   f"{1000 * percentile(latencies, 0.5):>8.2f}{1000 * through:>8.2f}"
                   f"{extra:>10}{cpu_text:>22}")  # fmt: skip
-        ratios.append(sum(paths["blynkota"]["cpu"][0]) / max(sum(paths["haproxy"]["cpu"][0]), 1e-9))
+        ratios.append(sum(paths["blynkota"]["cpu"]) / max(sum(paths["haproxy"]["cpu"]), 1e-9))
     print(f"CPU blynkota / HAProxy: median {statistics.median(ratios):.1f}x "
           f"({', '.join(f'{r:.1f}' for r in ratios)})")  # fmt: skip
     for name, values in added.items():

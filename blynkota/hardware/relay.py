@@ -49,6 +49,7 @@ from .wire import (
     SEND_BUFFER_BYTES,
     SessionClosed,
     heartbeat_timeout,
+    no_delay,
     ota_frame,
     over_rate,
     over_rate_reason,
@@ -96,10 +97,10 @@ class RelayedSession:
         first: bytes = b"",
     ) -> None:
         """`first`: bytes already read from the connection (a TLS one: its sniffed start)."""
-        self.sock = sock
-        self._first = first
+        self.sock, self._first = sock, first
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+            no_delay(sock)
         self.upstream_sock: socket.socket | None = None
         self.upstream = upstream
         self.streams = RelayStreams(MAX_DEVICE_BODY)
@@ -121,8 +122,7 @@ class RelayedSession:
         self._ready = False  # the upstream answered the info message: `ota` may go
         # `_kept`: the loop has the session; it owns both sockets, and says when it is over.
         self._closed, self._kept = False, False
-        self._ended = ended
-        self._url_base: str | None = None
+        self._ended, self._url_base = ended, None
         self._watchers: dict[str, object] = {}
         self._to_device: Outbox | None = None  # what waits for each side (outbox.py)
         self._to_upstream: Outbox | TlsOutbox | None = None

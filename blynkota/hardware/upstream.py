@@ -18,7 +18,7 @@ from gevent import socket as gsocket
 
 from .. import metrics
 from ..logsafe import CountsPerInterval
-from .wire import SessionClosed
+from .wire import SessionClosed, no_delay
 
 __all__ = ["UNREACHABLE", "Upstream"]
 
@@ -126,7 +126,7 @@ class Upstream:
         self.reachable, self.last_error = True, ""
         metrics.RELAY_CONNECT_SECONDS.observe(time.monotonic() - started)
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            no_delay(sock)
 
     def unreachable(self, error: BaseException) -> SessionClosed:
         """A connection that failed: counted by cause, told once per interval;

@@ -27,6 +27,7 @@ __all__ = [
     "SessionClosed",
     "Wire",
     "heartbeat_timeout",
+    "no_delay",
     "ota_frame",
     "rearmed",
     "url_base",
@@ -97,6 +98,17 @@ class SessionClosed(Exception):
     """Ends the session quietly; the message is the one log line."""
 
 
+def no_delay(sock: socket.socket) -> None:
+    """Each write goes out at once (TCP_NODELAY, as the Blynk server's sockets).
+
+    Every write here is a whole frame or frames. With Nagle's algorithm a
+    frame written while the last one is unacknowledged would wait for the
+    peer's ACK, which a board's TCP stack may delay by up to 250 ms (lwIP's
+    delayed ACK): the `ota` frame after a login's answer, a relayed frame
+    after the one before it."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class Wire:
     """The socket, its frame reader, the frame rate (the Blynk server's message
     quota: a fixed one-second window, one clock read a frame) and the write lock."""
@@ -110,6 +122,7 @@ class Wire:
         # try/except rather than contextlib.suppress: three calls fewer a login.
         try:  # noqa: SIM105
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+            no_delay(sock)
         except OSError:
             pass  # a connection already reset: its first read says so
         self.reader = FrameReader()

@@ -21,7 +21,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Integer, bindparam, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from ... import metrics
@@ -34,7 +34,6 @@ from ...store import (
     DeviceState,
     HotQuery,
     OtaCommand,
-    Project,
     Rollout,
     RolloutDevice,
     RolloutScope,
@@ -63,6 +62,7 @@ from .device_states import (
     run_tracks_query,
     tracks_query,
 )
+from .due_rows import DUE, pending_here
 from .guards import RolloutGuards
 from .health import reached_target
 from .lifecycle import UpdateLifecycle
@@ -81,33 +81,6 @@ TAKEN_OVER = "a more specific rollout took over"
 BACKING_OFF = "backing off after a failed attempt"
 NOT_IN_SESSION = "the device is not in session"
 
-# The pending devices due on a node, oldest first (built once: a campaign fills many a
-# second), read from the pending rows on: STRAIGHT_JOIN keeps MariaDB from starting at
-# the active rollouts and reading every row they have (0.2 s a fill at 100k devices).
-_DUE = HotQuery(
-    select(
-        RolloutDevice.id,
-        RolloutDevice.rollout_id,
-        Device.id,
-        Device.token,
-        Device.project_id,
-        Project.user_id,
-    )
-    .join(Device, Device.id == RolloutDevice.device_id)
-    .join(Project, Project.id == Device.project_id)
-    .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
-    .where(
-        RolloutDevice.state == DeviceState.PENDING,
-        (RolloutDevice.next_attempt_at.is_(None))
-        | (RolloutDevice.next_attempt_at <= bindparam("now")),
-        Rollout.state == RolloutState.ACTIVE,
-        Rollout.id.not_in(bindparam("closed", expanding=True)),
-        Device.node_id == bindparam("node"),
-    )
-    .order_by(RolloutDevice.pending_at, RolloutDevice.id)
-    .limit(bindparam("limit", type_=Integer))
-    .prefix_with("STRAIGHT_JOIN", dialect="mysql")
-)
 # A claim's rows, locked while they are judged, and what its devices last reported.
 _PENDING_ROWS = tracks_query(
     RolloutDevice.id.in_(bindparam("rows", expanding=True)),
@@ -230,12 +203,15 @@ class Offers:
         # flight again (thousands, in a large campaign). Only a hint: the claim
         # counts under the offer-slots lock, whatever it says.
         self._free_hint: int | None = None
+        self._idle = False  # the last fill claimed nothing: the next asks first (due_rows.py)
 
     # --- the two ways in --------------------------------------------------------
 
     def fill(self, limit: int) -> int:
         """Offer this node's connected pending devices while slots are free; how many went."""
         node_id = self.node.id
+        if self._idle and not pending_here(self.db, node_id):
+            return 0  # the last fill found nothing either: one read (due_rows.py)
 
         def due(session: Session) -> list:
             budget = self._free_hint or self.guards.free_slots(session)
@@ -244,7 +220,7 @@ class Offers:
             now, most = utcnow(), min(limit, 2 * budget + 10)
             # Outside their offer window ([0]: none; an empty hot IN list matches nothing).
             closed = closed_rollouts(session, now) or [0]
-            return _DUE.rows(session, now=now, node=node_id, closed=closed, limit=most)
+            return DUE.rows(session, now=now, node=node_id, closed=closed, limit=most)
 
         def find_and_claim(session: Session) -> list[_Claimed]:
             # One transaction: the due rows are read before the offer-slots
@@ -261,7 +237,9 @@ class Offers:
             self._free_hint = None  # until this claim has counted
             return self._claim(session, ready)[0]
 
-        return sum(self._deliver(claimed) is None for claimed in self.db.run(find_and_claim))
+        claimed = self.db.run(find_and_claim)
+        self._idle = not claimed
+        return sum(self._deliver(offer) is None for offer in claimed)
 
     def send_now(self, device: DeviceIdentity, rollout_id: int) -> None:
         """Offer `rollout_id` to `device`, connected to this process, now (?token=).
