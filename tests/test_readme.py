@@ -45,7 +45,7 @@ def test_ci_runs_the_readme_test_command():
         ["bash", "-c", f'{line}; printf "%s" "$command"'],
         cwd=ROOT, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert found.stdout == "pip install -r requirements.txt && python -m pytest -q"
+    assert found.stdout == "pip install -r requirements.txt && python -m pytest -q -n 2"
     assert found.stdout in README
 
 
