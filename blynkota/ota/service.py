@@ -67,7 +67,7 @@ def build_service(
 ) -> OtaService:
     fill_due = Event()
     planner = RolloutPlanner()
-    lifecycle = UpdateLifecycle(policy or RetryPolicy(), health_policy or HealthPolicy())
+    lifecycle = UpdateLifecycle(policy or RetryPolicy(), health_policy or HealthPolicy(), node)
     guards = RolloutGuards(fleet_policy or FleetPolicy(), planner)
     downloads = DownloadTracker(db, guards, fill_due)
     devices = DeviceSide(db, node, lifecycle, downloads, fill_due)

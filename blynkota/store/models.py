@@ -461,6 +461,11 @@ class RolloutDevice(Base):
     # window opened), and its logins since, that one included.
     verifying_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)
     health_logins: Mapped[int] = mapped_column(default=0, server_default="0")
+    # The node (and its run) that held its last login in the window: when that
+    # run has ended by the next login, the server closed the session, not the
+    # device, and that login is not counted (health.py).
+    health_node_id: Mapped[Optional[int]]
+    health_node_run: Mapped[Optional[int]]
     health: Mapped[Optional[str]] = mapped_column(String(16))  # HealthOutcome; NULL: not judged
     # when it reported the rollout's build (after its health window, if it had one)
     updated_at: Mapped[Optional[datetime]] = mapped_column(PreciseDateTime)

@@ -21,7 +21,7 @@ from datetime import datetime
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from ...store import DeviceState, HotQuery, RolloutDevice, RolloutEvent, insert_many
+from ...store import DeviceState, HotQuery, Node, RolloutDevice, RolloutEvent, insert_many
 
 __all__ = [
     "ConcurrentChange",
@@ -33,6 +33,7 @@ __all__ = [
     "log_events",
     "move",
     "move_all",
+    "node_run_ended",
     "offer_all",
     "run_tracks_query",
     "enter_all",
@@ -402,3 +403,17 @@ def move_all(
                 track.state = state
             moved += len(chunk)
     return moved
+
+
+def node_run_ended(session: Session, row_id: int, node_column, run_column) -> bool:
+    """Whether the node run a row recorded (`node_column`, `run_column`: the
+    offer's, the last health login's) has ended since: the node stopped, or
+    runs again. False where the row recorded none (rows from before runs were)."""
+    row = session.execute(
+        select(Node.runs, Node.stopped_at, run_column)
+        .join(Node, Node.id == node_column)
+        .where(RolloutDevice.id == row_id)
+    ).first()
+    if row is None or row[2] is None:
+        return False
+    return row.stopped_at is not None or row.runs != row[2]

@@ -8,7 +8,9 @@ ota.health.window) and only then `updated`. Trouble fails it for good (until
 an operator retries it), which counts towards the rollout's abortRatio:
 
 - a crash loop: ota.health.max.logins logins inside the window, the one
-  that reported the build included;
+  that reported the build included. A login whose last session the server
+  closed (the node run that held it has ended: a restart, a deploy) is not
+  counted: the board did not reboot, its server did;
 - a rollback: a login inside the window reporting another build;
 - silence: no login within ota.health.return of the completed download.
 
@@ -25,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from ...numbers import in_words
 from ...store import DeviceState, HealthOutcome, Node, Rollout, RolloutDevice, RolloutState
-from .device_states import Track, load_tracks, move, move_all
+from .device_states import Track, load_tracks, move, move_all, node_run_ended
 
 __all__ = [
     "ENDED_ROLLOUT",
@@ -70,14 +72,28 @@ class AttemptContext:
 
 
 def reached_target(
-    session: Session, track: Track, window: float, now: datetime, detail: str | None = None
+    session: Session,
+    track: Track,
+    window: float,
+    now: datetime,
+    detail: str | None = None,
+    *,
+    here: tuple[int, int] | None = None,
 ) -> bool:
     """The device reported the rollout's build: verifying when one of this
     rollout's attempts took it there and the rollout has a window, else updated.
-    True if the row was still as `track` saw it."""
+    `here`: the (node, run) holding the login's session. True if the row was
+    still as `track` saw it."""
     if window > 0 and track.attempts > 0:
-        return move(session, track, S.VERIFYING, now, detail, health_logins=1, health=None)
+        return move(
+            session, track, S.VERIFYING, now, detail, health_logins=1, health=None, **_held(here)
+        )
     return move(session, track, S.UPDATED, now, detail)
+
+
+def _held(here: tuple[int, int] | None) -> dict:
+    """The columns naming the node run that holds a health login's session."""
+    return {} if here is None else {"health_node_id": here[0], "health_node_run": here[1]}
 
 
 def judge_verifying(
@@ -88,11 +104,13 @@ def judge_verifying(
     reported_build: str | None,
     moved_on: bool,
     now: datetime,
+    here: tuple[int, int] | None = None,
 ) -> bool:
     """A login of a device in its health window; True if the row was still as seen.
 
     `moved_on`: the build it reports is another rollout's target, taken
     through that rollout's attempt (the operator moved it on), not a rollback.
+    `here`: the (node, run) holding this login's session.
     """
     since = now - (context.verifying_at or now)
     after = in_words(since.total_seconds())
@@ -115,6 +133,14 @@ def judge_verifying(
         if context.rollout_state in ENDED_ROLLOUT:
             return move(session, track, ENDED_ROLLOUT[context.rollout_state], now, reason)
         return _fail(session, track, HealthOutcome.ROLLBACK, reason, now)
+    if node_run_ended(
+        session, track.id, RolloutDevice.health_node_id, RolloutDevice.health_node_run
+    ):
+        detail = (
+            f"login {after} after the update, not counted: the server that held "
+            "its last session has restarted since"
+        )
+        return move(session, track, S.VERIFYING, now, detail, **_held(here))
     logins = context.health_logins + 1
     if logins >= policy.max_logins:
         reason = f"crash loop: {logins} logins in {after} after the update"
@@ -126,6 +152,7 @@ def judge_verifying(
         now,
         f"login {logins} inside its health window ({policy.max_logins} fail it)",
         health_logins=RolloutDevice.health_logins + 1,
+        **_held(here),
     )
 
 

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
-from ...store import DeviceState, Firmware, Node, Rollout, RolloutDevice, RolloutState
+from ...store import DeviceState, Firmware, Rollout, RolloutDevice, RolloutState
 from .candidates import Candidate
 from .compatibility import BoardReport
 from .device_states import (
@@ -37,6 +37,7 @@ from .device_states import (
     load_tracks,
     move,
     move_all,
+    node_run_ended,
     run_tracks_query,
     tracks_query,
 )
@@ -122,15 +123,11 @@ class ReportedBuild:
 
 
 def _offer_outlived(session: Session, track: Track) -> bool:
-    """Whether the node run that made the row's latest offer has ended since."""
-    row = session.execute(
-        select(Node.runs, Node.stopped_at, RolloutDevice.offer_node_run)
-        .join(Node, Node.id == RolloutDevice.offer_node_id)
-        .where(RolloutDevice.id == track.id)
-    ).first()
-    if row is None or row.offer_node_run is None:
-        return False  # offered before runs were recorded: charged as before
-    return row.stopped_at is not None or row.runs != row.offer_node_run
+    """Whether the node run that made the row's latest offer has ended since
+    (offered before runs were recorded: charged as before)."""
+    return node_run_ended(
+        session, track.id, RolloutDevice.offer_node_id, RolloutDevice.offer_node_run
+    )
 
 
 def rollout_entry(
@@ -177,9 +174,18 @@ def rollout_entry(
 
 
 class UpdateLifecycle:
-    def __init__(self, policy: RetryPolicy, health: HealthPolicy | None = None) -> None:
+    def __init__(self, policy: RetryPolicy, health: HealthPolicy | None = None, node=None) -> None:
+        """`node`: the ClusterNode whose device sessions this process judges."""
         self.policy = policy
         self.health = health or HealthPolicy()
+        self.node = node
+
+    @property
+    def here(self) -> tuple[int, int] | None:
+        """(node id, run) of this process's device sessions, once registered:
+        recorded with a health login (health.py)."""
+        node = self.node
+        return None if node is None or node.id is None else (node.id, node.run_number)
 
     @staticmethod
     def in_flight_by_device(session: Session, device_ids: list[int]) -> dict[int, list]:
@@ -227,7 +233,9 @@ class UpdateLifecycle:
         if track.state != DeviceState.VERIFYING:
             return self._settle(session, track, context, reported_build, now, written)
         moved_on = reported_build in taken and reported_build != context.target
-        return judge_verifying(session, track, context, self.health, reported_build, moved_on, now)
+        return judge_verifying(
+            session, track, context, self.health, reported_build, moved_on, now, self.here
+        )
 
     def _settle(
         self,
@@ -240,11 +248,11 @@ class UpdateLifecycle:
     ) -> bool:
         target, window = context.target, self.health.window_for(context.health_window)
         if target is not None and reported_build == target:
-            return reached_target(session, track, window, now)
+            return reached_target(session, track, window, now, here=self.here)
         if target is None and track.state == DeviceState.DOWNLOADED:
             # Nothing to compare: a complete download and a login is all there is.
             detail = "logged in after a complete download (the firmware has no build)"
-            return reached_target(session, track, window, now, detail)
+            return reached_target(session, track, window, now, detail, here=self.here)
         sent = max(track.bytes_sent or 0, bytes_written.get(track.id, 0))
         if track.state == DeviceState.DOWNLOADING and sent < context.size:
             reason = f"download interrupted at {sent} of {context.size} bytes"
@@ -363,7 +371,8 @@ class UpdateLifecycle:
         if track.state != DeviceState.PENDING:
             return False
         if on_target:
-            reached_target(session, track, self.health.window_for(candidate.health_window), now)
+            window = self.health.window_for(candidate.health_window)
+            reached_target(session, track, window, now, here=self.here)
             return False
         if unfit is not None:
             move(session, track, DeviceState.INCOMPATIBLE, now, unfit, last_error=unfit)

@@ -341,7 +341,7 @@ class Offers:
                 refused = OfferDeferred(reason)
                 if settled == DeviceState.UPDATED:
                     window = self.lifecycle.health.window_for(candidate.health_window)
-                    reached_target(session, track, window, now)
+                    reached_target(session, track, window, now, here=self.lifecycle.here)
                 elif settled is not None:  # it cannot run the image: the reason is its error
                     move(session, track, settled, now, reason, last_error=reason)
                 continue
