@@ -32,12 +32,13 @@ if not (CHROMIUM and CHROMEDRIVER):
     pytest.skip(reason, allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.expected_conditions import (  # noqa: E402
-    alert_is_present,
-    staleness_of,
-)
+from selenium.webdriver.support.expected_conditions import alert_is_present  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
@@ -125,7 +126,28 @@ def _press(driver, selector: str) -> None:
     """Press a button that posts a form, and wait for the page it leads to."""
     page = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(By.CSS_SELECTOR, selector).click()
-    WebDriverWait(driver, WAIT).until(staleness_of(page), message="the next page")
+    _replaced(driver, page, "the next page")
+
+
+def _replaced(driver, page, message: str) -> None:
+    """Until `page` (its <html> element) has been replaced by the next one.
+
+    As Selenium's staleness condition, but while the old document is torn
+    down chromedriver may answer with an "unknown error" (the node "does not
+    belong to the document") instead of a stale element: replaced too."""
+
+    def gone(_) -> bool:
+        try:
+            page.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as error:
+            if "does not belong to the document" not in str(error):
+                raise
+            return True
+        return False
+
+    WebDriverWait(driver, WAIT).until(gone, message=message)
 
 
 def _notice(driver) -> str:
@@ -252,7 +274,7 @@ def test_upload_watch_pause_resume_and_a_failed_device(fleet_server, browser, sc
     alert = WebDriverWait(driver, WAIT).until(alert_is_present(), message="the confirmation")
     assert alert.text.startswith("Stop rollout ")
     alert.accept()
-    WebDriverWait(driver, WAIT).until(staleness_of(page), message="the next page")
+    _replaced(driver, page, "the next page")
     assert "stop done" in _notice(driver)
     assert driver.find_element(By.CSS_SELECTOR, '[data-field="state"]').text == "stopped"
     # Stopped: nothing left to press.
@@ -333,7 +355,7 @@ def test_devices_search_a_device_page_and_the_audit_trail(fleet_server, browser,
     assert "stubborn" in row.text and "bad@example.com / Shed" in row.text
     page = driver.find_element(By.TAG_NAME, "html")
     row.find_element(By.TAG_NAME, "a").click()
-    WebDriverWait(driver, WAIT).until(staleness_of(page), message="the device's page")
+    _replaced(driver, page, "the device's page")
     assert driver.find_element(By.TAG_NAME, "h1").text.startswith("stubborn t:")
     facts = driver.find_element(By.CSS_SELECTOR, ".facts").text
     assert "bad@example.com / Shed" in facts and "online since" in facts
