@@ -42,10 +42,28 @@ class ForkedProcess:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        # In a process monkey-patched by gevent (a bench) that also runs
+        # subprocesses, gevent's SIGCHLD handler reaps every child, this one
+        # included: a child watcher of the loop then holds its status.
+        self._watcher = None
+        if _gevent_reaps_children():
+            from gevent import get_hub
+
+            self._watcher = get_hub().loop.child(pid, False, False)
+            self._watcher.start(self._reaped)
+
+    def _reaped(self) -> None:
+        self.returncode = os.waitstatus_to_exitcode(self._watcher.rstatus)
+        self._watcher.stop()
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                if self._watcher is None:
+                    raise
+                return None  # reaped by gevent: `_reaped` sets the code in the loop's turn
             if pid == self.pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
@@ -67,6 +85,12 @@ class ForkedProcess:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+
+def _gevent_reaps_children() -> bool:
+    """Whether gevent may reap this process's children (its `os` monkey-patched)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("os")
 
 
 class ForkServer:
