@@ -164,11 +164,17 @@ class Relay:
              "--workers", str(self.workers)],
             cwd=ROOT, stdout=subprocess.DEVNULL,
         )  # fmt: skip
+        # Every worker registered as a node: each binds the port itself (SO_REUSEPORT).
+        engine = sqlalchemy.create_engine(self.db_url)
+        alive = sqlalchemy.text("SELECT count(*) FROM nodes WHERE stopped_at IS NULL")
         deadline = time.monotonic() + 60
-        while len(child_pids(self.server.pid)) < self.workers and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            with engine.connect() as connection:
+                if connection.execute(alive).scalar() >= self.workers:
+                    break
             time.sleep(0.1)
+        engine.dispose()
         wait_for_port(self.port, 60)
-        time.sleep(2)  # every worker listening (they bind the port each, SO_REUSEPORT)
         self.pids = child_pids(self.server.pid) + database_pids()
 
     def stop(self) -> None:
