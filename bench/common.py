@@ -18,6 +18,7 @@ __all__ = [
     "percentile",
     "read_frame",
     "rss_kib",
+    "until_nodes",
     "wait_for_port",
 ]
 
@@ -139,6 +140,21 @@ def wait_for_port(port: int, seconds: float = 10.0) -> None:
             return
         except OSError:
             time.sleep(0.05)  # nothing of the bench runs while its server starts
+
+
+def until_nodes(engine, count: int, seconds: float = 60.0) -> None:
+    """Until `count` device processes have registered as live nodes on the bench's
+    database (each binds the device port itself); SystemExit after `seconds`."""
+    import sqlalchemy
+
+    alive = sqlalchemy.text("SELECT count(*) FROM nodes WHERE stopped_at IS NULL")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with engine.connect() as connection:
+            if connection.execute(alive).scalar() >= count:
+                return
+        time.sleep(0.1)  # gevent's under a monkey-patched bench
+    raise SystemExit(f"the {count} device processes did not start within {seconds:g} s")
 
 
 def percentile(values: list[float], share: float) -> float:

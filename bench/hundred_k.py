@@ -68,6 +68,7 @@ from bench.common import (
     database_pids,
     free_port,
     rss_kib,
+    until_nodes,
 )
 from blynkota.protocol import (
     NEED_DATA,
@@ -347,7 +348,7 @@ def measure(arguments: argparse.Namespace, folder: Path) -> None:
                 cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
             )  # fmt: skip
         engine = app.extensions["blynkota.db"].engine
-        _until_nodes(engine, arguments.processes)
+        until_nodes(engine, arguments.processes)
         device_pids = child_pids(server.pid)
         idle_rss = sum(rss_kib(pid) for pid in device_pids)
 
@@ -479,19 +480,6 @@ def _until_entered(engine, devices: int, deadline: float) -> float:
                 return time.time()
         gevent.sleep(0.25)
     return float("nan")
-
-
-def _until_nodes(engine, processes: int) -> None:
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        with engine.connect() as connection:
-            alive = connection.execute(
-                sqlalchemy.text("SELECT count(*) FROM nodes WHERE stopped_at IS NULL")
-            ).scalar()
-        if alive >= processes:
-            return
-        gevent.sleep(0.2)
-    raise SystemExit(f"the {processes} device processes did not start within 60 s")
 
 
 def main() -> int:

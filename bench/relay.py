@@ -50,6 +50,7 @@ from bench.common import (  # noqa: E402
     free_port,
     percentile,
     rss_kib,
+    until_nodes,
     wait_for_port,
 )
 from blynkota import create_app  # noqa: E402
@@ -164,15 +165,8 @@ class Relay:
              "--workers", str(self.workers)],
             cwd=ROOT, stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        # Every worker registered as a node: each binds the port itself (SO_REUSEPORT).
         engine = sqlalchemy.create_engine(self.db_url)
-        alive = sqlalchemy.text("SELECT count(*) FROM nodes WHERE stopped_at IS NULL")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with engine.connect() as connection:
-                if connection.execute(alive).scalar() >= self.workers:
-                    break
-            time.sleep(0.1)
+        until_nodes(engine, self.workers)  # each binds the port itself (SO_REUSEPORT)
         engine.dispose()
         wait_for_port(self.port, 60)
         self.pids = child_pids(self.server.pid) + database_pids()

@@ -47,7 +47,15 @@ sys.path.insert(0, str(ROOT))
 
 import sqlalchemy
 
-from bench.common import bench_fleet, child_pids, cpu_seconds, database_pids, free_port, read_frame
+from bench.common import (
+    bench_fleet,
+    child_pids,
+    cpu_seconds,
+    database_pids,
+    free_port,
+    read_frame,
+    until_nodes,
+)
 from blynkota.ota import Controls, Upload
 from blynkota.protocol import (
     FrameReader,
@@ -143,15 +151,7 @@ def measure(processes: int, devices: int, server_url: str, folder: Path) -> dict
         process = subprocess.Popen(
             [sys.executable, "wsgi.py", "-serverConfig", str(properties), *role], cwd=ROOT
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with engine.connect() as connection:
-                alive = connection.execute(
-                    sqlalchemy.text("SELECT count(*) FROM nodes WHERE stopped_at IS NULL")
-                ).scalar()
-            if alive == processes:
-                break
-            time.sleep(0.2)
+        until_nodes(engine, processes)
         pids = child_pids(process.pid) if processes > 1 else [process.pid]
 
         fleet_devices = [Device(port, token) for token in tokens]
