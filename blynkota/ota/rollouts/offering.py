@@ -285,8 +285,12 @@ class Offers:
     def _row_now(self, session: Session, row_id: int) -> tuple[str | None, bool, str | None]:
         """(state, in flight on an offer of this node's run, last error), as now (locking)."""
         row = session.execute(
-            select(RolloutDevice.state, RolloutDevice.offer_node_id, RolloutDevice.offer_node_run)
-            .add_columns(RolloutDevice.last_error)
+            select(
+                RolloutDevice.state,
+                RolloutDevice.offer_node_id,
+                RolloutDevice.offer_node_run,
+                RolloutDevice.last_error,
+            )
             .where(RolloutDevice.id == row_id)
             .with_for_update()
         ).first()
