@@ -174,6 +174,26 @@ def rows_locked(engine) -> sqlalchemy.Connection:
     return holder
 
 
+@contextlib.contextmanager
+def sessions_handed_over():
+    """The greenlets started, inside the block, to go on with a parked session's work."""
+    alive = {o for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead}
+    handed_over: set = set()
+
+    def trace(event: str, args: tuple) -> None:
+        # What a greenlet runs is known until it ends: read it as it starts.
+        target = args[1]
+        runs = getattr(getattr(target, "_run", None), "__name__", "")
+        if event == "switch" and target not in alive and runs == "guarded":
+            handed_over.add(target)
+
+    previous = greenlet.settrace(trace)
+    try:
+        yield handed_over
+    finally:
+        greenlet.settrace(previous)
+
+
 def logged_in_with_the_write_waiting(app, server):
     """A known device logged in again while another transaction holds its
     row's lock: its login is answered, its presence write waits.
@@ -200,26 +220,13 @@ def an_info_message_before_the_login_is_written_waits_without_a_greenlet(app, se
     port = server.device_port.server_port
     gevent.sleep(0.2)  # the session has parked
 
-    alive = {o for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead}
-    handed_over = set()  # greenlets started to go on with a parked session's work
-
-    def trace(event: str, args: tuple) -> None:
-        # What a greenlet runs is known until it ends: read it as it starts.
-        target = args[1]
-        runs = getattr(getattr(target, "_run", None), "__name__", "")
-        if event == "switch" and target not in alive and runs == "_guarded":
-            handed_over.add(target)
-
-    previous = greenlet.settrace(trace)
-    try:
+    with sessions_handed_over() as handed_over:
         device.send(encode_info({"ver": "0.6.1", "h-beat": "10", "build": "Jan  1 2018"}, 2))
         with contextlib.suppress(TimeoutError):  # nothing durable before the login is
             assert device.event(timeout=0.5) is None, "answered before the login was written"
         holder.rollback()  # the login's write goes through
         assert device.event() == Response(2, Status.OK)
-    finally:
-        greenlet.settrace(previous)
-        holder.close()
+    holder.close()
     assert not handed_over, f"{len(handed_over)} greenlet(s) took the info message over"
     device.send(encode_ping(3))
     assert device.event() == Response(3, Status.OK)
@@ -253,6 +260,46 @@ def an_info_message_before_the_login_is_written_waits_without_a_greenlet(app, se
     wait_for(lambda: online_rows(app) == 0)
 
 
+def logged_in_devices(app, server) -> list[RawDevice]:
+    """DEVICES new devices, each logged in (login and info answered), all online."""
+    fleet = app.extensions["blynkota.fleet"]
+    tokens = [fleet.add_device("owner@example.com", "Farm") for _ in range(DEVICES)]
+    port = server.device_port.server_port
+    devices = [RawDevice(port) for _ in tokens]
+    for device, token in zip(devices, tokens, strict=True):
+        assert device.log_in(token) == OK_LOGIN
+    wait_for(lambda: online_rows(app) == DEVICES)
+    return devices
+
+
+def devices_that_hang_up_are_ended_by_the_event_loop(app, server) -> None:
+    """A fleet's devices come and go all day: a parked device that closes its
+    connection between frames is ended by the loop, with no greenlet of its own."""
+    devices = logged_in_devices(app, server)
+    gevent.sleep(0.2)  # every session has parked
+    with sessions_handed_over() as handed_over:
+        for device in devices:
+            device.close()
+        wait_for(lambda: server.device_port.devices == 0)
+        wait_for(lambda: online_rows(app) == 0)
+    assert not handed_over, f"{len(handed_over)} greenlet(s) ended a session"
+
+
+def a_device_that_hangs_up_before_its_login_is_written_ends_after_it(app, server) -> None:
+    """Ended by the loop too, once its login's presence write has landed: the
+    disconnect is written after the login, never before it."""
+    token, device, locker, holder = logged_in_with_the_write_waiting(app, server)
+    gevent.sleep(0.2)  # parked, its login's presence write waiting for the lock
+    device.close()
+    gevent.sleep(0.3)
+    assert server.device_port.devices == 1  # the disconnect comes after the login's write
+    holder.rollback()
+    holder.close()
+    locker.dispose()
+    wait_for(lambda: server.device_port.devices == 0)
+    wait_for(lambda: online_rows(app) == 0)  # written online, then offline, in that order
+
+
 def a_stop_writes_what_is_queued_before_the_node_leaves(app, server) -> None:
     """A report queued behind its info message's answer when the process is
     told to stop is recorded before the stop ends (and the process with it)."""
@@ -279,13 +326,7 @@ def a_stop_closes_every_device_connection_before_the_node_leaves(app, server) ->
     """Parked sessions have no greenlet for the stop to wait on: the stop closes
     them itself, and a session waiting in a greenlet too, so no device stays
     connected to a node that has left."""
-    fleet = app.extensions["blynkota.fleet"]
-    tokens = [fleet.add_device("owner@example.com", "Farm") for _ in range(DEVICES)]
-    port = server.device_port.server_port
-    devices = [RawDevice(port) for _ in tokens]
-    for device, token in zip(devices, tokens, strict=True):
-        assert device.log_in(token) == OK_LOGIN
-    wait_for(lambda: online_rows(app) == DEVICES)
+    devices = logged_in_devices(app, server)
     devices[0].send(encode_ping(3)[:3])  # half a frame: its session waits in a greenlet
     gevent.sleep(0.2)
     stopping = gevent.spawn(server.stop)  # SIGTERM's handler
@@ -340,6 +381,7 @@ def an_unknown_token_is_looked_up_once_and_refused(app, server) -> None:
 
 # Scenarios that need a database where a write can wait for another's lock.
 ON_MARIADB = {
+    a_device_that_hangs_up_before_its_login_is_written_ends_after_it.__name__,
     an_info_message_before_the_login_is_written_waits_without_a_greenlet.__name__,
     a_stop_writes_what_is_queued_before_the_node_leaves.__name__,
 }
@@ -351,6 +393,8 @@ SCENARIOS = {
         pings_are_answered_by_the_event_loop_without_a_greenlet,
         a_parked_session_closed_by_the_server_is_cleaned_up,
         a_parked_device_past_its_deadline_is_closed,
+        devices_that_hang_up_are_ended_by_the_event_loop,
+        a_device_that_hangs_up_before_its_login_is_written_ends_after_it,
         an_info_message_before_the_login_is_written_waits_without_a_greenlet,
         a_stop_writes_what_is_queued_before_the_node_leaves,
         a_stop_closes_every_device_connection_before_the_node_leaves,

@@ -16,6 +16,7 @@ other's work:
   online forever.
 """
 
+import functools
 import itertools
 import logging
 import os
@@ -270,6 +271,18 @@ class ClusterNode:
         except Exception:
             self._unwritten_offline[device_id] = session_id
             raise
+
+    def device_offline_later(self, device_id: int, session_id: int) -> None:
+        """`device_offline` without waiting, for the event loop: a disconnect
+        the database refuses is kept for `flush_offline`, as there."""
+        pending = self._logouts.submit_later({"device": device_id, "session": session_id})
+        pending.rawlink(functools.partial(self._offline_written, device_id, session_id))
+
+    def _offline_written(self, device_id: int, session_id: int, pending: AsyncResult) -> None:
+        if not pending.successful():
+            # Written only if the row still holds this session: a later login stays.
+            self._unwritten_offline[device_id] = session_id
+            log.debug("device id %d: disconnect kept until the database is back", device_id)
 
     def _write_offline(self, device_id: int, session_id: int) -> None:
         self._logouts.submit({"device": device_id, "session": session_id})

@@ -8,8 +8,10 @@ arrives the loop reads it and, where the conversation lets the loop give it
 written, anything ignored), answers it with a send that never waits: a
 fleet's heartbeats and a storm's info messages take no greenlet. Anything
 else (a frame that must wait for the database, a second login, a bad frame,
-the end) goes to a new greenlet, which goes on as a logged-in session does
-and parks again. The deadline's timer closes a silent device. A greenlet
+a deadline) goes to a new greenlet, which goes on as a logged-in session does
+and parks again. A device that closes its connection between frames is ended
+by the loop too (`end_here`), its disconnect written behind: a fleet's boards
+come and go all day. The deadline's timer closes a silent device. A greenlet
 costs about 8 KiB however little it holds, which is more than the rest of an
 idle session.
 
@@ -76,6 +78,8 @@ class WatchedSession(Protocol):
     def from_login(self, event=None, error=None, unknown: bool = False) -> bool: ...
 
     def resume(self, event, error, unsent) -> bool: ...
+
+    def end_here(self) -> None: ...
 
 
 class LoopWatch:
@@ -193,7 +197,10 @@ class LoopWatch:
             self.hand_over(error=error)
             return
         if not data:
-            self.hand_over(error=self.session.wire.closed_by_device())
+            if self.session.wire.reader.buffered:  # mid-frame: the greenlet says so
+                self.hand_over(error=self.session.wire.closed_by_device())
+            else:
+                self.session.end_here()  # a plain disconnect: ended here
             return
         self.session.wire.reader.feed(data)
         self._handle_buffered()

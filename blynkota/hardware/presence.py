@@ -9,13 +9,14 @@ stays).
 """
 
 import logging
+from collections.abc import Callable
 
 from .. import metrics
 from ..ota import DeviceIdentity
 from .shedding import DATABASE_ERRORS
 from .wire import SessionClosed
 
-__all__ = ["go_offline", "go_online"]
+__all__ = ["go_offline", "go_offline_later", "go_online"]
 
 log = logging.getLogger("blynkota.hardware.session")
 
@@ -49,3 +50,16 @@ def go_offline(link) -> bool:
     except DATABASE_ERRORS:
         log.debug("device %s: disconnect kept until the database is back", link.tag)
     return True
+
+
+def go_offline_later(link, then: Callable[[], None]) -> None:
+    """`go_offline` without waiting, for the event loop: once the login and the
+    report are written (at once, most of the time), the disconnect is queued,
+    and `then()` is called. A disconnect the database refuses is kept (nodes.py)."""
+    for pending in (link.presence, link.report):
+        if pending is not None and not pending.ready():
+            pending.rawlink(lambda _: go_offline_later(link, then))
+            return
+    if link.session_id is not None and link.online.unregister(link):
+        link.devices.device_offline_later(link.device_id, link.session_id)
+    then()

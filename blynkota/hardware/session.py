@@ -48,7 +48,7 @@ from ..protocol import (
 )
 from ..store import utcnow
 from .loop_watch import LoopWatch
-from .presence import go_offline, go_online
+from .presence import go_offline, go_offline_later, go_online
 from .shedding import DATABASE_ERRORS, SHED, shed_cause
 from .wire import (
     DEFAULT_BUFF_IN,
@@ -385,6 +385,21 @@ class DeviceSession:
         if not pending.successful():
             self.wire.try_reply(self._report_msg_id, Status.SERVER_ERROR)
             raise pending.exception
+
+    def end_here(self) -> None:
+        """The device closed its parked connection between frames (seen by the
+        event loop): the session ends on the loop, without a greenlet, as one
+        would end it (`_close`). A fleet's devices come and go all day."""
+        if self.watch is None or not self.watch.unpark():
+            return
+        self._log(logging.DEBUG, "disconnected")
+        go_offline_later(self, self._closed_here)
+
+    def _closed_here(self) -> None:
+        self.machine.advance("close")
+        self.watch.close()
+        self.wire.sock.close()
+        self._ended()
 
     def _settle_and_serve(self) -> bool:
         DEVICE_TAG.set(self.tag)
