@@ -16,10 +16,12 @@ group commit holds more devices than at full speed: compare this figure
 between two commits (in two checkouts), not with the CPU seconds.
 
 Prints the instructions per login (with --campaign: per login offered an
-update, its `ota` frame received). `--downloads N`: instead of logins, N
-downloads of a 300 KB firmware file over keep-alive connections on the
-plain HTTP port, as `wrk` asks for it (bench/downloads.py has the ratio to
-nginx); prints the instructions per download. Every wait is bounded.
+update, its `ota` frame received; with --cycle: per whole reconnect cycle,
+login, info, answers and close, as `login_storm.py --cycle` runs it).
+`--downloads N`: instead of logins, N downloads of a 300 KB firmware file
+over keep-alive connections on the plain HTTP port, as `wrk` asks for it
+(bench/downloads.py has the ratio to nginx); prints the instructions per
+download. Every wait is bounded.
 """
 
 import argparse
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gevent import socket  # noqa: E402
 
 from bench.common import SHIPPED_TIMINGS  # noqa: E402
-from bench.login_storm import log_in, timed_storm  # noqa: E402
+from bench.login_storm import log_in, log_in_and_leave, timed_storm  # noqa: E402
 from blynkota import create_app  # noqa: E402
 from blynkota.store import upgrade  # noqa: E402
 from tests.images import esp8266_image  # noqa: E402
@@ -68,12 +70,16 @@ def count_logins(server: ServerProcess, tokens: list[str], arguments, sockets: l
     port = server.http_port
     # With a campaign each device waits for its `ota` frame (login_storm.py).
     offers: list[float] | None = [] if arguments.campaign else None
-    warm = [(port, token, sockets, offers) for token in tokens[:WARM_UP]]
-    timed_storm(log_in, warm, WARM_UP)
+    if arguments.cycle:  # each device leaves once answered
+        function, extra = log_in_and_leave, ()
+    else:
+        function, extra = log_in, (sockets, offers)
+    warm = [(port, token, *extra) for token in tokens[:WARM_UP]]
+    timed_storm(function, warm, WARM_UP)
     time.sleep(2)
     callgrind(server.process.pid, "on")
-    measured = [(port, token, sockets, offers) for token in tokens[WARM_UP:]]
-    took = timed_storm(log_in, measured, arguments.concurrency)
+    measured = [(port, token, *extra) for token in tokens[WARM_UP:]]
+    took = timed_storm(function, measured, arguments.concurrency)
     time.sleep(2)  # the writes behind the last logins
     callgrind(server.process.pid, "off")
     return took
@@ -122,6 +128,7 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--campaign", action="store_true", help="offer every device an update")
+    parser.add_argument("--cycle", action="store_true", help="whole cycles: log in, report, close")
     parser.add_argument(
         "--downloads", type=int, default=0, help="count N downloads of a 300 KB file instead"
     )
@@ -172,6 +179,7 @@ def main() -> int:
         warm_up = DOWNLOAD_WARM_UP * DOWNLOAD_CONNECTIONS
     else:
         what = "login offered an update" if arguments.campaign else "login"
+        what = "whole cycle" if arguments.cycle else what
         label, warm_up = "devices", WARM_UP
     print(f"{label:<31}{count} (after {warm_up} not counted)")
     print(f"{'run under valgrind':<31}{took:.1f} s")
