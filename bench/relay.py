@@ -21,7 +21,9 @@ waits for its echo. Prints, per path:
   (the same devices logged in to a standalone server).
 
 One relayed device holds two descriptors in the relay: with the 20,000 open
-files a process may have here, 9,500 devices is as many as fit.
+files a process may have here, 9,500 devices is as many as fit in one
+process. 10,000 takes two of each: `--workers 2 --haproxy-processes 2` (two
+HAProxy processes of one thread each, on the same port).
 Every loop is bounded by the device count and a deadline.
 """
 
@@ -109,18 +111,29 @@ def settle(pids: list[int], deadline: float = 30.0) -> None:
 # --- the relays ---------------------------------------------------------------------------
 
 
-def haproxy(folder: Path, port: int, upstream: int, devices: int) -> subprocess.Popen:
+def haproxy(
+    folder: Path, port: int, upstream: int, devices: int, processes: int = 1
+) -> list[subprocess.Popen]:
+    """HAProxy relaying `port` to `upstream`: one process with a thread per core,
+    or `processes` single-threaded ones bound to the same port (HAProxy binds with
+    SO_REUSEPORT: the kernel spreads the devices over them), each holding its
+    share of the devices: one process cannot hold 10,000 within 20,000 descriptors."""
+    share = devices if processes == 1 else devices // processes * 5 // 4  # the kernel's spread
+    threads = "" if processes == 1 else "  nbthread 1\n"
     config = folder / "haproxy.cfg"
     config.write_text(
-        f"global\n  maxconn {devices + 200}\n"
+        f"global\n  maxconn {share + 200}\n{threads}"
         "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n"
         "  timeout server 120s\n"
         f"frontend devices\n  bind 127.0.0.1:{port}\n  default_backend blynk\n"
         f"backend blynk\n  server upstream 127.0.0.1:{upstream}\n"
     )
-    process = subprocess.Popen(["haproxy", "-f", str(config)], stdout=subprocess.DEVNULL)
+    started = [
+        subprocess.Popen(["haproxy", "-f", str(config)], stdout=subprocess.DEVNULL)
+        for _ in range(processes)
+    ]
     wait_for_port(port)
-    return process
+    return started
 
 
 class Relay:
@@ -200,6 +213,10 @@ def main() -> int:
     )
     parser.add_argument("--workers", type=int, default=1, help="device processes (MariaDB)")
     parser.add_argument("--mysql", default="mysql+pymysql://root@127.0.0.1:3306/")
+    parser.add_argument(
+        "--haproxy-processes", type=int, default=1,
+        help="HAProxy processes of one thread each on the same port (1: one, a thread a core)",
+    )  # fmt: skip
     arguments = parser.parse_args()
     if shutil.which("haproxy") is None:
         print("haproxy missing (apt-get install haproxy): nothing to compare with")
@@ -215,7 +232,10 @@ def main() -> int:
         wait_for_port(upstream_port)
         with tempfile.TemporaryDirectory() as folder:
             proxy_port = free_port()
-            proxy = haproxy(Path(folder), proxy_port, upstream_port, count)
+            proxies = haproxy(
+                Path(folder), proxy_port, upstream_port, count, arguments.haproxy_processes
+            )
+            proxy_pids = [proxy.pid for proxy in proxies]
             address = f"127.0.0.1:{upstream_port}"
             # Known here, as after `import-blynk` (a token new here is a row to write).
             relay = Relay(Path(folder), count, tokens, arguments, **{"relay.upstream": address})
@@ -226,13 +246,14 @@ def main() -> int:
                 for _ in range(arguments.repeat):
                     rounds.append({
                         "direct": load(upstream_port, count, seconds, []),
-                        "haproxy": load(proxy_port, count, seconds, [proxy.pid]),
+                        "haproxy": load(proxy_port, count, seconds, proxy_pids),
                         "blynkota": load(relay.port, count, seconds, relay.pids, rss=relay.rss_kib),
                     })  # fmt: skip
                 memory["relayed"] = rounds[0]["blynkota"]["rss"]
             finally:
-                proxy.terminate()
-                proxy.wait(10)
+                for proxy in proxies:
+                    proxy.terminate()
+                    proxy.wait(10)
                 relay.stop()
         with tempfile.TemporaryDirectory() as folder:
             alone = Relay(Path(folder), count, tokens, arguments)
@@ -245,17 +266,24 @@ def main() -> int:
     finally:
         upstream.terminate()
         upstream.wait(10)
-    report(rounds, memory, count, seconds, arguments.workers)
+    report(rounds, memory, count, seconds, arguments.workers, arguments.haproxy_processes)
     return 0
 
 
-def report(rounds: list[dict], memory: dict, count: int, seconds: float, workers: int) -> None:
+def report(
+    rounds: list[dict], memory: dict, count: int, seconds: float, workers: int, proxies: int
+) -> None:
     print(f"devices {count}, {seconds:g} s of one 20-byte virtual write a second each, echoed;"
           f" {len(rounds)} round(s) of the three paths")  # fmt: skip
     print(
         "blynkota: one process on SQLite"
         if workers == 1
         else f"blynkota: {workers} device processes on MariaDB (its CPU counted as blynkota's)"
+    )
+    print(
+        "HAProxy: one process, a thread per core"
+        if proxies == 1
+        else f"HAProxy: {proxies} processes of one thread each, on the same port"
     )
     print(f"{'round':<6}{'path':<10}{'logged in':>10}{'round trips':>12}{'p50 ms':>8}"
           f"{'p99 ms':>8}{'added p99':>10}{'CPU s (user/sys)':>22}")  # fmt: skip
