@@ -261,20 +261,9 @@ class ClusterNode:
         return [holders.get(values["device"]) == values["session"] for values in logins]
 
     def device_offline(self, device_id: int, session_id: int) -> None:
-        """Clear the device's presence if `session_id` is still its session.
-
-        When the database is away the disconnect is kept and written by
-        `flush_offline` once it is back.
-        """
-        try:
-            self._write_offline(device_id, session_id)
-        except Exception:
-            self._unwritten_offline[device_id] = session_id
-            raise
-
-    def device_offline_later(self, device_id: int, session_id: int) -> None:
-        """`device_offline` without waiting, for the event loop: a disconnect
-        the database refuses is kept for `flush_offline`, as there."""
+        """Queue the clearing of the device's presence if `session_id` is still its
+        session, without waiting (the event loop ends sessions). A disconnect the
+        database refuses is kept, and written by `flush_offline` once it is back."""
         pending = self._logouts.submit_later({"device": device_id, "session": session_id})
         pending.rawlink(functools.partial(self._offline_written, device_id, session_id))
 

@@ -8,17 +8,13 @@ and only if the connection is still the device's (a newer login elsewhere
 stays).
 """
 
-import logging
 from collections.abc import Callable
 
 from .. import metrics
 from ..ota import DeviceIdentity
-from .shedding import DATABASE_ERRORS
 from .wire import SessionClosed
 
-__all__ = ["go_offline", "go_offline_later", "go_online"]
-
-log = logging.getLogger("blynkota.hardware.session")
+__all__ = ["go_offline", "go_online"]
 
 
 def go_online(link, identity: DeviceIdentity) -> None:
@@ -36,30 +32,16 @@ def go_online(link, identity: DeviceIdentity) -> None:
     link.presence = link.devices.device_online(identity, link.session_id, link.address, link.since)
 
 
-def go_offline(link) -> bool:
-    """The session is over: its disconnect written, once the login and the report
-    are. True if it was still the device's connection here."""
-    if link.presence is not None:
-        link.presence.wait()  # its error, if any, is the login's: told there
-    if link.report is not None:
-        link.report.wait()
-    if link.session_id is None or not link.online.unregister(link):
-        return False
-    try:
-        link.devices.device_offline(link.device_id, link.session_id)
-    except DATABASE_ERRORS:
-        log.debug("device %s: disconnect kept until the database is back", link.tag)
-    return True
-
-
-def go_offline_later(link, then: Callable[[], None]) -> None:
-    """`go_offline` without waiting, for the event loop: once the login and the
-    report are written (at once, most of the time), the disconnect is queued,
-    and `then()` is called. A disconnect the database refuses is kept (nodes.py)."""
+def go_offline(link, then: Callable[[], None]) -> None:
+    """The session is over: once its login and its report are written (at once,
+    most of the time), it leaves the device, its disconnect is queued, and
+    `then()` is called. Never waits: the event loop ends sessions too. A
+    disconnect the database refuses is kept until it is back (nodes.py)."""
     for pending in (link.presence, link.report):
+        # Their errors, if any, were the login's and the report's: told there.
         if pending is not None and not pending.ready():
-            pending.rawlink(lambda _: go_offline_later(link, then))
+            pending.rawlink(lambda _: go_offline(link, then))
             return
     if link.session_id is not None and link.online.unregister(link):
-        link.devices.device_offline_later(link.device_id, link.session_id)
+        link.devices.device_offline(link.device_id, link.session_id)
     then()

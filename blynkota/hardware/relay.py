@@ -487,7 +487,9 @@ class RelayedSession:
         for outbox in (self._to_device, self._to_upstream):
             if outbox is not None:
                 outbox.close()
-        go_offline(self)
+        go_offline(self, self._after_offline)
+
+    def _after_offline(self) -> None:
         if self.session_id is not None:
             metrics.RELAYED_SESSIONS.dec()
         if self._kept:

@@ -48,7 +48,7 @@ from ..protocol import (
 )
 from ..store import utcnow
 from .loop_watch import LoopWatch
-from .presence import go_offline, go_offline_later, go_online
+from .presence import go_offline, go_online
 from .shedding import DATABASE_ERRORS, SHED, shed_cause
 from .wire import (
     DEFAULT_BUFF_IN,
@@ -393,13 +393,7 @@ class DeviceSession:
         if self.watch is None or not self.watch.unpark():
             return
         self._log(logging.DEBUG, "disconnected")
-        go_offline_later(self, self._closed_here)
-
-    def _closed_here(self) -> None:
-        self.machine.advance("close")
-        self.watch.close()
-        self.wire.sock.close()
-        self._ended()
+        go_offline(self, self._after_offline)
 
     def _settle_and_serve(self) -> bool:
         DEVICE_TAG.set(self.tag)
@@ -448,7 +442,10 @@ class DeviceSession:
         device_line(log, level, self.tag, self.peer, text, *args)
 
     def _close(self) -> None:
-        go_offline(self)
+        go_offline(self, self._after_offline)
+
+    def _after_offline(self) -> None:
+        """Once the disconnect is queued: the connection closed, the session counted out."""
         if self.machine.state is not SessionState.CLOSED:
             self.machine.advance("close")
         if self.watch is not None:

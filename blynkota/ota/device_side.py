@@ -129,10 +129,8 @@ class DeviceSide:
         self.identities.forget(device.token)
 
     def device_offline(self, device_id: int, session_id: int) -> None:
+        """Queue the disconnect (cluster/nodes.py); never waits."""
         self.node.device_offline(device_id, session_id)
-
-    def device_offline_later(self, device_id: int, session_id: int) -> None:
-        self.node.device_offline_later(device_id, session_id)
 
     def device_reported(self, device: DeviceIdentity, info: dict[str, str]) -> bool:
         """Record an info message (a full report: missing keys are stored as NULL).
