@@ -2,7 +2,7 @@
 store/hot_reads.py) store and read exactly what SQLAlchemy's own executemany and
 execute do, on both real databases."""
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from sqlalchemy import (
@@ -15,6 +15,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    event,
     insert,
     or_,
     select,
@@ -82,7 +83,16 @@ def test_an_insert_stores_what_sqlalchemy_stores(db):
     assert [row[4] for row in mine] == [7, 7, 7]  # the left-out column took its server default
 
 
-def test_an_update_with_a_repeated_and_a_fixed_parameter(db):
+@pytest.mark.parametrize("joined_on", [None, "key"])
+def test_an_update_with_a_repeated_and_a_fixed_parameter(db, joined_on):
+    """Row by row, and keyed (`joined_on`): on MySQL one statement joined to
+    the rows, which must change exactly what row by row changes."""
+    statements = []
+
+    def seen(connection, cursor, statement, parameters, context, executemany):
+        statements.append((statement, executemany))
+
+    event.listen(db.engine, "before_cursor_execute", seen)
     with db.engine.begin() as connection:
         connection.execute(insert(ours), ROWS)
         connection.execute(insert(theirs), ROWS)
@@ -103,8 +113,10 @@ def test_an_update_with_a_repeated_and_a_fixed_parameter(db):
         {"key": 3, "since": later},  # moves: NULL
         {"key": 9, "since": later},  # no such row
     ]
+    statements.clear()
     with db.engine.begin() as connection:
-        matched = ManyRows(statement).execute(connection, changes)
+        matched = ManyRows(statement, joined_on=joined_on).execute(connection, changes)
+        ours_ran = list(statements)
         reference = update(theirs).where(
             and_(
                 theirs.c.id == bindparam("key"),
@@ -118,6 +130,20 @@ def test_an_update_with_a_repeated_and_a_fixed_parameter(db):
     assert matched == 2
     assert mine == expected
     assert labels == ["moved", "micro", "moved"]
+    joined = joined_on is not None and db.engine.dialect.name in ("mysql", "mariadb")
+    assert len(ours_ran) == 1
+    assert ("UNION ALL" in ours_ran[0][0]) is joined, ours_ran
+    assert ours_ran[0][1] is not joined  # one statement, or the driver's executemany
+
+    # Two rows for one key: row by row, in order (a joined statement would take either).
+    twice = [{"key": 1, "since": later + timedelta(hours=1)}, {"key": 1, "since": later}]
+    statements.clear()
+    with db.engine.begin() as connection:
+        ManyRows(statement, joined_on=joined_on).execute(connection, twice)
+        connection.execute(reference.values(seen_at=bindparam("since"), label="moved"), twice)
+        assert stored(connection, ours) == stored(connection, theirs)
+    assert all("UNION ALL" not in text for text, _ in statements)
+    event.remove(db.engine, "before_cursor_execute", seen)
 
 
 def test_a_column_with_a_python_default_must_be_named(db):

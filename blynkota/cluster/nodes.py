@@ -54,7 +54,8 @@ _ONLINE = ManyRows(
         last_address=bindparam("address"),
         node_id=bindparam("node"),
         session_id=bindparam("session"),
-    )
+    ),
+    joined_on="device",
 )
 _SESSIONS_OF = HotQuery(
     select(_devices.c.id, _devices.c.session_id).where(
@@ -81,7 +82,8 @@ _ONLINE_IF_FREE = (
 _OFFLINE_IF_SESSION = ManyRows(
     update(_devices)
     .where(_devices.c.id == bindparam("device"), _devices.c.session_id == bindparam("session"))
-    .values(last_seen_at=bindparam("now"), **_OFFLINE)
+    .values(last_seen_at=bindparam("now"), **_OFFLINE),
+    joined_on="device",
 )
 
 

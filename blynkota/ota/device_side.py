@@ -57,7 +57,8 @@ _REPORTED = ManyRows(
     .values(
         last_seen_at=bindparam("now"),
         **{column: bindparam(column) for column in (*_INFO_COLUMNS, *_INFO_NUMBERS.values())},
-    )
+    ),
+    joined_on="device",
 )
 
 

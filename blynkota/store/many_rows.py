@@ -9,12 +9,16 @@ compiled once per dialect; each row's values go through the same bind
 processors SQLAlchemy would apply, and the rows go to the driver's
 `executemany` through `Connection.exec_driver_sql`, inside the caller's
 transaction. PyMySQL turns an INSERT's rows into one multi-row statement.
+An UPDATE it runs row by row, a round trip each: one keyed by a row's value
+(`joined_on`) runs on MySQL as one statement instead, joined to a derived
+table of the rows (`_joined`).
 
 Only for statements whose parameters are all named rows' values: no
 expanding IN, no column defaults computed in Python (a column left out of
 an INSERT must have a server default or be nullable).
 """
 
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -33,9 +37,20 @@ GIVEN = object()  # the parameter's value is passed at each run (a row's, by its
 class ManyRows:
     """One statement run with many rows of named values."""
 
-    def __init__(self, statement: ClauseElement, column_keys: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        statement: ClauseElement,
+        column_keys: Sequence[str] | None = None,
+        *,
+        joined_on: str | None = None,
+    ) -> None:
+        """`joined_on`: for an UPDATE whose WHERE names its target row by this
+        parameter (`devices.id = :device`): on MySQL, rows with distinct values
+        of it run as one statement (`_joined`)."""
         self.statement = statement
         self.column_keys = list(column_keys) if column_keys is not None else None
+        self.joined_on = joined_on
+        self._temporals: dict[str, frozenset[str]] = {}  # dialect name -> `_temporal`
         # dialect name -> (SQL text, positional?, for each parameter: its name,
         # its fixed value or GIVEN, the type's bind processor or None)
         self._compiled: dict[str, tuple[str, bool, list[tuple[str, Any, Any]]]] = {}
@@ -56,12 +71,28 @@ class ManyRows:
             if column is None:
                 column = converted[name] = _converted(rows, name, fixed, convert)
             columns.append(column)
+        if self.joined_on is not None and connection.dialect.name in _JOINED_DIALECTS:
+            names = [name for name, _, _ in plan]
+            keys = converted[self.joined_on]
+            if len(rows) > 1 and len(set(keys)) == len(keys):
+                return _joined(connection, sql, names, columns, self._temporal(connection.dialect))
         if positional:  # SQLite's `?` markers: a tuple, a name may come twice
             values: list = list(zip(*columns, strict=True))
         else:  # PyMySQL's %(name)s markers: a dict
             names = [name for name, _, _ in plan]
             values = [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
         return connection.exec_driver_sql(sql, values).rowcount
+
+    def _temporal(self, dialect: Dialect) -> frozenset[str]:
+        """The parameters bound to a DATETIME column: cast in a derived table, whose
+        columns would otherwise be strings."""
+        known = self._temporals.get(dialect.name)
+        if known is None:
+            compiled = self.statement.compile(dialect=dialect, column_keys=self.column_keys)
+            known = self._temporals[dialect.name] = frozenset(
+                name for name, bind in compiled.binds.items() if isinstance(bind.type, DateTime)
+            )
+        return known
 
     def _for(self, dialect: Dialect) -> tuple[str, bool, list[tuple[str, Any, Any]]]:
         known = self._compiled.get(dialect.name)
@@ -71,6 +102,41 @@ class ManyRows:
             plan = [(name, fixed, convert) for name, fixed, convert, _ in parameters]
             known = self._compiled[dialect.name] = (compiled.string, positional, plan)
         return known
+
+
+# Where an UPDATE may join a derived table of its rows (the multi-table UPDATE).
+_JOINED_DIALECTS = ("mysql", "mariadb")
+_UPDATE_HEAD = re.compile(r"^UPDATE (\S+) SET ")
+_MARKER = re.compile(r"%\((\w+)\)s")
+
+
+def _joined(
+    connection: Connection,
+    sql: str,
+    names: list[str],
+    columns: list[list],
+    temporal: frozenset[str],
+) -> int:
+    """`sql` (an UPDATE with %(name)s markers) for every row in one statement:
+    UPDATE t, (SELECT the first row's values AS _p_name, ... UNION ALL SELECT
+    the next row's ...) AS _rows SET ... WHERE ..., each marker read from
+    `_rows`. The same rows change as row by row, provided no two rows name the
+    same target row (the caller's check): a target row joined to two rows
+    would take either one's values."""
+    head = _UPDATE_HEAD.match(sql)
+    if head is None:
+        raise ValueError(f"ManyRows: not a single-table UPDATE: {sql[:60]!r}")
+    used = set(_MARKER.findall(sql))  # a parameter the text does not name is not sent
+    kept = [index for index, name in enumerate(names) if name in used]
+    names, columns = [names[index] for index in kept], [columns[index] for index in kept]
+    markers = ["CAST(%s AS DATETIME(6))" if name in temporal else "%s" for name in names]
+    first = "SELECT " + ", ".join(f"{m} AS `_p_{n}`" for m, n in zip(markers, names, strict=True))
+    others = " UNION ALL SELECT " + ", ".join(markers)
+    derived = first + others * (len(columns[0]) - 1)
+    body = _MARKER.sub(lambda marker: f"`_rows`.`_p_{marker.group(1)}`", sql[head.end() :])
+    statement = f"UPDATE {head.group(1)}, ({derived}) AS `_rows` SET {body}"
+    arguments = [value for row in zip(*columns, strict=True) for value in row]
+    return connection.exec_driver_sql(statement, tuple(arguments)).rowcount
 
 
 def bound_parameters(
