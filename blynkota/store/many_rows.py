@@ -50,7 +50,7 @@ class ManyRows:
         self.statement = statement
         self.column_keys = list(column_keys) if column_keys is not None else None
         self.joined_on = joined_on
-        self._temporals: dict[str, frozenset[str]] = {}  # dialect name -> `_temporal`
+        self._joined: dict[str, _JoinedUpdate] = {}  # dialect name -> its joined form
         # dialect name -> (SQL text, positional?, for each parameter: its name,
         # its fixed value or GIVEN, the type's bind processor or None)
         self._compiled: dict[str, tuple[str, bool, list[tuple[str, Any, Any]]]] = {}
@@ -72,10 +72,9 @@ class ManyRows:
                 column = converted[name] = _converted(rows, name, fixed, convert)
             columns.append(column)
         if self.joined_on is not None and connection.dialect.name in _JOINED_DIALECTS:
-            names = [name for name, _, _ in plan]
             keys = converted[self.joined_on]
             if len(rows) > 1 and len(set(keys)) == len(keys):
-                return _joined(connection, sql, names, columns, self._temporal(connection.dialect))
+                return self._joined_for(connection.dialect).execute(connection, columns)
         if positional:  # SQLite's `?` markers: a tuple, a name may come twice
             values: list = list(zip(*columns, strict=True))
         else:  # PyMySQL's %(name)s markers: a dict
@@ -83,15 +82,16 @@ class ManyRows:
             values = [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
         return connection.exec_driver_sql(sql, values).rowcount
 
-    def _temporal(self, dialect: Dialect) -> frozenset[str]:
-        """The parameters bound to a DATETIME column: cast in a derived table, whose
-        columns would otherwise be strings."""
-        known = self._temporals.get(dialect.name)
+    def _joined_for(self, dialect: Dialect) -> "_JoinedUpdate":
+        known = self._joined.get(dialect.name)
         if known is None:
+            sql, _, plan = self._for(dialect)
             compiled = self.statement.compile(dialect=dialect, column_keys=self.column_keys)
-            known = self._temporals[dialect.name] = frozenset(
+            temporal = {
                 name for name, bind in compiled.binds.items() if isinstance(bind.type, DateTime)
-            )
+            }
+            names = [name for name, _, _ in plan]
+            known = self._joined[dialect.name] = _JoinedUpdate(sql, names, temporal)
         return known
 
     def _for(self, dialect: Dialect) -> tuple[str, bool, list[tuple[str, Any, Any]]]:
@@ -110,33 +110,40 @@ _UPDATE_HEAD = re.compile(r"^UPDATE (\S+) SET ")
 _MARKER = re.compile(r"%\((\w+)\)s")
 
 
-def _joined(
-    connection: Connection,
-    sql: str,
-    names: list[str],
-    columns: list[list],
-    temporal: frozenset[str],
-) -> int:
-    """`sql` (an UPDATE with %(name)s markers) for every row in one statement:
+class _JoinedUpdate:
+    """An UPDATE with %(name)s markers (MySQL's), for many rows in one statement:
     UPDATE t, (SELECT the first row's values AS _p_name, ... UNION ALL SELECT
     the next row's ...) AS _rows SET ... WHERE ..., each marker read from
     `_rows`. The same rows change as row by row, provided no two rows name the
     same target row (the caller's check): a target row joined to two rows
-    would take either one's values."""
-    head = _UPDATE_HEAD.match(sql)
-    if head is None:
-        raise ValueError(f"ManyRows: not a single-table UPDATE: {sql[:60]!r}")
-    used = set(_MARKER.findall(sql))  # a parameter the text does not name is not sent
-    kept = [index for index, name in enumerate(names) if name in used]
-    names, columns = [names[index] for index in kept], [columns[index] for index in kept]
-    markers = ["CAST(%s AS DATETIME(6))" if name in temporal else "%s" for name in names]
-    first = "SELECT " + ", ".join(f"{m} AS `_p_{n}`" for m, n in zip(markers, names, strict=True))
-    others = " UNION ALL SELECT " + ", ".join(markers)
-    derived = first + others * (len(columns[0]) - 1)
-    body = _MARKER.sub(lambda marker: f"`_rows`.`_p_{marker.group(1)}`", sql[head.end() :])
-    statement = f"UPDATE {head.group(1)}, ({derived}) AS `_rows` SET {body}"
-    arguments = [value for row in zip(*columns, strict=True) for value in row]
-    return connection.exec_driver_sql(statement, tuple(arguments)).rowcount
+    would take either one's values. Built once per dialect; a run only
+    repeats the row markers."""
+
+    def __init__(self, sql: str, names: list[str], temporal: Collection[str]) -> None:
+        head = _UPDATE_HEAD.match(sql)
+        if head is None:
+            raise ValueError(f"ManyRows: not a single-table UPDATE: {sql[:60]!r}")
+        used = set(_MARKER.findall(sql))  # a parameter the text does not name is not sent
+        self.kept = [index for index, name in enumerate(names) if name in used]
+        # A derived table's columns would otherwise be strings: DATETIMEs are cast.
+        markers = [
+            "CAST(%s AS DATETIME(6))" if names[index] in temporal else "%s" for index in self.kept
+        ]
+        aliases = (f"`_p_{names[index]}`" for index in self.kept)
+        self.first = "SELECT " + ", ".join(
+            f"{marker} AS {alias}" for marker, alias in zip(markers, aliases, strict=True)
+        )
+        self.others = " UNION ALL SELECT " + ", ".join(markers)
+        self.table = head.group(1)
+        self.body = _MARKER.sub(lambda m: f"`_rows`.`_p_{m.group(1)}`", sql[head.end() :])
+
+    def execute(self, connection: Connection, columns: list[list]) -> int:
+        """Every row (`columns`: each parameter's values, in the plan's order); rows matched."""
+        kept = [columns[index] for index in self.kept]
+        derived = self.first + self.others * (len(kept[0]) - 1)
+        statement = f"UPDATE {self.table}, ({derived}) AS `_rows` SET {self.body}"
+        arguments = tuple(value for row in zip(*kept, strict=True) for value in row)
+        return connection.exec_driver_sql(statement, arguments).rowcount
 
 
 def bound_parameters(
