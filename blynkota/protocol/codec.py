@@ -14,8 +14,13 @@ from typing import Final
 from .constants import (
     FIRST_RESERVED_COMMAND,
     HEADER_SIZE,
+    HW_LOGIN,
+    INTERNAL,
     KNOWN_UNHANDLED,
+    LOGIN,
     OTA_MSG_ID,
+    PING,
+    RESPONSE,
     Command,
     Status,
 )
@@ -105,7 +110,7 @@ class FrameReader:
         if len(self._buffer) < HEADER_SIZE:
             return NEED_DATA
         command, msg_id, length = _HEADER.unpack_from(self._buffer)
-        if command == Command.RESPONSE:
+        if command == RESPONSE:
             # The length field of a RESPONSE holds its status; there is no body.
             del self._buffer[:HEADER_SIZE]
             return Response(msg_id, length)
@@ -123,13 +128,16 @@ class FrameReader:
         return decode_frame(command, msg_id, body)
 
 
+_LOGINS = frozenset((HW_LOGIN, LOGIN))
+
+
 def decode_frame(command: int, msg_id: int, body: bytes) -> Event:
     """The event a whole frame (its header's command and id, its body) means."""
-    if command in (Command.HW_LOGIN, Command.LOGIN):
-        return Login(msg_id, _decode_token(body, msg_id), command == Command.LOGIN)
-    if command == Command.PING:
+    if command in _LOGINS:
+        return Login(msg_id, _decode_token(body, msg_id), command == LOGIN)
+    if command == PING:
         return Ping(msg_id)
-    if command == Command.INTERNAL:
+    if command == INTERNAL:
         return Internal(msg_id, split_words(body))
     if command in KNOWN_UNHANDLED:
         return Ignored(msg_id, command, body)
@@ -165,7 +173,7 @@ def encode_frame(command: int, msg_id: int, body: bytes = b"") -> bytes:
 def encode_response(msg_id: int, status: int = Status.OK) -> bytes:
     if not 0 < msg_id <= 0xFFFF:
         raise LocalProtocolError(f"message id {msg_id} is not in 1..65535")
-    return _HEADER.pack(Command.RESPONSE, msg_id, status)
+    return _HEADER.pack(RESPONSE, msg_id, status)
 
 
 def encode_login(token: str, msg_id: int = 1, *, legacy: bool = False) -> bytes:

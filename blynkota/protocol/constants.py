@@ -9,6 +9,11 @@ __all__ = [
     "OTA_MSG_ID",
     "KNOWN_UNHANDLED",
     "FIRST_RESERVED_COMMAND",
+    "RESPONSE",
+    "LOGIN",
+    "HW_LOGIN",
+    "PING",
+    "INTERNAL",
 ]
 
 
@@ -40,6 +45,15 @@ class Status(IntEnum):
     ILLEGAL_COMMAND_BODY = 11
     SERVER_ERROR = 19
 
+
+# The command types every frame is compared with, as plain ints for the codecs'
+# hot paths: reading a member off an IntEnum goes through the enum type's
+# __getattr__ hook, some twelve times the cost of a module global.
+RESPONSE, LOGIN, HW_LOGIN, PING, INTERNAL = (
+    int(command)
+    for command in (Command.RESPONSE, Command.LOGIN, Command.HW_LOGIN, Command.PING,
+                    Command.INTERNAL)
+)  # fmt: skip
 
 HEADER_SIZE = 5
 

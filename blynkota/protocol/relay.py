@@ -16,7 +16,7 @@ import contextlib
 import struct
 
 from .codec import RemoteProtocolError, decode_frame
-from .constants import HEADER_SIZE, OTA_MSG_ID, Command
+from .constants import HEADER_SIZE, HW_LOGIN, INTERNAL, LOGIN, OTA_MSG_ID, RESPONSE
 from .events import Event
 
 __all__ = ["MAX_RELAYED_BODY", "RelayStreams"]
@@ -40,14 +40,17 @@ class _FrameCutter:
         return len(self._buffer)
 
     def frames(self, data: bytes):
-        """(command, msg_id, length field, start, end) of every whole frame
-        in the buffer after `data`, and the buffer they index into."""
-        buffer = self._buffer
-        buffer += data
-        found, start = [], 0
-        while len(buffer) - start >= HEADER_SIZE:
-            command, msg_id, length = _HEADER.unpack_from(buffer, start)
-            if command == Command.RESPONSE:
+        """(command, msg_id, length field, start, end) of every whole frame in
+        what was held and `data`, and the bytes they index into. Most reads are
+        whole frames: those bytes are then `data` itself, copied nowhere."""
+        if self._buffer:
+            self._buffer += data
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        found, start, size = [], 0, len(data)
+        while size - start >= HEADER_SIZE:
+            command, msg_id, length = _HEADER.unpack_from(data, start)
+            if command == RESPONSE:
                 end = start + HEADER_SIZE  # the length field is the status: no body
             else:
                 if length > self.max_body:
@@ -55,17 +58,18 @@ class _FrameCutter:
                         f"frame body of {length} bytes exceeds the {self.max_body}-byte limit"
                     )
                 end = start + HEADER_SIZE + length
-                if end > len(buffer):
+                if end > size:
                     break
             found.append((command, msg_id, length, start, end))
             start = end
-        whole = bytes(buffer[:start])
-        del buffer[:start]
-        return found, whole
+        if start == size:
+            return found, data
+        self._buffer += data[start:]  # a frame's start: it waits for its end
+        return found, data[:start]
 
 
 # What blynkota reads of the device's frames on the way.
-_READ = frozenset((Command.INTERNAL, Command.HW_LOGIN, Command.LOGIN))
+_READ = frozenset((INTERNAL, HW_LOGIN, LOGIN))
 
 
 def _without(data: bytes, runs: list[tuple[int, int]]) -> bytes:
@@ -104,7 +108,7 @@ class RelayStreams:
         seen: list[Event] = []
         dropped = []  # (start, end) of the device's replies to blynkota's frames
         for command, msg_id, _length, start, end in found:
-            if command == Command.RESPONSE and msg_id == OTA_MSG_ID and self.owed_replies:
+            if command == RESPONSE and msg_id == OTA_MSG_ID and self.owed_replies:
                 self.owed_replies -= 1
                 dropped.append((start, end))
             elif command in _READ:
@@ -118,9 +122,7 @@ class RelayStreams:
         found, whole = self._upstream.frames(data)
         self.upstream_frames += len(found)
         answers = [
-            (msg_id, length)
-            for command, msg_id, length, _, _ in found
-            if command == Command.RESPONSE
+            (msg_id, length) for command, msg_id, length, _, _ in found if command == RESPONSE
         ]
         return whole, answers
 
