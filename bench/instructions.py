@@ -18,13 +18,18 @@ between two commits (in two checkouts), not with the CPU seconds.
 Prints the instructions per login (with --campaign: per login offered an
 update, its `ota` frame received; with --cycle: per whole reconnect cycle,
 login, info, answers and close, as `login_storm.py --cycle` runs it).
-`--downloads N`: instead of logins, N downloads of a 300 KB firmware file
+`--relayed SECONDS`: instead of logins, the devices are relayed to an upstream
+(bench/relay_load.py, as bench/relay.py runs it) and each writes a virtual pin
+once a second for SECONDS and hears it back; prints the instructions per round
+trip, a frame each way through the relay (bench/relay.py has the CPU and the
+latency against HAProxy). `--downloads N`: instead of logins, N downloads of a 300 KB firmware file
 over keep-alive connections on the plain HTTP port, as `wrk` asks for it
 (bench/downloads.py has the ratio to nginx); prints the instructions per
 download. Every wait is bounded.
 """
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -37,13 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gevent import socket  # noqa: E402
 
-from bench.common import SHIPPED_TIMINGS  # noqa: E402
+from bench.common import SHIPPED_TIMINGS, free_port, wait_for_port  # noqa: E402
 from bench.login_storm import log_in, log_in_and_leave, timed_storm  # noqa: E402
 from blynkota import create_app  # noqa: E402
 from blynkota.store import upgrade  # noqa: E402
 from tests.images import esp8266_image  # noqa: E402
 from tests.servers import ServerProcess  # noqa: E402
 
+LOAD = Path(__file__).resolve().parent / "relay_load.py"
 WARM_UP = 50
 SLOW = 300.0  # seconds for its start, stop and idle timeout: the server runs 50 times slower
 QUIET = 30  # seconds between the background clocks' ticks
@@ -83,6 +89,32 @@ def count_logins(server: ServerProcess, tokens: list[str], arguments, sockets: l
     time.sleep(2)  # the writes behind the last logins
     callgrind(server.process.pid, "off")
     return took
+
+
+def count_round_trips(server: ServerProcess, count: int, seconds: float) -> tuple[float, int]:
+    """`count` relayed devices, each a virtual write a second for `seconds`, echoed by
+    the upstream: the time it took and the round trips made."""
+    command = [sys.executable, str(LOAD), "devices", str(server.http_port), str(count),
+               str(seconds), str(min(count, 100))]  # fmt: skip
+    devices = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        ready = devices.stdout.readline().split()
+        if ready != ["ready", str(count)]:
+            raise RuntimeError(f"the devices did not all log in: {ready}")
+        time.sleep(2)  # the writes behind the logins
+        callgrind(server.process.pid, "on")
+        started = time.monotonic()
+        devices.stdin.write("go\n")
+        devices.stdin.flush()
+        round_trips = len(json.loads(devices.stdout.readline() or "[]"))
+        took = time.monotonic() - started
+        callgrind(server.process.pid, "off")
+        devices.wait(SLOW)
+    finally:
+        if devices.poll() is None:
+            devices.kill()
+            devices.wait()
+    return took, round_trips
 
 
 def count_downloads(server: ServerProcess, count: int) -> float:
@@ -130,6 +162,10 @@ def main() -> int:
     parser.add_argument("--campaign", action="store_true", help="offer every device an update")
     parser.add_argument("--cycle", action="store_true", help="whole cycles: log in, report, close")
     parser.add_argument(
+        "--relayed", type=float, default=0,
+        help="relay the devices, each a virtual write a second for SECONDS, instead",
+    )  # fmt: skip
+    parser.add_argument(
         "--downloads", type=int, default=0, help="count N downloads of a 300 KB file instead"
     )
     arguments = parser.parse_args()
@@ -143,7 +179,13 @@ def main() -> int:
         app = create_app({"db.url": db_url, "data.folder": folder})
         fleet = app.extensions["blynkota.fleet"]
         devices = 0 if arguments.downloads else WARM_UP + count  # downloads need none
-        tokens = [fleet.add_device("bench@example.com", "Bench") for _ in range(devices)]
+        if arguments.relayed:  # the tokens bench/relay_load.py's devices log in with
+            from blynkota.ota import NewDevice
+
+            tokens = [f"{number:032x}" for number in range(count)]
+            fleet.add_devices([NewDevice("bench@example.com", "Bench", token=t) for t in tokens])
+        else:
+            tokens = [fleet.add_device("bench@example.com", "Bench") for _ in range(devices)]
         app.extensions["blynkota.db"].dispose()
         timings = {
             **SHIPPED_TIMINGS,
@@ -153,6 +195,11 @@ def main() -> int:
             "hard.socket.idle.timeout": int(SLOW),
         }
         slots = {"ota.max.concurrent": WARM_UP + count}  # every device offered at once
+        if arguments.relayed:
+            upstream_port = free_port()
+            upstream = subprocess.Popen([sys.executable, str(LOAD), "upstream", str(upstream_port)])
+            wait_for_port(upstream_port)
+            slots["relay.upstream"] = f"127.0.0.1:{upstream_port}"
         server = ServerProcess(Path(folder), db_url, **timings, **slots)
         out = Path(folder) / "callgrind.out"
         server.launcher = [
@@ -167,16 +214,23 @@ def main() -> int:
             if arguments.downloads:
                 count = arguments.downloads - arguments.downloads % DOWNLOAD_CONNECTIONS
                 took = count_downloads(server, count)
+            elif arguments.relayed:
+                took, count = count_round_trips(server, len(tokens), arguments.relayed)
             else:
                 took = count_logins(server, tokens, arguments, sockets)
         finally:
             for sock, _ in sockets:
                 sock.close()
             server.stop(timeout=SLOW)
+            if arguments.relayed:
+                upstream.terminate()
+                upstream.wait(SLOW)
         instructions = counted(out)
     if arguments.downloads:
         what, label = "download", f"downloads of {len(IMAGE)} bytes"
         warm_up = DOWNLOAD_WARM_UP * DOWNLOAD_CONNECTIONS
+    elif arguments.relayed:
+        what, label, warm_up = "round trip", "relayed round trips", 0
     else:
         what = "login offered an update" if arguments.campaign else "login"
         what = "whole cycle" if arguments.cycle else what

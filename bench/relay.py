@@ -68,11 +68,18 @@ DEADLINE = 120.0
 
 
 def run_devices(
-    port: int, count: int, seconds: float, pids: list[int], at_once: int, rss=lambda: 0
+    port: int,
+    count: int,
+    seconds: float,
+    pids: list[int],
+    at_once: int,
+    rss=lambda: 0,
+    database: tuple[int, ...] = (),
 ) -> dict:
     """Log every device in, `at_once` under way at a time, then `seconds` of one
     virtual write a second each; the relay's CPU (user, system) over that steady
-    phase, the round trips, and `rss()` with every device logged in."""
+    phase, the share of it of the `database` processes among `pids`, the round
+    trips, and `rss()` with every device logged in."""
     command = [sys.executable, str(LOAD), "devices", str(port), str(count), str(seconds),
                str(at_once)]  # fmt: skip
     devices = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -81,18 +88,19 @@ def run_devices(
         logged_in = int(ready[1]) if ready[:1] == ["ready"] else 0
         held = rss()
         settle(pids)
-        before = cpu_split(pids)
+        before, database_before = cpu_split(pids), sum(cpu_split(database))
         devices.stdin.write("go\n")
         devices.stdin.flush()
         latencies = json.loads(devices.stdout.readline() or "[]")
-        after = cpu_split(pids)
+        after, database_after = cpu_split(pids), sum(cpu_split(database))
         devices.wait(DEADLINE)
     finally:
         if devices.poll() is None:
             devices.kill()
             devices.wait()
     cpu = (after[0] - before[0], after[1] - before[1])
-    return {"logged_in": logged_in, "latencies": latencies, "cpu": cpu, "rss": held}
+    return {"logged_in": logged_in, "latencies": latencies, "cpu": cpu, "rss": held,
+            "database_cpu": database_after - database_before}  # fmt: skip
 
 
 def settle(pids: list[int], deadline: float = 30.0) -> None:
@@ -166,6 +174,7 @@ class Relay:
         if self.workers == 1:
             self.server = ServerProcess(folder, self.db_url, **settings).start(timeout=60)
             self.port, self.pids = self.server.http_port, [self.server.process.pid]
+            self.database_pids = ()
             return
         self.port = free_port()
         settings.update({"http.port": self.port, "https.port": free_port(),
@@ -182,7 +191,8 @@ class Relay:
         until_nodes(engine, self.workers)  # each binds the port itself (SO_REUSEPORT)
         engine.dispose()
         wait_for_port(self.port, 60)
-        self.pids = child_pids(self.server.pid) + database_pids()
+        self.database_pids = tuple(database_pids())
+        self.pids = child_pids(self.server.pid) + list(self.database_pids)
 
     def stop(self) -> None:
         if self.workers == 1:
@@ -247,7 +257,8 @@ def main() -> int:
                     rounds.append({
                         "direct": load(upstream_port, count, seconds, []),
                         "haproxy": load(proxy_port, count, seconds, proxy_pids),
-                        "blynkota": load(relay.port, count, seconds, relay.pids, rss=relay.rss_kib),
+                        "blynkota": load(relay.port, count, seconds, relay.pids,
+                                         rss=relay.rss_kib, database=relay.database_pids),
                     })  # fmt: skip
                 memory["relayed"] = rounds[0]["blynkota"]["rss"]
             finally:
@@ -286,7 +297,7 @@ def report(
         else f"HAProxy: {proxies} processes of one thread each, on the same port"
     )
     print(f"{'round':<6}{'path':<10}{'logged in':>10}{'round trips':>12}{'p50 ms':>8}"
-          f"{'p99 ms':>8}{'added p99':>10}{'CPU s (user/sys)':>22}")  # fmt: skip
+          f"{'p99 ms':>8}{'added p99':>10}{'CPU s (user/sys)':>22}{'MariaDB s':>11}")  # fmt: skip
     added, ratios = {"haproxy": [], "blynkota": []}, []
     for number, paths in enumerate(rounds, 1):
         direct_p99 = percentile(paths["direct"]["latencies"], 0.99)
@@ -299,9 +310,11 @@ def report(
                 added[name].append(1000 * (through - direct_p99))
                 extra = f"{added[name][-1]:+.2f}"
             cpu_text = "" if name == "direct" else f"{sum(cpu):.2f} ({cpu[0]:.2f}/{cpu[1]:.2f})"
+            # Of blynkota's CPU, MariaDB's share (with --workers).
+            database_text = f"{found['database_cpu']:.2f}" if found["database_cpu"] else ""
             print(f"{number:<6}{name:<10}{found['logged_in']:>10}{len(latencies):>12}"
                   f"{1000 * percentile(latencies, 0.5):>8.2f}{1000 * through:>8.2f}"
-                  f"{extra:>10}{cpu_text:>22}")  # fmt: skip
+                  f"{extra:>10}{cpu_text:>22}{database_text:>11}")  # fmt: skip
         ratios.append(sum(paths["blynkota"]["cpu"]) / max(sum(paths["haproxy"]["cpu"]), 1e-9))
     print(f"CPU blynkota / HAProxy: median {statistics.median(ratios):.1f}x "
           f"({', '.join(f'{r:.1f}' for r in ratios)})")  # fmt: skip
