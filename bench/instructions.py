@@ -109,6 +109,7 @@ def count_round_trips(server: ServerProcess, count: int, seconds: float) -> tupl
         round_trips = len(json.loads(devices.stdout.readline() or "[]"))
         took = time.monotonic() - started
         callgrind(server.process.pid, "off")
+        devices.stdin.close()  # the devices' end
         devices.wait(SLOW)
     finally:
         if devices.poll() is None:

@@ -1,34 +1,42 @@
-"""Relay mode against HAProxy: N devices, each writing a virtual pin once a second and
-hearing it back from the upstream, through blynkota and through HAProxy (`mode tcp`),
-to the same upstream, in one run.
+"""Relay mode against HAProxy: N devices on each path, each writing a virtual pin once
+a second and hearing it back from the upstream, through blynkota and through
+HAProxy (`mode tcp`), to the same upstream, in one run.
 
-Run by hand: `python bench/relay.py [--devices 9500] [--seconds 20] [--workers 2]`
-(Debian package `haproxy`). HAProxy runs a thread per core (two here); `--workers N`
-runs blynkota as `python wsgi.py devices --workers N` on MariaDB (`--mysql URL`: the
-devices role refuses SQLite), one event loop per core likewise; without it, one
-process on SQLite. The upstream is a Blynk server stand-in (bench/relay_load.py, its own
-process): it answers logins, info messages and pings, and sends every HARDWARE
-frame straight back, as an app writing the pin would. Each device (one process
-of epoll for all, bench/relay_load.py) sends a 20-byte `vw` frame a second and
-waits for its echo. Prints, per path:
-- the relay's CPU seconds over the steady phase (from /proc: user and system, summed
-  over its processes), blynkota's against HAProxy's, and the ratio (with workers,
-  MariaDB's CPU over the same phase counts as blynkota's);
+Run by hand: `python bench/relay.py [--devices 9500] [--seconds 4] [--repeat 10]
+[--workers 2] [--haproxy-processes 2]` (Debian package `haproxy`). HAProxy runs a
+thread per core (two here), or `--haproxy-processes N` single-threaded processes
+on one port; `--workers N` runs blynkota as `python wsgi.py devices --workers N` on
+MariaDB (`--mysql URL`: the devices role refuses SQLite), one event loop per
+core likewise; without it, one process on SQLite. The upstream is a Blynk
+server stand-in (bench/relay_load.py, its own processes): it answers logins,
+info messages and pings, and sends every HARDWARE frame straight back, as an
+app writing the pin would.
+
+Three fleets of N devices (one epoll process each, bench/relay_load.py) log in,
+one storm at a time, straight to the upstream, through HAProxy and through
+blynkota, and stay logged in. Then phases of `--seconds` each: one fleet at a
+time sends a 20-byte `vw` frame a second per device and times its echo, the
+three in turn, `--repeat` rounds. The machine's slow moments, which can double
+a p99 from one minute to the next on a shared machine, so fall on every path
+alike. Prints, per phase and over all of them:
+- the relay's CPU seconds over the phase (from /proc: user and system, summed
+  over its processes), blynkota's against HAProxy's, and the ratio (with
+  workers, MariaDB's CPU over the same phase counts as blynkota's, and is
+  printed apart);
 - the round trip p50/p99 through each, against the direct one, and the latency
-  each adds (p99 through, less p99 direct), measured once the relay is idle
-  again after the logins (`settle`);
+  each adds (p99 through, less p99 direct), per round and over all rounds,
+  measured once each relay is idle again after its logins (`settle`);
 - blynkota's resident memory per relayed device, against a standalone session's
   (the same devices logged in to a standalone server).
 
 One relayed device holds two descriptors in the relay: with the 20,000 open
 files a process may have here, 9,500 devices is as many as fit in one
-process. 10,000 takes two of each: `--workers 2 --haproxy-processes 2` (two
-HAProxy processes of one thread each, on the same port).
+process. 10,000 takes two of each: `--workers 2 --haproxy-processes 2`.
 Every loop is bounded by the device count and a deadline.
 """
 
 import argparse
-import functools
+import contextlib
 import json
 import os
 import shutil
@@ -62,45 +70,54 @@ from tests.servers import ServerProcess  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 LOAD = ROOT / "bench" / "relay_load.py"
 DEADLINE = 120.0
+UPSTREAM_CONNECTIONS = 15_000  # per upstream process: under the 20,000 open files, unevenly spread
 
 
 # --- the load (bench/relay_load.py) ---------------------------------------------------
 
 
-def run_devices(
-    port: int,
-    count: int,
-    seconds: float,
-    pids: list[int],
-    at_once: int,
-    rss=lambda: 0,
-    database: tuple[int, ...] = (),
-) -> dict:
-    """Log every device in, `at_once` under way at a time, then `seconds` of one
-    virtual write a second each; the relay's CPU (user, system) over that steady
-    phase, the share of it of the `database` processes among `pids`, the round
-    trips, and `rss()` with every device logged in."""
-    command = [sys.executable, str(LOAD), "devices", str(port), str(count), str(seconds),
-               str(at_once)]  # fmt: skip
-    devices = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        ready = devices.stdout.readline().split()
-        logged_in = int(ready[1]) if ready[:1] == ["ready"] else 0
-        held = rss()
-        settle(pids)
-        before, database_before = cpu_split(pids), sum(cpu_split(database))
-        devices.stdin.write("go\n")
-        devices.stdin.flush()
-        latencies = json.loads(devices.stdout.readline() or "[]")
-        after, database_after = cpu_split(pids), sum(cpu_split(database))
-        devices.wait(DEADLINE)
-    finally:
-        if devices.poll() is None:
-            devices.kill()
-            devices.wait()
-    cpu = (after[0] - before[0], after[1] - before[1])
-    return {"logged_in": logged_in, "latencies": latencies, "cpu": cpu, "rss": held,
-            "database_cpu": database_after - database_before}  # fmt: skip
+class Fleet:
+    """`count` devices logged in through one path (bench/relay_load.py), `at_once`
+    under way at a time, kept logged in for every phase of the run."""
+
+    def __init__(
+        self, port: int, count: int, at_once: int, pids: list[int], database: tuple = ()
+    ) -> None:
+        """`pids`: the relay's processes, whose CPU a phase counts; `database`:
+        those of them that are MariaDB's, whose share is given apart."""
+        command = [sys.executable, str(LOAD), "devices", str(port), str(count), "0",
+                   str(at_once)]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.pids, self.database = pids, database
+        ready = self.process.stdout.readline().split()
+        self.logged_in = int(ready[1]) if ready[:1] == ["ready"] else 0
+        if ready[:1] != ["ready"]:
+            self.close()
+            raise RuntimeError(f"the devices on port {port} ended before all logged in")
+
+    def phase(self, seconds: float) -> dict:
+        """`seconds` of one virtual write a second each: the round trips, and the
+        relay's CPU (user, system) over them, MariaDB's share apart."""
+        before, database_before = cpu_split(self.pids), sum(cpu_split(self.database))
+        self.process.stdin.write(f"go {seconds}\n")
+        self.process.stdin.flush()
+        latencies = json.loads(self.process.stdout.readline() or "[]")
+        after, database_after = cpu_split(self.pids), sum(cpu_split(self.database))
+        cpu = (after[0] - before[0], after[1] - before[1])
+        return {"logged_in": self.logged_in, "latencies": latencies, "cpu": cpu,
+                "database_cpu": database_after - database_before}  # fmt: skip
+
+    def close(self) -> None:
+        try:
+            with contextlib.suppress(BrokenPipeError):  # ended already
+                self.process.stdin.close()  # the devices' end
+            self.process.wait(DEADLINE)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
 
 
 def settle(pids: list[int], deadline: float = 30.0) -> None:
@@ -120,7 +137,7 @@ def settle(pids: list[int], deadline: float = 30.0) -> None:
 
 
 def haproxy(
-    folder: Path, port: int, upstream: int, devices: int, processes: int = 1
+    folder: Path, port: int, upstream: str, devices: int, processes: int = 1
 ) -> list[subprocess.Popen]:
     """HAProxy relaying `port` to `upstream`: one process with a thread per core,
     or `processes` single-threaded ones bound to the same port (HAProxy binds with
@@ -134,7 +151,7 @@ def haproxy(
         "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n"
         "  timeout server 120s\n"
         f"frontend devices\n  bind 127.0.0.1:{port}\n  default_backend blynk\n"
-        f"backend blynk\n  server upstream 127.0.0.1:{upstream}\n"
+        f"backend blynk\n  server upstream {upstream}\n"
     )
     started = [
         subprocess.Popen(["haproxy", "-f", str(config)], stdout=subprocess.DEVNULL)
@@ -216,8 +233,8 @@ class Relay:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=9500)
-    parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of the three paths")
+    parser.add_argument("--seconds", type=float, default=4, help="of each phase")
+    parser.add_argument("--repeat", type=int, default=10, help="rounds of the three phases")
     parser.add_argument(
         "--logins-at-once", type=int, default=0, help="logins under way at once (0: all)"
     )
@@ -232,36 +249,47 @@ def main() -> int:
         print("haproxy missing (apt-get install haproxy): nothing to compare with")
         return 0
     count, seconds = arguments.devices, arguments.seconds
-    # All at once by default: a reconnect storm.
-    load = functools.partial(run_devices, at_once=arguments.logins_at_once or count)
+    at_once = arguments.logins_at_once or count  # all at once by default: a reconnect storm
     tokens = [f"{number:032x}" for number in range(count)]
     upstream_port = free_port()
-    upstream = subprocess.Popen([sys.executable, str(LOAD), "upstream", str(upstream_port)])
-    rounds, memory = [], {}
+    # The three paths' devices all reach it, each at an address of its own: 30,000
+    # connections to one would outnumber the local ports. 20,000 a process at most.
+    hosts = {"direct": "127.0.0.1", "haproxy": "127.0.0.2", "blynkota": "127.0.0.3"}
+    upstreams = [
+        subprocess.Popen(
+            [sys.executable, str(LOAD), "upstream", str(upstream_port), *hosts.values()]
+        )  # fmt: skip
+        for _ in range(-(-3 * count // UPSTREAM_CONNECTIONS))
+    ]
+    rounds, memory, fleets = [], {}, {}
     try:
         wait_for_port(upstream_port)
         with tempfile.TemporaryDirectory() as folder:
             proxy_port = free_port()
             proxies = haproxy(
-                Path(folder), proxy_port, upstream_port, count, arguments.haproxy_processes
-            )
+                Path(folder), proxy_port, f"{hosts['haproxy']}:{upstream_port}", count,
+                arguments.haproxy_processes,
+            )  # fmt: skip
             proxy_pids = [proxy.pid for proxy in proxies]
-            address = f"127.0.0.1:{upstream_port}"
+            address = f"{hosts['blynkota']}:{upstream_port}"
             # Known here, as after `import-blynk` (a token new here is a row to write).
             relay = Relay(Path(folder), count, tokens, arguments, **{"relay.upstream": address})
             try:
                 memory["relayed_idle"] = relay.rss_kib()
-                # The paths one after the other, round after round: the machine's
-                # slow moments fall on each path alike.
+                paths = (("direct", upstream_port, [], ()), ("haproxy", proxy_port, proxy_pids, ()),
+                         ("blynkota", relay.port, relay.pids, relay.database_pids))  # fmt: skip
+                for name, port, pids, database in paths:  # one storm at a time
+                    fleets[name] = Fleet(port, count, at_once, pids, database)
+                    if name == "blynkota":
+                        memory["relayed"] = relay.rss_kib()
+                    settle(pids)
+                # Short phases of each path in turn, round after round: the
+                # machine's slow moments fall on each path alike.
                 for _ in range(arguments.repeat):
-                    rounds.append({
-                        "direct": load(upstream_port, count, seconds, []),
-                        "haproxy": load(proxy_port, count, seconds, proxy_pids),
-                        "blynkota": load(relay.port, count, seconds, relay.pids,
-                                         rss=relay.rss_kib, database=relay.database_pids),
-                    })  # fmt: skip
-                memory["relayed"] = rounds[0]["blynkota"]["rss"]
+                    rounds.append({name: fleet.phase(seconds) for name, fleet in fleets.items()})
             finally:
+                for fleet in fleets.values():
+                    fleet.close()
                 for proxy in proxies:
                     proxy.terminate()
                     proxy.wait(10)
@@ -270,13 +298,15 @@ def main() -> int:
             alone = Relay(Path(folder), count, tokens, arguments)
             try:
                 memory["standalone_idle"] = alone.rss_kib()
-                held = load(alone.port, count, 0, alone.pids, rss=alone.rss_kib)
-                memory["standalone"] = held["rss"]
+                held = Fleet(alone.port, count, at_once, alone.pids)
+                memory["standalone"] = alone.rss_kib()
+                held.close()
             finally:
                 alone.stop()
     finally:
-        upstream.terminate()
-        upstream.wait(10)
+        for upstream in upstreams:
+            upstream.terminate()
+            upstream.wait(10)
     report(rounds, memory, count, seconds, arguments.workers, arguments.haproxy_processes)
     return 0
 
@@ -284,8 +314,9 @@ def main() -> int:
 def report(
     rounds: list[dict], memory: dict, count: int, seconds: float, workers: int, proxies: int
 ) -> None:
-    print(f"devices {count}, {seconds:g} s of one 20-byte virtual write a second each, echoed;"
-          f" {len(rounds)} round(s) of the three paths")  # fmt: skip
+    print(f"devices {count} on each path, logged in throughout; phases of {seconds:g} s of one"
+          f" 20-byte virtual write a second each, echoed, each path in turn, {len(rounds)}"
+          f" round(s)")  # fmt: skip
     print(
         "blynkota: one process on SQLite"
         if workers == 1
@@ -318,9 +349,17 @@ def report(
         ratios.append(sum(paths["blynkota"]["cpu"]) / max(sum(paths["haproxy"]["cpu"]), 1e-9))
     print(f"CPU blynkota / HAProxy: median {statistics.median(ratios):.1f}x "
           f"({', '.join(f'{r:.1f}' for r in ratios)})")  # fmt: skip
+    # Every round trip of every round together, against every direct one.
+    pooled = {name: [x for paths in rounds for x in paths[name]["latencies"]] for name in rounds[0]}
+    direct = {q: percentile(pooled["direct"], q) for q in (0.5, 0.99)}
+    print(f"all rounds: direct p50 {1000 * direct[0.5]:.2f} ms, p99 {1000 * direct[0.99]:.2f} ms")
     for name, values in added.items():
-        print(f"added p99 through {name}: median {statistics.median(values):+.2f} ms "
-              f"({', '.join(f'{v:+.2f}' for v in values)})")  # fmt: skip
+        through = {q: percentile(pooled[name], q) for q in (0.5, 0.99)}
+        by_round = ", ".join(f"{value:+.2f}" for value in values)
+        print(f"added through {name}: all rounds p50 "
+              f"{1000 * (through[0.5] - direct[0.5]):+.2f} ms, p99 "
+              f"{1000 * (through[0.99] - direct[0.99]):+.2f} ms; p99 by round: median "
+              f"{statistics.median(values):+.2f} ms ({by_round})")  # fmt: skip
     relayed = (memory["relayed"] - memory["relayed_idle"]) / count
     alone = (memory["standalone"] - memory["standalone_idle"]) / count
     print(f"memory per device: relayed {relayed:.1f} KiB, standalone {alone:.1f} KiB, "

@@ -1,14 +1,20 @@
 """The load of bench/relay.py: the devices and the upstream, each one epoll loop.
 
-`python bench/relay_load.py upstream PORT`: a Blynk server stand-in that
-answers every frame with a 200 and sends every HARDWARE frame straight back,
-as an app writing the pin would.
+`python bench/relay_load.py upstream PORT [HOST ...]`: a Blynk server stand-in
+that answers every frame with a 200 and sends every HARDWARE frame straight
+back, as an app writing the pin would, on PORT of each HOST (127.0.0.1 by
+default). Several may serve one port (SO_REUSEPORT): one process holds at
+most 20,000 connections here. Connections to one address and port take one
+local port each, of 28,000 (the kernel's range here): paths that add up to
+more reach it by addresses of their own (127.0.0.2, ...), all loopback.
 
 `python bench/relay_load.py devices PORT COUNT SECONDS AT_ONCE`: COUNT devices
-log in (AT_ONCE under way at a time), then print `ready N` and wait for a line
-on stdin; then each writes a 20-byte virtual pin once a second, at its own
-moment of the second, for SECONDS, and times its echo. Last, one JSON line:
-the round trips in seconds.
+log in (AT_ONCE under way at a time), then print `ready N` and wait for lines
+on stdin. Each `go` (or `go S`) is a phase: each device writes a 20-byte
+virtual pin once a second, at its own moment of the second, for SECONDS (or
+S) seconds, and times its echo; then one JSON line: the round trips in
+seconds. The devices stay logged in between phases; `end` or the end of
+stdin ends them.
 
 Plain epoll, no gevent: on a machine of two cores the load shares them with
 the relay, and the gevent versions of both cost more CPU than the relay
@@ -56,19 +62,23 @@ def frames(buffer: bytearray):
 # --- the upstream ------------------------------------------------------------------------
 
 
-def serve_upstream(port: int) -> None:
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", port))
-    listener.listen(8192)
-    listener.setblocking(False)
+def serve_upstream(port: int, hosts: list[str]) -> None:
     poller = select.epoll()
-    poller.register(listener.fileno(), select.EPOLLIN)
+    listeners = {}
+    for host in hosts:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # one of several
+        listener.bind((host, port))
+        listener.listen(8192)
+        listener.setblocking(False)
+        poller.register(listener.fileno(), select.EPOLLIN)
+        listeners[listener.fileno()] = listener
     connections: dict[int, tuple[socket.socket, bytearray]] = {}
     while True:  # until the bench terminates it
         for fd, _events in poller.poll():
-            if fd == listener.fileno():
-                _accept_all(listener, poller, connections)
+            if fd in listeners:
+                _accept_all(listeners[fd], poller, connections)
                 continue
             sock, buffer = connections[fd]
             try:
@@ -124,9 +134,12 @@ def run_devices(port: int, count: int, seconds: float, at_once: int) -> None:
     by_fd: dict[int, Device] = {}
     held = _log_in(devices, port, at_once, poller, by_fd)
     print(f"ready {held}", flush=True)
-    sys.stdin.readline()
-    latencies = _steady(devices, seconds, poller, by_fd)
-    print(json.dumps(latencies), flush=True)
+    for _ in range(10_000):  # phases, until `end` or the end of stdin
+        words = sys.stdin.readline().split()
+        if words[:1] != ["go"]:
+            return
+        phase = float(words[1]) if len(words) > 1 else seconds
+        print(json.dumps(_steady(devices, phase, poller, by_fd)), flush=True)
 
 
 def _log_in(devices, port: int, at_once: int, poller, by_fd) -> int:
@@ -199,7 +212,7 @@ def _steady(devices, seconds: float, poller, by_fd) -> list[float]:
 if __name__ == "__main__":
     role, port = sys.argv[1], int(sys.argv[2])
     if role == "upstream":
-        serve_upstream(port)
+        serve_upstream(port, sys.argv[3:] or ["127.0.0.1"])
     else:
         count, seconds, at_once = int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
         run_devices(port, count, seconds, at_once)
