@@ -105,7 +105,9 @@ def test_a_scheduled_rollout_starts_at_its_time_and_takes_over_then(server, flee
         wait_until(lambda: board.ota_urls, timeout=30, message="the offer once it started")
         assert datetime.now(UTC) >= datetime.fromisoformat(start_at)
         (now_running, superseded) = server.admin("GET", "/admin/ota/status").json()
-        assert (now_running["state"], superseded["state"]) == ("active", "superseded")
+        # Its one board may have updated already (it downloads as soon as offered).
+        assert now_running["state"] in ("active", "complete")
+        assert superseded["state"] == "superseded"
         assert superseded["superseded_by"] == now_running["id"]
         events = query(app, "SELECT detail FROM rollout_events WHERE rollout_id = :r "
                        "AND device_id IS NULL ORDER BY id", r=now_running["id"])  # fmt: skip
