@@ -29,7 +29,6 @@ download. Every wait is bounded.
 """
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
@@ -49,7 +48,7 @@ from blynkota.store import upgrade  # noqa: E402
 from tests.images import esp8266_image  # noqa: E402
 from tests.servers import ServerProcess  # noqa: E402
 
-LOAD = Path(__file__).resolve().parent / "relay_load.py"
+LOAD = Path(__file__).resolve().parent / "relay_load.py"  # the relay's upstream
 WARM_UP = 50
 SLOW = 300.0  # seconds for its start, stop and idle timeout: the server runs 50 times slower
 QUIET = 30  # seconds between the background clocks' ticks
@@ -93,28 +92,21 @@ def count_logins(server: ServerProcess, tokens: list[str], arguments, sockets: l
 
 def count_round_trips(server: ServerProcess, count: int, seconds: float) -> tuple[float, int]:
     """`count` relayed devices, each a virtual write a second for `seconds`, echoed by
-    the upstream: the time it took and the round trips made."""
-    command = [sys.executable, str(LOAD), "devices", str(server.http_port), str(count),
-               str(seconds), str(min(count, 100))]  # fmt: skip
-    devices = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    the upstream (bench/relay.py's fleet): the time it took and the round trips made."""
+    from bench.relay import Fleet
+
+    fleet = Fleet(server.http_port, count, min(count, 100), pids=[])
     try:
-        ready = devices.stdout.readline().split()
-        if ready != ["ready", str(count)]:
-            raise RuntimeError(f"the devices did not all log in: {ready}")
+        if fleet.logged_in != count:
+            raise RuntimeError(f"{fleet.logged_in} of {count} devices logged in")
         time.sleep(2)  # the writes behind the logins
         callgrind(server.process.pid, "on")
         started = time.monotonic()
-        devices.stdin.write("go\n")
-        devices.stdin.flush()
-        round_trips = len(json.loads(devices.stdout.readline() or "[]"))
+        round_trips = len(fleet.phase(seconds)["latencies"])
         took = time.monotonic() - started
         callgrind(server.process.pid, "off")
-        devices.stdin.close()  # the devices' end
-        devices.wait(SLOW)
     finally:
-        if devices.poll() is None:
-            devices.kill()
-            devices.wait()
+        fleet.close()
     return took, round_trips
 
 

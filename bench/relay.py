@@ -92,10 +92,10 @@ class Fleet:
         )
         self.pids, self.database = pids, database
         ready = self.process.stdout.readline().split()
-        self.logged_in = int(ready[1]) if ready[:1] == ["ready"] else 0
         if ready[:1] != ["ready"]:
             self.close()
             raise RuntimeError(f"the devices on port {port} ended before all logged in")
+        self.logged_in = int(ready[1])
 
     def phase(self, seconds: float) -> dict:
         """`seconds` of one virtual write a second each: the round trips, and the
