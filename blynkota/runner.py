@@ -42,7 +42,7 @@ from .hardware import (
 from .logsafe import DEVICE_LINES
 from .metrics import DATABASE_ERRORS, SWEEPS
 from .store import drain as drain_group_commits
-from .store import is_outage, upgrade
+from .store import in_background, is_outage, upgrade
 from .tls import check_certificate
 from .web import AdminHttpsServer, FirmwareSender
 
@@ -291,7 +291,10 @@ class BlynkotaServer:
     # --- the node's clocks --------------------------------------------------------
 
     def _run_clock(self, name: str, interval: float, wake: Event | None, tick) -> None:
-        """Call `tick` every `interval` (or when woken); back off while the database is away."""
+        """Call `tick` every `interval` (or when woken); back off while the database is away.
+        The devices come first: before each statement, the loop handles the
+        sockets that are ready (store/giving_way.py)."""
+        in_background()
         failures = 0
         while not self._stopping.is_set():
             delay = interval if not failures else min(interval * 2**failures, MAX_BACKOFF)

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-import gevent
 from gevent.event import AsyncResult
 from sqlalchemy import Connection, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from ..logs import set_node_name
-from ..store import Database, Device, GroupCommit, HotQuery, ManyRows, Node, utcnow
+from ..store import Database, Device, GroupCommit, HotQuery, ManyRows, Node, give_way, utcnow
 
 __all__ = ["ClusterNode", "NodeSettings", "LocalSession", "default_node_name"]
 
@@ -71,7 +70,6 @@ _SESSIONS_ON = (
     .where(_devices.c.node_id == bindparam("node"))
     .execution_options(stream_results=True, max_row_buffer=_CHUNK_ROWS)
 )
-_BETWEEN_CHUNKS = 0.001  # seconds: a timer, so the loop polls the sockets once
 _ONLINE_IF_FREE = (
     update(_devices)
     .where(_devices.c.id == bindparam("device"), _devices.c.node_id.is_(None))
@@ -88,6 +86,35 @@ _OFFLINE_IF_SESSION = ManyRows(
     .values(last_seen_at=bindparam("now"), **_OFFLINE),
     joined_on="device",
 )
+
+# The heartbeat's statements, every few seconds on every node, built once on
+# the tables: the ORM's per-statement work held the event loop ~1 ms each.
+_nodes = Node.__table__
+_BEAT = (
+    update(_nodes)
+    .where(_nodes.c.id == bindparam("node"), _nodes.c.stopped_at.is_(None))
+    .values(heartbeat_at=bindparam("now"))
+)
+_BEAT_AGAIN = (  # declared dead meanwhile: it runs again
+    update(_nodes)
+    .where(_nodes.c.id == bindparam("node"))
+    .values(heartbeat_at=bindparam("now"), stopped_at=None)
+)
+_LATE_NODES = select(_nodes.c.id).where(
+    _nodes.c.stopped_at.is_(None),
+    _nodes.c.heartbeat_at < bindparam("cutoff"),
+    _nodes.c.id != bindparam("node"),
+)
+_STOP_LATE = (
+    update(_nodes)
+    .where(
+        _nodes.c.id == bindparam("node"),
+        _nodes.c.stopped_at.is_(None),
+        _nodes.c.heartbeat_at < bindparam("cutoff"),
+    )
+    .values(stopped_at=bindparam("now"))
+)
+_CLEAR_NODE = update(_devices).where(_devices.c.node_id == bindparam("node")).values(**_OFFLINE)
 
 
 def default_node_name(port: int, worker: int | None = None) -> str:
@@ -166,50 +193,31 @@ class ClusterNode:
 
     def beat(self) -> bool:
         """Refresh the heartbeat; False when a peer had declared this node dead."""
-        now = utcnow()
+        values = {"node": self.id, "now": utcnow()}
 
-        def work(session: Session) -> bool:
-            alive = session.execute(
-                update(Node)
-                .where(Node.id == self.id, Node.stopped_at.is_(None))
-                .values(heartbeat_at=now)
-            ).rowcount
+        def work(connection: Connection) -> bool:
+            alive = connection.execute(_BEAT, values).rowcount
             if not alive:
-                session.execute(
-                    update(Node).where(Node.id == self.id).values(heartbeat_at=now, stopped_at=None)
-                )
+                connection.execute(_BEAT_AGAIN, values)
             return bool(alive)
 
-        return self.control.run(work)
+        return self.control.run_core(work)
 
     def reap(self) -> list[int]:
         """Stop the nodes whose lease ran out and clear their devices; their ids."""
         now = utcnow()
-        cutoff = now - self.settings.lease
+        values = {"node": self.id, "now": now, "cutoff": now - self.settings.lease}
 
-        def work(session: Session) -> list[int]:
-            dead = session.scalars(
-                select(Node.id).where(
-                    Node.stopped_at.is_(None), Node.heartbeat_at < cutoff, Node.id != self.id
-                )
-            ).all()
+        def work(connection: Connection) -> list[int]:
             reaped = []
-            for node_id in dead:
-                won = session.execute(
-                    update(Node)
-                    .where(
-                        Node.id == node_id, Node.stopped_at.is_(None), Node.heartbeat_at < cutoff
-                    )
-                    .values(stopped_at=now)
-                ).rowcount
-                if won:
-                    session.execute(
-                        update(Device).where(Device.node_id == node_id).values(**_OFFLINE)
-                    )
+            for node_id in connection.scalars(_LATE_NODES, values).all():
+                # Whichever node notices first stops it: one conditional UPDATE decides.
+                if connection.execute(_STOP_LATE, {**values, "node": node_id}).rowcount:
+                    connection.execute(_CLEAR_NODE, {"node": node_id})
                     reaped.append(node_id)
             return reaped
 
-        reaped = self.control.run(work)
+        reaped = self.control.run_core(work)
         for node_id in reaped:
             log.warning("node %d stopped heartbeating: its devices are marked offline", node_id)
         return reaped
@@ -315,8 +323,9 @@ class ClusterNode:
                 # PyMySQL's from the socket, streamed): between two chunks the
                 # event loop relays and answers. A whole read of 10,000 rows held
                 # it ~50 ms. Not sleep(0): it runs the ready greenlets again
-                # without polling, and the devices' sockets would wait all along.
-                gevent.sleep(_BETWEEN_CHUNKS)
+                # without polling, and the devices' sockets would wait all along
+                # (store/giving_way.py).
+                give_way()
             mine = local()
             gone = [
                 {"device": device_id, "session": session_id, "now": utcnow()}

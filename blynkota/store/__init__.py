@@ -10,6 +10,7 @@ from .db import (
     is_unavailable,
     make_engine,
 )
+from .giving_way import give_way, in_background
 from .group_commit import GroupCommit, drain
 from .hot_reads import HotQuery
 from .many_rows import ManyRows, insert_many
@@ -46,6 +47,8 @@ __all__ = [
     "DatabaseHealth",
     "connection_problem",
     "GroupCommit",
+    "give_way",
+    "in_background",
     "HotQuery",
     "ManyRows",
     "insert_many",

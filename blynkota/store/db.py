@@ -32,6 +32,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..metrics import DATABASE_ERRORS
+from .giving_way import give_way_before_statements
 
 __all__ = [
     "Database",
@@ -115,6 +116,9 @@ def make_engine(url: str, *, pool_size: int = 20, pool_timeout: float = 30.0) ->
         isolation_level="READ COMMITTED",
     )
     _ping_idle_connections(engine)
+    # Not on SQLite: a write transaction would hold the file's lock while the
+    # loop ran other greenlets, whose writes would then wait for it, blocking.
+    give_way_before_statements(engine)
 
     @event.listens_for(engine, "handle_error")
     def _dead_connection(context) -> None:
