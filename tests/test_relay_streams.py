@@ -50,15 +50,17 @@ def cut(data: bytes, points: list[int]) -> list[bytes]:
     upstream_cuts=st.lists(st.integers(0, 1 << 16), max_size=30),
     ota_after=st.lists(st.integers(0, 60), max_size=4),
     replies=st.lists(st.booleans(), max_size=4),
+    read_by_frame=st.booleans(),
 )
 def test_both_streams_pass_unchanged_and_ota_frames_stand_between_upstream_frames(
-    device_frames, upstream_frames, device_cuts, upstream_cuts, ota_after, replies
+    device_frames, upstream_frames, device_cuts, upstream_cuts, ota_after, replies, read_by_frame
 ):
+    """`read_by_frame`: each read one whole frame, as most are (the streams' short way)."""
     streams = RelayStreams(max_device_body=0xFFFF)
     upstream_bytes = b"".join(upstream_frames)
     device_bytes = b"".join(device_frames)
     to_device, injected_at = bytearray(), []
-    segments = cut(upstream_bytes, upstream_cuts)
+    segments = upstream_frames if read_by_frame else cut(upstream_bytes, upstream_cuts)
     for index, segment in enumerate(segments):
         out, _ = streams.from_upstream(segment)
         to_device += out
@@ -68,9 +70,11 @@ def test_both_streams_pass_unchanged_and_ota_frames_stand_between_upstream_frame
     # The device's replies to blynkota's frames, among its own frames.
     owed = len(injected_at)
     answered = [reply for reply in replies[:owed] if reply]
-    device_bytes += b"".join(HEADER.pack(Command.RESPONSE, OTA_MSG_ID, 200) for _ in answered)
+    ours_answered = [HEADER.pack(Command.RESPONSE, OTA_MSG_ID, 200) for _ in answered]
+    device_bytes += b"".join(ours_answered)
     to_upstream = bytearray()
-    for segment in cut(device_bytes, device_cuts):
+    reads = device_frames + ours_answered if read_by_frame else cut(device_bytes, device_cuts)
+    for segment in reads:
         out, _ = streams.from_device(segment)
         to_upstream += out
 
@@ -108,6 +112,12 @@ def test_what_blynkota_reads_on_the_way():
     # A device's RESPONSE with the ota message id goes upstream unless blynkota owes one.
     reply = HEADER.pack(Command.RESPONSE, OTA_MSG_ID, 200)
     assert streams.from_device(reply) == (reply, [])
+    # A read of one whole frame: an info message is still read, a pin's write passes.
+    out, seen = streams.from_device(info)
+    assert out == info and isinstance(seen[0], Internal)
+    write = frame(Command.HARDWARE, 9, b"vw\x005\x001")
+    assert streams.from_device(write) == (write, ())
+    assert streams.device_frames == 5
 
 
 def test_a_device_frame_past_the_bound_ends_the_relay():

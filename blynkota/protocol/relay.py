@@ -14,6 +14,7 @@ frame boundary of the stream to the device, never inside an upstream frame.
 
 import contextlib
 import struct
+from collections.abc import Sequence
 
 from .codec import RemoteProtocolError, decode_frame
 from .constants import HEADER_SIZE, HW_LOGIN, INTERNAL, LOGIN, OTA_MSG_ID, RESPONSE
@@ -38,6 +39,16 @@ class _FrameCutter:
     @property
     def buffered(self) -> int:
         return len(self._buffer)
+
+    def single(self, data: bytes) -> int | None:
+        """The command of `data` if it is one whole frame with a body (not a
+        RESPONSE) and nothing is held: most reads, passed on without a look."""
+        if self._buffer or len(data) < HEADER_SIZE:
+            return None
+        command, _msg_id, length = _HEADER.unpack_from(data)
+        if command == RESPONSE or HEADER_SIZE + length != len(data) or length > self.max_body:
+            return None
+        return command
 
     def frames(self, data: bytes):
         """(command, msg_id, length field, start, end) of every whole frame in
@@ -101,8 +112,12 @@ class RelayStreams:
         """Bytes held for want of their frame's end, both ways."""
         return self._device.buffered + self._upstream.buffered
 
-    def from_device(self, data: bytes) -> tuple[bytes, list[Event]]:
+    def from_device(self, data: bytes) -> tuple[bytes, Sequence[Event]]:
         """The bytes for the upstream, and the device's logins and INTERNAL frames."""
+        command = self._device.single(data)
+        if command is not None and command not in _READ:  # a virtual pin's write, say
+            self.device_frames += 1
+            return data, ()
         found, whole = self._device.frames(data)
         self.device_frames += len(found)
         seen: list[Event] = []
@@ -117,8 +132,11 @@ class RelayStreams:
                     seen.append(decode_frame(command, msg_id, whole[start + HEADER_SIZE : end]))
         return (_without(whole, dropped) if dropped else whole), seen
 
-    def from_upstream(self, data: bytes) -> tuple[bytes, list[tuple[int, int]]]:
+    def from_upstream(self, data: bytes) -> tuple[bytes, Sequence[tuple[int, int]]]:
         """The bytes for the device, and the (message id, status) of every RESPONSE."""
+        if self._upstream.single(data) is not None:  # one frame, no answer in it
+            self.upstream_frames += 1
+            return data, ()
         found, whole = self._upstream.frames(data)
         self.upstream_frames += len(found)
         answers = [
