@@ -16,6 +16,19 @@ S) seconds, and times its echo; then one JSON line: the round trips in
 seconds. The devices stay logged in between phases; `end` or the end of
 stdin ends them.
 
+A device keeps its own schedule, as a board's BlynkTimer does (the library's
+SimpleTimer: the next run is due a period after the last one was due, not
+after it ran): a write that went out late, behind a stall of this process
+or of a relay, does not move the next one. Timed from when it ran instead,
+every device that one stall delayed wrote at the same moment from then on,
+each second to the end of the phase: 100 to 400 frames at once, a burst no
+fleet of independent boards sends, that set the p99 of every path.
+
+A round trip is timed from just before its write to its echo's arrival, as
+the kernel stamped it (SO_TIMESTAMPNS), not to when this process came to
+read it: in a burst of a few hundred echoes the last was read several ms
+after it had come, this process's own queue, counted in every path's p99.
+
 Plain epoll, no gevent: on a machine of two cores the load shares them with
 the relay, and the gevent versions of both cost more CPU than the relay
 itself (a greenlet and a timer per device, a greenlet per upstream
@@ -27,6 +40,7 @@ deadline.
 import contextlib
 import heapq
 import json
+import math
 import random
 import select
 import socket
@@ -40,6 +54,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from blynkota.protocol import encode_info, encode_login  # noqa: E402
 
 HEADER = struct.Struct("!BHH")
+# Receive timestamps (Linux; the socket module does not name them): a
+# struct timespec of CLOCK_REALTIME with each read.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+TIMESPEC = struct.Struct("@qq")
+TIMESTAMP_SPACE = socket.CMSG_SPACE(TIMESPEC.size)
 RESPONSE, HARDWARE = 0, 20
 DEADLINE = 120.0
 INFO = {"ver": "0.6.1", "h-beat": "60", "buff-in": "1024", "dev": "ESP8266",
@@ -117,7 +136,7 @@ def _accept_all(listener, poller, connections) -> None:
 
 
 class Device:
-    __slots__ = ("index", "token", "sock", "buffer", "step", "message", "sent_at")
+    __slots__ = ("index", "token", "sock", "buffer", "step", "message", "sent_at", "due")
 
     def __init__(self, index: int) -> None:
         self.index, self.token = index, f"{index:032x}"  # the tokens bench/relay.py provisions
@@ -126,6 +145,7 @@ class Device:
         self.step = 0  # 0 login sent, 1 info sent, 2 held
         self.message = 3
         self.sent_at = 0.0
+        self.due = 0.0  # when its write of this second was due (its timer's schedule)
 
 
 def run_devices(port: int, count: int, seconds: float, at_once: int) -> None:
@@ -151,11 +171,12 @@ def _log_in(devices, port: int, at_once: int, poller, by_fd) -> int:
             device.sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
             device.sock.setblocking(False)
             device.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            device.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             by_fd[device.sock.fileno()] = device
             poller.register(device.sock.fileno(), select.EPOLLIN)
             device.sock.send(encode_login(device.token, 1))
             under_way += 1
-        for device, command, _msg_id in _heard(poller, by_fd, 0.1):
+        for device, command, _msg_id, _came in _heard(poller, by_fd, 0.1):
             if command != RESPONSE:
                 continue
             device.step += 1
@@ -168,15 +189,21 @@ def _log_in(devices, port: int, at_once: int, poller, by_fd) -> int:
 
 
 def _heard(poller, by_fd, timeout: float):
-    """The frames the devices received within `timeout`: (device, command, id) each."""
+    """The frames the devices received within `timeout`: (device, command, id,
+    when the kernel received the bytes, in time.time()'s clock) each."""
     for fd, _events in poller.poll(timeout):
         device = by_fd[fd]
-        data = device.sock.recv(4096)
+        data, ancillary, _flags, _address = device.sock.recvmsg(4096, TIMESTAMP_SPACE)
         if not data:
             raise ConnectionError("a relay closed a device")
+        came = time.time()
+        for level, kind, value in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS):
+                seconds, nanoseconds = TIMESPEC.unpack(value)
+                came = seconds + nanoseconds / 1e9
         device.buffer += data
         for command, msg_id, _frame in frames(device.buffer):
-            yield device, command, msg_id
+            yield device, command, msg_id, came
 
 
 def _steady(devices, seconds: float, poller, by_fd) -> list[float]:
@@ -186,6 +213,8 @@ def _steady(devices, seconds: float, poller, by_fd) -> list[float]:
     # for seconds=0: the devices only stay logged in while their memory is read).
     due = [(at, index) for index in range(len(devices)) if (at := now + random.random()) < ends]
     heapq.heapify(due)
+    for at, index in due:
+        devices[index].due = at
     latencies: list[float] = []
     waiting_for = 0  # echoes not yet heard
     while (due or waiting_for) and time.perf_counter() < ends + 10:
@@ -194,18 +223,21 @@ def _steady(devices, seconds: float, poller, by_fd) -> list[float]:
             _, index = heapq.heappop(due)
             device = devices[index]
             body = b"vw\x005\x00" + b"%010d" % device.message  # a 20-byte frame
-            device.sent_at = time.perf_counter()
+            device.sent_at = time.time()  # the receive timestamps' clock
             device.sock.send(HEADER.pack(HARDWARE, device.message, len(body)) + body)
             waiting_for += 1
         timeout = max(0.0, min(due[0][0] - time.perf_counter(), 0.05)) if due else 0.05
-        for device, command, msg_id in _heard(poller, by_fd, timeout):
+        for device, command, msg_id, came in _heard(poller, by_fd, timeout):
             if command == HARDWARE and msg_id == device.message:
                 heard = time.perf_counter()
-                latencies.append(heard - device.sent_at)
+                latencies.append(came - device.sent_at)
                 waiting_for -= 1
                 device.message += 1
-                if device.sent_at + 1.0 < ends:
-                    heapq.heappush(due, (max(heard, device.sent_at + 1.0), device.index))
+                # Its next write: the first moment of its schedule after this echo
+                # (one write at a time per device: its echo is what is timed).
+                device.due += max(1, math.ceil(heard - device.due))
+                if device.due < ends:
+                    heapq.heappush(due, (device.due, device.index))
     return latencies
 
 
