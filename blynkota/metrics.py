@@ -50,7 +50,8 @@ class Tally:
 
     No lock: the process is one thread of greenlets, and a greenlet is never
     switched out in the middle of `+=` (the password checks, the one thing
-    run on other threads, count nothing).
+    run on other threads, count nothing). The relay's per-frame path adds
+    to `value` itself: a method call per frame is a measurable share there.
     """
 
     __slots__ = ("name", "documentation", "value", "created")

@@ -50,8 +50,14 @@ class Outbox:
         if self.pending:
             self.pending += data
             return
-        taken = self._write(data)
-        if taken is not None and taken < len(data):
+        try:  # `_write`, inline: this runs for every frame relayed
+            taken = os.write(self.fd, data)
+        except BlockingIOError:
+            taken = 0
+        except OSError as error:
+            self._failed(f"connection failed ({error})")
+            return
+        if taken < len(data):
             self.pending += data[taken:]
             if self._watcher is None:  # most connections never need one: memory
                 self._watcher = get_hub().loop.io(self.fd, 2)  # 2: writable
