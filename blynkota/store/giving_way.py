@@ -6,8 +6,9 @@ waits, and so lets the loop run, only when the database's answer has not
 come yet; on a near database it mostly has. A clock's tick of a few
 statements then ran as one stretch of Python, 2 to 7 ms with 5,000 relayed
 devices a process (gevent's greenlet trace), and every frame that came in
-meanwhile waited for its end: with the clocks stopped, the relay's added p99
-at 10,000 devices fell from +2.3 ms to +1.0 ms (bench/relay.py).
+meanwhile waited for its end: with the clocks slowed down instead, the
+relay's added p99 at 10,000 devices was +1.0 ms against +2.3 ms, in one run
+each (bench/relay.py, with the load of before 14e289d).
 
 So a greenlet that runs background work marks itself (`in_background`), and
 before each of its statements the event loop first handles the sockets that
